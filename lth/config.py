@@ -1,0 +1,361 @@
+"""Experiment configuration: frozen dataclasses per section, TOML files, ``--set`` overrides.
+
+An experiment file is TOML with top-level keys ``name``, ``seeds``, ``arms`` and one table per
+section (``[data]``, ``[model]``, ``[train]``, ``[prune]``, ``[rewind]``, ``[log]``). Every value is
+validated before any work starts; a bad value raises :class:`ConfigError` naming the key, the value,
+what is allowed and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad experiment setting. The message names the key, the value and what is allowed."""
+
+
+def _spec(check=None, allowed: str | None = None, result: bool = True, doc: str = ""):
+    """Field metadata: an extra predicate with its human description, and whether it changes results."""
+    return {"check": check, "allowed": allowed, "result": result, "doc": doc}
+
+
+def _f(default, **kw):
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=_spec(**kw))
+
+
+_pos = (lambda v: v > 0, "a number > 0")
+_nonneg = (lambda v: v >= 0, "a number >= 0")
+_frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+DATASETS = ("mnist1d", "fashion_mnist", "mnist", "cifar10")
+MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20")
+ARMS = ("ticket", "reinit", "random_prune", "shuffle")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["mnist1d", "fashion_mnist", "mnist", "cifar10"] = _f(
+        "mnist1d", doc="data set from the registry")
+    val_size: int | None = _f(
+        None, check=_nonneg[0], allowed="an integer >= 0",
+        doc="examples held out of train for validation; default 5000 (image sets) or 500 (mnist1d)")
+    normalize: bool = _f(True, doc="standardize inputs with the train split's mean and std")
+    mnist1d_samples: int = _f(10000, check=lambda v: v >= 100, allowed="an integer >= 100",
+                              doc="total examples generated for mnist1d (80% train, 20% test)")
+    split_seed: int = _f(0, doc="seed of the train/val split (the same for every member)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19",
+                  "resnet20"] = _f("mlp", doc="architecture from the registry")
+    widths: tuple[int, ...] = _f((300, 100), check=lambda v: all(w >= 1 for w in v),
+                                 allowed="a list of positive integers",
+                                 doc="hidden widths of the mlp (before the width multiplier)")
+    width: float = _f(1.0, check=_pos[0], allowed=_pos[1],
+                      doc="multiplier on every hidden layer's width (small-dense baselines)")
+    init: Literal["glorot_normal", "kaiming_normal"] = _f("glorot_normal", doc="weight init scheme")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: Literal["sgd", "adam"] = _f("adam", doc="optax optimizer")
+    lr: float = _f(1.2e-3, check=_pos[0], allowed=_pos[1], doc="peak learning rate")
+    momentum: float = _f(0.0, check=_frac[0], allowed=_frac[1], doc="sgd momentum")
+    nesterov: bool = _f(False, doc="nesterov momentum for sgd")
+    weight_decay: float = _f(0.0, check=_nonneg[0], allowed=_nonneg[1], doc="L2 penalty coefficient")
+    batch_size: int = _f(60, check=lambda v: v >= 1, allowed="an integer >= 1", doc="examples per step")
+    epochs: int = _f(10, check=lambda v: v >= 1, allowed="an integer >= 1",
+                     doc="training length in passes over the train split (ignored when steps is set)")
+    steps: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
+                           doc="training length in steps (overrides epochs)")
+    schedule: Literal["constant", "step", "cosine"] = _f("constant", doc="learning-rate schedule")
+    milestones: tuple[int, ...] = _f((), check=lambda v: all(m >= 1 for m in v) and list(v) == sorted(v),
+                                     allowed="an increasing list of steps >= 1",
+                                     doc="steps at which the 'step' schedule multiplies lr by gamma")
+    gamma: float = _f(0.1, check=_pos[0], allowed=_pos[1], doc="factor of the 'step' schedule")
+    warmup_steps: int = _f(0, check=_nonneg[0], allowed="an integer >= 0",
+                           doc="linear warmup from 0 to lr over this many steps")
+    eval_every: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
+                                doc="steps between evaluations; default once per epoch")
+    eval_batch_size: int = _f(1000, check=lambda v: v >= 1, allowed="an integer >= 1",
+                              doc="examples per evaluation chunk (memory only)")
+    shared_data_order: bool = _f(False, doc="all members see the same batches (else one order per seed)")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    levels: int = _f(0, check=_nonneg[0], allowed="an integer >= 0", doc="IMP levels after the dense one")
+    rate: float = _f(0.2, check=_frac[0], allowed=_frac[1],
+                     doc="fraction of remaining fully-connected weights pruned per level")
+    output_rate: float | None = _f(None, check=_frac[0], allowed=_frac[1],
+                                   doc="rate for the output layer; default rate / 2 (Frankle & Carbin)")
+    conv_rate: float | None = _f(None, check=_frac[0], allowed=_frac[1],
+                                 doc="rate for convolution kernels; default rate")
+    scope: Literal["layerwise", "global"] = _f("layerwise", doc="rank weights per layer or over all layers")
+    exclude: tuple[str, ...] = _f((), doc="layer names never pruned")
+    prune_biases: bool = _f(False, doc="also prune biases (never by default)")
+
+
+@dataclass(frozen=True)
+class RewindConfig:
+    step: int = _f(0, check=_nonneg[0], allowed="an integer >= 0",
+                   doc="rewind point: 0 = init (original LTH), k = weights at step k of the dense run")
+    mode: Literal["weights", "lr", "finetune"] = _f(
+        "weights", doc="weights: rewind weights; lr: keep weights, replay lr schedule; finetune: keep "
+                       "weights, constant small lr")
+    finetune_lr: float | None = _f(None, check=_pos[0], allowed=_pos[1],
+                                   doc="lr for mode=finetune; default the schedule's final lr")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    wandb: Literal["offline", "online", "disabled"] = _f("offline", result=False,
+                                                        doc="Weights & Biases mode")
+    project: str = _f("lth", result=False, doc="W&B project")
+    progress: bool = _f(True, result=False, doc="show a progress bar")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "prune": PruneConfig,
+    "rewind": RewindConfig, "log": LogConfig,
+}
+
+
+def _unique(v):
+    return len(set(v)) == len(v)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _f("experiment", result=False, doc="experiment name (W&B group, figure titles)")
+    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v),
+                                allowed="a non-empty list of distinct integers", doc="one member per seed")
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle"], ...] = _f(
+        ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
+        allowed="a list of distinct arms starting with 'ticket'", doc="ticket and controls")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    rewind: RewindConfig = field(default_factory=RewindConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "ExperimentConfig":
+        return _build(cls, d, "", where)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "json") -> "ExperimentConfig":
+        return cls.from_dict(json.loads(text), where)
+
+    def replace(self, **sections) -> "ExperimentConfig":
+        return dataclasses.replace(self, **sections)
+
+    # ------------------------------------------------------------------ identity
+    def result_dict(self) -> dict[str, Any]:
+        """The fields that change results, omitting those at their default.
+
+        Omitting defaults keeps old run ids valid when a new field with a default is added.
+        """
+        return _result_fields(self)
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.result_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _to_jsonable(x):
+    if isinstance(x, dict):
+        return {k: _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    return x
+
+
+def _result_fields(obj) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            sub = _result_fields(v)
+            if sub:
+                out[f.name] = sub
+            continue
+        if not f.metadata.get("result", True):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if v != default:
+            out[f.name] = _to_jsonable(v)
+    return out
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return "a list of " + _type_name(typing.get_args(tp)[0]).removeprefix("a ").removeprefix("an ")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(tp, v):
+    """Return v converted to type tp, or _NO when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return v if isinstance(v, str) and v in typing.get_args(tp) else _NO
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in typing.get_args(tp):
+            return None
+        for a in typing.get_args(tp):
+            if a is not type(None):
+                c = _coerce(a, v)
+                if c is not _NO:
+                    return c
+        return _NO
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            return _NO
+        items = [_coerce(typing.get_args(tp)[0], x) for x in v]
+        return _NO if any(i is _NO for i in items) else tuple(items)
+    if tp is bool:
+        return v if isinstance(v, bool) else _NO
+    if tp is int:
+        return v if isinstance(v, int) and not isinstance(v, bool) else _NO
+    if tp is float:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _NO
+    if tp is str:
+        return v if isinstance(v, str) else _NO
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls, d, prefix: str, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(fields), n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"{where}: unknown key {prefix}{k}{hint}; allowed keys here: "
+                          f"{', '.join(prefix + n for n in fields)}")
+    kwargs = {}
+    for name, v in d.items():
+        f, tp, key = fields[name], hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, v, key + ".", where)
+            continue
+        c = _coerce(tp, v)
+        if c is _NO:
+            raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected {_type_name(tp)}")
+        check = f.metadata.get("check")
+        if check is not None and c is not None and not check(c):
+            raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected "
+                              f"{f.metadata.get('allowed')}")
+        kwargs[name] = c
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=0.1'`` -> (['train', 'lr'], 0.1). Values use TOML syntax; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=0.01")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: missing key before '='")
+    if raw.lower() in ("none", "null"):
+        return key.split("."), None
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as adam or cosine
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of the raw experiment dict with ``--set`` overrides applied (None removes a key)."""
+    out = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for p in path[:-1]:
+            if p not in SECTIONS:
+                raise ConfigError(f"--set {text!r}: unknown section {p!r}; sections: {', '.join(SECTIONS)}")
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    return out
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment file {str(p)!r} does not exist (or is not a file)")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file") from None
+
+
+def load_experiment(path: str | Path, overrides=(), extra_tables=("sweep",)) -> ExperimentConfig:
+    """Load an experiment TOML file, apply ``--set`` overrides and validate everything."""
+    raw = load_raw(path)
+    for t in extra_tables:
+        raw.pop(t, None)
+    try:
+        raw = apply_overrides(raw, overrides)
+    except ConfigError:
+        raise
+    where = f"{path}" + (" with --set " + " ".join(overrides) if overrides else "")
+    return ExperimentConfig.from_dict(raw, where)
+
+
+def describe_fields() -> str:
+    """A plain-text listing of every setting, its default and meaning (for --help)."""
+    lines = []
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name in SECTIONS:
+            continue
+        lines.append(f"  {f.name} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}")
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {sec}.{f.name} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""Analysis of an lth store: tidy DataFrames, summaries and figures. Reads files only, never training code."""
+
+from .runs import NotAStoreError, final_accuracy, load_runs
+from .summary import final_rows, summarize
+
+__all__ = ["load_runs", "final_accuracy", "final_rows", "summarize", "NotAStoreError"]

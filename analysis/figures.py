@@ -1,0 +1,110 @@
+"""Paper figures from the tidy runs DataFrame. Each function returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .summary import summarize  # noqa: E402
+
+ARM_STYLE = {
+    "ticket": dict(color="#1f77b4", marker="o", label="winning ticket"),
+    "reinit": dict(color="#d62728", marker="s", label="random reinit"),
+    "random_prune": dict(color="#2ca02c", marker="^", label="random pruning"),
+    "shuffle": dict(color="#9467bd", marker="v", label="shuffled mask"),
+}
+
+STYLE = {"font.size": 10, "axes.labelsize": 10, "axes.titlesize": 11, "legend.fontsize": 9,
+         "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.grid": True, "grid.alpha": 0.3,
+         "pdf.fonttype": 42, "ps.fonttype": 42}
+
+
+def _density_axis(ax, densities) -> None:
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ticks = sorted(set(np.round(densities, 3)), reverse=True)
+    if len(ticks) > 8:
+        ticks = ticks[:: max(1, len(ticks) // 8)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{100 * t:.3g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("weights remaining (%)")
+
+
+def _arm_lines(ax, summary: pd.DataFrame, y: str, scale: float = 1.0) -> None:
+    """One line + band per arm; controls start from the shared dense network (level 0)."""
+    dense = summary[summary["level"] == 0]
+    order = [a for a in ARM_STYLE if a in set(summary["arm"])] + sorted(set(summary["arm"]) - set(ARM_STYLE))
+    for arm in order:
+        g = summary[summary["arm"] == arm]
+        if arm != "ticket" and not (g["level"] == 0).any():
+            g = pd.concat([dense[dense["run_id"].isin(g["run_id"])], g])
+        g = g.sort_values("density", ascending=False)
+        st = ARM_STYLE.get(arm, dict(label=arm))
+        mean = g[f"{y}_mean"].to_numpy() * scale
+        lo, hi = g[f"{y}_ci_low"].to_numpy() * scale, g[f"{y}_ci_high"].to_numpy() * scale
+        ax.plot(g["density"], mean, markersize=4, **st)
+        ax.fill_between(g["density"], lo, hi, color=st.get("color"), alpha=0.2, linewidth=0)
+
+
+def _seeds_note(summary: pd.DataFrame) -> str:
+    n = sorted(set(summary["seeds"].astype(int)))
+    return f"mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds"
+
+
+def accuracy_vs_density(df: pd.DataFrame, split: str = "test", metric: str = "final") -> plt.Figure:
+    """Final (or best) test accuracy vs weights remaining, one line + CI band per arm (LTH Fig. 3)."""
+    s = summarize(df, split=split)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        _arm_lines(ax, s, f"{metric}_accuracy", scale=100)
+        _density_axis(ax, s["density"])
+        ax.set_ylabel(f"{metric} {split} accuracy (%)")
+        ax.set_title(f"{_title(df)}: {split} accuracy vs sparsity")
+        ax.legend(title=_seeds_note(s), title_fontsize=8)
+    return fig
+
+
+def early_stop_vs_density(df: pd.DataFrame) -> plt.Figure:
+    """Early-stopping step (minimum validation loss) vs weights remaining, per arm (LTH Fig. 3)."""
+    s = summarize(df)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        _arm_lines(ax, s, "early_stop_step")
+        _density_axis(ax, s["density"])
+        ax.set_ylabel("early-stop step (iterations)")
+        ax.set_title(f"{_title(df)}: early-stopping step vs sparsity")
+        ax.legend(title=_seeds_note(s), title_fontsize=8)
+    return fig
+
+
+def learning_curves(df: pd.DataFrame, arm: str = "ticket", split: str = "test", max_levels: int = 6
+                    ) -> plt.Figure:
+    """Accuracy vs training step for a few levels of one arm (mean over seeds)."""
+    d = df[(df["arm"] == arm) & (df["split"] == split)]
+    levels = sorted(d["level"].unique())
+    if len(levels) > max_levels:
+        levels = [levels[i] for i in np.linspace(0, len(levels) - 1, max_levels).round().astype(int)]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        cmap = plt.get_cmap("viridis")
+        for i, lv in enumerate(levels):
+            g = d[d["level"] == lv].groupby("step")
+            mean = g["accuracy"].mean() * 100
+            dens = d[d["level"] == lv]["density"].mean()
+            ax.plot(mean.index, mean.to_numpy(), color=cmap(i / max(1, len(levels) - 1)),
+                    label=f"{100 * dens:.3g}% weights")
+        ax.set_xlabel("training step (iterations)")
+        ax.set_ylabel(f"{split} accuracy (%)")
+        ax.set_title(f"{_title(df)}: {ARM_STYLE.get(arm, {}).get('label', arm)} learning curves")
+        ax.legend()
+    return fig
+
+
+def _title(df: pd.DataFrame) -> str:
+    names = df["experiment"].unique() if "experiment" in df else []
+    return ", ".join(map(str, names)) or "lth"

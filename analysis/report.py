@@ -1,0 +1,65 @@
+"""`lth report`: a results folder -> figures (PDF + PNG), tables (CSV, LaTeX, Markdown), README.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import figures
+from .runs import load_runs
+from .summary import summarize
+
+TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "final_accuracy_mean", "final_accuracy_std",
+                 "best_accuracy_mean", "early_stop_step_mean"]
+
+
+def _write_tables(summary: pd.DataFrame, out: Path, stem: str) -> list[Path]:
+    summary.to_csv(out / f"{stem}.csv", index=False)
+    t = summary[[c for c in TABLE_COLUMNS if c in summary]].copy()
+    t["density"] = (100 * t["density"]).round(2)
+    for c in ("final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean"):
+        t[c] = (100 * t[c]).round(2)
+    t = t.rename(columns={"density": "weights remaining (%)", "final_accuracy_mean": "final acc (%)",
+                          "final_accuracy_std": "std (%)", "best_accuracy_mean": "best acc (%)",
+                          "early_stop_step_mean": "early-stop step"})
+    (out / f"{stem}.md").write_text(t.to_markdown(index=False, floatfmt=".2f") + "\n")
+    (out / f"{stem}.tex").write_text(t.to_latex(index=False, float_format="%.2f"))
+    return [out / f"{stem}.{ext}" for ext in ("csv", "md", "tex")]
+
+
+def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
+    """Write every figure the data supports and the summary tables; returns {file stem: caption}."""
+    df = load_runs(root)
+    if df.empty:
+        raise ValueError(f"{root}: the store has no completed level yet; nothing to report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(df)
+    _write_tables(summary, out, "summary")
+    n_seeds = int(summary["seeds"].max())
+    made: dict[str, str] = {}
+    plans = [
+        ("accuracy_vs_density", lambda: figures.accuracy_vs_density(df),
+         f"Final test accuracy vs weights remaining per arm (mean, 95% CI over {n_seeds} seeds)."),
+        ("best_accuracy_vs_density", lambda: figures.accuracy_vs_density(df, metric="best"),
+         f"Best test accuracy during training vs weights remaining (mean, 95% CI over {n_seeds} seeds)."),
+        ("early_stop_vs_density", lambda: figures.early_stop_vs_density(df),
+         f"Early-stopping step (minimum validation loss) vs weights remaining ({n_seeds} seeds)."),
+        ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket"),
+         "Test accuracy vs training step of the winning ticket at several sparsity levels (mean over seeds)."),
+    ]
+    for stem, make, caption in plans:
+        fig = make()
+        for ext in ("pdf", "png"):
+            fig.savefig(out / f"{stem}.{ext}", dpi=200)
+        plt.close(fig)
+        made[stem] = caption
+    lines = ["# lth report", "", f"Source: `{Path(root).resolve()}`; {df['run_id'].nunique()} run(s), "
+             f"{n_seeds} seed(s).", "", "## Figures", ""]
+    lines += [f"- `{stem}.pdf` / `{stem}.png`: {cap}" for stem, cap in made.items()]
+    lines += ["", "## Tables", "", "- `summary.csv` / `summary.md` / `summary.tex`: one row per (run, arm, level): "
+              "density, seeds, mean/std/95% CI of final and best test accuracy and early-stop step.", ""]
+    (out / "README.md").write_text("\n".join(lines))
+    return made

@@ -1,0 +1,86 @@
+"""Load a results store into one tidy pandas DataFrame."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+_KEYS = ["run_id", "experiment", "arm", "seed", "level", "density", "step", "split"]
+
+
+class NotAStoreError(ValueError):
+    """The folder holds no lth runs (or a file in it is unreadable); the message names the path."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    if (root / "hparams.json").is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob("*/hparams.json"))
+
+
+def _complete_levels(run: Path) -> list[Path]:
+    return sorted(d for d in run.glob("level_[0-9][0-9][0-9]") if (d / "COMPLETE").is_file())
+
+
+def load_runs(root: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """One row per (run, arm, seed, level, step, split) of every completed level under ``root``.
+
+    Columns: run_id, experiment, arm, seed, level, density (fraction of prunable weights remaining),
+    step, split, loss, accuracy, early_stop_step, member, wall_s, then every hparam flattened with
+    dotted names (``train.lr``, ``prune.rate``, ...). ``root`` may be a store or one run folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
+    runs = _run_dirs(root)
+    if run_ids is not None:
+        wanted = set(run_ids)
+        runs = [r for r in runs if r.name in wanted]
+    if not runs:
+        raise NotAStoreError(f"{root} is not an lth store: no <run_id>/hparams.json inside")
+    frames = []
+    for run in runs:
+        try:
+            hparams = json.loads((run / "hparams.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise NotAStoreError(f"{run / 'hparams.json'}: not valid JSON ({e})") from None
+        flat = {k: v for k, v in _flatten(hparams).items() if k not in ("run_id",)}
+        for level_dir in _complete_levels(run):
+            path = level_dir / "metrics.parquet"
+            try:
+                df = pd.read_parquet(path)
+            except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
+                raise NotAStoreError(f"{path}: unreadable metrics table ({type(e).__name__}: {e})") from None
+            df.insert(1, "experiment", hparams.get("name", ""))
+            for k, v in flat.items():
+                if k not in df.columns:
+                    df[k] = [v] * len(df)
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=_KEYS + ["loss", "accuracy", "early_stop_step"])
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["run_id", "level", "arm", "seed", "step", "split"], kind="stable",
+                          ignore_index=True)
+
+
+def final_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Mean and std over seeds of the final ``split`` accuracy, per (run, level, arm)."""
+    last = df[df["split"] == split]
+    last = last[last["step"] == last.groupby(["run_id", "level", "arm", "seed"])["step"].transform("max")]
+    return (last.groupby(["run_id", "level", "arm"])
+            .agg(density=("density", "mean"), accuracy=("accuracy", "mean"),
+                 accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"))
+            .reset_index())

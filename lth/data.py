@@ -1,0 +1,348 @@
+"""Data sets: a registry of loaders, a held-out validation split and train-split normalization.
+
+Every loader returns raw arrays ``(x_train, y_train, x_test, y_test)``: images as ``uint8``
+``[N, H, W, C]``, other inputs as ``float32``, labels as integers. :func:`load_dataset` holds out a
+validation split from train, scales images to [0, 1], standardizes with the train split's
+statistics and caches the result in-process.
+
+Files are looked up under ``$LTH_DATA_DIR`` (default ``~/.cache/lth/data``); generated data
+(mnist1d) is cached under ``$LTH_CACHE_DIR`` (default ``~/.cache/lth``). A missing or damaged
+file raises :class:`DataError` naming every path tried and how to get the data.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import random
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import DataConfig
+
+RawData = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Loader = Callable[[DataConfig], RawData]
+
+
+class DataError(Exception):
+    """A data set that is missing or damaged; the message names the paths and how to get it."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train/val/test arrays of one data set.
+
+    ``x_*`` are float32 ``[N, H, W, C]`` for image sets and ``[N, D]`` otherwise; ``y_*`` are int32
+    ``[N]``. ``x_val``/``y_val`` have 0 rows when ``val_size`` is 0. Arrays are read-only because
+    one instance is shared by every caller through the in-process cache.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, e.g. ``(28, 28, 1)`` or ``(40,)``."""
+        return tuple(self.x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={len(self.x_train)}, val={len(self.x_val)}, "
+                f"test={len(self.x_test)}, input_shape={self.input_shape}, "
+                f"num_classes={self.num_classes})")
+
+
+# ---------------------------------------------------------------------------- registry
+
+DATASETS: dict[str, Loader] = {}
+DEFAULT_VAL_SIZE: dict[str, int] = {}
+NUM_CLASSES: dict[str, int] = {}
+
+
+def register(name: str, *, val_size: int = 5000, num_classes: int = 10) -> Callable[[Loader], Loader]:
+    """Decorator adding ``loader(cfg) -> (x_train, y_train, x_test, y_test)`` to :data:`DATASETS`.
+
+    ``val_size`` is the default validation hold-out when ``DataConfig.val_size`` is None.
+    """
+    def deco(fn: Loader) -> Loader:
+        if name in DATASETS:
+            raise ValueError(f"data set {name!r} is already registered")
+        DATASETS[name] = fn
+        DEFAULT_VAL_SIZE[name] = val_size
+        NUM_CLASSES[name] = num_classes
+        return fn
+    return deco
+
+
+# ---------------------------------------------------------------------------- locations
+
+def data_dir() -> Path:
+    """Root of downloaded data sets: ``$LTH_DATA_DIR`` or ``~/.cache/lth/data``."""
+    return Path(os.environ.get("LTH_DATA_DIR") or "~/.cache/lth/data").expanduser()
+
+
+def cache_dir() -> Path:
+    """Root of generated caches: ``$LTH_CACHE_DIR`` or ``~/.cache/lth``."""
+    return Path(os.environ.get("LTH_CACHE_DIR") or "~/.cache/lth").expanduser()
+
+
+# ---------------------------------------------------------------------------- load + split
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load ``cfg.name``, hold out ``val_size`` train examples and normalize; cached in-process.
+
+    The cache key includes the data and cache roots, so changing ``$LTH_DATA_DIR`` reloads.
+    Call ``load_dataset.cache_clear()`` to drop cached data sets.
+    """
+    return _load_cached(cfg, data_dir(), cache_dir())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Dataset:
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown data set {cfg.name!r}; available: {', '.join(DATASETS)}")
+    x_train, y_train, x_test, y_test = DATASETS[cfg.name](cfg)
+    n = len(x_train)
+    val_size = DEFAULT_VAL_SIZE[cfg.name] if cfg.val_size is None else cfg.val_size
+    if not 0 <= val_size < n:
+        raise DataError(f"{cfg.name}: val_size = {val_size} must be in [0, {n}), the number of "
+                        f"train examples; lower data.val_size")
+    perm = np.random.default_rng(cfg.split_seed).permutation(n)
+    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    xs = [_to_float(x) for x in (x_train[train_idx], x_train[val_idx], x_test)]
+    if cfg.normalize:
+        # per channel for images [N, H, W, C], one scalar for flat inputs
+        axes = tuple(range(xs[0].ndim - 1)) if xs[0].ndim == 4 else None
+        mean, std = _mean_std(xs[0], axes)
+        for x in xs:
+            x -= mean
+            x /= std
+    ys = [np.asarray(y, np.int32) for y in (y_train[train_idx], y_train[val_idx], y_test)]
+    for a in (*xs, *ys):
+        a.setflags(write=False)
+    return Dataset(cfg.name, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], NUM_CLASSES[cfg.name])
+
+
+load_dataset.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    """A fresh float32 copy; uint8 images are scaled to [0, 1]."""
+    if x.dtype == np.uint8:
+        return np.divide(x, np.float32(255), dtype=np.float32)
+    return np.array(x, dtype=np.float32)
+
+
+def _mean_std(x: np.ndarray, axes: tuple[int, ...] | None, chunk: int = 4096):
+    """Mean and std over ``axes`` (None: all), accumulated in float64 over row chunks."""
+    total = np.zeros(() if axes is None else x.shape[-1], np.float64)
+    count = x.size if axes is None else x.size // x.shape[-1]
+    for i in range(0, len(x), chunk):
+        total += x[i:i + chunk].sum(axis=axes, dtype=np.float64)
+    mean = total / count
+    sq = np.zeros_like(total)
+    for i in range(0, len(x), chunk):
+        sq += np.square(x[i:i + chunk] - mean, dtype=np.float64).sum(axis=axes)
+    std = np.sqrt(sq / count)
+    std = np.where(std > 0, std, 1.0)  # a constant input stays constant instead of becoming nan
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- mnist1d
+
+@register("mnist1d", val_size=500)
+def mnist1d(cfg: DataConfig) -> RawData:
+    """MNIST-1D generated by the ``mnist1d`` package (seed 42, 80/20 split), cached as .npz."""
+    path = cache_dir() / f"mnist1d-{cfg.mnist1d_samples}-seed42.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        x_tr, y_tr, x_te, y_te = arrays
+        if x_tr.ndim == x_te.ndim == 2 and len(x_tr) == len(y_tr) and len(x_te) == len(y_te):
+            return arrays  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - missing or corrupt cache (zip, npy or io errors): regenerate
+        pass
+    arrays = _generate_mnist1d(cfg.mnist1d_samples)
+    try:
+        _atomic_savez(path, dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)))
+    except OSError as e:
+        warnings.warn(f"could not cache mnist1d at {path}: {e}; it will be regenerated next time")
+    return arrays
+
+
+def _generate_mnist1d(num_samples: int) -> RawData:
+    import mnist1d.data
+
+    args = mnist1d.data.get_dataset_args()
+    args.num_samples = num_samples
+    # make_dataset reseeds the global random and numpy RNGs; put them back afterwards
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = mnist1d.data.make_dataset(args)  # never get_dataset: that one downloads
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return (np.asarray(d["x"], np.float32), np.asarray(d["y"], np.int32),
+            np.asarray(d["x_test"], np.float32), np.asarray(d["y_test"], np.int32))
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- IDX (MNIST family)
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzipped or raw) into a uint8 array of its shape.
+
+    Raises :class:`DataError` naming the file for a bad magic number, an unsupported element type,
+    a truncated header or a payload whose length does not match the dimensions exactly.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+        if blob[:2] == b"\x1f\x8b":  # gzip magic; IDX files start with two zero bytes
+            blob = gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e}); the file is damaged or truncated, "
+                        f"delete it and get it again") from None
+    if len(blob) < 4 or blob[:2] != b"\x00\x00":
+        raise DataError(f"{path}: bad magic number {blob[:4].hex() or '(empty file)'}; not an IDX file")
+    dtype_code, ndim = blob[2], blob[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x} is not supported (only 0x08, "
+                        f"unsigned byte)")
+    if ndim == 0:
+        raise DataError(f"{path}: IDX header declares 0 dimensions; the file is damaged")
+    header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(blob)} bytes for {ndim} dimensions)")
+    dims = tuple(int(d) for d in np.frombuffer(blob, ">u4", ndim, 4))
+    expected = int(np.prod(dims, dtype=np.int64))
+    if len(blob) - header != expected:
+        raise DataError(f"{path}: payload is {len(blob) - header} bytes but dimensions {dims} need "
+                        f"{expected}; the file is truncated or damaged, delete it and get it again")
+    return np.frombuffer(blob, np.uint8, expected, header).reshape(dims)
+
+
+def _find_files(dirs: list[Path], names: tuple[str, ...], suffixes: tuple[str, ...]
+                ) -> tuple[list[Path] | None, list[str]]:
+    """The first dir holding every name (with any of ``suffixes``), else None and a report per dir."""
+    report = []
+    for d in dirs:
+        if not d.is_dir():
+            report.append(f"  {d}  (folder does not exist)")
+            continue
+        found, missing = [], []
+        for n in names:
+            hit = next((d / (n + s) for s in suffixes if (d / (n + s)).is_file()), None)
+            (found if hit else missing).append(hit or n)
+        if not missing:
+            return found, report
+        report.append(f"  {d}  (missing: {', '.join(missing)})")
+    return None, report
+
+
+def _load_idx_set(name: str, dirs: list[Path], how_to_get: str) -> RawData:
+    files, report = _find_files(dirs, IDX_FILES, ("", ".gz"))
+    if files is None:
+        raise DataError(f"{name}: data set not found. Looked for {', '.join(f + '[.gz]' for f in IDX_FILES)} "
+                        f"in:\n" + "\n".join(report) + f"\nTo get it: {how_to_get}")
+    x_train, y_train, x_test, y_test = (read_idx(f) for f in files)
+    for (x, fx), (y, fy) in (((x_train, files[0]), (y_train, files[1])),
+                             ((x_test, files[2]), (y_test, files[3]))):
+        if x.ndim != 3:
+            raise DataError(f"{fx}: expected images [N, H, W], got shape {x.shape}")
+        if y.ndim != 1:
+            raise DataError(f"{fy}: expected labels [N], got shape {y.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{fx} holds {len(x)} images but {fy} holds {len(y)} labels")
+        if len(y) and y.max() > 9:
+            raise DataError(f"{fy}: label {int(y.max())} is outside [0, 9]")
+    return x_train[..., None], y_train, x_test[..., None], y_test
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+
+
+@register("fashion_mnist")
+def fashion_mnist(cfg: DataConfig) -> RawData:
+    """Fashion-MNIST IDX files from ``$LTH_DATA_DIR/fashion_mnist`` or Debian's package."""
+    dirs = [data_dir() / "fashion_mnist", DEBIAN_FASHION_MNIST]
+    return _load_idx_set("fashion_mnist", dirs,
+                         "apt-get install dataset-fashion-mnist, or put the four IDX files in "
+                         f"{dirs[0]} (set LTH_DATA_DIR to use another data root)")
+
+
+@register("mnist")
+def mnist(cfg: DataConfig) -> RawData:
+    """MNIST IDX files from ``$LTH_DATA_DIR/mnist``."""
+    dirs = [data_dir() / "mnist"]
+    return _load_idx_set("mnist", dirs,
+                         f"run `lth data download mnist` (needs the internet), or put the four IDX "
+                         f"files in {dirs[0]} (set LTH_DATA_DIR to use another data root)")
+
+
+# ---------------------------------------------------------------------------- CIFAR-10 (binary)
+
+CIFAR_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
+CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch -> (uint8 images [N, 32, 32, 3], uint8 labels [N])."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not blob or len(blob) % CIFAR_RECORD_BYTES:
+        raise DataError(f"{path}: size {len(blob)} bytes is not a positive multiple of the "
+                        f"{CIFAR_RECORD_BYTES}-byte record; the file is truncated or damaged, "
+                        f"delete it and get it again")
+    rec = np.frombuffer(blob, np.uint8).reshape(-1, CIFAR_RECORD_BYTES)
+    labels = rec[:, 0]
+    if labels.max() > 9:
+        raise DataError(f"{path}: label {int(labels.max())} is outside [0, 9]; not a CIFAR-10 batch")
+    images = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # stored CHW
+    return np.ascontiguousarray(images), labels
+
+
+@register("cifar10")
+def cifar10(cfg: DataConfig) -> RawData:
+    """CIFAR-10 binary batches from ``$LTH_DATA_DIR/cifar10`` (or its ``cifar-10-batches-bin/``)."""
+    root = data_dir() / "cifar10"
+    files, report = _find_files([root, root / "cifar-10-batches-bin"], CIFAR_FILES, ("",))
+    if files is None:
+        raise DataError("cifar10: data set not found. Looked for " + ", ".join(CIFAR_FILES) + " in:\n"
+                        + "\n".join(report) + "\nTo get it: run `lth data download cifar10` (needs "
+                        f"the internet), or put the binary-version batches in {root} (set "
+                        "LTH_DATA_DIR to use another data root)")
+    batches = [read_cifar_batch(f) for f in files]
+    x_train = np.concatenate([b[0] for b in batches[:5]])
+    y_train = np.concatenate([b[1] for b in batches[:5]])
+    return x_train, y_train, batches[5][0], batches[5][1]

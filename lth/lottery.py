@@ -1,0 +1,250 @@
+"""Iterative magnitude pruning with rewinding, controls and a resumable store.
+
+Level 0 trains the dense network of every seed (one population). Level L >= 1 prunes a fraction of
+each ticket's remaining weights by magnitude (from level L-1's final weights), rewinds the survivors
+and trains every arm x seed of the level as one population:
+
+- ``ticket``: the IMP mask with the rewind-point weights (Frankle & Carbin 2019);
+- ``reinit``: the same mask with a fresh init from another key;
+- ``random_prune``: a random mask with the ticket's exact per-layer counts, rewind-point weights;
+- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights.
+
+Each level depends only on stored files, so a rerun resumes at the first incomplete level and ends
+with results identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+
+from . import __version__
+from .config import ConfigError, ExperimentConfig
+from .data import load_dataset
+from .models import build_model
+from .pruning import density, magnitude_prune, prunable, random_mask_like, shuffle_mask, sparsity_rows
+from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
+from .train import Engine, early_stop_steps, final_lr, init_population, stack, unstack
+from .wandb_log import WandbSink, flatten
+
+# Offsets that separate the rng streams of different uses of one seed.
+_REINIT_KEY = 1_000_003
+_RANDOM_MASK = 1
+_SHUFFLE_MASK = 2
+
+
+@dataclass(frozen=True)
+class Member:
+    arm: str
+    seed: int
+
+
+def _np(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _to_jax(tree):
+    return jax.tree.map(jnp.asarray, tree)
+
+
+class Lottery:
+    """Runs (and resumes) one IMP experiment into ``out/<run_id>``."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None):
+        self.cfg = cfg
+        self.store = RunStore(prepare_root(out), cfg.run_id)
+        self.progress = cfg.log.progress if progress is None else progress
+        self.data = load_dataset(cfg.data)
+        try:
+            self.model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
+            self.engine = Engine(self.model, self.data, cfg.train)
+        except ValueError as e:  # model/data mismatch, batch larger than the data set
+            raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None
+        self._finetune_engine: Engine | None = None
+        self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
+
+    # ------------------------------------------------------------------ fixed weights
+    def hparams(self) -> dict:
+        return {**self.cfg.to_dict(), "run_id": self.cfg.run_id, "lth_version": __version__,
+                "num_steps": self.engine.num_steps}
+
+    def init_weights(self) -> dict:
+        """{'params', 'batch_stats'} stacked over seeds; created once and stored."""
+        if self.store.has("init.msgpack"):
+            return self.store.read_tree("init.msgpack")
+        keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in self.cfg.seeds])
+        params, bs = init_population(self.model, jax.vmap(jax.random.wrap_key_data)(keys),
+                                     self.data.input_shape)
+        tree = {"params": _np(params), "batch_stats": _np(bs)}
+        self.store.write_tree("init.msgpack", tree)
+        return self.store.read_tree("init.msgpack")
+
+    def reinit_weights(self, seed: int, level: int) -> dict:
+        key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
+        params, bs = init_population(self.model, key[None], self.data.input_shape)
+        return {"params": _np(unstack(params, 0)), "batch_stats": _np(unstack(bs, 0))}
+
+    # ------------------------------------------------------------------ levels
+    def members(self, level: int) -> list[Member]:
+        if level == 0:
+            return [Member("ticket", s) for s in self.cfg.seeds]
+        return [Member(a, s) for a in self.cfg.arms for s in self.cfg.seeds]
+
+    def run(self, log: WandbSink | None = None) -> RunStore:
+        cfg, store = self.cfg, self.store
+        store.write_hparams(self.hparams())
+        init = self.init_weights()
+        for level in range(cfg.prune.levels + 1):
+            if store.is_complete(level):
+                continue
+            self.train_level(level, init, log)
+        return store
+
+    def _rewind_point(self, init: dict) -> dict:
+        if self.cfg.rewind.step == 0:
+            return init
+        return self.store.read_tree("rewind.msgpack")
+
+    def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
+        cfg, store = self.cfg, self.store
+        members = self.members(level)
+        seeds = list(cfg.seeds)
+        can_prune = prunable(unstack(init["params"], 0), cfg.prune)
+        start = 0
+        engine = self.engine
+        if level == 0:
+            weights = [unstack(init, i) for i in range(len(seeds))]
+            masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
+        else:
+            prev = store.level_dir(level - 1)
+            prev_masks = load_tree(prev / "masks.msgpack")
+            prev_final = load_tree(prev / "final.msgpack")
+            # the ticket members of the previous level are its first len(seeds) members
+            tickets = [magnitude_prune(unstack(prev_final["params"], i), unstack(prev_masks, i), cfg.prune)
+                       for i in range(len(seeds))]
+            if cfg.rewind.mode == "weights":
+                rewind = self._rewind_point(init)
+                start_weights = [unstack(rewind, i) for i in range(len(seeds))]
+            else:  # lr rewinding and fine-tuning keep the trained weights
+                start_weights = [unstack(prev_final, i) for i in range(len(seeds))]
+            start = cfg.rewind.step
+            if cfg.rewind.mode == "finetune":
+                engine = self._finetune()
+            weights, masks = [], []
+            for m in members:
+                i = seeds.index(m.seed)
+                w, mask = start_weights[i], tickets[i]
+                if m.arm == "reinit":
+                    w = self.reinit_weights(m.seed, level)
+                elif m.arm == "random_prune":
+                    mask = random_mask_like(mask, can_prune, np.random.default_rng([m.seed, level, _RANDOM_MASK]))
+                elif m.arm == "shuffle":
+                    mask = shuffle_mask(mask, can_prune, np.random.default_rng([m.seed, level, _SHUFFLE_MASK]))
+                weights.append(w)
+                masks.append(mask)
+        params = _to_jax(stack([w["params"] for w in weights]))
+        bs = _to_jax(stack([w["batch_stats"] for w in weights]))
+        mask_pop = _to_jax(stack(masks))
+        rngs = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
+            [jax.random.key_data(jax.random.fold_in(jax.random.key(m.seed), level)) for m in members]))
+        state = engine.init(params, bs, mask_pop, rngs, start=start)
+        snap = (cfg.rewind.step,) if level == 0 and cfg.rewind.step > 0 else ()
+        densities = [density(mk, can_prune) for mk in masks]
+        t0 = time.time()
+        with self._bar(level, engine.num_steps - start) as bar:
+            result = engine.run(state, [m.seed for m in members], start=start, snapshot_steps=snap,
+                                progress=bar)
+        wall_s = time.time() - t0
+        if snap:
+            point = {"params": result.snapshots[cfg.rewind.step],
+                     "batch_stats": init["batch_stats"]}
+            store.write_tree("rewind.msgpack", _np(point))
+        final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
+        metrics = self._metrics_table(level, members, densities, result.records, wall_s)
+        sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
+        store.write_level(level, {
+            "members.json": (pd.Series([{"arm": m.arm, "seed": m.seed} for m in members]).to_json(
+                orient="values") + "\n").encode(),
+            "masks.msgpack": tree_bytes(_np(stack(masks))),
+            "final.msgpack": tree_bytes(final),
+            "metrics.parquet": parquet_bytes(metrics),
+            "sparsity.parquet": parquet_bytes(sparsity),
+        })
+        self.trained_levels.append(level)
+        if log is not None:
+            log.log_level(level, engine.num_steps, metrics.to_dict("records"))
+
+    def _finetune(self) -> Engine:
+        if self._finetune_engine is None:
+            lr = self.cfg.rewind.finetune_lr or final_lr(self.cfg.train, self.engine.num_steps)
+            self._finetune_engine = Engine(self.model, self.data, self.cfg.train, lr_fn=optax.constant_schedule(lr))
+        return self._finetune_engine
+
+    def _metrics_table(self, level, members, densities, records, wall_s) -> pd.DataFrame:
+        df = pd.DataFrame.from_records(records)
+        es = early_stop_steps(records)
+        df["run_id"] = self.cfg.run_id
+        df["level"] = level
+        df["arm"] = [members[k].arm for k in df["member"]]
+        df["seed"] = [members[k].seed for k in df["member"]]
+        df["density"] = [densities[k] for k in df["member"]]
+        df["early_stop_step"] = [es.get(k, -1) for k in df["member"]]
+        df["wall_s"] = wall_s
+        cols = ["run_id", "level", "arm", "seed", "member", "density", "step", "split", "loss", "accuracy",
+                "early_stop_step", "wall_s"]
+        return df[cols]
+
+    def _sparsity_table(self, level, members, final_params, masks, can_prune) -> pd.DataFrame:
+        rows = []
+        for k, m in enumerate(members):
+            for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune):
+                rows.append({"level": level, "arm": m.arm, "seed": m.seed, "member": k, **r})
+        return pd.DataFrame.from_records(rows)
+
+    @contextlib.contextmanager
+    def _bar(self, level: int, total: int):
+        if not self.progress:
+            yield None
+            return
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=f"level {level}/{self.cfg.prune.levels}", unit="step",
+                   file=sys.stderr, leave=True, dynamic_ncols=True)
+        last = [0 if level == 0 else self.cfg.rewind.step]
+
+        def update(step: int, metrics: dict) -> None:
+            bar.update(step - last[0])
+            last[0] = step
+            post = {"loss": f"{metrics['train'][0]:.3f}"}
+            if "val" in metrics:
+                post["val_acc"] = f"{metrics['val'][1]:.3f}"
+            post["test_acc"] = f"{metrics['test'][1]:.3f}"
+            bar.set_postfix(post)
+
+        try:
+            yield update
+        finally:
+            bar.close()
+
+
+def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:
+    """Run or resume the IMP experiment ``cfg`` into ``out``; returns its store."""
+    lottery = Lottery(cfg, out, progress=progress)
+    sink = None
+    if cfg.log.wandb != "disabled":
+        sink = WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, cfg.run_id,
+                         flatten(cfg.to_dict()), lottery.store.path / "wandb")
+    try:
+        return lottery.run(sink)
+    finally:
+        if sink is not None:
+            sink.close()

@@ -1,0 +1,350 @@
+"""Model registry: Flax linen networks of the Lottery Ticket literature, built by name.
+
+``build_model(cfg, num_classes, input_shape)`` returns a ``flax.linen.Module`` whose
+``__call__(x, train=False)`` maps a batch ``[B, *input_shape]`` to logits ``[B, num_classes]``.
+Adding a model is one builder function plus ``@register("name")``.
+
+Naming convention of the ``params`` tree (pruning relies on it, see :func:`layer_kind`):
+
+- fully-connected hidden layers are ``dense_0, dense_1, ...``;
+- convolutions are ``conv_0, conv_1, ...`` (a residual projection is ``conv_shortcut``);
+- batch norms are ``bn_0, bn_1, ...`` (``bn_shortcut``), with ``scale``/``bias`` params and
+  ``mean``/``var`` in the ``batch_stats`` collection;
+- the last layer of every model is a top-level ``Dense`` named ``output`` (:data:`OUTPUT`);
+- ResNet blocks are submodules ``stage{s}_block{b}`` (s from 1, b from 0).
+
+Models without batch norm (mlp, lenet_300_100, conv2/4/6) have no ``batch_stats`` collection.
+The ``width`` multiplier scales every hidden layer to ``max(1, round(base * width))`` units or
+channels (:func:`scale_width`); the output layer always has ``num_classes`` units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+PyTree = Any
+Builder = Callable[[ModelConfig, int, tuple[int, ...]], nn.Module]
+
+OUTPUT = "output"  # name of the last (classifier) layer in every model
+POOL = "M"  # 2x2 max-pool marker in conv plans
+
+MODELS: dict[str, Builder] = {}
+
+INITS: dict[str, Callable[[], Callable]] = {
+    "glorot_normal": nn.initializers.glorot_normal,  # Frankle & Carbin 2019
+    "kaiming_normal": nn.initializers.kaiming_normal,  # He et al. 2015 (he_normal, fan_in)
+}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator adding ``builder(cfg, num_classes, input_shape) -> Module`` to :data:`MODELS`."""
+
+    def deco(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return deco
+
+
+def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
+    """The registered model ``cfg.name`` for inputs ``[B, *input_shape]`` and ``num_classes`` logits.
+
+    Raises ValueError when the name is unknown, the init scheme is unknown, or the input shape
+    does not fit the architecture (e.g. a conv net on a 1-D data set).
+    """
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model {cfg.name!r}; registered models: {', '.join(MODELS)}")
+    if cfg.init not in INITS:
+        raise ValueError(f"unknown init {cfg.init!r}; allowed: {', '.join(INITS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return MODELS[cfg.name](cfg, int(num_classes), tuple(int(d) for d in input_shape))
+
+
+def scale_width(base: int, width: float) -> int:
+    """Hidden width after the multiplier: ``max(1, round(base * width))``."""
+    return max(1, round(base * width))
+
+
+# ---------------------------------------------------------------------------- layers
+
+def _dense(features: int, init: str, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=INITS[init](), bias_init=nn.initializers.zeros, name=name)
+
+
+def _conv(features: int, init: str, name: str, *, kernel: int = 3, strides: int = 1,
+          use_bias: bool = True) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+                   use_bias=use_bias, kernel_init=INITS[init](), bias_init=nn.initializers.zeros,
+                   name=name)
+
+
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+# ---------------------------------------------------------------------------- modules
+
+class MLP(nn.Module):
+    """Flatten, ``dense_i`` + ReLU for each hidden width, then ``output``."""
+
+    widths: tuple[int, ...]
+    num_classes: int
+    init_scheme: str = "glorot_normal"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        for i, w in enumerate(self.widths):
+            x = nn.relu(_dense(w, self.init_scheme, f"dense_{i}")(x))
+        return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+
+class ConvNet(nn.Module):
+    """Frankle & Carbin (2019) Conv-2/4/6: 3x3 convs (ReLU) and 2x2 max-pools, flatten, FC, output.
+
+    ``plan`` holds conv channel counts and :data:`POOL` markers; ``fc`` the hidden FC widths.
+    """
+
+    plan: tuple[int | str, ...]
+    fc: tuple[int, ...]
+    num_classes: int
+    init_scheme: str = "glorot_normal"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        i = 0
+        for item in self.plan:
+            if item == POOL:
+                x = _max_pool(x)
+            else:
+                x = nn.relu(_conv(item, self.init_scheme, f"conv_{i}")(x))
+                i += 1
+        x = x.reshape((x.shape[0], -1))
+        for j, w in enumerate(self.fc):
+            x = nn.relu(_dense(w, self.init_scheme, f"dense_{j}")(x))
+        return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+
+class VGG(nn.Module):
+    """CIFAR VGG as in open_lth / Frankle et al. (2020): conv-BN-ReLU blocks, max-pools,
+    global average pool, one ``output`` Dense. Convs have no bias (BN supplies the shift)."""
+
+    plan: tuple[int | str, ...]
+    num_classes: int
+    init_scheme: str = "glorot_normal"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        i = 0
+        for item in self.plan:
+            if item == POOL:
+                x = _max_pool(x)
+            else:
+                x = _conv(item, self.init_scheme, f"conv_{i}", use_bias=False)(x)
+                x = nn.relu(_bn(train, f"bn_{i}")(x))
+                i += 1
+        x = jnp.mean(x, axis=(1, 2))
+        return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016) basic block: conv-BN-ReLU, conv-BN, + shortcut, ReLU.
+
+    The shortcut is the identity, or a 1x1 ``conv_shortcut`` + ``bn_shortcut`` projection when the
+    stride or channel count changes.
+    """
+
+    features: int
+    strides: int = 1
+    init_scheme: str = "glorot_normal"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        y = _conv(self.features, self.init_scheme, "conv_0", strides=self.strides, use_bias=False)(x)
+        y = nn.relu(_bn(train, "bn_0")(y))
+        y = _conv(self.features, self.init_scheme, "conv_1", use_bias=False)(y)
+        y = _bn(train, "bn_1")(y)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = _conv(self.features, self.init_scheme, "conv_shortcut", kernel=1, strides=self.strides,
+                      use_bias=False)(x)
+            x = _bn(train, "bn_shortcut")(x)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, Sec. 4.2): ``conv_0``/``bn_0`` stem, stages of basic blocks
+    ``stage{s}_block{b}`` (stride 2 at the start of every stage after the first), global average
+    pool, ``output`` Dense."""
+
+    stem: int
+    stages: tuple[int, ...]
+    blocks_per_stage: int
+    num_classes: int
+    init_scheme: str = "glorot_normal"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _conv(self.stem, self.init_scheme, "conv_0", use_bias=False)(x)
+        x = nn.relu(_bn(train, "bn_0")(x))
+        for s, feats in enumerate(self.stages):
+            for b in range(self.blocks_per_stage):
+                strides = 2 if s > 0 and b == 0 else 1
+                x = BasicBlock(feats, strides, self.init_scheme, name=f"stage{s + 1}_block{b}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+
+# ---------------------------------------------------------------------------- builders
+
+def _need_image(name: str, input_shape: tuple[int, ...], n_pools: int) -> None:
+    """ValueError unless input_shape is [H, W, C] large enough for ``n_pools`` 2x2 max-pools."""
+    if len(input_shape) != 3:
+        raise ValueError(f"model {name} needs image inputs [H, W, C]; data set gives shape {input_shape}")
+    h, w, _ = input_shape
+    if min(h, w) < 2 ** n_pools:
+        raise ValueError(f"model {name} halves the image {n_pools} times and needs H, W >= {2 ** n_pools}; "
+                         f"data set gives shape {input_shape}")
+
+
+def _scale_plan(plan: Sequence[int | str], width: float) -> tuple[int | str, ...]:
+    return tuple(p if p == POOL else scale_width(p, width) for p in plan)
+
+
+@register("mlp")
+def mlp(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return MLP(tuple(scale_width(w, cfg.width) for w in cfg.widths), num_classes, cfg.init)
+
+
+@register("lenet_300_100")
+def lenet_300_100(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    # LeCun et al. 1998 / Frankle & Carbin 2019; cfg.widths is ignored.
+    return MLP(tuple(scale_width(w, cfg.width) for w in (300, 100)), num_classes, cfg.init)
+
+
+# Frankle & Carbin 2019, Figure 2.
+_CONV_PLANS = {
+    "conv2": (64, 64, POOL),
+    "conv4": (64, 64, POOL, 128, 128, POOL),
+    "conv6": (64, 64, POOL, 128, 128, POOL, 256, 256, POOL),
+}
+
+
+def _conv_builder(name: str) -> Builder:
+    def build(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        plan = _CONV_PLANS[name]
+        _need_image(name, input_shape, plan.count(POOL))
+        fc = tuple(scale_width(w, cfg.width) for w in (256, 256))
+        return ConvNet(_scale_plan(plan, cfg.width), fc, num_classes, cfg.init)
+
+    build.__name__ = name
+    return build
+
+
+for _name in _CONV_PLANS:
+    register(_name)(_conv_builder(_name))
+
+
+# Simonyan & Zisserman 2015 configs A/D/E for CIFAR, as in open_lth (Frankle et al. 2020): the
+# fifth max-pool is replaced by the global average pool, so 32x32 inputs end at 2x2 -> 1x1.
+_VGG_PLANS = {
+    "vgg11": (64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512),
+    "vgg16": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512),
+    "vgg19": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL,
+              512, 512, 512, 512),
+}
+
+
+def _vgg_builder(name: str) -> Builder:
+    def build(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        plan = _VGG_PLANS[name]
+        _need_image(name, input_shape, plan.count(POOL))
+        return VGG(_scale_plan(plan, cfg.width), num_classes, cfg.init)
+
+    build.__name__ = name
+    return build
+
+
+for _name in _VGG_PLANS:
+    register(_name)(_vgg_builder(_name))
+
+
+@register("resnet20")
+def resnet20(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    # He et al. 2016: 6n+2 layers with n = 3; stages of 16, 32, 64 channels.
+    _need_image("resnet20", input_shape, 0)  # stride-2 SAME convs never reach size 0
+    return ResNet(scale_width(16, cfg.width), tuple(scale_width(c, cfg.width) for c in (16, 32, 64)), 3,
+                  num_classes, cfg.init)
+
+
+# ---------------------------------------------------------------------------- params pytrees
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def layer_kind(path, leaf) -> str:
+    """What a params (or batch_stats) leaf is: "conv" | "dense" | "output" | "bias" | "norm".
+
+    Decided by the naming convention of this module (the leaf's module name: ``conv*``, ``dense*``,
+    ``output``, ``bn*``), so it also works on population-stacked ``[K, ...]`` trees, masks and
+    scores. Kernels of layers named otherwise fall back to their rank (>= 3: conv, else dense).
+    ``path`` is a key path from :func:`jax.tree_util.tree_map_with_path`.
+    """
+    names = _path_names(path)
+    leaf_name = names[-1] if names else ""
+    module = names[-2] if len(names) >= 2 else ""
+    if module.startswith("bn") or leaf_name in ("scale", "mean", "var"):
+        return "norm"
+    if leaf_name == "bias":
+        return "bias"
+    if leaf_name == "kernel":
+        if module == OUTPUT:
+            return "output"
+        if module.startswith("conv"):
+            return "conv"
+        if module.startswith("dense"):
+            return "dense"
+        return "conv" if len(_shape(leaf)) >= 3 else "dense"
+    raise ValueError(f"cannot classify parameter {'/'.join(names)!r}: expected a kernel, bias or "
+                     "batch-norm leaf")
+
+
+def layer_kinds(params: PyTree) -> PyTree:
+    """:func:`layer_kind` of every leaf, as a pytree shaped like ``params``."""
+    return jax.tree_util.tree_map_with_path(layer_kind, params)
+
+
+def is_conv_kernel(path, leaf) -> bool:
+    return layer_kind(path, leaf) == "conv"
+
+
+def output_layer_name(params: PyTree) -> str:
+    """Name of the classifier layer (always :data:`OUTPUT`); KeyError if params lack it."""
+    if OUTPUT not in params:
+        raise KeyError(f"params have no {OUTPUT!r} layer; top-level layers: {', '.join(params)}")
+    return OUTPUT
+
+
+def param_count(params: PyTree) -> int:
+    """Total number of scalars in a pytree (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
+    return sum(math.prod(_shape(x)) for x in jax.tree.leaves(params))
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)

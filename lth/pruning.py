@@ -1,0 +1,177 @@
+"""Pruning: scores -> masks, per-layer rates, controls. Pure functions on one member's pytrees.
+
+Knows no training loop. Masks are bool pytrees shaped like params; a leaf that is not prunable
+(biases and norm parameters by default, excluded layers) always has an all-True mask.
+
+Counts are exact: pruning a layer with r surviving weights at rate p removes ``round_half_up(p * r)``
+of them (the smallest by magnitude, ties broken by position), so the density schedule is known to
+the weight in advance (:func:`expected_counts`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from .config import PruneConfig
+from .models import _path_names, layer_kind
+
+PyTree = Any
+
+
+def layer_name(path) -> str:
+    """'dense_0' for the path of dense_0/kernel; nested modules joined with '/'."""
+    return "/".join(_path_names(path)[:-1])
+
+
+def leaf_name(path) -> str:
+    """'dense_0/kernel' style name of a parameter leaf."""
+    return "/".join(_path_names(path))
+
+
+def layer_rates(params: PyTree, cfg: PruneConfig) -> PyTree:
+    """Per-leaf pruning rate; 0.0 for leaves that are never pruned."""
+
+    def rate(path, leaf):
+        kind = layer_kind(path, leaf)
+        names = _path_names(path)[:-1]
+        if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
+            return 0.0
+        if kind == "conv":
+            return cfg.conv_rate if cfg.conv_rate is not None else cfg.rate
+        if kind == "dense":
+            return cfg.rate
+        if kind == "output":
+            return cfg.output_rate if cfg.output_rate is not None else cfg.rate / 2
+        if kind == "bias" and cfg.prune_biases:
+            return cfg.rate
+        return 0.0
+
+    return jax.tree_util.tree_map_with_path(rate, params)
+
+
+def prunable(params: PyTree, cfg: PruneConfig) -> PyTree:
+    """Per-leaf bool: is this leaf ever pruned (a kernel, or a bias with prune_biases, not excluded)."""
+
+    def ok(path, leaf):
+        kind = layer_kind(path, leaf)
+        names = _path_names(path)[:-1]
+        if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
+            return False
+        return kind in ("conv", "dense", "output") or (kind == "bias" and cfg.prune_biases)
+
+    return jax.tree_util.tree_map_with_path(ok, params)
+
+
+def _n_prune(rate: float, remaining: int) -> int:
+    return int(math.floor(rate * remaining + 0.5))
+
+
+def _keep_top(score: np.ndarray, mask: np.ndarray, n_keep: int) -> np.ndarray:
+    """Mask keeping the n_keep highest scores among the surviving entries (ties: lower index wins)."""
+    flat = np.where(mask.ravel(), score.ravel().astype(np.float64), -np.inf)
+    order = np.argsort(-flat, kind="stable")
+    out = np.zeros(flat.shape, bool)
+    out[order[:n_keep]] = True
+    return out.reshape(mask.shape)
+
+
+def prune_by_score(scores: PyTree, mask: PyTree, params_like: PyTree, cfg: PruneConfig) -> PyTree:
+    """Next mask: remove the lowest-scoring surviving weights, per layer or globally (``cfg.scope``)."""
+    rates = layer_rates(params_like, cfg)
+    leaves_s, treedef = jax.tree.flatten(scores)
+    leaves_m = [np.asarray(m, bool) for m in treedef.flatten_up_to(mask)]
+    leaves_r = treedef.flatten_up_to(rates)
+    if cfg.scope == "layerwise":
+        new = []
+        for s, m, r in zip(leaves_s, leaves_m, leaves_r):
+            if r == 0.0:
+                new.append(m.copy())
+                continue
+            remaining = int(m.sum())
+            new.append(_keep_top(np.asarray(s), m, remaining - _n_prune(r, remaining)))
+        return jax.tree.unflatten(treedef, new)
+    # global: rank every prunable weight together at the base rate
+    idx = [i for i, r in enumerate(leaves_r) if r > 0.0]
+    flat_s = np.concatenate([np.asarray(leaves_s[i]).ravel() for i in idx])
+    flat_m = np.concatenate([leaves_m[i].ravel() for i in idx])
+    remaining = int(flat_m.sum())
+    keep = _keep_top(flat_s, flat_m, remaining - _n_prune(cfg.rate, remaining))
+    new = [m.copy() for m in leaves_m]
+    off = 0
+    for i in idx:
+        n = leaves_m[i].size
+        new[i] = keep[off:off + n].reshape(leaves_m[i].shape)
+        off += n
+    return jax.tree.unflatten(treedef, new)
+
+
+def magnitude_scores(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda p: np.abs(np.asarray(p)), params)
+
+
+def magnitude_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:
+    """IMP step: prune a fraction of the *remaining* weights with the smallest |w|."""
+    return prune_by_score(magnitude_scores(params), mask, params, cfg)
+
+
+def random_mask_like(mask: PyTree, can_prune: PyTree, rng: np.random.Generator) -> PyTree:
+    """A uniformly random mask with exactly the same number of survivors in every prunable leaf."""
+
+    def one(m, p):
+        m = np.asarray(m, bool)
+        if not p:
+            return m.copy()
+        out = np.zeros(m.size, bool)
+        out[rng.choice(m.size, size=int(m.sum()), replace=False)] = True
+        return out.reshape(m.shape)
+
+    return jax.tree.map(one, mask, can_prune)
+
+
+def shuffle_mask(mask: PyTree, can_prune: PyTree, rng: np.random.Generator) -> PyTree:
+    """The ticket's mask with its entries permuted within each prunable leaf."""
+
+    def one(m, p):
+        m = np.asarray(m, bool)
+        return rng.permutation(m.ravel()).reshape(m.shape) if p else m.copy()
+
+    return jax.tree.map(one, mask, can_prune)
+
+
+def density(mask: PyTree, can_prune: PyTree) -> float:
+    """Fraction of prunable weights remaining."""
+    kept = total = 0
+    for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(can_prune)):
+        if p:
+            kept += int(np.asarray(m).sum())
+            total += int(np.asarray(m).size)
+    return kept / total if total else 1.0
+
+
+def expected_counts(params: PyTree, cfg: PruneConfig, level: int) -> PyTree:
+    """Surviving weights per leaf after ``level`` layerwise IMP levels (exact, from the rates)."""
+
+    def count(p, r):
+        n = int(np.asarray(p).size)
+        for _ in range(level):
+            n -= _n_prune(r, n) if r else 0
+        return n
+
+    return jax.tree.map(count, params, layer_rates(params, cfg))
+
+
+def sparsity_rows(params: PyTree, mask: PyTree, can_prune: PyTree) -> list[dict]:
+    """Per-leaf report: layer, shape, count, non-zeros (of the weights), mask density, prunable."""
+    rows = []
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), m, pr in zip(flat_p, jax.tree.leaves(mask), jax.tree.leaves(can_prune)):
+        p = np.asarray(p)
+        rows.append({"layer": leaf_name(path), "kind": layer_kind(path, p), "shape": "x".join(map(str, p.shape)),
+                     "count": int(p.size), "nonzero": int(np.count_nonzero(p)),
+                     "kept": int(np.asarray(m).sum()), "density": float(np.asarray(m).mean()),
+                     "prunable": bool(pr)})
+    return rows

@@ -138,7 +138,10 @@ def _fetch(spec: FileSpec, path: Path, timeout: float) -> None:
                 h.update(chunk)
                 f.write(chunk)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        reason = getattr(e, "reason", None) or e
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        else:
+            reason = getattr(e, "reason", None) or e
         raise DataError(f"could not download {spec.url} (expected sha256 {spec.sha256}): {reason}; "
                         f"nothing was saved. Check the connection and retry, or put the file in "
                         f"place by hand") from None

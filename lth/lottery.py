@@ -16,6 +16,7 @@ with results identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ def _np(tree):
 
 def _to_jax(tree):
     return jax.tree.map(jnp.asarray, tree)
+
+
+@dataclass
+class LevelPlan:
+    members: list[Member]
+    weights: list[dict]  # per member {'params', 'batch_stats'} it starts from (before masking)
+    masks: list[Any]  # per member bool mask tree
+    can_prune: Any  # per leaf: prunable
+    start: int  # global step the level's training starts at
+    engine: Engine
 
 
 class Lottery:
@@ -115,49 +126,58 @@ class Lottery:
             return init
         return self.store.read_tree("rewind.msgpack")
 
-    def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
+    def prepare_level(self, level: int, init: dict) -> "LevelPlan":
+        """Members, their starting weights and masks, the start step and the engine of a level.
+
+        Level L >= 1 prunes each seed's ticket from level L-1's stored final weights and mask.
+        """
         cfg, store = self.cfg, self.store
         members = self.members(level)
         seeds = list(cfg.seeds)
         can_prune = prunable(unstack(init["params"], 0), cfg.prune)
-        start = 0
-        engine = self.engine
         if level == 0:
             weights = [unstack(init, i) for i in range(len(seeds))]
             masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
-        else:
-            prev = store.level_dir(level - 1)
-            prev_masks = load_tree(prev / "masks.msgpack")
-            prev_final = load_tree(prev / "final.msgpack")
-            # the ticket members of the previous level are its first len(seeds) members
-            tickets = [magnitude_prune(unstack(prev_final["params"], i), unstack(prev_masks, i), cfg.prune)
-                       for i in range(len(seeds))]
-            if cfg.rewind.mode == "weights":
-                rewind = self._rewind_point(init)
-                start_weights = [unstack(rewind, i) for i in range(len(seeds))]
-            else:  # lr rewinding and fine-tuning keep the trained weights
-                start_weights = [unstack(prev_final, i) for i in range(len(seeds))]
-            start = cfg.rewind.step
-            if cfg.rewind.mode == "finetune":
-                engine = self._finetune()
-            weights, masks = [], []
-            for m in members:
-                i = seeds.index(m.seed)
-                w, mask = start_weights[i], tickets[i]
-                if m.arm == "reinit":
-                    w = self.reinit_weights(m.seed, level)
-                elif m.arm == "random_prune":
-                    mask = random_mask_like(mask, can_prune, np.random.default_rng([m.seed, level, _RANDOM_MASK]))
-                elif m.arm == "shuffle":
-                    mask = shuffle_mask(mask, can_prune, np.random.default_rng([m.seed, level, _SHUFFLE_MASK]))
-                weights.append(w)
-                masks.append(mask)
-        params = _to_jax(stack([w["params"] for w in weights]))
-        bs = _to_jax(stack([w["batch_stats"] for w in weights]))
-        mask_pop = _to_jax(stack(masks))
+            return LevelPlan(members, weights, masks, can_prune, 0, self.engine)
+        prev = store.level_dir(level - 1)
+        prev_masks = load_tree(prev / "masks.msgpack")
+        prev_final = load_tree(prev / "final.msgpack")
+        # the ticket members of the previous level are its first len(seeds) members
+        tickets = [magnitude_prune(unstack(prev_final["params"], i), unstack(prev_masks, i), cfg.prune)
+                   for i in range(len(seeds))]
+        if cfg.rewind.mode == "weights":
+            rewind = self._rewind_point(init)
+            start_weights = [unstack(rewind, i) for i in range(len(seeds))]
+        else:  # lr rewinding and fine-tuning keep the trained weights
+            start_weights = [unstack(prev_final, i) for i in range(len(seeds))]
+        engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
+        weights, masks = [], []
+        for m in members:
+            i = seeds.index(m.seed)
+            w, mask = start_weights[i], tickets[i]
+            if m.arm == "reinit":
+                w = self.reinit_weights(m.seed, level)
+            elif m.arm == "random_prune":
+                mask = random_mask_like(mask, can_prune, np.random.default_rng([m.seed, level, _RANDOM_MASK]))
+            elif m.arm == "shuffle":
+                mask = shuffle_mask(mask, can_prune, np.random.default_rng([m.seed, level, _SHUFFLE_MASK]))
+            weights.append(w)
+            masks.append(mask)
+        return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
+
+    def initial_state(self, level: int, plan: "LevelPlan"):
+        """The population TrainState a level starts from (masked weights, fresh optimizer)."""
+        params = _to_jax(stack([w["params"] for w in plan.weights]))
+        bs = _to_jax(stack([w["batch_stats"] for w in plan.weights]))
         rngs = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
-            [jax.random.key_data(jax.random.fold_in(jax.random.key(m.seed), level)) for m in members]))
-        state = engine.init(params, bs, mask_pop, rngs, start=start)
+            [jax.random.key_data(jax.random.fold_in(jax.random.key(m.seed), level)) for m in plan.members]))
+        return plan.engine.init(params, bs, _to_jax(stack(plan.masks)), rngs, start=plan.start)
+
+    def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
+        cfg, store = self.cfg, self.store
+        plan = self.prepare_level(level, init)
+        members, masks, can_prune, start, engine = plan.members, plan.masks, plan.can_prune, plan.start, plan.engine
+        state = self.initial_state(level, plan)
         snap = (cfg.rewind.step,) if level == 0 and cfg.rewind.step > 0 else ()
         densities = [density(mk, can_prune) for mk in masks]
         t0 = time.time()
@@ -166,15 +186,12 @@ class Lottery:
                                 progress=bar)
         wall_s = time.time() - t0
         if snap:
-            point = {"params": result.snapshots[cfg.rewind.step],
-                     "batch_stats": init["batch_stats"]}
-            store.write_tree("rewind.msgpack", _np(point))
+            store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s)
         sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
         store.write_level(level, {
-            "members.json": (pd.Series([{"arm": m.arm, "seed": m.seed} for m in members]).to_json(
-                orient="values") + "\n").encode(),
+            "members.json": json.dumps([{"arm": m.arm, "seed": m.seed} for m in members]).encode(),
             "masks.msgpack": tree_bytes(_np(stack(masks))),
             "final.msgpack": tree_bytes(final),
             "metrics.parquet": parquet_bytes(metrics),

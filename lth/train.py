@@ -252,7 +252,7 @@ class DataOrder:
 class TrainResult:
     state: TrainState  # final population state [K, ...]
     records: list[dict]  # tidy metric rows: member, step, split, loss, accuracy
-    snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> params [K, ...] (host numpy)
+    snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> {params, batch_stats} [K, ...] (host)
 
 
 def eval_steps(cfg: TrainConfig, num_steps: int, spe: int) -> list[int]:
@@ -296,13 +296,17 @@ class Engine:
             out[name] = (np.asarray(loss), np.asarray(acc))
         return out
 
+    @staticmethod
+    def _snapshot(state: TrainState) -> PyTree:
+        return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
     def run(self, state: TrainState, data_seeds: Sequence[int], *, start: int = 0, stop: int | None = None,
             snapshot_steps: Iterable[int] = (), progress: Callable[[int, dict], None] | None = None
             ) -> TrainResult:
         """Train the population from step ``start`` to ``stop`` (default: the configured length).
 
         ``data_seeds[k]`` fixes member k's batch order (all equal or ``shared_data_order``: one order).
-        Evaluates at the eval steps, keeps a host copy of the params at each snapshot step.
+        Evaluates at the eval steps, keeps a host copy of params and batch_stats at each snapshot step.
         """
         stop = self.num_steps if stop is None else stop
         seeds = [int(s) for s in data_seeds]
@@ -315,7 +319,7 @@ class Engine:
         records: list[dict] = []
         snapshots: dict[int, PyTree] = {}
         if start in snaps:
-            snapshots[start] = jax.device_get(state.params)
+            snapshots[start] = self._snapshot(state)
         K = len(seeds)
         pos, acc_loss, acc_acc, acc_n = start, np.zeros(K), np.zeros(K), 0
         for b in bounds:
@@ -331,7 +335,7 @@ class Engine:
             acc_n += loss.shape[1]
             pos = b
             if b in snaps:
-                snapshots[b] = jax.device_get(state.params)
+                snapshots[b] = self._snapshot(state)
             if b in evals:
                 rows = {"train": (acc_loss / acc_n, acc_acc / acc_n)}
                 rows.update(self.evaluate(state))

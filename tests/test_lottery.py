@@ -1,0 +1,249 @@
+"""IMP end to end on a tiny MNIST-1D MLP: rewinding, nested masks, exact rates, controls, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import NotAStoreError, load_runs
+from lth.config import ExperimentConfig
+from lth.lottery import Lottery, run_lottery
+from lth.pruning import expected_counts
+from lth.store import load_tree
+from lth.train import unstack
+
+TINY = {
+    "name": "tiny", "seeds": [0, 1], "arms": ["ticket", "reinit", "random_prune", "shuffle"],
+    "data": {"name": "mnist1d", "mnist1d_samples": 1000, "val_size": 100},
+    "model": {"name": "mlp", "widths": [24, 16]},
+    "train": {"optimizer": "adam", "lr": 3e-3, "batch_size": 50, "steps": 40, "eval_every": 20},
+    "prune": {"levels": 3, "rate": 0.3, "output_rate": 0.15},
+    "log": {"wandb": "disabled", "progress": False},
+}
+
+
+def tiny(**sections) -> ExperimentConfig:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            raw[k] = {**raw.get(k, {}), **v}
+        else:
+            raw[k] = v
+    return ExperimentConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    cfg = tiny()
+    store = run_lottery(cfg, out)
+    return cfg, out, store
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_densities_follow_the_schedule_to_the_weight(finished):
+    cfg, out, store = finished
+    df = load_runs(out)
+    assert sorted(df["level"].unique()) == [0, 1, 2, 3]
+    init = load_tree(store.path / "init.msgpack")
+    params0 = unstack(init["params"], 0)
+    total = sum(p.size for p in leaves(params0) if p.ndim == 2)
+    for level in range(4):
+        counts = expected_counts(params0, cfg.prune, level)
+        want = sum(c for c, p in zip(jax.tree.leaves(counts), leaves(params0)) if p.ndim == 2) / total
+        got = df[df["level"] == level]["density"].unique()
+        assert got.tolist() == [want]
+        masks = load_tree(store.level_dir(level) / "masks.msgpack")
+        for k in range(len(cfg.arms) if level else len(cfg.seeds)):
+            for m, c in zip(leaves(unstack(masks, k)), jax.tree.leaves(counts)):
+                assert int(m.sum()) == c  # every member, every layer: exact count
+
+
+def test_masks_are_nested_and_controls_share_the_tickets_counts(finished):
+    cfg, out, store = finished
+    prev = load_tree(store.level_dir(0) / "masks.msgpack")
+    for level in (1, 2, 3):
+        masks = load_tree(store.level_dir(level) / "masks.msgpack")
+        members = pd.read_json(store.level_dir(level) / "members.json")
+        for s_i, seed in enumerate(cfg.seeds):
+            ticket_k = members.index[(members.arm == "ticket") & (members.seed == seed)][0]
+            ticket = leaves(unstack(masks, ticket_k))
+            for a, b in zip(ticket, leaves(unstack(prev, s_i))):
+                assert np.all(a <= b)  # level L+1 mask <= level L mask
+            for arm in ("reinit", "random_prune", "shuffle"):
+                k = members.index[(members.arm == arm) & (members.seed == seed)][0]
+                other = leaves(unstack(masks, k))
+                assert [int(x.sum()) for x in other] == [int(x.sum()) for x in ticket]
+                same = all(np.array_equal(x, y) for x, y in zip(other, ticket))
+                assert same == (arm == "reinit")
+        prev = masks
+
+
+def test_pruned_weights_are_zero_in_every_stored_final(finished):
+    cfg, out, store = finished
+    for level in range(4):
+        masks = leaves(load_tree(store.level_dir(level) / "masks.msgpack"))
+        final = leaves(load_tree(store.level_dir(level) / "final.msgpack")["params"])
+        for m, p in zip(masks, final):
+            assert np.all(p[~m] == 0.0)
+
+
+def test_rewound_ticket_equals_stored_init_on_survivors(finished):
+    cfg, out, store = finished
+    lottery = Lottery(cfg, out)
+    init = load_tree(store.path / "init.msgpack")
+    plan = lottery.prepare_level(2, init)
+    state = lottery.initial_state(2, plan)
+    for k, m in enumerate(plan.members):
+        if m.arm == "reinit":
+            continue
+        start = leaves(unstack(state.params, k))
+        ref = leaves(unstack(init["params"], cfg.seeds.index(m.seed)))
+        for s, r, mask in zip(start, ref, leaves(plan.masks[k])):
+            np.testing.assert_array_equal(s[mask], r[mask])  # exactly the stored init
+            assert np.all(s[~mask] == 0.0)
+        assert int(state.step[k]) == 0
+
+
+def test_late_rewinding_rewinds_to_the_step_k_weights(tmp_path):
+    cfg = tiny(prune={"levels": 1}, arms=["ticket"], rewind={"step": 10})
+    store = run_lottery(cfg, tmp_path)
+    rewind = load_tree(store.path / "rewind.msgpack")
+    init = load_tree(store.path / "init.msgpack")
+    assert not np.array_equal(leaves(rewind["params"])[0], leaves(init["params"])[0])
+    lottery = Lottery(cfg, tmp_path)
+    plan = lottery.prepare_level(1, init)
+    state = lottery.initial_state(1, plan)
+    for k in range(len(plan.members)):
+        for s, r, mask in zip(leaves(unstack(state.params, k)), leaves(unstack(rewind["params"], k)),
+                              leaves(plan.masks[k])):
+            np.testing.assert_array_equal(s[mask], r[mask])
+        assert int(state.step[k]) == 10  # the schedule resumes at the rewind step
+    df = load_runs(tmp_path)
+    assert df[df.level == 1]["step"].min() == 20 and df[df.level == 1]["step"].max() == 40
+
+
+@pytest.mark.parametrize("mode", ["lr", "finetune"])
+def test_lr_rewinding_and_finetuning_keep_trained_weights(tmp_path, mode):
+    cfg = tiny(prune={"levels": 1}, arms=["ticket"], rewind={"mode": mode})
+    store = run_lottery(cfg, tmp_path)
+    lottery = Lottery(cfg, tmp_path)
+    plan = lottery.prepare_level(1, load_tree(store.path / "init.msgpack"))
+    final0 = load_tree(store.level_dir(0) / "final.msgpack")["params"]
+    state = lottery.initial_state(1, plan)
+    for s, r, mask in zip(leaves(unstack(state.params, 0)), leaves(unstack(final0, 0)), leaves(plan.masks[0])):
+        np.testing.assert_array_equal(s[mask], r[mask])
+    if mode == "finetune":
+        assert float(plan.engine.lr_fn(0)) == float(plan.engine.lr_fn(39)) == pytest.approx(3e-3)
+    assert store.is_complete(1)
+
+
+def test_second_run_does_no_training_and_corruption_recomputes(finished, tmp_path):
+    cfg, out, store = finished
+    lottery = Lottery(cfg, out)
+    lottery.run()
+    assert lottery.trained_levels == []
+    # a corrupted level file is detected by its checksum and that level (and only it) retrains
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    target = copy / cfg.run_id / "level_002" / "final.msgpack"
+    target.write_bytes(target.read_bytes()[:-10])
+    lottery = Lottery(cfg, copy)
+    assert "does not match its checksum" in lottery.store.level_problem(2)
+    lottery.run()
+    assert lottery.trained_levels == [2]
+    a = load_runs(out).drop(columns="wall_s")
+    b = load_runs(copy).drop(columns="wall_s")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_same_config_twice_gives_identical_metrics(finished, tmp_path):
+    cfg, out, _ = finished
+    cfg2 = tiny(prune={"levels": 1})
+    run_lottery(cfg2, tmp_path)
+    a = load_runs(out)
+    b = load_runs(tmp_path)
+    cols = ["level", "arm", "seed", "step", "split", "loss", "accuracy", "density"]
+    a = a[a.level <= 1][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b[cols].reset_index(drop=True))
+
+
+def test_kill_and_resume_gives_identical_results(finished, tmp_path):
+    """SIGKILL the CLI in the middle of a level, rerun the same command, compare with an uninterrupted run."""
+    cfg, out, _ = finished
+    exp = tmp_path / "tiny.toml"
+    exp.write_text(_toml(TINY))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "lth.cli", "lottery", str(exp), "--out", str(killed), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = killed / cfg.run_id
+    deadline = time.time() + 120
+    # wait until level 1 is complete and level 2 has started writing or training, then kill
+    while time.time() < deadline and not (run_dir / "level_001" / "COMPLETE").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "level_001" / "COMPLETE").exists()
+    assert not (run_dir / "level_003" / "COMPLETE").exists()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a = load_runs(out).drop(columns="wall_s")
+    b = load_runs(killed).drop(columns="wall_s")
+    pd.testing.assert_frame_equal(a, b)
+    for level in range(4):
+        for name in ("masks.msgpack", "final.msgpack"):
+            assert (out / cfg.run_id / f"level_{level:03d}" / name).read_bytes() == \
+                (run_dir / f"level_{level:03d}" / name).read_bytes()
+    assert not list(killed.rglob("*.tmp"))
+
+
+def test_load_runs_columns_and_errors(finished, tmp_path):
+    cfg, out, _ = finished
+    df = load_runs(out)
+    for col in ["run_id", "experiment", "arm", "seed", "level", "density", "step", "split", "loss", "accuracy",
+                "early_stop_step", "train.lr", "prune.rate", "model.widths"]:
+        assert col in df.columns, col
+    assert set(df["arm"]) == {"ticket", "reinit", "random_prune", "shuffle"}
+    assert set(df["split"]) == {"train", "val", "test"}
+    assert (df["experiment"] == "tiny").all() and (df["train.lr"] == 3e-3).all()
+    with pytest.raises(NotAStoreError, match="not an lth store"):
+        load_runs(tmp_path)
+    with pytest.raises(NotAStoreError, match="is not a folder"):
+        load_runs(tmp_path / "missing")
+
+
+def test_wandb_offline_logs_and_a_wandb_failure_is_not_fatal(tmp_path, monkeypatch):
+    cfg = tiny(prune={"levels": 1}, arms=["ticket", "reinit"], log={"wandb": "offline", "progress": False})
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    store = run_lottery(cfg, tmp_path / "ok")
+    runs = sorted(p.name for p in (store.path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4  # (ticket, reinit) x 2 seeds
+    import wandb
+
+    def boom(*a, **k):
+        raise RuntimeError("no W&B today")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    with pytest.warns(RuntimeWarning, match="W&B logging disabled"):
+        store = run_lottery(cfg, tmp_path / "broken")
+    assert store.is_complete(1)
+
+
+def _toml(d: dict) -> str:
+    import json
+    top = [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+              for k, v in d.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"

@@ -78,10 +78,10 @@ class TrainConfig:
     nesterov: bool = _f(False, doc="nesterov momentum for sgd")
     weight_decay: float = _f(0.0, check=_nonneg[0], allowed=_nonneg[1], doc="L2 penalty coefficient")
     batch_size: int = _f(60, check=lambda v: v >= 1, allowed="an integer >= 1", doc="examples per step")
-    epochs: int = _f(10, check=lambda v: v >= 1, allowed="an integer >= 1",
-                     doc="training length in passes over the train split (ignored when steps is set)")
+    epochs: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
+                            doc="training length in passes over the train split (default 10; not with steps)")
     steps: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
-                           doc="training length in steps (overrides epochs)")
+                           doc="training length in steps (not with epochs)")
     schedule: Literal["constant", "step", "cosine"] = _f("constant", doc="learning-rate schedule")
     milestones: tuple[int, ...] = _f((), check=lambda v: all(m >= 1 for m in v) and list(v) == sorted(v),
                                      allowed="an increasing list of steps >= 1",
@@ -94,6 +94,11 @@ class TrainConfig:
     eval_batch_size: int = _f(1000, check=lambda v: v >= 1, allowed="an integer >= 1",
                               doc="examples per evaluation chunk (memory only)")
     shared_data_order: bool = _f(False, doc="all members see the same batches (else one order per seed)")
+
+    def __post_init__(self):
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError(f"train.epochs = {self.epochs} and train.steps = {self.steps} are both set; "
+                              "set one of them (e.g. --set train.steps=none --set train.epochs=5)")
 
 
 @dataclass(frozen=True)

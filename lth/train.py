@@ -26,6 +26,7 @@ from flax import struct
 from .config import TrainConfig
 
 PyTree = Any
+DEFAULT_EPOCHS = 10  # training length when neither train.epochs nor train.steps is set
 
 
 @struct.dataclass
@@ -51,7 +52,9 @@ def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
 
 def total_steps(cfg: TrainConfig, n_train: int) -> int:
     """Training length in steps: ``train.steps`` if set, else ``epochs`` full passes (last partial batch dropped)."""
-    return cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(cfg, n_train)
+    if cfg.steps is not None:
+        return cfg.steps
+    return (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch(cfg, n_train)
 
 
 def make_schedule(cfg: TrainConfig, num_steps: int) -> optax.Schedule:

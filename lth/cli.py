@@ -17,6 +17,8 @@ _SET_HELP = ("override one setting, e.g. --set train.lr=0.01 --set seeds=[0,1,2]
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment TOML file (see experiments/)")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                   help="more overrides in the same form as --set (as W&B sweep agents pass them)")
     p.add_argument("--out", default="runs", help="store root folder; results go to OUT/<run_id> "
                    "(default: ./runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as one population. Rerunning resumes at the first incomplete level; a "
                                    "finished run does no training.")
     _add_experiment_args(p)
+
+    p = sub.add_parser("sweep", help="run the grid of an experiment's [sweep] table",
+                       description="Expand the [sweep] table of an experiment file (dotted settings -> "
+                                   "lists of values) into its grid of runs and run every run not yet "
+                                   "finished into OUT, locally or on a Ray cluster. Several sweep "
+                                   "processes may share one store: each run is computed once.")
+    _add_experiment_args(p)
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status; train nothing")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this machine (--workers processes); ray: one Ray task per run")
+    p.add_argument("--workers", type=int, default=1, help="local executor: runs in parallel (default 1)")
+    p.add_argument("--address", default=None,
+                   help="ray executor: cluster address ('auto' or HOST:PORT; default: start a local Ray)")
+    p.add_argument("--wandb-sweep", metavar="YAML", default=None,
+                   help="write the grid as a W&B sweep config (program: lth) to YAML and exit")
 
     p = sub.add_parser("report", help="figures and tables from a results folder",
                        description="Turn a results folder into figures (PDF + PNG: accuracy and early-stop "
@@ -73,13 +90,90 @@ def _cmd_experiment(args, train_only: bool) -> int:
     from .config import load_experiment
     from .lottery import run_lottery
 
-    cfg = load_experiment(args.experiment, args.overrides)
+    cfg = load_experiment(args.experiment, args.overrides + args.settings)
     if train_only:
         cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",))
     t0 = time.time()
     store = run_lottery(cfg, args.out, progress=not args.no_progress and cfg.log.progress)
     _print_summary(store.path, time.time() - t0)
     return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import expand, run_sweep, status_of, wandb_sweep_config
+
+    if args.workers < 1:
+        return _error(f"--workers {args.workers} is not allowed; expected an integer >= 1")
+    points = expand(args.experiment, args.overrides + args.settings)
+    if args.wandb_sweep:
+        import yaml
+        from .store import atomic_write_text
+        atomic_write_text(args.wandb_sweep, yaml.safe_dump(wandb_sweep_config(args.experiment, points, args.out),
+                                                           sort_keys=False))
+        print(f"wrote W&B sweep config for {len(points)} runs to {args.wandb_sweep} "
+              f"(wandb sweep {args.wandb_sweep}; then wandb agent ...)")
+        return 0
+    if args.dry_run:
+        for p, status in status_of(points, args.out):
+            print(f"{p.run_id}  {status:<22} {p.label}")
+        print(f"{len(points)} runs")
+        return 0
+    from .store import prepare_root
+    prepare_root(args.out)
+    with _SweepBar(points, args.out, enabled=not args.no_progress) as bar:
+        outcomes = run_sweep(points, args.out, executor=args.executor, workers=args.workers,
+                             address=args.address, on_done=bar.run_done)
+    print(f"{'run_id':<13} {'status':<9} {'wall_s':>7}  settings")
+    for o in outcomes:
+        print(f"{o.run_id:<13} {o.status:<9} {o.wall_s:7.1f}  {o.label}" + (f"  [{o.message}]" if o.message else ""))
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(f"{len(outcomes)} runs: " + ", ".join(f"{s} {sum(o.status == s for o in outcomes)}"
+                                                 for s in ("trained", "complete", "busy", "failed")))
+    return 1 if failed else 0
+
+
+class _SweepBar:
+    """One bar over all levels of all runs, fed by polling the shared store (works for any executor)."""
+
+    def __init__(self, points, out, enabled: bool):
+        from .store import RunStore
+        self.stores = [(RunStore(out, p.run_id), p.cfg.prune.levels) for p in points]
+        self.total = sum(levels + 1 for _, levels in self.stores)
+        self.enabled, self.runs_done, self.n_runs = enabled, 0, len(points)
+
+    def _count(self) -> int:
+        return sum(s.is_complete(level) for s, levels in self.stores for level in range(levels + 1)
+                   if (s.level_dir(level) / "COMPLETE").exists())
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import threading
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.total, desc="sweep", unit="level", file=sys.stderr, dynamic_ncols=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop.wait(1.0):
+            self._refresh()
+
+    def _refresh(self):
+        n = self._count()
+        self.bar.update(n - self.bar.n)
+        self.bar.set_postfix(runs=f"{self.runs_done}/{self.n_runs}")
+
+    def run_done(self, outcome, done: int, total: int) -> None:
+        self.runs_done = done
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            self._refresh()
+            self.bar.close()
 
 
 def _print_summary(run_dir: Path, wall_s: float) -> None:
@@ -105,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "lottery"):
             return _cmd_experiment(args, train_only=args.command == "train")
+        if args.command == "sweep":
+            return _cmd_sweep(args)
         if args.command == "report":
             from analysis.report import write_report
             from analysis.runs import NotAStoreError

@@ -112,13 +112,15 @@ class Lottery:
         return [Member(a, s) for a in self.cfg.arms for s in self.cfg.seeds]
 
     def run(self, log: WandbSink | None = None) -> RunStore:
+        """Train every incomplete level, holding the run's lock (RunBusyError if another process has it)."""
         cfg, store = self.cfg, self.store
-        store.write_hparams(self.hparams())
-        init = self.init_weights()
-        for level in range(cfg.prune.levels + 1):
-            if store.is_complete(level):
-                continue
-            self.train_level(level, init, log)
+        with store.lock():
+            store.write_hparams(self.hparams())
+            init = self.init_weights()
+            for level in range(cfg.prune.levels + 1):
+                if store.is_complete(level):
+                    continue
+                self.train_level(level, init, log)
         return store
 
     def _rewind_point(self, init: dict) -> dict:
@@ -254,7 +256,13 @@ class Lottery:
 
 
 def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:
-    """Run or resume the IMP experiment ``cfg`` into ``out``; returns its store."""
+    """Run or resume the IMP experiment ``cfg`` into ``out``; returns its store.
+
+    A finished run returns at once, without loading data or compiling anything.
+    """
+    store = RunStore(prepare_root(out), cfg.run_id)
+    if store.is_finished(cfg.prune.levels):
+        return store
     lottery = Lottery(cfg, out, progress=progress)
     sink = None
     if cfg.log.wandb != "disabled":

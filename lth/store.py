@@ -18,6 +18,8 @@ a killed process or a corrupted file makes the level recompute instead of being 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -126,6 +128,10 @@ def prepare_root(root: str | Path) -> Path:
     return root
 
 
+class RunBusyError(StoreError):
+    """Another process holds the run's lock (it is computing the run right now)."""
+
+
 class RunStore:
     """Files of one run: ``root/<run_id>``."""
 
@@ -133,6 +139,29 @@ class RunStore:
         self.root = Path(root)
         self.run_id = run_id
         self.path = self.root / run_id
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive claim on the run for this process (``flock``: released when the process dies).
+
+        Two sweep processes on one store never compute the same run at once; RunBusyError if taken.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise RunBusyError(f"run {self.run_id} in {self.root} is being computed by {owner}") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def is_finished(self, levels: int) -> bool:
+        return all(self.is_complete(level) for level in range(levels + 1))
 
     def level_dir(self, level: int) -> Path:
         return self.path / f"level_{level:03d}"

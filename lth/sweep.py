@@ -1,0 +1,179 @@
+"""Sweeps: the grid of an experiment file's ``[sweep]`` table, run locally or on a Ray cluster.
+
+``[sweep]`` maps dotted settings to lists of values (``"prune.rate" = [0.2, 0.4]`` or a nested
+``[sweep.prune]`` table); the sweep is their cartesian product, each point one run (all its seeds
+and arms train as one population). Finished runs are skipped; a run that another process is
+computing (its store lock is held) is skipped too, so several sweep processes can share a store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw
+from .store import RunBusyError, RunStore, prepare_root
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    overrides: tuple[str, ...]  # e.g. ("prune.rate=0.2", "rewind.step=0")
+    cfg: ExperimentConfig
+
+    @property
+    def run_id(self) -> str:
+        return self.cfg.run_id
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides) or "(base)"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def sweep_axes(path: str | Path) -> dict[str, list]:
+    """The ``[sweep]`` table as {dotted key: list of values}; ConfigError on a malformed table."""
+    raw = load_raw(path)
+    table = raw.get("sweep", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [sweep] must be a table of dotted settings to lists of values")
+    axes = _flatten(table)
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: sweep.{key} = {values!r} is not allowed; expected a non-empty list "
+                              "of values")
+    return axes
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v)  # JSON scalars and lists are valid TOML values
+
+
+def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[SweepPoint]:
+    """Every run of the sweep, validated before any work (a bad grid value fails here)."""
+    raw = load_raw(path)
+    raw.pop("sweep", None)
+    axes = sweep_axes(path)
+    base = apply_overrides(raw, list(overrides))
+    points, seen = [], set()
+    for combo in itertools.product(*axes.values()) if axes else [()]:
+        sets = tuple(f"{k}={_toml_value(v)}" for k, v in zip(axes, combo))
+        where = f"{path} with sweep point {' '.join(sets)}" if sets else str(path)
+        cfg = ExperimentConfig.from_dict(apply_overrides(base, list(sets)), where)
+        if cfg.run_id not in seen:  # two grid points that mean the same run are one run
+            seen.add(cfg.run_id)
+            points.append(SweepPoint(sets, cfg))
+    return points
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    label: str
+    status: str  # trained | complete | busy | failed
+    wall_s: float
+    message: str = ""
+
+
+def run_point(cfg_json: str, out: str, progress: bool = False) -> dict:
+    """Run one sweep point in this process (the unit of work of every executor)."""
+    from .lottery import run_lottery
+
+    cfg = ExperimentConfig.from_json(cfg_json)
+    store = RunStore(prepare_root(out), cfg.run_id)
+    if store.is_finished(cfg.prune.levels):
+        return {"run_id": cfg.run_id, "status": "complete", "wall_s": 0.0, "message": ""}
+    t0 = time.time()
+    try:
+        run_lottery(cfg, out, progress=progress)
+    except RunBusyError as e:
+        return {"run_id": cfg.run_id, "status": "busy", "wall_s": 0.0, "message": str(e)}
+    return {"run_id": cfg.run_id, "status": "trained", "wall_s": time.time() - t0, "message": ""}
+
+
+def _run_point_safe(cfg_json: str, out: str) -> dict:
+    try:
+        return run_point(cfg_json, out)
+    except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
+        cfg = ExperimentConfig.from_json(cfg_json)
+        return {"run_id": cfg.run_id, "status": "failed", "wall_s": 0.0,
+                "message": f"{type(e).__name__}: {e}"}
+
+
+def run_sweep(points: list[SweepPoint], out: str | Path, *, executor: str = "local", workers: int = 1,
+              address: str | None = None, on_done: Callable[[Outcome, int, int], None] | None = None
+              ) -> list[Outcome]:
+    """Run every point not yet finished; returns one Outcome per point, in grid order."""
+    out = str(prepare_root(out))
+    todo = [(i, p) for i, p in enumerate(points)]
+    results: dict[int, Outcome] = {}
+
+    def done(i: int, r: dict) -> None:
+        results[i] = Outcome(r["run_id"], points[i].label, r["status"], r["wall_s"], r.get("message", ""))
+        if on_done is not None:
+            on_done(results[i], len(results), len(points))
+
+    if executor == "local" and workers <= 1:
+        for i, p in todo:
+            done(i, _run_point_safe(p.cfg.to_json(), out))
+    elif executor == "local":
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # spawn, not fork: a forked JAX runtime can deadlock
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_point_safe, p.cfg.to_json(), out): i for i, p in todo}
+            for f in cf.as_completed(futures):
+                done(futures[f], f.result())
+    elif executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        task = ray.remote(num_cpus=1)(_run_point_safe)
+        refs = {task.remote(p.cfg.to_json(), out): i for i, p in todo}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                done(refs[ref], ray.get(ref))
+    else:
+        raise ConfigError(f"--executor {executor!r} is not allowed; expected 'local' or 'ray'")
+    return [results[i] for i in range(len(points))]
+
+
+def wandb_sweep_config(path: str | Path, points: list[SweepPoint], out: str) -> dict:
+    """A W&B grid-sweep config whose program is ``lth``: each agent call runs one grid point."""
+    axes = sweep_axes(path)
+    name = points[0].cfg.name if points else Path(path).stem
+    return {
+        "name": name,
+        "program": "lth",
+        "method": "grid",
+        "parameters": {k: {"values": v} for k, v in axes.items()},
+        "command": ["lth", "lottery", str(path), "--out", out, "--no-progress", "${args_no_hyphens}"],
+    }
+
+
+def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoint, str]]:
+    """(point, 'complete' | 'partial (k/n levels)' | 'new') for a dry run."""
+    rows = []
+    for p in points:
+        store = RunStore(out, p.run_id)
+        n = p.cfg.prune.levels + 1
+        k = sum(store.is_complete(level) for level in range(n)) if store.path.exists() else 0
+        rows.append((p, "complete" if k == n else (f"partial ({k}/{n} levels)" if k else "new")))
+    return rows

@@ -108,3 +108,19 @@ def learning_curves(df: pd.DataFrame, arm: str = "ticket", split: str = "test", 
 def _title(df: pd.DataFrame) -> str:
     names = df["experiment"].unique() if "experiment" in df else []
     return ", ".join(map(str, names)) or "lth"
+
+
+def layer_density_profile(sparsity: pd.DataFrame, arm: str = "ticket") -> plt.Figure:
+    """Density of each prunable layer across IMP levels (mean over seeds), from sparsity tables."""
+    d = sparsity[(sparsity["arm"] == arm) & sparsity["prunable"]]
+    table = d.groupby(["level", "layer"], sort=True)["density"].mean().unstack("layer")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        for layer in table.columns:
+            ax.plot(table.index, 100 * table[layer].to_numpy(), marker="o", markersize=3, label=layer)
+        ax.set_yscale("log")
+        ax.set_xlabel("IMP level")
+        ax.set_ylabel("weights remaining in layer (%)")
+        ax.set_title(f"per-layer density ({ARM_STYLE.get(arm, {}).get('label', arm)})")
+        ax.legend(fontsize=7, ncol=2)
+    return fig

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import load_runs
+from .runs import load_runs, load_sparsity
 from .summary import summarize
 
 TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "final_accuracy_mean", "final_accuracy_std",
@@ -50,6 +50,10 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket"),
          "Test accuracy vs training step of the winning ticket at several sparsity levels (mean over seeds)."),
     ]
+    sparsity = load_sparsity(root)
+    if not sparsity.empty and sparsity["level"].nunique() > 1:
+        plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),
+                      "Weights remaining per prunable layer across IMP levels (winning ticket, mean over seeds)."))
     for stem, make, caption in plans:
         fig = make()
         for ext in ("pdf", "png"):

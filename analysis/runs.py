@@ -84,3 +84,18 @@ def final_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
             .agg(density=("density", "mean"), accuracy=("accuracy", "mean"),
                  accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"))
             .reset_index())
+
+
+def load_sparsity(root: str | Path) -> pd.DataFrame:
+    """Per-layer sparsity reports of every completed level: run_id, level, arm, seed, layer, kind,
+    shape, count, nonzero, kept, density, prunable."""
+    root = Path(root)
+    frames = []
+    for run in _run_dirs(root) if root.is_dir() else []:
+        for level_dir in _complete_levels(run):
+            path = level_dir / "sparsity.parquet"
+            if path.is_file():
+                df = pd.read_parquet(path)
+                df.insert(0, "run_id", run.name)
+                frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -190,7 +190,7 @@ class Lottery:
         if snap:
             store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
-        metrics = self._metrics_table(level, members, densities, result.records, wall_s)
+        metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
         sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
         store.write_level(level, {
             "members.json": json.dumps([{"arm": m.arm, "seed": m.seed} for m in members]).encode(),
@@ -209,7 +209,7 @@ class Lottery:
             self._finetune_engine = Engine(self.model, self.data, self.cfg.train, lr_fn=optax.constant_schedule(lr))
         return self._finetune_engine
 
-    def _metrics_table(self, level, members, densities, records, wall_s) -> pd.DataFrame:
+    def _metrics_table(self, level, members, densities, records, wall_s, diverged) -> pd.DataFrame:
         df = pd.DataFrame.from_records(records)
         es = early_stop_steps(records)
         df["run_id"] = self.cfg.run_id
@@ -218,9 +218,10 @@ class Lottery:
         df["seed"] = [members[k].seed for k in df["member"]]
         df["density"] = [densities[k] for k in df["member"]]
         df["early_stop_step"] = [es.get(k, -1) for k in df["member"]]
+        df["diverged_step"] = [diverged.get(k, -1) for k in df["member"]]
         df["wall_s"] = wall_s
         cols = ["run_id", "level", "arm", "seed", "member", "density", "step", "split", "loss", "accuracy",
-                "early_stop_step", "wall_s"]
+                "early_stop_step", "diverged_step", "wall_s"]
         return df[cols]
 
     def _sparsity_table(self, level, members, final_params, masks, can_prune) -> pd.DataFrame:

@@ -219,6 +219,17 @@ def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int):
     return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(valid)
 
 
+def population_sharding(k: int) -> jax.sharding.Sharding:
+    """Shard a leading population axis of size k over as many local devices as divide it.
+
+    One device (the usual CPU case) gives a single-device sharding, the same program as no sharding.
+    """
+    devices = jax.local_devices()
+    n = max(d for d in range(1, len(devices) + 1) if k % d == 0)
+    mesh = jax.sharding.Mesh(np.array(devices[:n]), ("population",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("population"))
+
+
 # ---------------------------------------------------------------------------- data order
 
 class DataOrder:
@@ -256,6 +267,7 @@ class TrainResult:
     state: TrainState  # final population state [K, ...]
     records: list[dict]  # tidy metric rows: member, step, split, loss, accuracy
     snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> {params, batch_stats} [K, ...] (host)
+    diverged: dict[int, int] = field(default_factory=dict)  # member -> first step with a non-finite loss
 
 
 def eval_steps(cfg: TrainConfig, num_steps: int, spe: int) -> list[int]:
@@ -287,9 +299,13 @@ class Engine:
         self._eval = make_eval_fn(model)
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:
-        """Population state at global step ``start`` (the schedule resumes there) with fresh optimizer moments."""
+        """Population state at global step ``start`` (the schedule resumes there) with fresh optimizer moments.
+
+        The population axis is sharded over the local devices (see :func:`population_sharding`).
+        """
         state = init_population_state(params, batch_stats, masks, self.tx, rngs)
-        return state.replace(step=jnp.full_like(state.step, start))
+        state = state.replace(step=jnp.full_like(state.step, start))
+        return jax.device_put(state, population_sharding(int(state.step.shape[0])))
 
     def evaluate(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """split -> (loss [K], accuracy [K]) on the val and test splits."""
@@ -324,15 +340,21 @@ class Engine:
         if start in snaps:
             snapshots[start] = self._snapshot(state)
         K = len(seeds)
+        diverged: dict[int, int] = {}
         pos, acc_loss, acc_acc, acc_n = start, np.zeros(K), np.zeros(K), 0
         for b in bounds:
             if shared:
                 idx = self.order.indices(seeds[0], pos, b)
             else:
                 idx = np.stack([self.order.indices(s, pos, b) for s in seeds])
-            state, m = self._segment[shared](state, self.x_train, self.y_train, jnp.asarray(idx))
+            idx = jnp.asarray(idx) if shared else jax.device_put(idx, population_sharding(K))
+            state, m = self._segment[shared](state, self.x_train, self.y_train, idx)
             loss = np.asarray(m["loss"], np.float64)
             acc = np.asarray(m["accuracy"], np.float64)
+            for k in np.flatnonzero(~np.isfinite(loss).all(1)):
+                k = int(k)
+                if k not in diverged:  # first step whose loss is not finite
+                    diverged[k] = pos + 1 + int(np.argmin(np.isfinite(loss[k])))
             acc_loss += loss.sum(1)
             acc_acc += acc.sum(1)
             acc_n += loss.shape[1]
@@ -349,7 +371,7 @@ class Engine:
                 acc_loss, acc_acc, acc_n = np.zeros(K), np.zeros(K), 0
                 if progress is not None:
                     progress(b, {s: (float(np.mean(l)), float(np.mean(a))) for s, (l, a) in rows.items()})
-        return TrainResult(state=state, records=records, snapshots=snapshots)
+        return TrainResult(state=state, records=records, snapshots=snapshots, diverged=diverged)
 
 
 def early_stop_steps(records: list[dict]) -> dict[int, int]:

@@ -145,3 +145,55 @@ def test_training_learns_and_early_stop_is_min_val_loss():
     val = [r for r in res.records if r["split"] == "val"]
     best = min(val, key=lambda r: r["loss"])
     assert early_stop_steps(res.records) == {0: best["step"]}
+
+
+def test_a_diverging_member_is_recorded_and_does_not_disturb_the_others():
+    cfg = TrainConfig(optimizer="sgd", lr=1.0, batch_size=12, steps=40, eval_every=20)
+    data = tiny_data()
+    # member 1 gets inputs scaled so that sgd at lr 1 overflows; member 0 trains normally
+    engine = Engine(TinyMLP(), data, cfg)
+    state, _ = population(engine, [0, 1], density=1.0)
+    state = state.replace(params=jax.tree.map(lambda p: p.at[1].multiply(1e19), state.params))
+    res = engine.run(state, [0, 0])
+    assert 1 in res.diverged and 0 not in res.diverged
+    assert 1 <= res.diverged[1] <= 40
+    assert all(np.isfinite(r["loss"]) for r in res.records if r["member"] == 0)
+
+
+SHARDING_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import TinyMLP, tiny_data, population
+from lth.config import TrainConfig
+from lth.train import Engine
+cfg = TrainConfig(optimizer="adam", lr=1e-2, batch_size=12, steps=30, eval_every=15)
+engine = Engine(TinyMLP(), tiny_data(), cfg)
+state, _ = population(engine, [0, 1, 2, 3])
+res = engine.run(state, [0, 1, 2, 3])
+shards = len(res.state.params["output"]["kernel"].sharding.device_set)
+print(json.dumps({{"devices": jax.local_device_count(), "shards": shards,
+                  "params": [np.asarray(x).tolist() for x in jax.tree.leaves(res.state.params)],
+                  "loss": [r["loss"] for r in res.records]}}))
+"""
+
+
+def test_population_sharded_over_two_devices_equals_one_device():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = SHARDING_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = {}
+    for n in (1, 2):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out[1]["devices"] == 1 and out[2]["devices"] == 2
+    assert out[2]["shards"] == 2  # the population axis really is split over both devices
+    np.testing.assert_allclose(out[1]["loss"], out[2]["loss"], rtol=1e-5)
+    for a, b in zip(out[1]["params"], out[2]["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,395 @@
+"""The compiled, mask-aware population training engine.
+
+One network's train step is a pure function ``(state, x, y) -> (state, metrics)``; a whole segment
+between evaluations is one ``lax.scan`` over index batches with the data set resident on the device;
+the segment is ``vmap``-ped over the population axis K (seeds and controls). K = 1 is the same code.
+
+Masks are pytrees of bools shaped like ``params``. Gradients of pruned weights are zeroed before the
+optimizer (so their optimizer moments stay zero) and the weights are re-zeroed after every update,
+so a pruned weight is exactly 0.0 after every step whatever the optimizer or weight decay does.
+
+This module knows no pruning: it trains whatever masks it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from lth.config import TrainConfig
+
+PyTree = Any
+DEFAULT_EPOCHS = 10  # training length when neither train.epochs nor train.steps is set
+
+
+@struct.dataclass
+class TrainState:
+    """State of one member (or, with a leading K axis on every leaf, of a population)."""
+
+    step: jax.Array  # [] int32
+    params: PyTree
+    batch_stats: PyTree  # {} for models without batch norm
+    opt_state: PyTree
+    mask: PyTree  # bools, same tree as params
+    rng: jax.Array
+
+
+# ---------------------------------------------------------------------------- schedule, optimizer
+
+def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    if n_train < cfg.batch_size:
+        raise ValueError(f"train.batch_size = {cfg.batch_size} is larger than the train split "
+                         f"({n_train} examples)")
+    return n_train // cfg.batch_size
+
+
+def total_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Training length in steps: ``train.steps`` if set, else ``epochs`` full passes (last partial batch dropped)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch(cfg, n_train)
+
+
+def make_schedule(cfg: TrainConfig, num_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the step: constant, step (milestones x gamma) or cosine, after warmup."""
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "step":
+        main = optax.piecewise_constant_schedule(cfg.lr, {int(m): cfg.gamma for m in cfg.milestones})
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, max(1, num_steps - cfg.warmup_steps))
+    else:  # validated in config
+        raise ValueError(cfg.schedule)
+    if cfg.warmup_steps == 0:
+        return main
+    warm = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    if cfg.schedule == "step":  # milestones count from step 0, not from the end of warmup
+        return lambda s: jnp.where(s < cfg.warmup_steps, warm(s), main(s))
+    return optax.join_schedules([warm, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optax update direction at unit learning rate; the step's lr multiplies it.
+
+    The learning rate is applied in the train step as ``lr(state.step)`` so the schedule follows the
+    global step: late rewinding resumes at step k, learning-rate rewinding replays it from k.
+    """
+    if cfg.optimizer == "sgd":
+        opt = optax.sgd(1.0, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    elif cfg.optimizer == "adam":
+        opt = optax.adam(1.0)
+    else:  # validated in config
+        raise ValueError(cfg.optimizer)
+    if cfg.weight_decay:
+        # Coupled L2 (as torch's weight_decay): added to the gradient before the optimizer.
+        opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
+    return opt
+
+
+def final_lr(cfg: TrainConfig, num_steps: int) -> float:
+    return float(make_schedule(cfg, num_steps)(num_steps))
+
+
+# ---------------------------------------------------------------------------- model plumbing
+
+def apply_mask(tree: PyTree, mask: PyTree) -> PyTree:
+    """Zero every entry whose mask is False (exact +0.0, also for NaN or -0.0 entries)."""
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), tree, mask)
+
+
+def ones_mask(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+
+
+def init_variables(model, key: jax.Array, input_shape: Sequence[int]) -> tuple[PyTree, PyTree]:
+    """(params, batch_stats) of one member; batch_stats is {} for models without batch norm."""
+    variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def init_population(model, keys: jax.Array, input_shape: Sequence[int]) -> tuple[PyTree, PyTree]:
+    """Stacked (params, batch_stats) ``[K, ...]`` for K init keys."""
+    return jax.jit(jax.vmap(lambda k: init_variables(model, k, input_shape)))(keys)
+
+
+def init_state(params: PyTree, batch_stats: PyTree, mask: PyTree, tx: optax.GradientTransformation,
+               rng: jax.Array) -> TrainState:
+    """State of one member: masked params, fresh optimizer state at step 0."""
+    params = apply_mask(params, mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), mask=mask, rng=rng)
+
+
+def init_population_state(params, batch_stats, masks, tx, rngs) -> TrainState:
+    """Vmapped :func:`init_state` over a stacked population."""
+    return jax.jit(jax.vmap(lambda p, b, m, r: init_state(p, b, m, tx, r)))(params, batch_stats, masks, rngs)
+
+
+def _forward(model, params, batch_stats, x, train: bool):
+    """Logits and the updated batch statistics (unchanged when the model has none or not training)."""
+    if batch_stats:
+        if train:
+            logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+            return logits, upd["batch_stats"]
+        return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False), batch_stats
+    return model.apply({"params": params}, x, train=train), batch_stats
+
+
+def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule) -> Callable:
+    """Pure masked step for one member: ``(state, x [B, ...], y [B]) -> (state, {loss, accuracy})``.
+
+    ``tx`` gives the update direction at unit lr (:func:`make_optimizer`); ``lr_fn(step)`` scales it.
+    """
+
+    def step(state: TrainState, x, y):
+        rng, _ = jax.random.split(state.rng)
+
+        def loss_fn(params):
+            logits, bs = _forward(model, params, state.batch_stats, x, train=True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, bs)
+
+        (loss, (logits, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = apply_mask(grads, state.mask)  # pruned weights get no gradient, so no moments
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = lr_fn(state.step)
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        params = apply_mask(optax.apply_updates(state.params, updates), state.mask)
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state, rng=rng)
+        return new, {"loss": loss, "accuracy": acc}
+
+    return step
+
+
+def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool
+                    ) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K, S])``.
+
+    ``idx`` holds the example indices of S steps: ``[S, B]`` shared by all members or ``[K, S, B]``.
+    The data set stays resident; each step gathers its batch by index inside the scan.
+    """
+    step = make_train_step(model, tx, lr_fn)
+
+    def member(state, x_train, y_train, idx):
+        def body(s, i):
+            return step(s, x_train[i], y_train[i])
+
+        return jax.lax.scan(body, state, idx)
+
+    pop = jax.vmap(member, in_axes=(0, None, None, None if shared_order else 0))
+    return jax.jit(pop, donate_argnums=(0,))
+
+
+def make_eval_fn(model) -> Callable:
+    """Compiled ``(params [K], batch_stats [K], xs [C, n, ...], ys [C, n], valid [C, n]) -> (loss [K], acc [K])``."""
+
+    def member(params, batch_stats, xs, ys, valid):
+        def chunk(carry, inp):
+            x, y, v = inp
+            logits, _ = _forward(model, params, batch_stats, x, train=False)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+            return (carry[0] + jnp.sum(loss * v), carry[1] + jnp.sum(correct * v)), None
+
+        (loss_sum, correct_sum), _ = jax.lax.scan(chunk, (jnp.float32(0), jnp.float32(0)), (xs, ys, valid))
+        n = jnp.sum(valid)
+        return loss_sum / n, correct_sum / n
+
+    return jax.jit(jax.vmap(member, in_axes=(0, 0, None, None, None)))
+
+
+def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int):
+    """Pad a split to whole chunks: (xs [C, n, ...], ys [C, n], valid [C, n]) on the device."""
+    n = len(x)
+    chunk = max(1, min(chunk, n))
+    c = math.ceil(n / chunk)
+    pad = c * chunk - n
+    xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(c, chunk, *x.shape[1:])
+    ys = np.concatenate([y, np.zeros(pad, y.dtype)]).reshape(c, chunk)
+    valid = (np.arange(c * chunk) < n).astype(np.float32).reshape(c, chunk)
+    return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(valid)
+
+
+def population_sharding(k: int) -> jax.sharding.Sharding:
+    """Shard a leading population axis of size k over as many local devices as divide it.
+
+    One device (the usual CPU case) gives a single-device sharding, the same program as no sharding.
+    """
+    devices = jax.local_devices()
+    n = max(d for d in range(1, len(devices) + 1) if k % d == 0)
+    mesh = jax.sharding.Mesh(np.array(devices[:n]), ("population",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("population"))
+
+
+# ---------------------------------------------------------------------------- data order
+
+class DataOrder:
+    """Batch indices of every step: epoch e of data seed s is ``permutation(n, rng=[s, e])``.
+
+    A pure function of (seed, step), so a resumed or re-run training sees exactly the same batches.
+    """
+
+    def __init__(self, n_train: int, batch_size: int):
+        self.n, self.b = n_train, batch_size
+        self.spe = n_train // batch_size
+        self._perm: dict[tuple[int, int], np.ndarray] = {}
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        key = (seed, epoch)
+        if key not in self._perm:
+            if len(self._perm) > 64:
+                self._perm.clear()
+            self._perm[key] = np.random.default_rng([seed, epoch]).permutation(self.n).astype(np.int32)
+        return self._perm[key]
+
+    def indices(self, seed: int, start: int, stop: int) -> np.ndarray:
+        """``[stop - start, B]`` example indices of steps ``start .. stop-1``."""
+        out = np.empty((stop - start, self.b), np.int32)
+        for j, s in enumerate(range(start, stop)):
+            e, i = divmod(s, self.spe)
+            out[j] = self._permutation(seed, e)[i * self.b:(i + 1) * self.b]
+        return out
+
+
+# ---------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    state: TrainState  # final population state [K, ...]
+    records: list[dict]  # tidy metric rows: member, step, split, loss, accuracy
+    snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> {params, batch_stats} [K, ...] (host)
+    diverged: dict[int, int] = field(default_factory=dict)  # member -> first step with a non-finite loss
+
+
+def eval_steps(cfg: TrainConfig, num_steps: int, spe: int) -> list[int]:
+    every = cfg.eval_every or spe
+    steps = list(range(every, num_steps, every))
+    return steps + [num_steps]
+
+
+class Engine:
+    """Compiled programs for one (model, optimizer, data set); reused across levels and arms.
+
+    Python only walks the segment boundaries (evaluations and snapshot steps); each segment runs as
+    one compiled scan.
+    """
+
+    def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None):
+        """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning)."""
+        self.model, self.data, self.cfg = model, data, cfg
+        self.tx = tx = make_optimizer(cfg)
+        self.order = DataOrder(len(data.x_train), cfg.batch_size)
+        self.num_steps = total_steps(cfg, len(data.x_train))
+        self.lr_fn = lr_fn = lr_fn if lr_fn is not None else make_schedule(cfg, self.num_steps)
+        self.x_train = jnp.asarray(data.x_train)
+        self.y_train = jnp.asarray(data.y_train)
+        self.eval_sets = {name: chunk_split(x, y, cfg.eval_batch_size)
+                          for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
+                          if len(x)}
+        self._segment = {shared: make_segment_fn(model, tx, lr_fn, shared) for shared in (True, False)}
+        self._eval = make_eval_fn(model)
+
+    def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:
+        """Population state at global step ``start`` (the schedule resumes there) with fresh optimizer moments.
+
+        The population axis is sharded over the local devices (see :func:`population_sharding`).
+        """
+        state = init_population_state(params, batch_stats, masks, self.tx, rngs)
+        state = state.replace(step=jnp.full_like(state.step, start))
+        return jax.device_put(state, population_sharding(int(state.step.shape[0])))
+
+    def evaluate(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """split -> (loss [K], accuracy [K]) on the val and test splits."""
+        out = {}
+        for name, (xs, ys, valid) in self.eval_sets.items():
+            loss, acc = self._eval(state.params, state.batch_stats, xs, ys, valid)
+            out[name] = (np.asarray(loss), np.asarray(acc))
+        return out
+
+    @staticmethod
+    def _snapshot(state: TrainState) -> PyTree:
+        return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+    def run(self, state: TrainState, data_seeds: Sequence[int], *, start: int = 0, stop: int | None = None,
+            snapshot_steps: Iterable[int] = (), progress: Callable[[int, dict], None] | None = None
+            ) -> TrainResult:
+        """Train the population from step ``start`` to ``stop`` (default: the configured length).
+
+        ``data_seeds[k]`` fixes member k's batch order (all equal or ``shared_data_order``: one order).
+        Evaluates at the eval steps, keeps a host copy of params and batch_stats at each snapshot step.
+        """
+        stop = self.num_steps if stop is None else stop
+        seeds = [int(s) for s in data_seeds]
+        shared = self.cfg.shared_data_order or len(set(seeds)) == 1
+        evals = [s for s in eval_steps(self.cfg, self.num_steps, self.order.spe) if start < s <= stop]
+        if not evals or evals[-1] != stop:
+            evals.append(stop)
+        snaps = {s for s in snapshot_steps if start <= s <= stop}
+        bounds = sorted(set(evals) | {s for s in snaps if s > start})
+        records: list[dict] = []
+        snapshots: dict[int, PyTree] = {}
+        if start in snaps:
+            snapshots[start] = self._snapshot(state)
+        K = len(seeds)
+        diverged: dict[int, int] = {}
+        pos, acc_loss, acc_acc, acc_n = start, np.zeros(K), np.zeros(K), 0
+        for b in bounds:
+            if shared:
+                idx = self.order.indices(seeds[0], pos, b)
+            else:
+                idx = np.stack([self.order.indices(s, pos, b) for s in seeds])
+            idx = jnp.asarray(idx) if shared else jax.device_put(idx, population_sharding(K))
+            state, m = self._segment[shared](state, self.x_train, self.y_train, idx)
+            loss = np.asarray(m["loss"], np.float64)
+            acc = np.asarray(m["accuracy"], np.float64)
+            for k in np.flatnonzero(~np.isfinite(loss).all(1)):
+                k = int(k)
+                if k not in diverged:  # first step whose loss is not finite
+                    diverged[k] = pos + 1 + int(np.argmin(np.isfinite(loss[k])))
+            acc_loss += loss.sum(1)
+            acc_acc += acc.sum(1)
+            acc_n += loss.shape[1]
+            pos = b
+            if b in snaps:
+                snapshots[b] = self._snapshot(state)
+            if b in evals:
+                rows = {"train": (acc_loss / acc_n, acc_acc / acc_n)}
+                rows.update(self.evaluate(state))
+                for split, (l, a) in rows.items():
+                    for k in range(K):
+                        records.append({"member": k, "step": b, "split": split,
+                                        "loss": float(l[k]), "accuracy": float(a[k])})
+                acc_loss, acc_acc, acc_n = np.zeros(K), np.zeros(K), 0
+                if progress is not None:
+                    progress(b, {s: (float(np.mean(l)), float(np.mean(a))) for s, (l, a) in rows.items()})
+        return TrainResult(state=state, records=records, snapshots=snapshots, diverged=diverged)
+
+
+def early_stop_steps(records: list[dict]) -> dict[int, int]:
+    """member -> step of minimum validation loss (test loss when there is no val split)."""
+    split = "val" if any(r["split"] == "val" for r in records) else "test"
+    best: dict[int, tuple[float, int]] = {}
+    for r in records:
+        if r["split"] != split:
+            continue
+        loss = r["loss"] if np.isfinite(r["loss"]) else np.inf
+        if r["member"] not in best or loss < best[r["member"]][0]:
+            best[r["member"]] = (loss, r["step"])
+    return {k: v[1] for k, v in best.items()}
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree, k: int) -> PyTree:
+    return jax.tree.map(lambda x: x[k], tree)

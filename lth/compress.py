@@ -1,0 +1,320 @@
+"""Size accounting and the compressed export file of a quantized ticket.
+
+A kernel of ``n`` entries with ``nnz`` non-zero integer codes at ``b`` bits is stored in the
+smallest of three encodings (the zero of channel c is its zero point ``Z_c``):
+
+- ``dense``: every code, ``ceil(n b / 8)`` bytes (not for binary kernels with zeros);
+- ``bitmask``: one bit per entry (non-zero or not) + the non-zero codes:
+  ``ceil(n / 8) + ceil(nnz b / 8)`` bytes;
+- ``relative``: Deep Compression's relative index (Han et al. 2016, Sec. 3): for each non-zero
+  the number of zeros since the previous one in ``r`` bits (``r`` = 1..8, the best one); a run of
+  ``2^r - 1`` zeros or more emits escape fields of ``2^r - 1`` (a skip with no value) first:
+  ``ceil(E r / 8) + ceil(nnz b / 8)`` bytes with ``E = nnz + sum_gaps floor(gap / (2^r - 1))``.
+
+Codes are packed little-endian, ``b`` bits each, with no padding between values. A layer also
+stores its float32 scales (4 bytes each), its zero points (1 byte each, asym only), its float32
+bias, and its input's activation scale (4 bytes) and zero point (1 byte, asym only).
+``size_bytes`` is the sum of these payloads (the header with shapes and names is not counted, as
+in Deep Compression); ``compression = fp32_dense_bytes / size_bytes`` where ``fp32_dense_bytes`` is
+4 bytes per parameter of the dense float network.
+
+The export file (no pickle)::
+
+    b"LTHQEXP1" | uint32 little-endian header length | header (UTF-8 JSON) | payload
+
+The header lists every array (dtype, shape, offset, nbytes into the payload), the layer program,
+quantizer settings, data set and provenance, and the payload's sha256. Written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .intinfer import IntegerModel, IntLayer
+from .quant import QuantizedTicket, is_weight, layer_key, qrange
+from .store import StoreError, atomic_write_bytes
+
+MAGIC = b"LTHQEXP1"
+VERSION = 1
+ENCODINGS = ("dense", "bitmask", "relative")
+SCALE_BYTES = 4  # float32
+ZERO_POINT_BYTES = 1  # uint8
+BIAS_BYTES = 4  # float32
+
+
+class ExportError(StoreError):
+    """An export file that cannot be read; the message names the path and what is wrong."""
+
+
+# ============================================================================ bit packing
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``values`` (each < 2^bits) packed little-endian, ``bits`` each: ``ceil(n bits / 8)`` bytes."""
+    v = np.asarray(values, np.uint32).ravel()
+    if v.size and int(v.max()) >= 1 << bits:
+        raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
+    bitmat = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bitmat.ravel(), bitorder="little")
+
+
+def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` unsigned values (int64)."""
+    flat = np.unpackbits(np.asarray(buf, np.uint8), count=count * bits, bitorder="little")
+    return (flat.reshape(count, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(1)
+
+
+# ============================================================================ codes
+
+def to_codes(q: np.ndarray, bits: int, scheme: str) -> np.ndarray:
+    """Unsigned b-bit storage codes of integer values ``q`` (binary: -1 -> 0, +1 -> 1; 0 is not a code)."""
+    q = np.asarray(q, np.int64)
+    if bits == 1:
+        return (q > 0).astype(np.int64)
+    return q - qrange(bits, scheme)[0]
+
+
+def from_codes(codes: np.ndarray, bits: int, scheme: str) -> np.ndarray:
+    codes = np.asarray(codes, np.int64)
+    if bits == 1:
+        return np.where(codes > 0, 1, -1)
+    return codes + qrange(bits, scheme)[0]
+
+
+def _zero_q(q: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """Per-entry integer value of real zero (the channel's zero point), broadcast to ``q``."""
+    return np.broadcast_to(np.asarray(zero_point, np.int64), q.shape)
+
+
+def _gaps(nonzero: np.ndarray) -> np.ndarray:
+    """Zeros before each non-zero since the previous one (flat order)."""
+    idx = np.flatnonzero(nonzero)
+    return np.diff(np.concatenate([[-1], idx])) - 1
+
+
+def _relative_fields(gaps: np.ndarray, r: int) -> int:
+    """Index fields E of the relative encoding with r-bit gaps (escapes included)."""
+    return int(gaps.size + np.sum(gaps // ((1 << r) - 1)))
+
+
+def encoded_sizes(q: np.ndarray, zero_point: np.ndarray, bits: int) -> dict[str, int]:
+    """Payload bytes of a kernel's codes in each encoding (``relative`` with its best r).
+
+    Also returns ``relative_bits`` (the best r) and ``nnz``.
+    """
+    q = np.asarray(q)
+    n = q.size
+    nz = (q != _zero_q(q, zero_point)).ravel()
+    nnz = int(nz.sum())
+    values = math.ceil(nnz * bits / 8)
+    gaps = _gaps(nz)
+    rel = {r: math.ceil(_relative_fields(gaps, r) * r / 8) + values for r in range(1, 9)}
+    r_best = min(rel, key=rel.get)
+    out = {"bitmask": math.ceil(n / 8) + values, "relative": rel[r_best], "relative_bits": r_best, "nnz": nnz}
+    if not (bits == 1 and nnz < n):
+        out["dense"] = math.ceil(n * bits / 8)
+    return out
+
+
+def encode_kernel(q: np.ndarray, zero_point: np.ndarray, bits: int, scheme: str,
+                  encoding: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays (uint8) and metadata of a kernel's integer values ``q`` in the smallest encoding."""
+    q = np.asarray(q, np.int64)
+    sizes = encoded_sizes(q, zero_point, bits)
+    if encoding is None:
+        encoding = min((e for e in ENCODINGS if e in sizes), key=lambda e: sizes[e])
+    if encoding not in sizes:
+        raise ValueError(f"encoding {encoding!r} cannot store this kernel (binary kernels with zeros need a "
+                         "sparse encoding)")
+    flat = q.ravel()
+    nz = flat != _zero_q(q, zero_point).ravel()
+    meta = {"encoding": encoding, "shape": list(q.shape), "bits": bits, "scheme": scheme, "nnz": int(nz.sum())}
+    if encoding == "dense":
+        arrays = {"values": pack_bits(to_codes(flat, bits, scheme), bits)}
+    else:
+        arrays = {"values": pack_bits(to_codes(flat[nz], bits, scheme), bits)}
+        if encoding == "bitmask":
+            arrays["index"] = np.packbits(nz.astype(np.uint8), bitorder="little")
+        else:
+            r = sizes["relative_bits"]
+            esc = (1 << r) - 1
+            fields = []
+            for g in _gaps(nz):
+                fields.extend([esc] * int(g // esc))
+                fields.append(int(g % esc))
+            arrays["index"] = pack_bits(np.asarray(fields, np.int64), r)
+            meta.update(index_bits=r, fields=len(fields))
+    return arrays, meta
+
+
+def decode_kernel(arrays: dict[str, np.ndarray], meta: dict, zero_point: np.ndarray) -> np.ndarray:
+    """Integer values (int32, kernel-shaped) from :func:`encode_kernel`'s output."""
+    shape, bits, scheme = tuple(meta["shape"]), int(meta["bits"]), meta["scheme"]
+    n, nnz = int(np.prod(shape, dtype=np.int64)), int(meta["nnz"])
+    if meta["encoding"] == "dense":
+        return from_codes(unpack_bits(arrays["values"], bits, n), bits, scheme).reshape(shape).astype(np.int32)
+    values = from_codes(unpack_bits(arrays["values"], bits, nnz), bits, scheme)
+    if meta["encoding"] == "bitmask":
+        nz = np.unpackbits(np.asarray(arrays["index"], np.uint8), count=n, bitorder="little").astype(bool)
+        idx = np.flatnonzero(nz)
+    elif meta["encoding"] == "relative":
+        r = int(meta["index_bits"])
+        esc = (1 << r) - 1
+        fields = unpack_bits(arrays["index"], r, int(meta["fields"]))
+        idx, pos = np.empty(nnz, np.int64), -1
+        j = 0
+        for f in fields:
+            if f == esc:
+                pos += esc
+            else:
+                pos += int(f) + 1
+                idx[j] = pos
+                j += 1
+        if j != nnz:
+            raise ValueError(f"relative index holds {j} entries, expected {nnz}")
+    else:
+        raise ValueError(f"unknown encoding {meta['encoding']!r}")
+    out = _zero_q(np.zeros(shape, np.int64), zero_point).copy().ravel()
+    out[idx] = values
+    return out.reshape(shape).astype(np.int32)
+
+
+# ============================================================================ network sizes
+
+def _count(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def size_report(qt: QuantizedTicket) -> dict[str, Any]:
+    """Bytes of one network stored as fp32 dense, fp16 dense, int8 dense and sparse + b-bit.
+
+    ``size_bytes`` is the sparse + b-bit payload (best encoding per kernel, plus scales, zero
+    points, float32 biases and other params, activation quantizers); ``compression`` is
+    ``fp32_dense_bytes / size_bytes``. ``layers`` has the per-kernel detail.
+    """
+    spec = qt.spec
+    codes = qt.codes()
+    n_all = _count(qt.params) + _count(qt.batch_stats)
+    n_kernels = sum(int(np.size(c)) for c in codes.values())
+    other = (n_all - n_kernels) * BIAS_BYTES  # biases, batch norm: float32
+    zp_bytes = ZERO_POINT_BYTES if spec.scheme == "asym" and spec.bits > 1 else 0
+    act_zp = ZERO_POINT_BYTES if spec.act_scheme == "asym" else 0
+    acts = len(qt.act_qparams) * (SCALE_BYTES + act_zp)
+    sparse, int8, layers = 0, 0, {}
+    for key, q in codes.items():
+        qp = qt.weight_qparams[key]
+        n_scales = int(np.size(qp["scale"]))
+        side = n_scales * (SCALE_BYTES + zp_bytes)
+        sizes = encoded_sizes(q, np.asarray(qp["zero_point"]), spec.bits)
+        best = min((e for e in ENCODINGS if e in sizes), key=lambda e: sizes[e])
+        sparse += sizes[best] + side
+        int8 += q.size + side
+        layers[key] = {"n": int(q.size), "nnz": sizes["nnz"], "encoding": best, "bytes": sizes[best] + side}
+    fp32 = n_all * 4
+    size = sparse + other + acts
+    return {"fp32_dense_bytes": fp32, "fp16_dense_bytes": n_all * 2, "int8_dense_bytes": int8 + other + acts,
+            "size_bytes": size, "compression": fp32 / size, "layers": layers}
+
+
+# ============================================================================ export file
+
+def integer_arrays(im: IntegerModel) -> tuple[dict[str, np.ndarray], dict]:
+    """The payload arrays and per-layer metadata of an integer model."""
+    arrays: dict[str, np.ndarray] = {}
+    layers: dict[str, dict] = {}
+    for name, L in im.layers.items():
+        enc, meta = encode_kernel(L.q, L.zero_point, L.bits, L.scheme)
+        for k, a in enc.items():
+            arrays[f"{name}/{k}"] = a
+        arrays[f"{name}/scale"] = np.asarray(L.scale, np.float32).reshape(-1)
+        if L.scheme == "asym" and L.bits > 1:
+            arrays[f"{name}/zero_point"] = np.asarray(L.zero_point, np.uint8).reshape(-1)
+        arrays[f"{name}/bias"] = np.asarray(L.bias, np.float32)
+        arrays[f"{name}/act_scale"] = np.asarray([L.act_scale], np.float32)
+        if L.act_scheme == "asym":
+            arrays[f"{name}/act_zero_point"] = np.asarray([L.act_zero_point], np.uint8)
+        meta.update(kind=L.kind, per_channel=bool(np.ndim(L.scale) > 0), act_bits=L.act_bits,
+                    act_scheme=L.act_scheme)
+        layers[name] = meta
+    return arrays, layers
+
+
+def export_bytes(im: IntegerModel, info: dict | None = None) -> bytes:
+    """The export file's bytes: magic, header length, JSON header, payload."""
+    arrays, layers = integer_arrays(im)
+    table, chunks, offset = {}, [], 0
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        table[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset, "nbytes": int(a.nbytes)}
+        chunks.append(a.tobytes())
+        offset += a.nbytes
+    payload = b"".join(chunks)
+    header = {"format": "lth-quantized-ticket", "version": VERSION, "program": im.program,
+              "input_shape": list(im.input_shape), "num_classes": im.num_classes, "layers": layers,
+              "arrays": table, "payload_bytes": len(payload),
+              "payload_sha256": hashlib.sha256(payload).hexdigest(), "info": info or {}}
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + payload
+
+
+def write_export(path: str | Path, im: IntegerModel, info: dict | None = None) -> int:
+    """Write the export file atomically; returns its size in bytes."""
+    data = export_bytes(im, info)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def read_export(path: str | Path) -> tuple[IntegerModel, dict]:
+    """(integer model, header) of an export file; :class:`ExportError` naming the problem otherwise."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read ({e.strerror})") from None
+    if blob[:len(MAGIC)] != MAGIC:
+        raise ExportError(f"{path}: not an lth export file (bad magic {blob[:8]!r})")
+    try:
+        (hlen,) = struct.unpack("<I", blob[8:12])
+        header = json.loads(blob[12:12 + hlen].decode())
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: unreadable header ({e})") from None
+    if header.get("version") != VERSION:
+        raise ExportError(f"{path}: export format version {header.get('version')!r}; this lth reads {VERSION}")
+    payload = blob[12 + hlen:]
+    if len(payload) != header["payload_bytes"] or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise ExportError(f"{path}: payload does not match its checksum (truncated or corrupted)")
+    arrays = {name: np.frombuffer(payload, np.dtype(t["dtype"]), int(np.prod(t["shape"], dtype=np.int64)),
+                                  t["offset"]).reshape(t["shape"])
+              for name, t in header["arrays"].items()}
+    layers = {}
+    for name, meta in header["layers"].items():
+        asym = meta["scheme"] == "asym" and meta["bits"] > 1
+        c = meta["shape"][-1]
+        scale = arrays[f"{name}/scale"].astype(np.float32)
+        zp = arrays[f"{name}/zero_point"].astype(np.int32) if asym else np.zeros(scale.shape, np.int32)
+        if not meta["per_channel"]:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        enc = {k: arrays[f"{name}/{k}"] for k in ("values", "index") if f"{name}/{k}" in arrays}
+        q = decode_kernel(enc, meta, zp if meta["per_channel"] else np.full(c, zp))
+        act_zp = int(arrays[f"{name}/act_zero_point"][0]) if meta["act_scheme"] == "asym" else 0
+        layers[name] = IntLayer(kind=meta["kind"], q=q, bits=int(meta["bits"]), scheme=meta["scheme"], scale=scale,
+                                zero_point=zp, bias=arrays[f"{name}/bias"].astype(np.float32),
+                                act_scale=float(arrays[f"{name}/act_scale"][0]), act_zero_point=act_zp,
+                                act_bits=int(meta["act_bits"]), act_scheme=meta["act_scheme"])
+    im = IntegerModel(program=header["program"], layers=layers, input_shape=tuple(header["input_shape"]),
+                      num_classes=int(header["num_classes"]))
+    return im, header
+
+
+def payload_bytes(im: IntegerModel) -> int:
+    """Bytes of the export payload (every array) of an integer model."""
+    return int(sum(a.nbytes for a in integer_arrays(im)[0].values()))

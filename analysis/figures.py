@@ -16,6 +16,7 @@ ARM_STYLE = {
     "reinit": dict(color="#d62728", marker="s", label="random reinit"),
     "random_prune": dict(color="#2ca02c", marker="^", label="random pruning"),
     "shuffle": dict(color="#9467bd", marker="v", label="shuffled mask"),
+    "small_dense": dict(color="#ff7f0e", marker="D", label="small dense"),
 }
 
 STYLE = {"font.size": 10, "axes.labelsize": 10, "axes.titlesize": 11, "legend.fontsize": 9,
@@ -124,3 +125,29 @@ def layer_density_profile(sparsity: pd.DataFrame, arm: str = "ticket") -> plt.Fi
         ax.set_title(f"per-layer density ({ARM_STYLE.get(arm, {}).get('label', arm)})")
         ax.legend(fontsize=7, ncol=2)
     return fig
+
+
+def sparse_vs_dense(df: pd.DataFrame, split: str = "test") -> plt.Figure:
+    """Final accuracy vs non-zero parameter count: large-sparse tickets vs small-dense models."""
+    rows = final_rows_with_params(df, split)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        for arm in ("ticket", "small_dense"):
+            g = rows[rows["arm"] == arm].groupby("level").agg(
+                params=("param_count", "mean"), mean=("accuracy", "mean"), std=("accuracy", "std"))
+            g = g.sort_values("params", ascending=False)
+            st = ARM_STYLE[arm]
+            ax.errorbar(g["params"], 100 * g["mean"], yerr=100 * g["std"].fillna(0), capsize=2, markersize=4,
+                        **{**st, "label": "large sparse (ticket)" if arm == "ticket" else "small dense"})
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("non-zero parameters")
+        ax.set_ylabel(f"final {split} accuracy (%)")
+        ax.set_title(f"{_title(df)}: large-sparse vs small-dense")
+        ax.legend(title=f"mean and std over {rows['seed'].nunique()} seeds", title_fontsize=8)
+    return fig
+
+
+def final_rows_with_params(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    from .summary import final_rows
+    return final_rows(df, split).dropna(subset=["param_count"])

@@ -50,6 +50,10 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket"),
          "Test accuracy vs training step of the winning ticket at several sparsity levels (mean over seeds)."),
     ]
+    if "small_dense" in set(df["arm"]):
+        plans.append(("sparse_vs_dense", lambda: figures.sparse_vs_dense(df),
+                      f"Large-sparse tickets vs small-dense models at matched non-zero parameter count "
+                      f"(mean, std over {n_seeds} seeds)."))
     sparsity = load_sparsity(root)
     if not sparsity.empty and sparsity["level"].nunique() > 1:
         plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),

@@ -1,4 +1,24 @@
-"""The compiled, mask-aware population training engine.
+"""EXPERIMENTAL COPY of lth/train.py for profiling (benchmarks only; lth.train is the real engine).
+
+Identical to lth.train except that ``Engine(..., **knobs)`` switches candidate optimizations on and
+off, so ``benchmarks/_ab.py`` can time variants against each other in one process. ``KNOBS`` holds
+the defaults (= lth.train's behaviour). Knobs:
+
+- ``mask``: "both" (lth.train: where() on the gradients and again on the updated params),
+  "grad" (gradients only: pruned weights stay exactly 0 because zero gradient + zero moments give a
+  zero update for sgd/adam/coupled weight decay), "param" (params only, like the PyTorch loop;
+  moments of pruned weights are not kept at zero), "mulgrad" (grads * float mask);
+- ``rng``: split the per-member rng every step (lth.train) or not (the MLPs use no dropout);
+- ``acc``: compute the per-step train accuracy (argmax) or not;
+- ``unroll``: ``lax.scan`` unroll factor;
+- ``pop``: "vmap" (batched dots over K) or "loop" (the K members run one after another inside each
+  step with ``lax.map``, so every dot is a plain 2-D matmul);
+- ``compiler_options``: per-jit XLA options, e.g. {"xla_cpu_experimental_ynn_fusion_type": ""}
+  (no YNNPACK dot fusions: XLA's own Eigen dots).
+
+The original module docstring follows.
+
+The compiled, mask-aware population training engine.
 
 One network's train step is a pure function ``(state, x, y) -> (state, metrics)``; a whole segment
 between evaluations is one ``lax.scan`` over index batches with the data set resident on the device;
@@ -16,6 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
+
+KNOBS = dict(mask="both", rng=True, acc=True, unroll=1, pop="vmap", compiler_options=None)
 
 import jax
 import jax.numpy as jnp
@@ -143,14 +165,12 @@ def _forward(model, params, batch_stats, x, train: bool):
     return model.apply({"params": params}, x, train=train), batch_stats
 
 
-def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule) -> Callable:
-    """Pure masked step for one member: ``(state, x [B, ...], y [B]) -> (state, {loss, accuracy})``.
-
-    ``tx`` gives the update direction at unit lr (:func:`make_optimizer`); ``lr_fn(step)`` scales it.
-    """
+def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, knobs=KNOBS) -> Callable:
+    """Pure masked step for one member: ``(state, x [B, ...], y [B]) -> (state, {loss, accuracy})``."""
+    mask_mode = knobs["mask"]
 
     def step(state: TrainState, x, y):
-        rng, _ = jax.random.split(state.rng)
+        rng = jax.random.split(state.rng)[0] if knobs["rng"] else state.rng
 
         def loss_fn(params):
             logits, bs = _forward(model, params, state.batch_stats, x, train=True)
@@ -158,35 +178,55 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
             return loss, (logits, bs)
 
         (loss, (logits, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = apply_mask(grads, state.mask)  # pruned weights get no gradient, so no moments
+        if mask_mode in ("both", "grad"):
+            grads = apply_mask(grads, state.mask)
+        elif mask_mode == "mulgrad":
+            grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, state.mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         lr = lr_fn(state.step)
         updates = jax.tree.map(lambda u: lr * u, updates)
-        params = apply_mask(optax.apply_updates(state.params, updates), state.mask)
-        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        params = optax.apply_updates(state.params, updates)
+        if mask_mode in ("both", "param"):
+            params = apply_mask(params, state.mask)
+        metrics = {"loss": loss}
+        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y) if knobs["acc"] else jnp.zeros(())
         new = state.replace(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state, rng=rng)
-        return new, {"loss": loss, "accuracy": acc}
+        return new, metrics
 
     return step
 
 
-def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool
-                    ) -> Callable:
-    """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K, S])``.
+def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
+                    knobs=KNOBS) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K, S])``."""
+    step = make_train_step(model, tx, lr_fn, knobs)
+    unroll = knobs["unroll"]
 
-    ``idx`` holds the example indices of S steps: ``[S, B]`` shared by all members or ``[K, S, B]``.
-    The data set stays resident; each step gathers its batch by index inside the scan.
-    """
-    step = make_train_step(model, tx, lr_fn)
+    if knobs["pop"] == "vmap":
+        def member(state, x_train, y_train, idx):
+            def body(s, i):
+                return step(s, x_train[i], y_train[i])
 
-    def member(state, x_train, y_train, idx):
-        def body(s, i):
-            return step(s, x_train[i], y_train[i])
+            return jax.lax.scan(body, state, idx, unroll=unroll)
 
-        return jax.lax.scan(body, state, idx)
+        pop = jax.vmap(member, in_axes=(0, None, None, None if shared_order else 0))
+    else:  # members one after another inside each step
+        def pop(state, x_train, y_train, idx):
+            idx_s = idx if shared_order else jnp.swapaxes(idx, 0, 1)  # [S, (K,) B]
 
-    pop = jax.vmap(member, in_axes=(0, None, None, None if shared_order else 0))
-    return jax.jit(pop, donate_argnums=(0,))
+            def body(s, i):
+                def one(args):
+                    st, ii = args
+                    ii = i if shared_order else ii
+                    return step(st, x_train[ii], y_train[ii])
+
+                return jax.lax.map(one, (s, i if not shared_order else jnp.zeros(s.step.shape, jnp.int32)))
+
+            s, m = jax.lax.scan(body, state, idx_s, unroll=unroll)
+            return s, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), m)
+
+    opts = knobs["compiler_options"]
+    return jax.jit(pop, donate_argnums=(0,), **({"compiler_options": opts} if opts else {}))
 
 
 def make_eval_fn(model) -> Callable:
@@ -283,9 +323,13 @@ class Engine:
     one compiled scan.
     """
 
-    def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None):
+    def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None, **knobs):
         """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning)."""
         self.model, self.data, self.cfg = model, data, cfg
+        unknown = set(knobs) - set(KNOBS)
+        if unknown:
+            raise TypeError(f"unknown knobs {unknown}")
+        self.knobs = {**KNOBS, **knobs}
         self.tx = tx = make_optimizer(cfg)
         self.order = DataOrder(len(data.x_train), cfg.batch_size)
         self.num_steps = total_steps(cfg, len(data.x_train))
@@ -295,7 +339,7 @@ class Engine:
         self.eval_sets = {name: chunk_split(x, y, cfg.eval_batch_size)
                           for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
                           if len(x)}
-        self._segment = {shared: make_segment_fn(model, tx, lr_fn, shared) for shared in (True, False)}
+        self._segment = {shared: make_segment_fn(model, tx, lr_fn, shared, self.knobs) for shared in (True, False)}
         self._eval = make_eval_fn(model)
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="results folder (store root or one run folder)")
     p.add_argument("--out", default="figures", help="folder for figures and tables (default: ./figures)")
 
+    p = sub.add_parser("sparsity", help="per-layer sparsity report of a run",
+                       description="Per layer and in total: shape, count, non-zeros (kept by the mask) and "
+                                   "density of weights and biases, for one level of a run (from the store).")
+    p.add_argument("run_dir", help="a run folder OUT/<run_id>")
+    p.add_argument("--level", type=int, default=None, help="IMP level (default: the last completed)")
+    p.add_argument("--arm", default="ticket", help="arm to report (default: ticket)")
+    p.add_argument("--seed", type=int, default=None, help="seed to report (default: the first)")
+
     p = sub.add_parser("settings", help="list every experiment setting with its default and meaning")
 
     p = sub.add_parser("data", help="data set utilities")
@@ -176,6 +184,32 @@ class _SweepBar:
             self.bar.close()
 
 
+def _cmd_sparsity(args) -> int:
+    from analysis import load_sparsity
+
+    table = load_sparsity(args.run_dir)
+    if table.empty:
+        return _error(f"{args.run_dir}: no completed level with a sparsity report (is it a run folder?)")
+    level = int(table["level"].max()) if args.level is None else args.level
+    t = table[(table["level"] == level) & (table["arm"] == args.arm)]
+    if t.empty:
+        return _error(f"{args.run_dir}: no {args.arm!r} members at level {level}; levels: "
+                      f"{sorted(table['level'].unique())}, arms: {sorted(table['arm'].unique())}")
+    seed = int(t["seed"].min()) if args.seed is None else args.seed
+    t = t[t["seed"] == seed][["layer", "kind", "shape", "count", "kept", "nonzero", "density", "prunable"]]
+    total = {"layer": "total", "kind": "", "shape": "", "count": t["count"].sum(), "kept": t["kept"].sum(),
+             "nonzero": t["nonzero"].sum(), "density": t["kept"].sum() / t["count"].sum(), "prunable": ""}
+    prun = t[t["prunable"] == True]  # noqa: E712
+    weights = {"layer": "prunable", "kind": "", "shape": "", "count": prun["count"].sum(),
+               "kept": prun["kept"].sum(), "nonzero": prun["nonzero"].sum(),
+               "density": prun["kept"].sum() / max(1, prun["count"].sum()), "prunable": ""}
+    import pandas as pd
+    t = pd.concat([t, pd.DataFrame([weights, total])], ignore_index=True)
+    print(f"level {level}, arm {args.arm}, seed {seed}")
+    print(t.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def _print_summary(run_dir: Path, wall_s: float) -> None:
     from analysis import load_runs, final_accuracy
 
@@ -210,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _error(str(e))
             print(f"wrote {len(made)} figures and summary tables to {args.out}/ (see {args.out}/README.md)")
             return 0
+        if args.command == "sparsity":
+            return _cmd_sparsity(args)
         if args.command == "settings":
             print(describe_fields())
             return 0

@@ -28,6 +28,7 @@ quantizer settings, data set and provenance, and the payload's sha256. Written a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -318,3 +319,69 @@ def read_export(path: str | Path) -> tuple[IntegerModel, dict]:
 def payload_bytes(im: IntegerModel) -> int:
     """Bytes of the export payload (every array) of an integer model."""
     return int(sum(a.nbytes for a in integer_arrays(im)[0].values()))
+
+
+# ============================================================================ runs -> files
+
+def export_level(run_dir: str | Path, level: int, bits: int, path: str | Path, *, member: int = 0,
+                 method: str = "ptq", scheme: str = "sym", granularity: str = "channel",
+                 calibration: str = "minmax", act_bits: int = 8, act_scheme: str = "asym",
+                 **settings) -> dict[str, Any]:
+    """Quantize ticket ``member`` of a stored level and write its export file atomically.
+
+    ``settings`` are :class:`lth.quant.QuantConfig` fields used by PTQ/QAT (``bias_correction``,
+    ``cle``, ``learned_scale``, ``qat_steps``, ``calib_batches`` ...). Returns a summary: sizes,
+    compression, and the test accuracy of the integer model, of the fake-quant model and their
+    prediction agreement.
+    """
+    from .intinfer import from_quantized
+    from .quant import LoadedRun, QuantConfig, QuantSpec, fake_quant_predict, quantize_member
+
+    run = LoadedRun.open(run_dir)
+    complete = run.complete_levels()
+    if level not in complete:
+        raise StoreError(f"{run.path}: level {level} is not complete; complete levels: "
+                         f"{', '.join(map(str, complete)) or 'none'}")
+    qc = QuantConfig.from_dict({**QuantConfig().to_dict(), **{k: list(v) if isinstance(v, tuple) else v
+                                                             for k, v in settings.items()}})
+    spec = QuantSpec(bits, scheme, granularity, calibration, act_bits, act_scheme, None, qc.percentile)
+    qt, who = quantize_member(run, level, spec, member=member, method=method, qc=qc)
+    im = from_quantized(run.model, qt, run.data.input_shape, run.data.num_classes)
+    sizes = size_report(qt)
+    info = {"run_id": run.run_id, "level": level, "member": who, "method": method, "bits": bits,
+            "scheme": spec.scheme_name, "granularity": granularity, "calibration": qt.calibration,
+            "act_bits": act_bits, "act_scheme": act_scheme, "data": dataclasses.asdict(run.cfg.data),
+            "model": run.cfg.model.name, "size_bytes": sizes["size_bytes"],
+            "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"]}
+    file_bytes = write_export(path, im, info)
+    x, y = run.data.x_test, run.data.y_test
+    pred_int = im.predict(x)
+    pred_fq = fake_quant_predict(run.model, qt, x)
+    return {"path": str(path), "file_bytes": file_bytes, "size_bytes": sizes["size_bytes"],
+            "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"],
+            "integer_accuracy": float(np.mean(pred_int == y)),
+            "fake_quant_accuracy": float(np.mean(pred_fq == y)),
+            "agreement": float(np.mean(pred_int == pred_fq)), **{k: info[k] for k in ("run_id", "level", "member",
+                                                                                      "method", "bits", "scheme")}}
+
+
+def eval_export(path: str | Path, split: str = "test") -> dict[str, Any]:
+    """Reload an export file, run its integer model on the data set it names, report accuracy."""
+    from .config import ExperimentConfig
+    from .data import load_dataset
+
+    im, header = read_export(path)
+    info = header.get("info", {})
+    if "data" not in info:
+        raise ExportError(f"{path}: the header names no data set to evaluate on")
+    data = load_dataset(ExperimentConfig.from_dict({"data": info["data"]}, str(path)).data)
+    if tuple(data.input_shape) != tuple(im.input_shape):
+        raise ExportError(f"{path}: model input shape {im.input_shape} does not match data set "
+                          f"{data.name} {data.input_shape}")
+    x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
+    size = payload_bytes(im)
+    return {"path": str(path), "split": split, "n": int(len(y)), "accuracy": im.accuracy(x, y),
+            "file_bytes": Path(path).stat().st_size, "size_bytes": size,
+            "compression": info.get("fp32_dense_bytes", float("nan")) / size,
+            **{k: info.get(k) for k in ("run_id", "level", "member", "method", "bits", "scheme", "granularity",
+                                        "calibration", "act_bits", "model")}}

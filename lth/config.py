@@ -42,7 +42,7 @@ _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 DATASETS = ("mnist1d", "fashion_mnist", "mnist", "cifar10")
 MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20")
-ARMS = ("ticket", "reinit", "random_prune", "shuffle")
+ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense")
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,10 @@ class ExperimentConfig:
     name: str = _f("experiment", result=False, doc="experiment name (W&B group, figure titles)")
     seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v),
                                 allowed="a non-empty list of distinct integers", doc="one member per seed")
-    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle"], ...] = _f(
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
-        allowed="a list of distinct arms starting with 'ticket'", doc="ticket and controls")
+        allowed="a list of distinct arms starting with 'ticket'",
+        doc="ticket and controls (reinit, random_prune, shuffle) and small_dense baselines")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

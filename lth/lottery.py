@@ -16,7 +16,9 @@ with results identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import warnings
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import pandas as pd
 from . import __version__
 from .config import ConfigError, ExperimentConfig
 from .data import load_dataset
+from .baselines import match_width
 from .models import build_model
 from .pruning import density, magnitude_prune, prunable, random_mask_like, shuffle_mask, sparsity_rows
 from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
@@ -107,9 +110,10 @@ class Lottery:
 
     # ------------------------------------------------------------------ levels
     def members(self, level: int) -> list[Member]:
+        """The members of a level's main population (small-dense baselines train separately)."""
         if level == 0:
             return [Member("ticket", s) for s in self.cfg.seeds]
-        return [Member(a, s) for a in self.cfg.arms for s in self.cfg.seeds]
+        return [Member(a, s) for a in self.cfg.arms if a != "small_dense" for s in self.cfg.seeds]
 
     def run(self, log: WandbSink | None = None) -> RunStore:
         """Train every incomplete level, holding the run's lock (RunBusyError if another process has it)."""
@@ -191,8 +195,14 @@ class Lottery:
             store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
+        metrics["param_count"] = [_kept(masks[k]) for k in metrics["member"]]
+        files = {}
+        if level > 0 and "small_dense" in cfg.arms:
+            small_metrics, small_final = self._train_small_dense(level, metrics, masks)
+            metrics = pd.concat([metrics, small_metrics], ignore_index=True)
+            files["small_dense_final.msgpack"] = tree_bytes(small_final)
         sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
-        store.write_level(level, {
+        store.write_level(level, {**files,
             "members.json": json.dumps([{"arm": m.arm, "seed": m.seed} for m in members]).encode(),
             "masks.msgpack": tree_bytes(_np(stack(masks))),
             "final.msgpack": tree_bytes(final),
@@ -202,6 +212,34 @@ class Lottery:
         self.trained_levels.append(level)
         if log is not None:
             log.log_level(level, engine.num_steps, metrics.to_dict("records"))
+
+    def _train_small_dense(self, level: int, ticket_metrics: pd.DataFrame, masks) -> tuple[pd.DataFrame, dict]:
+        """Train, for every seed, a dense model whose parameter count matches the seed's ticket."""
+        cfg = self.cfg
+        seeds = list(cfg.seeds)
+        target = _kept(masks[0])  # the ticket of seeds[0]; layerwise counts are equal for every seed
+        width, count = match_width(cfg.model, self.data.num_classes, self.data.input_shape, target)
+        if abs(count - target) > 0.02 * target:
+            warnings.warn(f"level {level}: the closest small-dense model has {count} parameters, "
+                          f"{100 * (count / target - 1):+.1f}% off the ticket's {target}", RuntimeWarning)
+        model = build_model(dataclasses.replace(cfg.model, width=width), self.data.num_classes,
+                            self.data.input_shape)
+        engine = Engine(model, self.data, cfg.train)
+        keys = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
+            [jax.random.key_data(jax.random.key(s)) for s in seeds]))
+        params, bs = init_population(model, keys, self.data.input_shape)
+        state = engine.init(params, bs, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params), keys)
+        t0 = time.time()
+        with self._bar(level, engine.num_steps, "small-dense") as bar:
+            result = engine.run(state, seeds, progress=bar)
+        members = [Member("small_dense", s) for s in seeds]
+        ticket_density = float(ticket_metrics.loc[ticket_metrics["arm"] == "ticket", "density"].iloc[0])
+        df = self._metrics_table(level, members, [ticket_density] * len(seeds), result.records,
+                                 time.time() - t0, result.diverged)
+        df["member"] += int(ticket_metrics["member"].max()) + 1
+        df["param_count"] = count
+        df["width"] = width
+        return df, {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
 
     def _finetune(self) -> Engine:
         if self._finetune_engine is None:
@@ -232,14 +270,14 @@ class Lottery:
         return pd.DataFrame.from_records(rows)
 
     @contextlib.contextmanager
-    def _bar(self, level: int, total: int):
+    def _bar(self, level: int, total: int, what: str = ""):
         if not self.progress:
             yield None
             return
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"level {level}/{self.cfg.prune.levels}", unit="step",
+        bar = tqdm(total=total, desc=f"level {level}/{self.cfg.prune.levels}{' ' + what if what else ''}", unit="step",
                    file=sys.stderr, leave=True, dynamic_ncols=True)
-        last = [0 if level == 0 else self.cfg.rewind.step]
+        last = [0 if level == 0 or what else self.cfg.rewind.step]
 
         def update(step: int, metrics: dict) -> None:
             bar.update(step - last[0])
@@ -254,6 +292,11 @@ class Lottery:
             yield update
         finally:
             bar.close()
+
+
+def _kept(mask) -> int:
+    """Parameters a mask keeps (weights and unpruned biases/norm parameters)."""
+    return int(sum(np.asarray(m).sum() for m in jax.tree.leaves(mask)))
 
 
 def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:

@@ -563,7 +563,8 @@ def ptq(model, params: PyTree, batch_stats: PyTree, spec: QuantSpec, calib_x: np
     2. weight quantizers from the weights (:func:`calibrate`), kernels fake-quantized;
     3. with ``spec.act_bits``: activation ranges from ``calib_x`` run through the weight-quantized
        network (:func:`collect_inputs`);
-    4. optionally empirical bias correction on ``calib_x`` (:func:`bias_correct`).
+    4. optionally empirical bias correction on ``calib_x`` (:func:`bias_correct`);
+    5. with activations, biases rounded to their int32 grid (:func:`round_biases`).
     """
     params = jax.tree.map(jnp.asarray, params)
     batch_stats = jax.tree.map(jnp.asarray, batch_stats)
@@ -581,7 +582,25 @@ def ptq(model, params: PyTree, batch_stats: PyTree, spec: QuantSpec, calib_x: np
         if calib_x is None:
             raise ValueError("bias correction needs calibration data (calib_x)")
         qt = bias_correct(model, params, batch_stats, qt, calib_x)
-    return qt
+    return round_biases(qt)
+
+
+def round_biases(qt: QuantizedTicket) -> QuantizedTicket:
+    """Biases rounded to the int32 grid of their accumulator, ``S_x S_w`` (Jacob et al. 2018, Sec. 2.4).
+
+    Integer inference adds the bias as ``round(b / (S_x S_w))`` to the int32 accumulator; rounding
+    it here too makes the fake-quant model compute exactly what the integer model does (at 2 bits
+    ``S_w`` is large and the difference would flip requantization roundings).
+    """
+    params = qt.params
+    for key, aq in qt.act_qparams.items():
+        try:
+            bias = _get(params, key)["bias"]
+        except KeyError:
+            continue
+        step = aq["scale"] * jnp.broadcast_to(qt.weight_qparams[key]["scale"], bias.shape)
+        params = _set(params, key, "bias", jnp.round(bias / step) * step)
+    return dataclasses.replace(qt, params=params)
 
 
 def layer_outputs(model, variables: dict, xs: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
@@ -735,7 +754,7 @@ def freeze_qat(model_params: dict, batch_stats: dict, spec: QuantSpec, learned_s
         wq = weight_qparams(net, spec)
         acts = consts["acts"]
     qparams = _quantize_exact(net, wq, spec)
-    return QuantizedTicket(spec, qparams, batch_stats["net"], wq, acts, spec.calibration)
+    return round_biases(QuantizedTicket(spec, qparams, batch_stats["net"], wq, acts, spec.calibration))
 
 
 def _quantize_exact(params, wq, spec):
@@ -797,6 +816,15 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
 
 
 # ============================================================================ evaluation
+
+def fake_quant_predict(model, qt: QuantizedTicket, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class predictions ``[N]`` of the fake-quantized network ``qt``."""
+    fq = fake_quant_model(model, qt.spec, "static")
+    apply = _cached("predict", fq, lambda: jax.jit(lambda v, xb: jnp.argmax(fq.apply(v, xb), -1)))
+    v = qt.variables()
+    out = [np.asarray(apply(v, jnp.asarray(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
 
 class Evaluator:
     """Accuracy of populations of (fake-quantized or float) networks on the val and test splits."""

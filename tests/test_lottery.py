@@ -247,3 +247,41 @@ def _toml(d: dict) -> str:
     tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
               for k, v in d.items() if isinstance(v, dict)]
     return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+def test_small_dense_baseline_matches_the_tickets_parameter_count(tmp_path):
+    cfg = tiny(arms=["ticket", "small_dense"], model={"widths": [64, 64]},
+               prune={"levels": 2, "rate": 0.5, "output_rate": 0.5})
+    run_lottery(cfg, tmp_path)
+    df = load_runs(tmp_path)
+    for level in (1, 2):
+        d = df[df.level == level]
+        ticket, small = d[d.arm == "ticket"], d[d.arm == "small_dense"]
+        assert set(small["seed"]) == {0, 1}
+        assert small["density"].unique().tolist() == ticket["density"].unique().tolist()
+        target, count = ticket["param_count"].iloc[0], small["param_count"].iloc[0]
+        assert abs(count - target) <= 0.02 * target
+        assert small["width"].iloc[0] < 1.0
+        # the small-dense members really have that many parameters
+    final = load_tree(tmp_path / cfg.run_id / "level_002" / "small_dense_final.msgpack")
+    n = sum(np.asarray(x)[0].size for x in jax.tree.leaves(final["params"]))
+    assert n == df[(df.level == 2) & (df.arm == "small_dense")]["param_count"].iloc[0]
+    from analysis import figures
+    fig = figures.sparse_vs_dense(df)
+    small = df[(df.arm == "small_dense") & (df.split == "test") & (df.step == df.step.max())]
+    want = small.groupby("level")["accuracy"].mean().to_numpy() * 100
+    got = [ln for ln in fig.axes[0].containers]  # errorbar containers, one per arm
+    assert len(got) == 2
+    np.testing.assert_allclose(sorted(got[1].lines[0].get_ydata()), sorted(want))
+
+
+def test_sparsity_cli_reports_exact_counts(finished, capsys):
+    from lth.cli import main
+    cfg, out, store = finished
+    assert main(["sparsity", str(store.path), "--level", "2"]) == 0
+    text = capsys.readouterr().out
+    init = load_tree(store.path / "init.msgpack")
+    counts = expected_counts(unstack(init["params"], 0), cfg.prune, 2)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("dense_0/kernel"))
+    assert line.split()[3:5] == ["960", str(counts["dense_0"]["kernel"])]  # count, kept
+    assert main(["sparsity", str(store.path), "--level", "9"]) == 2

@@ -1,0 +1,184 @@
+"""Command line for quantization: ``lth quantize``, ``lth export`` and ``lth eval-export``.
+
+Thin edges over :func:`lth.quant.quantize_run`, :func:`lth.compress.export_level` and
+:func:`lth.compress.eval_export`. ``cli.py`` wires them in with :func:`add_parsers` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+COMMANDS = ("quantize", "export", "eval-export")
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. 8,4,2")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
+
+
+def _add_common(p: argparse.ArgumentParser, many: bool) -> None:
+    """Quantizer options shared by quantize (lists, swept) and export (one value each)."""
+    lst = (lambda k: _csv(k)) if many else (lambda k: k)
+    sweep = " (comma-separated list: each value is swept)" if many else ""
+    p.add_argument("--scheme", type=lst(str), default=None,
+                   help="sym: signed ints, zero point 0; asym: unsigned with a zero point" + sweep
+                        + " (default: sym)")
+    p.add_argument("--granularity", type=lst(str), default=None,
+                   help="weight scales per output channel or per tensor" + sweep + " (default: channel)")
+    p.add_argument("--calibration", type=lst(str), default=None,
+                   help="range method: minmax, percentile (clip outliers) or mse (least-error range search)"
+                        + sweep + "; with --retry, the order tried (default: minmax)")
+    p.add_argument("--act-bits", type=int, default=None,
+                   help="activation bits at the input of every Dense/Conv, 2..8 (default: 8)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="quantize weights only, keep activations float (not for export)" if many else
+                   argparse.SUPPRESS)
+    p.add_argument("--calib-batches", type=int, default=None,
+                   help="training batches used to calibrate activation ranges and bias correction (default: 8)")
+    p.add_argument("--percentile", type=float, default=None,
+                   help="percentile calibration clips at the 100-p and p percentiles (default: 99.99)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="PTQ: empirical bias correction of the expected output shift (Nagel et al. 2019)")
+    p.add_argument("--cle", action="store_true",
+                   help="PTQ: cross-layer equalization of consecutive ReLU layers first (Nagel et al. 2019)")
+    p.add_argument("--learned-scale", action="store_true",
+                   help="QAT: learn the scales (LSQ, Esser et al. 2020) instead of recomputing ranges each step")
+    p.add_argument("--qat-steps", type=int, default=None,
+                   help="QAT fine-tuning steps (default: one epoch; full training with --qat-start rewind)")
+    p.add_argument("--qat-lr", type=float, default=None,
+                   help="QAT learning rate, constant (default: train.lr / 10)")
+
+
+def add_parsers(sub) -> None:
+    """Add the ``quantize``, ``export`` and ``eval-export`` subcommands to an argparse subparsers object."""
+    p = sub.add_parser(
+        "quantize", help="PTQ/QAT sweep over the tickets of a stored run",
+        description="Quantize the ticket members of a stored run's levels for every combination of bits, "
+                    "method, scheme, granularity and calibration; evaluate them and merge one row per "
+                    "member x setting into OUT/<run_id>/level_NNN/quant.parquet (accuracy, float_accuracy, "
+                    "size_bytes, compression vs fp32 dense, ...). Prints the result table.")
+    p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
+    p.add_argument("--levels", type=_csv(int), default=None,
+                   help="comma-separated levels to quantize (default: every complete level)")
+    p.add_argument("--bits", type=_csv(int), default=None,
+                   help="weight bit widths, comma-separated, from 8,4,3,2,1 (1 = binary) (default: 8,4,2)")
+    p.add_argument("--method", type=_csv(str), default=None,
+                   help="ptq (post-training) and/or qat (quantization-aware fine-tuning), comma-separated "
+                        "(default: ptq)")
+    _add_common(p, many=True)
+    p.add_argument("--retry", action="store_true",
+                   help="try the --calibration methods in order until the val accuracy drop is within "
+                        "--tolerance; record the one chosen")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="allowed val accuracy drop for --retry, as a fraction (0.01 = 1 point; default 0.005)")
+    p.add_argument("--qat-start", choices=["trained", "rewind"], default=None,
+                   help="QAT starts from the trained ticket (default) or from the rewind point")
+    p.add_argument("--no-write", action="store_true", help="print the table only; do not write quant.parquet")
+
+    p = sub.add_parser(
+        "export", help="write one quantized ticket as a compressed integer file",
+        description="Quantize one ticket member of a level (weights to --bits, activations to --act-bits) and "
+                    "write it as a compressed file (header + packed sparse integer weights; no pickle), "
+                    "atomically. Prints its size, compression vs fp32 dense and integer-inference accuracy.")
+    p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
+    p.add_argument("--level", type=int, required=True, help="the level whose ticket is exported")
+    p.add_argument("--bits", type=int, required=True, help="weight bits: 8, 4, 3, 2 or 1 (binary)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. ticket_l8_4bit.lthq")
+    p.add_argument("--member", type=int, default=0,
+                   help="which ticket member (seed) of the level, by position (default: 0)")
+    p.add_argument("--method", choices=["ptq", "qat"], default="ptq", help="ptq (default) or qat")
+    _add_common(p, many=False)
+
+    p = sub.add_parser(
+        "eval-export", help="reload an exported file and report its accuracy",
+        description="Read a file written by `lth export`, check its checksum, run its integer model "
+                    "(int8 operands, int32 accumulation) on the data set it names and print the accuracy "
+                    "and sizes.")
+    p.add_argument("file", help="a file written by `lth export`")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="split to evaluate (default: test)")
+
+
+def _settings(args) -> dict:
+    """QuantConfig fields set on the command line (unset ones keep their defaults)."""
+    out = {}
+    for name in ("scheme", "granularity", "calibration", "act_bits", "calib_batches", "percentile", "qat_steps",
+                 "qat_lr", "tolerance", "qat_start"):
+        v = getattr(args, name, None)
+        if v is not None:
+            out[name] = v
+    for name in ("bias_correction", "cle", "learned_scale", "retry"):
+        if getattr(args, name, False):
+            out[name] = True
+    if getattr(args, "weights_only", False):
+        out["activations"] = False
+    return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    """Dispatch ``args.command`` (one of :data:`COMMANDS`); returns the exit code (2: bad setting)."""
+    try:
+        return _run(args)
+    except ValueError as e:  # includes ConfigError: a bad setting or an unsupported model
+        print(f"lth: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "quantize":
+        from .quant import quantize_run
+
+        t0 = time.time()
+        df = quantize_run(args.run_dir, args.levels, args.bits, args.method, write=not args.no_write, log=_log,
+                          **_settings(args))
+        cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
+                "accuracy", "float_accuracy", "size_bytes", "compression"]
+        print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        where = "" if args.no_write else " -> level_NNN/quant.parquet"
+        print(f"{len(df)} rows in {time.time() - t0:.1f} s{where}")
+        return 0
+    if args.command == "export":
+        from .compress import export_level
+
+        s = _settings(args)
+        kw = {k: (v[0] if isinstance(v, list) else v) for k, v in s.items()
+              if k in ("scheme", "granularity", "calibration", "act_bits")}
+        rest = {k: v for k, v in s.items() if k not in kw and k != "activations"}
+        r = export_level(args.run_dir, args.level, args.bits, args.out, member=args.member, method=args.method,
+                         **kw, **rest)
+        print(f"wrote {r['path']}: {r['file_bytes']} bytes on disk, payload {r['size_bytes']} bytes, "
+              f"{r['compression']:.1f}x smaller than fp32 dense ({r['fp32_dense_bytes']} bytes)")
+        print(f"test accuracy: integer {r['integer_accuracy']:.4f}, fake-quant {r['fake_quant_accuracy']:.4f}, "
+              f"prediction agreement {r['agreement']:.4f}")
+        return 0
+    if args.command == "eval-export":
+        from .compress import eval_export
+
+        r = eval_export(args.file, args.split)
+        print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "
+              f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} examples")
+        print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), file {r['file_bytes']} bytes")
+        return 0
+    raise ValueError(f"not a quantization command: {args.command!r}")

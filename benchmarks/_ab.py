@@ -53,20 +53,21 @@ def main(argv=None):
     masks = jax.tree.map(
         lambda p: jnp.asarray(rng.random(p.shape) < T.DENSITY if p.ndim >= 3 else np.ones(p.shape, bool)), params)
     seeds = list(range(k))
-    engines, states, best, times = {}, {}, {}, {}
+    engines, states, best, times, cpu = {}, {}, {}, {}, {}
     for name, knobs in variants:
         t0 = time.perf_counter()
         eng = mod.Engine(model, data, cfg, **knobs)
         st = eng.init(jax.tree.map(jnp.array, params), bs, masks, jax.random.split(jax.random.key(2), k))
         st = jax.block_until_ready(eng.run(st, seeds, start=0, stop=a.steps).state)
-        engines[name], states[name], best[name], times[name] = eng, st, float("inf"), []
+        engines[name], states[name], best[name], times[name], cpu[name] = eng, st, float("inf"), [], []
         print(f"{name}: compiled + first segment {time.perf_counter() - t0:.1f} s", flush=True)
     for r in range(1, a.rounds + 1):
         for name, _ in variants:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = engines[name].run(states[name], seeds, start=r * a.steps, stop=(r + 1) * a.steps)
             states[name] = jax.block_until_ready(res.state)
             dt = time.perf_counter() - t0
+            cpu[name].append((time.process_time() - c0) / a.steps * 1e3)
             times[name].append(a.steps / dt)
             best[name] = min(best[name], dt)
     base = variants[0][0]
@@ -77,7 +78,7 @@ def main(argv=None):
         diff = max(float(np.max(np.abs(u - v))) for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(p)))
         sps = a.steps / best[name]
         print(f"  {name:14s} {sps:8.1f} steps/s  x{sps / (a.steps / best[base]):5.2f}  "
-              f"median {np.median(times[name]):8.1f}  max|dW| vs {base} {diff:.2e}  {json.dumps(knobs)}", flush=True)
+              f"median {np.median(times[name]):8.1f}  cpu {min(cpu[name]):6.2f} ms/step  max|dW| vs {base} {diff:.2e}  {json.dumps(knobs)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,27 @@ class PruneConfig:
     scope: Literal["layerwise", "global"] = _f("layerwise", doc="rank weights per layer or over all layers")
     exclude: tuple[str, ...] = _f((), doc="layer names never pruned")
     prune_biases: bool = _f(False, doc="also prune biases (never by default)")
+    rates: dict[str, float] | None = _f(
+        None, check=lambda v: all(0 <= r < 1 for r in v.values()), allowed="a table of layer = rate in [0, 1)",
+        doc="per-layer rates overriding rate/conv_rate/output_rate, e.g. {dense_0 = 0.3} "
+            "(lth sensitivity --to-rates derives them)")
+    criterion: Literal["magnitude", "random", "saliency", "obd"] = _f(
+        "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (SNIP) or w^2 H_ii / 2 (OBD)")
+    criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
+                                doc="train batches the saliency/obd signals are averaged over")
+    hessian: Literal["hutchinson", "fisher"] = _f("hutchinson", doc="diagonal Hessian estimate for obd")
+    hessian_samples: int = _f(8, check=lambda v: v >= 1, allowed="an integer >= 1",
+                              doc="Hutchinson probes per batch for obd")
+    schedule: Literal["imp", "oneshot", "gradual"] = _f(
+        "imp", doc="imp: iterative with rewinding; oneshot: prune once to target_density and retrain; "
+                   "gradual: AGP (Zhu & Gupta 2017) during one training run, no rewinding")
+    target_density: float = _f(0.1, check=lambda v: 0 < v <= 1, allowed="a fraction in (0, 1]",
+                               doc="final density of the oneshot and gradual schedules")
+    agp_start_step: int = _f(0, check=_nonneg[0], allowed="an integer >= 0", doc="AGP: first mask update t0")
+    agp_frequency: int = _f(100, check=lambda v: v >= 1, allowed="an integer >= 1",
+                            doc="AGP: steps between mask updates (dt)")
+    agp_updates: int = _f(10, check=lambda v: v >= 1, allowed="an integer >= 1",
+                          doc="AGP: number of mask updates n (final sparsity reached at t0 + n dt)")
 
 
 @dataclass(frozen=True)
@@ -225,6 +246,8 @@ def _type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is dict:
+        return "a table of " + _type_name(typing.get_args(tp)[1]).removeprefix("a ").removeprefix("an ") + "s"
     if origin is tuple:
         return "a list of " + _type_name(typing.get_args(tp)[0]).removeprefix("a ").removeprefix("an ")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -247,6 +270,12 @@ def _coerce(tp, v):
                 if c is not _NO:
                     return c
         return _NO
+    if origin is dict:
+        if not isinstance(v, dict):
+            return _NO
+        kt, vt = typing.get_args(tp)
+        items = {_coerce(kt, k): _coerce(vt, x) for k, x in v.items()}
+        return _NO if any(k is _NO or x is _NO for k, x in items.items()) else items
     if origin is tuple:
         if not isinstance(v, (list, tuple)):
             return _NO

@@ -36,7 +36,10 @@ from .config import ConfigError, ExperimentConfig
 from .data import load_dataset
 from .baselines import match_width
 from .models import build_model
-from .pruning import density, magnitude_prune, prunable, random_mask_like, shuffle_mask, sparsity_rows
+from .pruning import (agp_density, density, magnitude_scores, obd_scores, oneshot_config, prunable, prune_by_score,
+                      prune_to_density, random_mask_like, random_scores, saliency_scores, shuffle_mask,
+                      sparsity_rows)
+from .signals import activation_sparsity, hessian_diagonal, mean_gradient
 from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
 from .train import Engine, early_stop_steps, final_lr, init_population, stack, unstack
 from .wandb_log import WandbSink, flatten
@@ -45,6 +48,8 @@ from .wandb_log import WandbSink, flatten
 _REINIT_KEY = 1_000_003
 _RANDOM_MASK = 1
 _SHUFFLE_MASK = 2
+_RANDOM_SCORES = 3
+_HESSIAN_KEY = 2_000_003
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,17 @@ class Lottery:
         except ValueError as e:  # model/data mismatch, batch larger than the data set
             raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None
         self._finetune_engine: Engine | None = None
+        pc = cfg.prune
+        if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
+            raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
+                              f"(got {pc.levels})")
+        if pc.schedule == "gradual":
+            end = pc.agp_start_step + pc.agp_updates * pc.agp_frequency
+            if end > self.engine.num_steps:
+                raise ConfigError(f"prune.agp_start_step + agp_updates * agp_frequency = {end} is past the "
+                                  f"end of training ({self.engine.num_steps} steps)")
+            if set(cfg.arms) - {"ticket"}:
+                raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
 
     # ------------------------------------------------------------------ fixed weights
@@ -145,12 +161,20 @@ class Lottery:
             weights = [unstack(init, i) for i in range(len(seeds))]
             masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
             return LevelPlan(members, weights, masks, can_prune, 0, self.engine)
+        if cfg.prune.schedule == "gradual":  # AGP: train from init, masks follow the schedule
+            weights = [unstack(init, i) for i in range(len(seeds))]
+            masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
+            return LevelPlan(members, weights, masks, can_prune, 0, self.engine)
         prev = store.level_dir(level - 1)
         prev_masks = load_tree(prev / "masks.msgpack")
         prev_final = load_tree(prev / "final.msgpack")
+        prune_cfg = oneshot_config(cfg.prune) if cfg.prune.schedule == "oneshot" else cfg.prune
         # the ticket members of the previous level are its first len(seeds) members
-        tickets = [magnitude_prune(unstack(prev_final["params"], i), unstack(prev_masks, i), cfg.prune)
-                   for i in range(len(seeds))]
+        tickets = []
+        for i, seed in enumerate(seeds):
+            member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
+            scores = self.scores(member, seed, level)
+            tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg))
         if cfg.rewind.mode == "weights":
             rewind = self._rewind_point(init)
             start_weights = [unstack(rewind, i) for i in range(len(seeds))]
@@ -171,6 +195,23 @@ class Lottery:
             masks.append(mask)
         return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
 
+    def scores(self, member: dict, seed: int, level: int):
+        """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
+        pc = self.cfg.prune
+        params, bs = member["params"], member["batch_stats"]
+        if pc.criterion == "magnitude":
+            return magnitude_scores(params)
+        if pc.criterion == "random":
+            return random_scores(params, np.random.default_rng([seed, level, _RANDOM_SCORES]))
+        idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
+        batches = [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
+        p, b = _to_jax(params), _to_jax(bs)
+        if pc.criterion == "saliency":
+            return saliency_scores(params, _np(mean_gradient(self.model, p, b, batches)))
+        key = jax.random.fold_in(jax.random.key(seed + _HESSIAN_KEY), level)
+        hdiag = hessian_diagonal(self.model, p, b, batches, key, pc.hessian_samples, pc.hessian)
+        return obd_scores(params, _np(hdiag))
+
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
         params = _to_jax(stack([w["params"] for w in plan.weights]))
@@ -185,18 +226,25 @@ class Lottery:
         members, masks, can_prune, start, engine = plan.members, plan.masks, plan.can_prune, plan.start, plan.engine
         state = self.initial_state(level, plan)
         snap = (cfg.rewind.step,) if level == 0 and cfg.rewind.step > 0 else ()
-        densities = [density(mk, can_prune) for mk in masks]
+        files = {}
         t0 = time.time()
         with self._bar(level, engine.num_steps - start) as bar:
-            result = engine.run(state, [m.seed for m in members], start=start, snapshot_steps=snap,
-                                progress=bar)
+            if level > 0 and cfg.prune.schedule == "gradual":
+                result, masks, agp = self._run_gradual(state, members, can_prune, bar)
+                files["agp.parquet"] = parquet_bytes(agp)
+            else:
+                result = engine.run(state, [m.seed for m in members], start=start, snapshot_steps=snap,
+                                    progress=bar)
         wall_s = time.time() - t0
+        densities = [density(mk, can_prune) for mk in masks]
         if snap:
             store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
         metrics["param_count"] = [_kept(masks[k]) for k in metrics["member"]]
-        files = {}
+        act = self._activation_sparsity(result.state, members)
+        if act is not None:
+            files["activations.parquet"] = parquet_bytes(act)
         if level > 0 and "small_dense" in cfg.arms:
             small_metrics, small_final = self._train_small_dense(level, metrics, masks)
             metrics = pd.concat([metrics, small_metrics], ignore_index=True)
@@ -212,6 +260,44 @@ class Lottery:
         self.trained_levels.append(level)
         if log is not None:
             log.log_level(level, engine.num_steps, metrics.to_dict("records"))
+
+    def _run_gradual(self, state, members, can_prune, bar):
+        """AGP: one training run; at t0, t0 + dt, ..., t0 + n dt every member's layers are pruned by
+        magnitude to the schedule's density. Returns (result, final masks, schedule table)."""
+        pc, engine = self.cfg.prune, self.engine
+        updates = [pc.agp_start_step + j * pc.agp_frequency for j in range(pc.agp_updates + 1)]
+        seeds = [m.seed for m in members]
+        records, diverged, rows, pos = [], {}, [], 0
+        for u in sorted(set(updates) | {engine.num_steps}):
+            if u > pos:
+                res = engine.run(state, seeds, start=pos, stop=u, progress=bar)
+                state, pos = res.state, u
+                records += res.records
+                for k, v in res.diverged.items():
+                    diverged.setdefault(k, v)
+            if u == engine.num_steps and u not in updates:
+                break
+            target = agp_density(u, pc)
+            params = _np(state.params)
+            masks = [prune_to_density(magnitude_scores(unstack(params, k)), unstack(_np(state.mask), k),
+                                      can_prune, target) for k in range(len(members))]
+            mask_pop = _to_jax(stack(masks))
+            state = state.replace(mask=mask_pop, params=jax.tree.map(
+                lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), state.params, mask_pop))
+            rows.append({"step": u, "target_density": target, "density": density(masks[0], can_prune)})
+        from .train import TrainResult
+        final_masks = [unstack(_np(state.mask), k) for k in range(len(members))]
+        return TrainResult(state=state, records=records, diverged=diverged), final_masks, pd.DataFrame(rows)
+
+    def _activation_sparsity(self, state, members) -> pd.DataFrame | None:
+        """Fraction of exact-zero ReLU outputs per hidden layer on the test split, per member."""
+        rows = []
+        x = self.data.x_test[:2000]
+        for k, m in enumerate(members):
+            member = jax.tree.map(lambda a: a[k], (state.params, state.batch_stats))
+            for layer, frac in activation_sparsity(self.model, member[0], member[1], x).items():
+                rows.append({"arm": m.arm, "seed": m.seed, "member": k, "layer": layer, "zero_fraction": frac})
+        return pd.DataFrame(rows) if rows else None
 
     def _train_small_dense(self, level: int, ticket_metrics: pd.DataFrame, masks) -> tuple[pd.DataFrame, dict]:
         """Train, for every seed, a dense model whose parameter count matches the seed's ticket."""

@@ -100,6 +100,16 @@ def _max_pool(x: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------- modules
 
+ACTIVATIONS = "activations"  # collection of post-ReLU outputs, sown only when asked for (mutable)
+
+
+def _relu(module: nn.Module, x: jax.Array, name: str) -> jax.Array:
+    """ReLU whose output is sown into :data:`ACTIVATIONS` (a no-op unless that collection is mutable)."""
+    y = nn.relu(x)
+    module.sow(ACTIVATIONS, f"{name}_relu", y)  # suffixed: a sown name may not equal a submodule's
+    return y
+
+
 class MLP(nn.Module):
     """Flatten, ``dense_i`` + ReLU for each hidden width, then ``output``."""
 
@@ -111,7 +121,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.reshape((x.shape[0], -1))
         for i, w in enumerate(self.widths):
-            x = nn.relu(_dense(w, self.init_scheme, f"dense_{i}")(x))
+            x = _relu(self, _dense(w, self.init_scheme, f"dense_{i}")(x), f"dense_{i}")
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
 
 
@@ -133,11 +143,11 @@ class ConvNet(nn.Module):
             if item == POOL:
                 x = _max_pool(x)
             else:
-                x = nn.relu(_conv(item, self.init_scheme, f"conv_{i}")(x))
+                x = _relu(self, _conv(item, self.init_scheme, f"conv_{i}")(x), f"conv_{i}")
                 i += 1
         x = x.reshape((x.shape[0], -1))
         for j, w in enumerate(self.fc):
-            x = nn.relu(_dense(w, self.init_scheme, f"dense_{j}")(x))
+            x = _relu(self, _dense(w, self.init_scheme, f"dense_{j}")(x), f"dense_{j}")
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
 
 
@@ -157,7 +167,7 @@ class VGG(nn.Module):
                 x = _max_pool(x)
             else:
                 x = _conv(item, self.init_scheme, f"conv_{i}", use_bias=False)(x)
-                x = nn.relu(_bn(train, f"bn_{i}")(x))
+                x = _relu(self, _bn(train, f"bn_{i}")(x), f"conv_{i}")
                 i += 1
         x = jnp.mean(x, axis=(1, 2))
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
@@ -177,14 +187,14 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         y = _conv(self.features, self.init_scheme, "conv_0", strides=self.strides, use_bias=False)(x)
-        y = nn.relu(_bn(train, "bn_0")(y))
+        y = _relu(self, _bn(train, "bn_0")(y), "conv_0")
         y = _conv(self.features, self.init_scheme, "conv_1", use_bias=False)(y)
         y = _bn(train, "bn_1")(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = _conv(self.features, self.init_scheme, "conv_shortcut", kernel=1, strides=self.strides,
                       use_bias=False)(x)
             x = _bn(train, "bn_shortcut")(x)
-        return nn.relu(y + x)
+        return _relu(self, y + x, "out")
 
 
 class ResNet(nn.Module):
@@ -201,7 +211,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = _conv(self.stem, self.init_scheme, "conv_0", use_bias=False)(x)
-        x = nn.relu(_bn(train, "bn_0")(x))
+        x = _relu(self, _bn(train, "bn_0")(x), "conv_0")
         for s, feats in enumerate(self.stages):
             for b in range(self.blocks_per_stage):
                 strides = 2 if s > 0 and b == 0 else 1

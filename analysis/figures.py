@@ -151,3 +151,21 @@ def sparse_vs_dense(df: pd.DataFrame, split: str = "test") -> plt.Figure:
 def final_rows_with_params(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     from .summary import final_rows
     return final_rows(df, split).dropna(subset=["param_count"])
+
+
+def sensitivity_curves(table: pd.DataFrame, split: str = "test") -> plt.Figure:
+    """Accuracy when one layer alone is pruned to each density (no retraining), one line per layer."""
+    t = table[table["split"] == split]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        for layer, g in t.groupby("layer", sort=True):
+            g = g.sort_values("density", ascending=False)
+            ax.plot(g["density"], 100 * g["accuracy"], marker="o", markersize=3, label=layer)
+        if len(t):
+            ax.axhline(100 * t["base_accuracy"].iloc[0], color="grey", linestyle="--", linewidth=1, label="unpruned")
+        _density_axis(ax, t["density"])
+        ax.set_xlabel("weights remaining in the pruned layer (%)")
+        ax.set_ylabel(f"{split} accuracy (%)")
+        ax.set_title("layer-wise pruning sensitivity (no retraining)")
+        ax.legend(fontsize=7)
+    return fig

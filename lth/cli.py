@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", default="ticket", help="arm to report (default: ticket)")
     p.add_argument("--seed", type=int, default=None, help="seed to report (default: the first)")
 
+    p = sub.add_parser("sensitivity", help="prune each layer alone to each density and evaluate",
+                       description="Layer-wise sensitivity: prune each prunable layer of a level's trained "
+                                   "ticket alone, by magnitude, to each density (no retraining), evaluate "
+                                   "on val and test, write level_L/sensitivity.parquet and a figure.")
+    p.add_argument("run_dir", help="a run folder OUT/<run_id>")
+    p.add_argument("--level", type=int, default=0, help="IMP level whose ticket is analysed (default 0)")
+    p.add_argument("--densities", default="0.9,0.7,0.5,0.3,0.2,0.1,0.05",
+                   help="comma-separated densities to prune each layer to (default 0.9,...,0.05)")
+    p.add_argument("--out", default=None, help="folder for the figure (default: the level folder)")
+    p.add_argument("--to-rates", type=float, default=None, metavar="TOL",
+                   help="print per-layer prune.rates keeping each layer's val accuracy drop <= TOL "
+                        "(a fraction, e.g. 0.01) after the run's prune.levels levels")
+
     p = sub.add_parser("settings", help="list every experiment setting with its default and meaning")
 
     p = sub.add_parser("data", help="data set utilities")
@@ -210,6 +223,36 @@ def _cmd_sparsity(args) -> int:
     return 0
 
 
+def _cmd_sensitivity(args) -> int:
+    from .config import ConfigError
+    from .sensitivity import load_run_config, rates_for, sensitivity
+
+    try:
+        densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    except ValueError:
+        raise ConfigError(f"--densities {args.densities!r}: expected comma-separated numbers") from None
+    table = sensitivity(args.run_dir, args.level, densities)
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"level_{args.level:03d}"
+    out.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+    from analysis.figures import sensitivity_curves
+    fig = sensitivity_curves(table)
+    for ext in ("pdf", "png"):
+        fig.savefig(out / f"sensitivity.{ext}", dpi=200)
+    plt.close(fig)
+    test = table[table["split"] == "test"].pivot(index="layer", columns="density", values="accuracy")
+    print(test.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"table: {Path(args.run_dir) / f'level_{args.level:03d}' / 'sensitivity.parquet'}; "
+          f"figure: {out / 'sensitivity.pdf'}")
+    if args.to_rates is not None:
+        levels = load_run_config(args.run_dir).prune.levels
+        rates = rates_for(table, args.to_rates, levels)
+        inline = ", ".join(f'"{k}" = {v}' for k, v in rates.items())
+        print(f"# per-layer rates for {levels} levels, val drop <= {args.to_rates}:")
+        print(f"--set 'prune.rates={{{inline}}}'")
+    return 0
+
+
 def _print_summary(run_dir: Path, wall_s: float) -> None:
     from analysis import load_runs, final_accuracy
 
@@ -246,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sparsity":
             return _cmd_sparsity(args)
+        if args.command == "sensitivity":
+            return _cmd_sensitivity(args)
         if args.command == "settings":
             print(describe_fields())
             return 0

@@ -464,6 +464,7 @@ def _base_variables(params, batch_stats) -> dict:
 # ============================================================================ activation calibration
 
 _JIT_CACHE: dict = {}
+_ENGINES: dict = {}
 
 
 def _cached(kind: str, model, build: Callable[[], Callable]) -> Callable:
@@ -702,26 +703,25 @@ def equalize(model, params: PyTree, iterations: int = 20) -> PyTree:
     multiplied by it, where ``r1_i`` / ``r2_i`` are the max-abs ranges of a's channel i and of b's
     input channel i. ReLU (and max-pool, flatten) commute with positive per-channel scaling, so the
     float function is unchanged, and after convergence both ranges equal ``sqrt(r1_i r2_i)``.
-    Zeros stay zeros, so masks are preserved.
+    Zeros stay zeros, so masks are preserved. Runs on the host (numpy): a one-off transform.
     """
     ops = [o for o in layer_program(model) if o["op"] in ("dense", "conv")]
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.tree.map(lambda a: np.array(a, np.float32), params)
     for _ in range(iterations):
         for a, b in zip(ops[:-1], ops[1:]):
-            wa, ba = params[a["layer"]]["kernel"], params[a["layer"]]["bias"]
-            wb = params[b["layer"]]["kernel"]
-            c = wa.shape[-1]
-            if b["op"] == "conv":  # [kh, kw, C, out]: input channel is axis 2
-                wb3 = wb.reshape(-1, c, wb.shape[-1])
-            else:  # [.. * C, out] after a flatten of NHWC (channel fastest) or [C, out]
-                wb3 = wb.reshape(-1, c, wb.shape[-1])
-            r1 = jnp.max(jnp.abs(wa.reshape(-1, c)), 0)
-            r2 = jnp.max(jnp.abs(wb3), (0, 2))
-            s = jnp.where((r1 > 0) & (r2 > 0), jnp.sqrt(r1 / jnp.where(r2 > 0, r2, 1.0)), 1.0)
-            params = {**params,
-                      a["layer"]: {**params[a["layer"]], "kernel": wa / s, "bias": ba / s},
-                      b["layer"]: {**params[b["layer"]], "kernel": (wb3 * s[None, :, None]).reshape(wb.shape)}}
-    return params
+            la, lb = params[a["layer"]], params[b["layer"]]
+            c = la["kernel"].shape[-1]
+            # b's kernel as [.., C, out]: conv [kh, kw, C, out], or the rows of an NHWC flatten
+            # (channel fastest), or a dense [C, out]
+            wb3 = lb["kernel"].reshape(-1, c, lb["kernel"].shape[-1])
+            r1 = np.abs(la["kernel"].reshape(-1, c)).max(0)
+            r2 = np.abs(wb3).max((0, 2))
+            ok = (r1 > 0) & (r2 > 0)
+            s = np.where(ok, np.sqrt(r1 / np.where(ok, r2, 1.0)), 1.0).astype(np.float32)
+            la["kernel"] = la["kernel"] / s
+            la["bias"] = la["bias"] / s
+            lb["kernel"] = (wb3 * s[None, :, None]).reshape(lb["kernel"].shape)
+    return jax.tree.map(jnp.asarray, params)
 
 
 # ============================================================================ QAT
@@ -797,8 +797,16 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
     fq = fake_quant_model(model, spec, "lsq" if learned_scale else "fixed")
     cfg = dataclasses.replace(train_cfg, steps=int(steps), epochs=None, eval_every=int(steps))
     if lr_fn is None:
-        lr_fn = optax.constant_schedule(float(lr if lr is not None else train_cfg.lr))
-    engine = Engine(fq, data, cfg, lr_fn=lr_fn)
+        # one engine (compiled programs) per (model, setting, data, steps, lr): levels of a sweep share it
+        lr = float(lr if lr is not None else train_cfg.lr)
+        key = (id(fq), id(data), cfg, lr)  # the cached engine keeps fq and data alive: ids stay unique
+        if key not in _ENGINES:
+            if len(_ENGINES) >= 2:  # each engine holds the train split on the device
+                _ENGINES.clear()
+            _ENGINES[key] = Engine(fq, data, cfg, lr_fn=optax.constant_schedule(lr))
+        engine = _ENGINES[key]
+    else:
+        engine = Engine(fq, data, cfg, lr_fn=lr_fn)
     pop_p = stack(members_p)
     mask_tree = jax.tree.map(lambda m: jnp.asarray(m, bool), masks)
     full_masks = {"net": mask_tree}
@@ -835,14 +843,12 @@ class Evaluator:
         self.sets = {name: chunk_split(x, y, chunk)
                      for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
                      if len(x)}
-        self._fns: dict[int, tuple[Any, Callable]] = {}
 
-    def _fn(self, model):
+    @staticmethod
+    def _fn(model):
         from .train import make_eval_fn
 
-        if id(model) not in self._fns:
-            self._fns[id(model)] = (model, make_eval_fn(model))
-        return self._fns[id(model)][1]
+        return _cached("eval", model, lambda: make_eval_fn(model))
 
     def accuracy(self, model, params: PyTree, batch_stats: PyTree) -> dict[str, np.ndarray]:
         """split -> accuracy ``[K]`` of the stacked ``[K, ...]`` params/batch_stats."""

@@ -87,7 +87,7 @@ def test_agp_density_follows_the_cubic_formula():
 
 
 def test_gradual_run_hits_the_schedule_at_every_update_and_ends_at_target(tmp_path):
-    cfg = tiny(arms=["ticket"], train={"steps": 60, "eval_every": 30},
+    cfg = tiny(arms=["ticket"], seeds=[0], train={"steps": 60, "eval_every": 30},
                prune={"levels": 1, "schedule": "gradual", "target_density": 0.25, "agp_start_step": 10,
                       "agp_frequency": 10, "agp_updates": 4})
     store = run_lottery(cfg, tmp_path)
@@ -101,8 +101,8 @@ def test_gradual_run_hits_the_schedule_at_every_update_and_ends_at_target(tmp_pa
 
 
 def test_oneshot_prunes_to_the_target_and_criteria_run(tmp_path):
-    for criterion in ("saliency", "obd", "random"):
-        cfg = tiny(arms=["ticket"], prune={"levels": 1, "schedule": "oneshot", "target_density": 0.3,
+    for criterion in ("saliency", "obd"):
+        cfg = tiny(arms=["ticket"], seeds=[0], train={"steps": 20, "eval_every": 20}, prune={"levels": 1, "schedule": "oneshot", "target_density": 0.3,
                                            "criterion": criterion, "hessian_samples": 2})
         run_lottery(cfg, tmp_path / criterion)
         df = load_runs(tmp_path / criterion)

@@ -285,3 +285,26 @@ def test_sparsity_cli_reports_exact_counts(finished, capsys):
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("dense_0/kernel"))
     assert line.split()[3:5] == ["960", str(counts["dense_0"]["kernel"])]  # count, kept
     assert main(["sparsity", str(store.path), "--level", "9"]) == 2
+
+
+def test_sensitivity_table_has_one_row_per_layer_and_density(finished, capsys):
+    from lth.cli import main
+    from lth.config import load_experiment
+    from lth.sensitivity import rates_for, sensitivity
+    cfg, out, store = finished
+    table = sensitivity(store.path, 1, [0.5, 0.2])
+    test = table[table.split == "test"]
+    assert sorted(zip(test.layer, test.density)) == sorted(
+        (layer, d) for layer in ("dense_0", "dense_1", "output") for d in (0.5, 0.2))
+    df = load_runs(out)
+    base = df[(df.level == 1) & (df.member == 0) & (df.split == "test")].sort_values("step")["accuracy"].iloc[-1]
+    assert test["base_accuracy"].unique() == pytest.approx([base])  # same network as the stored ticket
+    assert (store.level_dir(1) / "sensitivity.parquet").is_file()
+    rates = rates_for(table, tolerance=1.0, levels=3)  # any drop allowed: every layer to the lowest density
+    assert rates["dense_0"] == pytest.approx(1 - 0.2 ** (1 / 3), abs=1e-6)
+    assert main(["sensitivity", str(store.path), "--level", "1", "--densities", "0.5", "--to-rates", "0.01"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("--set")][0]
+    exp = out / "exp.toml"
+    exp.write_text("")
+    cfg2 = load_experiment(exp, [line.split(" ", 1)[1].strip("'")])
+    assert set(cfg2.prune.rates) == {"dense_0", "dense_1", "output"}

@@ -39,6 +39,16 @@ class StoreError(Exception):
     """A store folder or file that cannot be used; the message names the path."""
 
 
+FAILPOINT_ENV = "LTH_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for the kill tests: SIGKILL this process when $LTH_FAILPOINT equals ``name``."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -46,7 +56,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            failpoint(f"write:{path.parent.name}/{path.name}")  # dies with a half-written temp file
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -156,6 +168,8 @@ class RunStore:
                 raise RunBusyError(f"run {self.run_id} in {self.root} is being computed by {owner}") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+            for stale in self.path.rglob(".*.tmp"):  # left by a killed writer; nobody else writes now
+                stale.unlink(missing_ok=True)
             yield self
         finally:
             os.close(fd)  # closing the descriptor releases the lock
@@ -194,6 +208,7 @@ class RunStore:
         for name, data in files.items():
             atomic_write_bytes(d / name, data)
             sums[name] = hashlib.sha256(data).hexdigest()
+            failpoint(f"after:{d.name}/{name}")  # dies between the files of a level
         atomic_write_json(d / COMPLETE, {"sha256": sums})
 
     def level_problem(self, level: int) -> str | None:

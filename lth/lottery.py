@@ -62,6 +62,12 @@ def _np(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def _keys(seeds, fold: int | None = None) -> jax.Array:
+    """Stacked PRNG keys ``[K]``: key(seed), optionally folded with ``fold``."""
+    make = (lambda s: jax.random.key(s)) if fold is None else (lambda s: jax.random.fold_in(jax.random.key(s), fold))
+    return jax.vmap(make)(jnp.asarray(seeds))
+
+
 def _to_jax(tree):
     return jax.tree.map(jnp.asarray, tree)
 
@@ -112,9 +118,7 @@ class Lottery:
         """{'params', 'batch_stats'} stacked over seeds; created once and stored."""
         if self.store.has("init.msgpack"):
             return self.store.read_tree("init.msgpack")
-        keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in self.cfg.seeds])
-        params, bs = init_population(self.model, jax.vmap(jax.random.wrap_key_data)(keys),
-                                     self.data.input_shape)
+        params, bs = init_population(self.model, _keys(self.cfg.seeds), self.data.input_shape)
         tree = {"params": _np(params), "batch_stats": _np(bs)}
         self.store.write_tree("init.msgpack", tree)
         return self.store.read_tree("init.msgpack")
@@ -216,8 +220,7 @@ class Lottery:
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
         params = _to_jax(stack([w["params"] for w in plan.weights]))
         bs = _to_jax(stack([w["batch_stats"] for w in plan.weights]))
-        rngs = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
-            [jax.random.key_data(jax.random.fold_in(jax.random.key(m.seed), level)) for m in plan.members]))
+        rngs = _keys([m.seed for m in plan.members], fold=level)
         return plan.engine.init(params, bs, _to_jax(stack(plan.masks)), rngs, start=plan.start)
 
     def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
@@ -311,8 +314,7 @@ class Lottery:
         model = build_model(dataclasses.replace(cfg.model, width=width), self.data.num_classes,
                             self.data.input_shape)
         engine = Engine(model, self.data, cfg.train)
-        keys = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
-            [jax.random.key_data(jax.random.key(s)) for s in seeds]))
+        keys = _keys(seeds)
         params, bs = init_population(model, keys, self.data.input_shape)
         state = engine.init(params, bs, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params), keys)
         t0 = time.time()

@@ -117,6 +117,10 @@ class PruneConfig:
         None, check=lambda v: all(0 <= r < 1 for r in v.values()), allowed="a table of layer = rate in [0, 1)",
         doc="per-layer rates overriding rate/conv_rate/output_rate, e.g. {dense_0 = 0.3} "
             "(lth sensitivity --to-rates derives them)")
+    granularity: Literal["weight", "neuron", "filter"] = _f(
+        "weight", doc="unit removed: single weights, whole fc neurons, or whole conv filters (with the "
+                      "next layer's matching inputs); structured needs mlp, lenet_300_100 or conv2/4/6")
+    structure_norm: Literal["l1", "l2"] = _f("l2", doc="norm ranking neurons/filters")
     criterion: Literal["magnitude", "random", "saliency", "obd"] = _f(
         "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (SNIP) or w^2 H_ii / 2 (OBD)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",

@@ -39,6 +39,7 @@ from .models import build_model
 from .pruning import (agp_density, density, magnitude_scores, obd_scores, oneshot_config, prunable, prune_by_score,
                       prune_to_density, random_mask_like, random_scores, saliency_scores, shuffle_mask,
                       sparsity_rows)
+from .structured import SEQUENTIAL, structured_prune
 from .signals import activation_sparsity, hessian_diagonal, mean_gradient
 from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
 from .train import Engine, early_stop_steps, final_lr, init_population, stack, unstack
@@ -100,6 +101,9 @@ class Lottery:
         if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
             raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
                               f"(got {pc.levels})")
+        if pc.granularity != "weight" and cfg.model.name not in SEQUENTIAL:
+            raise ConfigError(f"prune.granularity = {pc.granularity!r} supports models {', '.join(SEQUENTIAL)}; "
+                              f"not {cfg.model.name}")
         if pc.schedule == "gradual":
             end = pc.agp_start_step + pc.agp_updates * pc.agp_frequency
             if end > self.engine.num_steps:
@@ -177,6 +181,10 @@ class Lottery:
         tickets = []
         for i, seed in enumerate(seeds):
             member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
+            if prune_cfg.granularity != "weight":
+                tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg,
+                                                cfg.model.name))
+                continue
             scores = self.scores(member, seed, level)
             tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg))
         if cfg.rewind.mode == "weights":

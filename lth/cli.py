@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, required=True, help="IMP level to compact")
     p.add_argument("--batch", type=int, default=1000, help="test examples in the timed batch (default 1000)")
 
+    from .quant_cmd import add_parsers as _add_quant_parsers
+    _add_quant_parsers(sub)
+
     p = sub.add_parser("settings", help="list every experiment setting with its default and meaning")
 
     p = sub.add_parser("data", help="data set utilities")
@@ -310,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
             print(f"{'speedup':>20}: {r['latency_masked_ms'] / r['latency_compact_ms']:.2f}x")
             return 0
+        if args.command in ("quantize", "export", "eval-export"):
+            from .quant_cmd import run as run_quant
+            return run_quant(args)
         if args.command == "settings":
+            from .quant import describe_quant_fields
             print(describe_fields())
+            print(describe_quant_fields())
             return 0
         if args.command == "data":
             if args.data_command != "download":

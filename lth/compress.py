@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from .intinfer import IntegerModel, IntLayer
-from .quant import QuantizedTicket, is_weight, layer_key, qrange
+from .quant import QuantizedTicket, qrange
 from .store import StoreError, atomic_write_bytes
 
 MAGIC = b"LTHQEXP1"

@@ -374,9 +374,16 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not a text file") from None
 
 
-def load_experiment(path: str | Path, overrides=(), extra_tables=("sweep",)) -> ExperimentConfig:
-    """Load an experiment TOML file, apply ``--set`` overrides and validate everything."""
+def load_experiment(path: str | Path, overrides=(), extra_tables=("sweep", "quant")) -> ExperimentConfig:
+    """Load an experiment TOML file, apply ``--set`` overrides and validate everything.
+
+    The ``[sweep]`` table (read by ``lth sweep``) and ``[quant]`` table (read by ``lth quantize
+    --config``) are not part of the run; ``[quant]`` is validated here all the same.
+    """
     raw = load_raw(path)
+    if "quant" in raw:
+        from .quant import load_quant_config  # late: quant imports this module
+        load_quant_config(path)
     for t in extra_tables:
         raw.pop(t, None)
     try:

@@ -288,11 +288,6 @@ def is_weight(path, leaf) -> bool:
     return layer_kind(path, leaf) in ("dense", "conv", "output")
 
 
-def weight_layers(params: PyTree) -> list[str]:
-    """Layer keys of every kernel, in tree order."""
-    return [layer_key(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if is_weight(p, leaf)]
-
-
 def _get(tree: dict, key: str):
     for k in key.split("/"):
         tree = tree[k]
@@ -467,14 +462,15 @@ _JIT_CACHE: dict = {}
 _ENGINES: dict = {}
 
 
-def _cached(kind: str, model, build: Callable[[], Callable]) -> Callable:
-    """One compiled function per (kind, model object); the model is kept alive with it."""
-    key = (kind, id(model))
-    if key not in _JIT_CACHE or _JIT_CACHE[key][0] is not model:
-        if len(_JIT_CACHE) > 64:
+def _cached(kind, model, build: Callable[[], Any]) -> Any:
+    """One compiled function per (kind, model); Flax modules compare by value, so a model rebuilt
+    from the same config (another level, another call) reuses the compiled code."""
+    key = (kind, model)
+    if key not in _JIT_CACHE:
+        if len(_JIT_CACHE) > 128:
             _JIT_CACHE.clear()
-        _JIT_CACHE[key] = (model, build())
-    return _JIT_CACHE[key][1]
+        _JIT_CACHE[key] = build()
+    return _JIT_CACHE[key]
 
 
 def collect_inputs(model, params, batch_stats, xs: np.ndarray, batch_size: int = 256,
@@ -753,23 +749,8 @@ def freeze_qat(model_params: dict, batch_stats: dict, spec: QuantSpec, learned_s
     else:
         wq = weight_qparams(net, spec)
         acts = consts["acts"]
-    qparams = _quantize_exact(net, wq, spec)
+    qparams = quantize_weights(net, wq, spec)
     return round_biases(QuantizedTicket(spec, qparams, batch_stats["net"], wq, acts, spec.calibration))
-
-
-def _quantize_exact(params, wq, spec):
-    """Kernels replaced by ``dequantize(quantize(w))`` (the grid values the export stores)."""
-
-    def f(path, leaf):
-        if not is_weight(path, leaf):
-            return leaf
-        qp = wq[layer_key(path)]
-        if spec.bits == 1:
-            return jnp.sign(leaf) * qp["scale"]
-        return dequantize(quantize(leaf, qp["scale"], qp["zero_point"], spec.bits, spec.scheme),
-                          qp["scale"], qp["zero_point"])
-
-    return jax.tree_util.tree_map_with_path(f, params)
 
 
 def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTree, spec: QuantSpec,
@@ -855,7 +836,8 @@ class Evaluator:
         fn = self._fn(model)
         return {name: np.asarray(fn(params, batch_stats, *s)[1]) for name, s in self.sets.items()}
 
-    def quantized(self, model, qts: Sequence[QuantizedTicket], fq: FakeQuantModel | None = None) -> dict[str, np.ndarray]:
+    def quantized(self, model, qts: Sequence[QuantizedTicket],
+                  fq: FakeQuantModel | None = None) -> dict[str, np.ndarray]:
         from .train import stack
 
         fq = fq or fake_quant_model(model, qts[0].spec, "static")
@@ -927,15 +909,28 @@ def _quant_config_class():
 QuantConfig = _quant_config_class()
 
 
+def load_quant_config(path: str | Path) -> "QuantConfig":
+    """The ``[quant]`` table of a TOML file (an experiment file or a file of its own), validated."""
+    from .config import ConfigError, load_raw
+
+    raw = load_raw(path)
+    table = raw.get("quant", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: quant must be a table, got {table!r}")
+    return QuantConfig.from_dict(table, str(path))
+
+
 # ============================================================================ runs in the store
 
+# a row's setting: a rerun of the same setting replaces the row in quant.parquet
 KEY_COLUMNS = ["level", "arm", "seed", "bits", "scheme", "granularity", "calibration_requested", "method",
-               "act_bits", "bias_correction", "cle", "learned_scale", "qat_start", "qat_steps"]
+               "act_bits", "act_scheme", "bias_correction", "cle", "retry", "learned_scale", "qat_start", "qat_steps",
+               "qat_lr"]
 COLUMNS = ["run_id", "level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration",
            "method", "accuracy", "float_accuracy", "size_bytes", "compression", "val_accuracy",
-           "float_val_accuracy", "act_bits", "bias_correction", "cle", "learned_scale", "qat_start",
-           "qat_steps", "retry", "calibration_requested", "fp32_dense_bytes", "fp16_dense_bytes",
-           "int8_dense_bytes", "wall_s"]
+           "float_val_accuracy", "act_bits", "act_scheme", "bias_correction", "cle", "learned_scale", "qat_start",
+           "qat_steps", "qat_lr", "retry", "calibration_requested", "calibration_tried", "fp32_dense_bytes",
+           "fp16_dense_bytes", "int8_dense_bytes", "wall_s"]
 
 
 @dataclass
@@ -1040,7 +1035,7 @@ def quantize_level(run: LoadedRun, level: int, qc, evaluator: Evaluator | None =
                    log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Every setting of ``qc`` applied to the ticket members of one level; one row per member x setting."""
     from . import compress
-    from .train import make_schedule, total_steps, unstack
+    from .train import unstack
 
     ev = evaluator or Evaluator(run.data, run.cfg.train.eval_batch_size)
     t = run.tickets(level)
@@ -1054,25 +1049,13 @@ def quantize_level(run: LoadedRun, level: int, qc, evaluator: Evaluator | None =
     for spec in _specs(qc, qc.activations):
         for method in qc.method:
             t0 = time.time()
-            tried = [spec.calibration]
+            tried, steps, lr_used = [spec.calibration], 0, 0.0
             if method == "ptq" and qc.retry:
                 qts, acc, tried = _retry(model, t, spec, calib, qc, ev, float_val)
             elif method == "ptq":
                 qts, acc = _ptq_population(model, t, spec, calib, qc, ev)
             else:
-                spe = max(1, len(data.x_train) // run.cfg.train.batch_size)
-                if qc.qat_start == "rewind":
-                    start = run.rewind_weights([s for _, s in t["members"]])
-                    steps = qc.qat_steps or run.hparams.get("num_steps") or total_steps(run.cfg.train, len(data.x_train))
-                    # training from the rewind point follows the run's own schedule unless qat_lr is set
-                    lr_kw = ({"lr": qc.qat_lr} if qc.qat_lr else {"lr_fn": make_schedule(run.cfg.train, steps)})
-                else:
-                    start = {"params": t["params"], "batch_stats": t["batch_stats"]}
-                    steps = qc.qat_steps or spe
-                    lr_kw = {"lr": qc.qat_lr or run.cfg.train.lr / 10}
-                qts, _ = qat(model, data, run.cfg.train, start["params"], start["batch_stats"], t["masks"], spec,
-                             calib, seeds=[s for _, s in t["members"]], steps=steps,
-                             learned_scale=qc.learned_scale, **lr_kw)
+                qts, steps, lr_used = _run_qat(run, t, spec, calib, qc)
                 acc = ev.quantized(model, qts)
             wall = time.time() - t0
             for k, (arm, seed) in enumerate(t["members"]):
@@ -1084,11 +1067,18 @@ def quantize_level(run: LoadedRun, level: int, qc, evaluator: Evaluator | None =
                     "accuracy": float(acc["test"][k]), "float_accuracy": float(float_acc["test"][k]),
                     "size_bytes": int(sizes["size_bytes"]), "compression": float(sizes["compression"]),
                     "val_accuracy": float(acc.get("val", acc["test"])[k]), "float_val_accuracy": float(float_val[k]),
-                    "act_bits": int(spec.act_bits or 0), "bias_correction": bool(qc.bias_correction and method == "ptq"),
-                    "cle": bool(qc.cle and method == "ptq"), "learned_scale": bool(qc.learned_scale and method == "qat"),
-                    "qat_start": qc.qat_start if method == "qat" else "", "qat_steps": int(steps) if method == "qat" else 0,
-                    "retry": bool(qc.retry and method == "ptq"), "calibration_requested": ",".join(tried) if method == "ptq" and qc.retry else spec.calibration,
-                    "fp32_dense_bytes": int(sizes["fp32_dense_bytes"]), "fp16_dense_bytes": int(sizes["fp16_dense_bytes"]),
+                    "act_bits": int(spec.act_bits or 0), "act_scheme": spec.act_scheme if spec.act_bits else "",
+                    "bias_correction": bool(qc.bias_correction and method == "ptq"),
+                    "cle": bool(qc.cle and method == "ptq"),
+                    "learned_scale": bool(qc.learned_scale and method == "qat"),
+                    "qat_start": qc.qat_start if method == "qat" else "",
+                    "qat_steps": int(steps) if method == "qat" else 0,
+                    "qat_lr": float(lr_used) if method == "qat" else 0.0, "retry": bool(qc.retry and method == "ptq"),
+                    "calibration_requested": (",".join(qc.calibration) if method == "ptq" and qc.retry
+                                              else spec.calibration),
+                    "calibration_tried": ",".join(tried),
+                    "fp32_dense_bytes": int(sizes["fp32_dense_bytes"]),
+                    "fp16_dense_bytes": int(sizes["fp16_dense_bytes"]),
                     "int8_dense_bytes": int(sizes["int8_dense_bytes"]), "wall_s": wall,
                 })
             if log is not None:
@@ -1097,6 +1087,32 @@ def quantize_level(run: LoadedRun, level: int, qc, evaluator: Evaluator | None =
                     f"{qts[0].calibration}: test acc {a:.4f} (float {np.mean(float_acc['test']):.4f}) "
                     f"{wall:.1f} s")
     return pd.DataFrame.from_records(rows, columns=COLUMNS)
+
+
+def _run_qat(run: LoadedRun, t: dict, spec: QuantSpec, calib: np.ndarray, qc) -> tuple[list, int, float]:
+    """QAT of the ticket members ``t`` as ``qc`` says: (quantized members, steps, lr).
+
+    From the trained ticket (default): ``qat_steps`` (default one epoch) at the constant
+    ``qat_lr`` (default train.lr / 10). From the rewind point: the run's full training length and
+    schedule, unless ``qat_steps`` / ``qat_lr`` are set.
+    """
+    from .train import make_schedule, steps_per_epoch, total_steps
+
+    seeds = [s for _, s in t["members"]]
+    n_train = len(run.data.x_train)
+    if qc.qat_start == "rewind":
+        start = run.rewind_weights(seeds)
+        steps = qc.qat_steps or run.hparams.get("num_steps") or total_steps(run.cfg.train, n_train)
+        lr_kw = {"lr": qc.qat_lr} if qc.qat_lr else {"lr_fn": make_schedule(run.cfg.train, steps)}
+        lr = qc.qat_lr or run.cfg.train.lr  # (the schedule's peak)
+    else:
+        start = {"params": t["params"], "batch_stats": t["batch_stats"]}
+        steps = qc.qat_steps or steps_per_epoch(run.cfg.train, n_train)
+        lr = qc.qat_lr or run.cfg.train.lr / 10
+        lr_kw = {"lr": lr}
+    qts, _ = qat(run.model, run.data, run.cfg.train, start["params"], start["batch_stats"], t["masks"], spec, calib,
+                 seeds=seeds, steps=int(steps), learned_scale=qc.learned_scale, **lr_kw)
+    return qts, int(steps), float(lr)
 
 
 def _ptq_population(model, t, spec, calib, qc, ev):
@@ -1198,22 +1214,23 @@ def quantize_member(run: LoadedRun, level: int, spec: QuantSpec, *, member: int 
     if not 0 <= member < len(t["members"]):
         raise ValueError(f"member {member} does not exist; level {level} has {len(t['members'])} ticket members")
     one = {k: jax.tree.map(lambda a: a[member:member + 1], t[k]) for k in ("params", "batch_stats", "masks")}
+    one["members"] = t["members"][member:member + 1]
     calib = run.calib_x(qc.calib_batches)
     arm, seed = t["members"][member]
     if method == "ptq":
         qt = ptq(run.model, unstack(one["params"], 0), unstack(one["batch_stats"], 0), spec, calib,
                  bias_correction=qc.bias_correction, cle=qc.cle)
     elif method == "qat":
-        spe = max(1, len(run.data.x_train) // run.cfg.train.batch_size)
-        qts, _ = qat(run.model, run.data, run.cfg.train, one["params"], one["batch_stats"], one["masks"], spec,
-                     calib, seeds=[seed], steps=qc.qat_steps or spe, lr=qc.qat_lr or run.cfg.train.lr / 10,
-                     learned_scale=qc.learned_scale)
-        qt = qts[0]
+        qt = _run_qat(run, one, spec, calib, qc)[0][0]
     else:
         raise ValueError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
     return qt, {"arm": arm, "seed": seed}
 
 
 def describe_quant_fields() -> str:
-    return "\n".join(f"  quant.{f.name} = {json.dumps(f.default if not isinstance(f.default, tuple) else list(f.default))}"
-                     f"  {f.metadata.get('doc', '')}" for f in dataclasses.fields(QuantConfig))
+    """Every ``[quant]`` setting with its default and meaning (as ``lth settings`` lists the others)."""
+    def default(f):
+        return json.dumps(list(f.default) if isinstance(f.default, tuple) else f.default)
+
+    return "\n".join(f"  quant.{f.name} = {default(f)}  {f.metadata.get('doc', '')}"
+                     for f in dataclasses.fields(QuantConfig))

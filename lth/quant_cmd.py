@@ -77,6 +77,9 @@ def add_parsers(sub) -> None:
                     "member x setting into OUT/<run_id>/level_NNN/quant.parquet (accuracy, float_accuracy, "
                     "size_bytes, compression vs fp32 dense, ...). Prints the result table.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
+    p.add_argument("--config", default=None, metavar="TOML",
+                   help="read the settings from the [quant] table of this TOML file; options given here "
+                        "override it")
     p.add_argument("--levels", type=_csv(int), default=None,
                    help="comma-separated levels to quantize (default: every complete level)")
     p.add_argument("--bits", type=_csv(int), default=None,
@@ -148,11 +151,12 @@ def run(args) -> int:
 
 def _run(args) -> int:
     if args.command == "quantize":
-        from .quant import quantize_run
+        from .quant import load_quant_config, quantize_run
 
         t0 = time.time()
-        df = quantize_run(args.run_dir, args.levels, args.bits, args.method, write=not args.no_write, log=_log,
-                          **_settings(args))
+        config = load_quant_config(args.config) if args.config else None
+        df = quantize_run(args.run_dir, args.levels, args.bits, args.method, config=config, write=not args.no_write,
+                          log=_log, **_settings(args))
         cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
                 "accuracy", "float_accuracy", "size_bytes", "compression"]
         print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -179,6 +183,7 @@ def _run(args) -> int:
         r = eval_export(args.file, args.split)
         print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "
               f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} examples")
-        print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), file {r['file_bytes']} bytes")
+        print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), "
+              f"file {r['file_bytes']} bytes")
         return 0
     raise ValueError(f"not a quantization command: {args.command!r}")

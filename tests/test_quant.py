@@ -10,10 +10,24 @@ import pytest
 from lth.config import ConfigError, ExperimentConfig
 from lth.data import Dataset, load_dataset
 from lth.models import MLP, build_model
-from lth.quant import (QuantConfig, QuantSpec, bias_correct, calibrate, equalize, fake_quant, layer_outputs, lsq_fake_quant,
-                       ptq, qat, quantize, quantize_run, quantize_weights, representable_range, scale_zero_point,
-                       weight_qparams)
+from lth.quant import (LoadedRun, QuantConfig, QuantSpec, bias_correct, calibrate, equalize, fake_quant,
+                       layer_outputs, lsq_fake_quant, ptq, qat, quantize, quantize_member, quantize_run,
+                       quantize_weights, representable_range, scale_zero_point, weight_qparams)
 from lth.store import RunStore, read_parquet, tree_bytes
+
+
+def random_params(model, input_shape, seed=0):
+    """Glorot-scaled normal params with the model's tree structure (numpy: no RNG compile)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        if len(s.shape) == 1:
+            return jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * 0.1)
+        fan = np.prod(s.shape[:-1]) + s.shape[-1]
+        return jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * np.sqrt(2 / fan))
+
+    return jax.tree.map(draw, shapes)
 
 
 def sparse_kernel(rng, shape, density=0.4):
@@ -62,9 +76,9 @@ def test_percentile_and_mse_clip_an_outlier():
     assert err(ms) < err(mm)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
-@pytest.mark.parametrize("scheme", ["sym", "asym"])
-@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("bits, scheme, granularity", [
+    (8, "sym", "channel"), (8, "asym", "tensor"), (4, "sym", "tensor"), (4, "asym", "channel"),
+    (3, "sym", "channel"), (3, "asym", "tensor"), (2, "sym", "tensor"), (2, "asym", "channel")])
 def test_quantize_dequantize_error_is_at_most_half_a_step_inside_the_range(bits, scheme, granularity):
     rng = np.random.default_rng(bits)
     w = jnp.asarray(rng.normal(size=(50, 6)).astype(np.float32) * np.arange(1, 7))
@@ -104,9 +118,9 @@ def test_lsq_gradients_follow_esser_et_al():
     assert float(gl) == pytest.approx(s * sum(per), rel=1e-4)
 
 
-ZERO_CASES = [(b, s, g, ("minmax", "percentile", "mse")[i % 3])
-              for i, (b, s, g) in enumerate((b, s, g) for b in (8, 4, 3, 2, 1) for s in ("sym", "asym")
-                                            for g in ("channel", "tensor"))]
+# every bit width x scheme; granularities and calibrations alternate (each compiled case costs ~1 s)
+ZERO_CASES = [(b, s, ("channel", "tensor")[i % 2], ("minmax", "percentile", "mse")[i % 3])
+              for i, (b, s) in enumerate((b, s) for b in (8, 4, 3, 2, 1) for s in ("sym", "asym"))]
 
 
 @pytest.mark.parametrize("bits, scheme, granularity, calibration", ZERO_CASES)
@@ -133,7 +147,7 @@ def test_pruned_weights_stay_exactly_zero(bits, scheme, granularity, calibration
 def tiny_mlp():
     rng = np.random.default_rng(0)
     model = MLP((24, 16), 4)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
+    params = random_params(model, (12,))
     params = jax.tree.map(lambda p: p * (rng.random(p.shape) < 0.6) if p.ndim == 2 else p + 0.05, params)
     x = (rng.normal(size=(1024, 12)) + 0.5).astype(np.float32)
     return model, params, x
@@ -141,12 +155,14 @@ def tiny_mlp():
 
 def test_cross_layer_equalization_keeps_the_float_function_and_equalizes_ranges(tiny_mlp):
     model, params, x = tiny_mlp
-    params = {**params, "dense_0": {**params["dense_0"], "kernel": params["dense_0"]["kernel"] * jnp.linspace(0.1, 8, 24)}}
+    unbalanced = params["dense_0"]["kernel"] * jnp.linspace(0.1, 8, 24)
+    params = {**params, "dense_0": {**params["dense_0"], "kernel": unbalanced}}
     eq = equalize(model, params)
     np.testing.assert_allclose(model.apply({"params": eq}, x), model.apply({"params": params}, x), rtol=1e-4, atol=1e-5)
     r1 = np.abs(np.asarray(eq["dense_0"]["kernel"])).max(0)
     r2 = np.abs(np.asarray(eq["dense_1"]["kernel"])).max(1)
-    before = np.abs(np.asarray(params["dense_0"]["kernel"])).max(0) / np.abs(np.asarray(params["dense_1"]["kernel"])).max(1)
+    before = (np.abs(np.asarray(params["dense_0"]["kernel"])).max(0)
+              / np.abs(np.asarray(params["dense_1"]["kernel"])).max(1))
     assert np.ptp(np.log(before)) > 2  # the ranges were unbalanced
     np.testing.assert_allclose(r1, r2, rtol=1e-3)
     for layer in params:  # masks survive
@@ -156,7 +172,7 @@ def test_cross_layer_equalization_keeps_the_float_function_and_equalizes_ranges(
 def test_cle_on_a_conv_net_keeps_the_float_function():
     cfg = ExperimentConfig.from_dict({"model": {"name": "conv2", "width": 0.125}}).model
     model = build_model(cfg, 10, (8, 8, 3))
-    params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))["params"]
+    params = random_params(model, (8, 8, 3), 1)
     x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype(np.float32)
     eq = equalize(model, params)
     apply = jax.jit(lambda p: model.apply({"params": p}, x))
@@ -171,7 +187,9 @@ def test_bias_correction_reduces_the_output_mean_shift(tiny_mlp):
     plain = ptq(model, params, {}, spec, calib)
     corrected = ptq(model, params, {}, spec, calib, bias_correction=True)
     ref = layer_outputs(model, {"params": params}, held_out)["output"]
-    shift = lambda qt: np.abs(layer_outputs(model, {"params": qt.params}, held_out)["output"] - ref).mean()  # noqa: E731
+    def shift(qt):
+        return np.abs(layer_outputs(model, {"params": qt.params}, held_out)["output"] - ref).mean()
+
     assert shift(corrected) < 0.5 * shift(plain)
     # only biases change; kernels stay on the same grid
     np.testing.assert_array_equal(corrected.params["output"]["kernel"], plain.params["output"]["kernel"])
@@ -201,8 +219,7 @@ def synthetic_data(n=600, d=12, classes=4, seed=0):
     return Dataset("synthetic", xt, yt, xv, yv, xs, ys, classes)
 
 
-@pytest.mark.parametrize("learned_scale", [False, True])
-def test_qat_keeps_pruned_weights_exactly_zero_and_trains(tiny_mlp, learned_scale):
+def test_lsq_qat_keeps_pruned_weights_exactly_zero_and_trains(tiny_mlp, learned_scale=True):
     model, params, _ = tiny_mlp
     data = synthetic_data()
     tcfg = ExperimentConfig.from_dict({"train": {"batch_size": 50, "lr": 3e-3}}).train
@@ -244,7 +261,7 @@ def write_store(root, raw=TINY):
     cfg = ExperimentConfig.from_dict(raw)
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.num_classes, data.input_shape)
-    params = jax.tree.map(np.asarray, model.init(jax.random.key(0), jnp.zeros((1, *data.input_shape)))["params"])
+    params = jax.tree.map(np.asarray, random_params(model, data.input_shape))
     store = RunStore(root, cfg.run_id)
     store.write_hparams({**cfg.to_dict(), "run_id": cfg.run_id, "lth_version": "test", "num_steps": 60})
     store.write_tree("init.msgpack", {"params": jax.tree.map(lambda a: a[None], params), "batch_stats": {}})
@@ -282,6 +299,14 @@ def test_quantize_run_writes_a_merged_table(stored_run):
     table = read_parquet(stored_run / "level_001" / "quant.parquet")
     assert len(table) == 3 and sorted(zip(table.bits, table.method)) == [(4, "ptq"), (4, "qat"), (8, "ptq")]
     assert read_parquet(stored_run / "level_000" / "quant.parquet").density.tolist() == [1.0, 1.0]
+    # QAT with fixed ranges (the same setting, so the compiled engine is reused) keeps the mask
+    run = LoadedRun.open(stored_run)
+    qt, who = quantize_member(run, 1, QuantSpec(4, act_bits=8), method="qat", qc=QuantConfig(qat_steps=4))
+    masks = run.tickets(1)["masks"]
+    for layer in ("dense_0", "dense_1", "output"):
+        w, m = np.asarray(qt.params[layer]["kernel"]), masks[layer]["kernel"][0]
+        assert np.all(w[~m] == 0.0) and np.count_nonzero(w) > 0.3 * m.sum()
+    assert who == {"arm": "ticket", "seed": 0}
     r8 = again[(again.bits == 8) & (again.level == 1)].iloc[0]
     assert abs(r8.accuracy - r8.float_accuracy) <= 0.02
     assert r8.size_bytes > again[(again.bits == 4) & (again.level == 1)].size_bytes.iloc[0]
@@ -290,10 +315,11 @@ def test_quantize_run_writes_a_merged_table(stored_run):
 def test_retry_tries_calibrations_in_order_and_records_the_choice(stored_run):
     easy = quantize_run(stored_run, [1], (4,), ("ptq",), calibration=("minmax", "mse"), retry=True,
                         tolerance=1.0, write=False)
-    assert easy.calibration.tolist() == ["minmax"] and easy.calibration_requested.tolist() == ["minmax"]
+    assert easy.calibration.tolist() == ["minmax"] and easy.calibration_tried.tolist() == ["minmax"]
+    assert easy.calibration_requested.tolist() == ["minmax,mse"] and easy.retry.all()
     hard = quantize_run(stored_run, [1], (4,), ("ptq",), calibration=("minmax", "mse"), retry=True,
                         tolerance=0.0, write=False)
-    tried = hard.calibration_requested.iloc[0].split(",")
+    tried = hard.calibration_tried.iloc[0].split(",")
     assert tried[0] == "minmax" and hard.calibration.iloc[0] in tried
     # the first method is kept only if its val accuracy was within 0 points of float
     if tried == ["minmax"]:
@@ -307,3 +333,18 @@ def test_bad_quant_settings_fail_with_the_key_and_allowed_values(stored_run):
         quantize_run(stored_run, [7], (8,), write=False)
     with pytest.raises(ConfigError, match="unknown key quant.bitz"):
         QuantConfig.from_dict({"bitz": [8]})
+
+
+def test_cli_quantize_prints_the_table(stored_run, capsys):
+    import argparse
+
+    from lth import quant_cmd
+
+    parser = argparse.ArgumentParser(prog="lth")
+    quant_cmd.add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--bits", "4", "--no-write"])
+    assert quant_cmd.run(args) == 0
+    out = capsys.readouterr().out
+    assert "compression" in out and "1 rows" in out
+    assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--scheme", "sym,nope"])) == 2
+    assert "quant.scheme" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Analysis of an lth store: tidy DataFrames, summaries and figures. Reads files only, never training code."""
 
-from .runs import NotAStoreError, final_accuracy, load_runs, load_sparsity
+from .runs import NotAStoreError, final_accuracy, load_quant, load_runs, load_sparsity
 from .summary import final_rows, summarize
 
-__all__ = ["load_runs", "load_sparsity", "final_accuracy", "final_rows", "summarize", "NotAStoreError"]
+__all__ = ["load_runs", "load_sparsity", "load_quant", "final_accuracy", "final_rows", "summarize", "NotAStoreError"]

@@ -169,3 +169,45 @@ def sensitivity_curves(table: pd.DataFrame, split: str = "test") -> plt.Figure:
         ax.set_title("layer-wise pruning sensitivity (no retraining)")
         ax.legend(fontsize=7)
     return fig
+
+
+def quant_heatmap(quant: pd.DataFrame, method: str | None = None) -> plt.Figure:
+    """Mean test accuracy of the quantized ticket per (bits, weights remaining)."""
+    q = quant[(quant["arm"] == "ticket")]
+    if method is not None:
+        q = q[q["method"] == method]
+    table = q.groupby(["bits", "density"])["accuracy"].mean().unstack("density").sort_index(ascending=False)
+    table = table[sorted(table.columns, reverse=True)]
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(5.5, 3.4), constrained_layout=True)
+        im = ax.imshow(100 * table.to_numpy(), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(table.columns)), [f"{100 * d:.3g}" for d in table.columns], rotation=45)
+        ax.set_yticks(range(len(table.index)), [str(b) for b in table.index])
+        for (i, j), v in np.ndenumerate(100 * table.to_numpy()):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_xlabel("weights remaining (%)")
+        ax.set_ylabel("weight bits")
+        ax.set_title(f"quantized ticket test accuracy{f' ({method})' if method else ''}")
+        fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    fig.heatmap_table = table  # the plotted values, for checks and tables
+    return fig
+
+
+def accuracy_vs_size(quant: pd.DataFrame) -> plt.Figure:
+    """Accuracy vs compressed size (bytes) of every quantized setting, with the Pareto front."""
+    g = (quant.groupby(["level", "bits", "scheme", "granularity", "calibration", "method"])
+         .agg(size=("size_bytes", "mean"), acc=("accuracy", "mean")).reset_index().sort_values("size"))
+    front = g[g["acc"] == g["acc"].cummax()]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        for method, m in g.groupby("method"):
+            ax.scatter(m["size"], 100 * m["acc"], s=12, alpha=0.6, label=method)
+        ax.step(front["size"], 100 * front["acc"], where="post", color="k", linewidth=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("compressed size (bytes)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("accuracy vs compressed size")
+        ax.legend()
+    fig.pareto_front = front
+    return fig

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import load_runs, load_sparsity
+from .runs import load_quant, load_runs, load_sparsity
 from .summary import summarize
 
 TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "final_accuracy_mean", "final_accuracy_std",
@@ -54,6 +54,14 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         plans.append(("sparse_vs_dense", lambda: figures.sparse_vs_dense(df),
                       f"Large-sparse tickets vs small-dense models at matched non-zero parameter count "
                       f"(mean, std over {n_seeds} seeds)."))
+    quant = load_quant(root)
+    if not quant.empty:
+        plans.append(("quant_heatmap", lambda: figures.quant_heatmap(quant),
+                      "Test accuracy of quantized tickets per weight bits and weights remaining (mean over "
+                      "seeds and settings)."))
+        plans.append(("accuracy_vs_size", lambda: figures.accuracy_vs_size(quant),
+                      "Test accuracy vs compressed size in bytes of every quantized setting, with the Pareto front."))
+        quant.to_csv(out / "quant.csv", index=False)
     sparsity = load_sparsity(root)
     if not sparsity.empty and sparsity["level"].nunique() > 1:
         plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),

@@ -35,12 +35,16 @@ def _complete_levels(run: Path) -> list[Path]:
     return sorted(d for d in run.glob("level_[0-9][0-9][0-9]") if (d / "COMPLETE").is_file())
 
 
-def load_runs(root: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: bool = False) -> pd.DataFrame:
     """One row per (run, arm, seed, level, step, split) of every completed level under ``root``.
 
     Columns: run_id, experiment, arm, seed, level, density (fraction of prunable weights remaining),
     step, split, loss, accuracy, early_stop_step, member, wall_s, then every hparam flattened with
     dotted names (``train.lr``, ``prune.rate``, ...). ``root`` may be a store or one run folder.
+
+    With ``quant=True`` the rows of ``lth quantize`` are appended (split "test", ``method`` ptq/qat,
+    ``bits``, ``scheme``, ``granularity``, ``calibration``, ``size_bytes``, ``compression``); the
+    training rows then have ``method = "float"``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -72,8 +76,19 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None) -> pd.Data
     if not frames:
         return pd.DataFrame(columns=_KEYS + ["loss", "accuracy", "early_stop_step"])
     df = pd.concat(frames, ignore_index=True)
-    return df.sort_values(["run_id", "level", "arm", "seed", "step", "split"], kind="stable",
-                          ignore_index=True)
+    df = df.sort_values(["run_id", "level", "arm", "seed", "step", "split"], kind="stable", ignore_index=True)
+    if quant:
+        q = load_quant(root)
+        if run_ids is not None and not q.empty:
+            q = q[q["run_id"].isin(set(run_ids))]
+        df["method"] = "float"
+        if not q.empty:
+            q = q.assign(split="test")
+            hp = df.drop_duplicates("run_id").set_index("run_id")
+            extra = [c for c in df.columns if "." in c]  # the flattened hparams
+            q = q.join(hp[extra], on="run_id")
+            df = pd.concat([df, q], ignore_index=True)
+    return df
 
 
 def final_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -97,5 +112,27 @@ def load_sparsity(root: str | Path) -> pd.DataFrame:
             if path.is_file():
                 df = pd.read_parquet(path)
                 df.insert(0, "run_id", run.name)
+                frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_quant(root: str | Path) -> pd.DataFrame:
+    """Quantization results (``level_NNN/quant.parquet`` written by ``lth quantize``): one row per
+    (run, level, arm, seed, bits, scheme, granularity, calibration, method) with accuracy,
+    float_accuracy, size_bytes and compression (vs fp32 dense), plus the run's experiment name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
+    frames = []
+    for run in _run_dirs(root):
+        name = json.loads((run / "hparams.json").read_text()).get("name", "")
+        for level_dir in _complete_levels(run):
+            path = level_dir / "quant.parquet"
+            if path.is_file():
+                try:
+                    df = pd.read_parquet(path)
+                except Exception as e:  # noqa: BLE001
+                    raise NotAStoreError(f"{path}: unreadable quantization table ({type(e).__name__}: {e})") from None
+                df.insert(1, "experiment", name)
                 frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

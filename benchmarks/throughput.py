@@ -8,8 +8,10 @@ Workload (Frankle & Carbin 2019, LeNet-300-100): 784-300-100-10 MLP, batch 60, A
     set resident; each timed ``engine.run`` call is one compiled ``lax.scan`` segment of ``--steps``
     steps (``eval_every`` is larger than the run and the val/test splits are empty, so nothing but
     training is timed);
-(b) lth, a population of K networks (``--population``, default 8) trained in lockstep by the same
-    engine, each member with its own data order (``data_seeds = 0..K-1``);
+(b) lth, a population of K networks (``--population``, default 8) trained by the same engine in one
+    compiled program per segment, each member with its own data order (``data_seeds = 0..K-1``);
+    ``--member-batch`` sets ``train.member_batch`` (auto: on CPU the members run one after another
+    inside the program, on GPU all are vmapped; ``all`` vmaps them on CPU too);
 (c) a PyTorch reference in the style of the usual PyTorch LTH loop: ``DataLoader(TensorDataset,
     batch_size=60, shuffle=True)``, forward, ``loss.backward()``, ``Adam.step()``, then the mask
     re-applied by multiplying the weights in place under ``torch.no_grad()``;
@@ -95,7 +97,8 @@ def load_engine_module(spec: str):
 class LthRunner:
     """A population of k LeNet-300-100s in the lth engine; ``segment()`` times one ``engine.run``."""
 
-    def __init__(self, x, y, k: int, steps: int, rounds: int, engine_mod, knobs: dict):
+    def __init__(self, x, y, k: int, steps: int, rounds: int, engine_mod, knobs: dict,
+                 member_batch: int | None = None):
         import jax
         import jax.numpy as jnp
 
@@ -108,7 +111,8 @@ class LthRunner:
         ex, ey = np.zeros((0, DIM), np.float32), np.zeros((0,), np.int32)
         data = SimpleNamespace(x_train=x, y_train=y, x_val=ex, y_val=ey, x_test=ex, y_test=ey)
         total = steps * (rounds + 1)
-        cfg = TrainConfig(optimizer="adam", lr=LR, batch_size=BATCH, steps=total, eval_every=10 * total)
+        cfg = TrainConfig(optimizer="adam", lr=LR, batch_size=BATCH, steps=total, eval_every=10 * total,
+                          member_batch=member_batch)
         self.engine = engine_mod.Engine(model, data, cfg, **knobs)
         params, bs = init_population(model, jax.random.split(jax.random.key(0), k), (DIM,))
         rng = np.random.default_rng(1)
@@ -263,6 +267,9 @@ def main(argv=None) -> int:
                     help="interleaved timing rounds, best segment kept (default 3; 2 with --quick)")
     ap.add_argument("--population", default="8",
                     help="population size K, or a comma-separated list such as 1,8,64 (ratios use the largest)")
+    ap.add_argument("--member-batch", default="auto",
+                    help="train.member_batch: members vmapped together (auto: 1 on CPU, all on GPU; "
+                         "'all' vmaps the whole population)")
     ap.add_argument("--quick", action="store_true", help="short segments: a smoke run, noisier figures")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--engine", default="lth.train",
@@ -278,6 +285,12 @@ def main(argv=None) -> int:
     if not pops or pops[0] < 1:
         ap.error(f"--population {args.population!r}: positive integers, e.g. 8 or 1,8,64")
     knobs = json.loads(args.knobs)
+    mb = {"auto": None, "all": 1 << 30}.get(args.member_batch)
+    if mb is None and args.member_batch != "auto":
+        try:
+            mb = int(args.member_batch)
+        except ValueError:
+            ap.error(f"--member-batch {args.member_batch!r}: auto, all or an integer >= 1")
 
     import jax
 
@@ -285,7 +298,7 @@ def main(argv=None) -> int:
     log(f"workload: LeNet-300-100, batch {BATCH}, Adam lr {LR}, {N_TRAIN} x {DIM} float32 random data, "
         f"kernel masks {DENSITY:.0%} dense; {FLOPS_PER_STEP / 1e6:.1f} MFLOP per network-step (3 x forward)")
     log(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} x {jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} CPUs, engine {args.engine}{' ' + json.dumps(knobs) if knobs else ''}")
+        f"{os.cpu_count()} CPUs, member_batch {args.member_batch}, engine {args.engine}{' ' + json.dumps(knobs) if knobs else ''}")
     log(f"timing: {steps} steps per segment, best of {rounds} interleaved rounds after an untimed "
         f"warm-up (compile) segment")
 
@@ -298,11 +311,10 @@ def main(argv=None) -> int:
 
     x, y = make_data()
     runners: dict[str, object] = {}
-    labels: dict[str, str] = {}
     k_steps = {}
     for k in sorted(set([1] + pops)):
         k_steps[k] = steps if k <= 8 else max(250, steps * 8 // k)
-        runners[f"k{k}"] = r = LthRunner(x, y, k, k_steps[k], rounds, engine_mod, knobs)
+        runners[f"k{k}"] = r = LthRunner(x, y, k, k_steps[k], rounds, engine_mod, knobs, mb)
         log(f"  lth K={k}: compile + first segment of {k_steps[k]} steps {r.first_s:.1f} s")
     if torch_mod is not None:
         runners["torch"] = r = TorchRunner(x, y, steps, dataloader=True)
@@ -333,7 +345,7 @@ def main(argv=None) -> int:
         log(f"(c') torch, no DataLoader:   {sps['torch_direct']:9.1f} steps/s                          "
             f"{gflops(sps['torch_direct']):7.2f} GFLOP/s  (information only)")
     else:
-        log(f"(c) skipped: {TORCH_HINT}")
+        log(f"(c) skipped: {'--no-torch' if args.no_torch else TORCH_HINT}")
     log(f"(d) numpy 2048^2 f32 matmul:                                               {peak_gf:7.2f} GFLOP/s")
 
     kmax = pops[-1]

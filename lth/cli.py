@@ -33,11 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `lth COMMAND --help` for the options of a command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train the dense network of every seed as one population",
+    p = sub.add_parser("train", help="train the dense network (or a given mask) of every seed as one population",
                        description="Train the dense network for every seed in `seeds` as one vmapped "
                                    "population (prune.levels is ignored) and write OUT/<run_id>/"
-                                   "hparams.json plus level_000/metrics.parquet.")
+                                   "hparams.json plus level_000/metrics.parquet. With --mask, train that "
+                                   "mask instead: each seed starts from its own init (the dense run's) with "
+                                   "the mask applied, and pruned weights stay exactly 0. The run id then "
+                                   "also hashes the mask, and hparams.json records its path and sha256 "
+                                   "under `mask`.")
     _add_experiment_args(p)
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="train this mask instead of the dense network: a stored level folder "
+                        "(OUT/<run_id>/level_003) or its masks.msgpack (members.json beside it names each "
+                        "member's arm and seed). Each seed takes the mask of the same seed; a seed without "
+                        "one is an error unless the arm has a single member, which is then shared by every "
+                        "seed. A file without members.json must hold one mask (shared by every seed). The "
+                        "mask must match the model's layers and shapes exactly")
+    p.add_argument("--mask-arm", default=None, metavar="ARM",
+                   help="with --mask: the arm whose masks are used (ticket, reinit, random_prune, shuffle; "
+                        "default: ticket)")
 
     p = sub.add_parser("lottery", help="iterative magnitude pruning with rewinding and controls",
                        description="Run IMP: level 0 trains dense; each level prunes prune.rate of the "
@@ -54,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_args(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and their status; train nothing")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: this machine (--workers processes); ray: one Ray task per run")
-    p.add_argument("--workers", type=int, default=1, help="local executor: runs in parallel (default 1)")
+                   help="local: this machine (--workers processes); ray: one Ray task per group of runs")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local executor: groups of runs trained in parallel processes (default 1)")
+    p.add_argument("--group", type=int, default=8, metavar="N",
+                   help="train up to N runs that share data, model, training and rewinding (they differ "
+                        "in seeds, arms or pruning settings) as one vmapped population, level by level "
+                        "(default 8; 1 trains every run alone)")
     p.add_argument("--address", default=None,
                    help="ray executor: cluster address ('auto' or HOST:PORT; default: start a local Ray)")
     p.add_argument("--wandb-sweep", metavar="YAML", default=None,
@@ -124,6 +143,16 @@ def _cmd_experiment(args, train_only: bool) -> int:
     from .lottery import run_lottery
 
     cfg = load_experiment(args.experiment, args.overrides + args.settings)
+    mask, mask_arm = getattr(args, "mask", None), getattr(args, "mask_arm", None)
+    if mask_arm is not None and mask is None:
+        return _error("--mask-arm needs --mask (the mask file or stored level to train)")
+    if mask is not None:
+        from .masked import train_masked
+        t0 = time.time()
+        store = train_masked(cfg, args.out, mask, mask_arm or "ticket",
+                             progress=not args.no_progress and cfg.log.progress)
+        _print_summary(store.path, time.time() - t0)
+        return 0
     if train_only:
         cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",))
     t0 = time.time()
@@ -137,6 +166,8 @@ def _cmd_sweep(args) -> int:
 
     if args.workers < 1:
         return _error(f"--workers {args.workers} is not allowed; expected an integer >= 1")
+    if args.group < 1:
+        return _error(f"--group {args.group} is not allowed; expected an integer >= 1 (1: no grouping)")
     points = expand(args.experiment, args.overrides + args.settings)
     if args.wandb_sweep:
         import yaml
@@ -147,15 +178,18 @@ def _cmd_sweep(args) -> int:
               f"(wandb sweep {args.wandb_sweep}; then wandb agent ...)")
         return 0
     if args.dry_run:
-        for p, status in status_of(points, args.out):
-            print(f"{p.run_id}  {status:<22} {p.label}")
-        print(f"{len(points)} runs")
+        from .sweep import groups_of
+        groups = groups_of(points, args.group)
+        group_of = {i: g for g, idx in enumerate(groups) for i in idx}
+        for i, (p, status) in enumerate(status_of(points, args.out)):
+            print(f"{p.run_id}  group {group_of[i]:<3d} {status:<22} {p.label}")
+        print(f"{len(points)} runs in {len(groups)} population groups")
         return 0
     from .store import prepare_root
     prepare_root(args.out)
     with _SweepBar(points, args.out, enabled=not args.no_progress) as bar:
         outcomes = run_sweep(points, args.out, executor=args.executor, workers=args.workers,
-                             address=args.address, on_done=bar.run_done)
+                             address=args.address, group=args.group, on_done=bar.run_done)
     print(f"{'run_id':<13} {'status':<9} {'wall_s':>7}  settings")
     for o in outcomes:
         print(f"{o.run_id:<13} {o.status:<9} {o.wall_s:7.1f}  {o.label}" + (f"  [{o.message}]" if o.message else ""))

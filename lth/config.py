@@ -43,6 +43,13 @@ _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 DATASETS = ("mnist1d", "fashion_mnist", "mnist", "cifar10")
 MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20")
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense")
+# Models each structured prune.granularity supports (implemented in lth.structured): neurons and
+# filters of plain feed-forward chains; whole residual blocks ("layer") of ResNets.
+STRUCTURED_MODELS = {
+    "neuron": ("mlp", "lenet_300_100", "conv2", "conv4", "conv6"),
+    "filter": ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19"),
+    "layer": ("resnet20",),
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,12 @@ class TrainConfig:
     eval_batch_size: int = _f(1000, check=lambda v: v >= 1, allowed="an integer >= 1",
                               doc="examples per evaluation chunk (memory only)")
     shared_data_order: bool = _f(False, doc="all members see the same batches (else one order per seed)")
+    member_batch: int | None = _f(
+        None, result=False, check=lambda v: v >= 1, allowed="an integer >= 1 or none",
+        doc="members of a population computed together (vmapped) within each device's share; the rest "
+            "run one after another in the same compiled program. none = auto: 1 on CPU (each member's "
+            "weights and optimizer state stay in cache; batched small matmuls are slow there), the "
+            "whole population on GPU/TPU. Speed only: results agree to float rounding")
 
     def __post_init__(self):
         if self.epochs is not None and self.steps is not None:
@@ -117,10 +130,12 @@ class PruneConfig:
         None, check=lambda v: all(0 <= r < 1 for r in v.values()), allowed="a table of layer = rate in [0, 1)",
         doc="per-layer rates overriding rate/conv_rate/output_rate, e.g. {dense_0 = 0.3} "
             "(lth sensitivity --to-rates derives them)")
-    granularity: Literal["weight", "neuron", "filter"] = _f(
-        "weight", doc="unit removed: single weights, whole fc neurons, or whole conv filters (with the "
-                      "next layer's matching inputs); structured needs mlp, lenet_300_100 or conv2/4/6")
-    structure_norm: Literal["l1", "l2"] = _f("l2", doc="norm ranking neurons/filters")
+    granularity: Literal["weight", "neuron", "filter", "layer"] = _f(
+        "weight", doc="unit removed: single weights, whole fc neurons, whole conv filters (with the next "
+                      "layer's matching inputs and the filter's batch-norm entries), or whole residual "
+                      "blocks (layer: prune.rate of the surviving identity-shortcut blocks, rounded half "
+                      "up); see STRUCTURED_MODELS for the models each supports")
+    structure_norm: Literal["l1", "l2"] = _f("l2", doc="norm ranking neurons/filters/blocks")
     criterion: Literal["magnitude", "random", "saliency", "obd"] = _f(
         "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (SNIP) or w^2 H_ii / 2 (OBD)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
@@ -184,6 +199,22 @@ class ExperimentConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     rewind: RewindConfig = field(default_factory=RewindConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        g, model = self.prune.granularity, self.model.name
+        if g != "weight" and model not in STRUCTURED_MODELS[g]:
+            fits = ", ".join(repr(k) for k in ("weight", *STRUCTURED_MODELS) if k == "weight"
+                             or model in STRUCTURED_MODELS[k])
+            why = "it has no residual blocks" if g == "layer" else "it is not a plain chain of layers"
+            raise ConfigError(f"prune.granularity = {g!r} is not allowed with model.name = {model!r} ({why}); "
+                              f"prune.granularity = {g!r} needs model.name in "
+                              f"{', '.join(STRUCTURED_MODELS[g])}; with {model} use prune.granularity = {fits}")
+        if g == "layer" and {"random_prune", "shuffle"} & set(self.arms):
+            # both controls permute a mask within each leaf; a dropped block's leaves are all False
+            # and a kept block's all True, so they would reproduce the ticket's mask exactly
+            raise ConfigError(f"arms = {list(self.arms)} is not allowed with prune.granularity = 'layer': "
+                              "random_prune and shuffle permute weights within each layer, which leaves whole-"
+                              "block masks unchanged; use arms from 'ticket', 'reinit', 'small_dense'")
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from .models import build_model
 from .pruning import (agp_density, density, magnitude_scores, obd_scores, oneshot_config, prunable, prune_by_score,
                       prune_to_density, random_mask_like, random_scores, saliency_scores, shuffle_mask,
                       sparsity_rows)
-from .structured import SEQUENTIAL, structured_prune
+from .structured import STRUCTURED_MODELS, structured_prune
 from .signals import activation_sparsity, hessian_diagonal, mean_gradient
 from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
 from .train import Engine, early_stop_steps, final_lr, init_population, stack, unstack
@@ -86,24 +86,33 @@ class LevelPlan:
 class Lottery:
     """Runs (and resumes) one IMP experiment into ``out/<run_id>``."""
 
-    def __init__(self, cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None):
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None,
+                 share: "Lottery | None" = None):
+        """``share``: a Lottery of the same population group (:func:`population_key`) whose data set,
+        model and compiled engines this one reuses."""
         self.cfg = cfg
         self.store = RunStore(prepare_root(out), cfg.run_id)
         self.progress = cfg.log.progress if progress is None else progress
-        self.data = load_dataset(cfg.data)
-        try:
-            self.model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
-            self.engine = Engine(self.model, self.data, cfg.train)
-        except ValueError as e:  # model/data mismatch, batch larger than the data set
-            raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None
+        self._share = share
+        if share is not None:
+            if population_key(share.cfg) != population_key(cfg):
+                raise ValueError(f"runs {share.cfg.run_id} and {cfg.run_id} cannot share a population")
+            self.data, self.model, self.engine = share.data, share.model, share.engine
+        else:
+            self.data = load_dataset(cfg.data)
+            try:
+                self.model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
+                self.engine = Engine(self.model, self.data, cfg.train)
+            except ValueError as e:  # model/data mismatch, batch larger than the data set
+                raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None
         self._finetune_engine: Engine | None = None
         pc = cfg.prune
         if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
             raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
                               f"(got {pc.levels})")
-        if pc.granularity != "weight" and cfg.model.name not in SEQUENTIAL:
-            raise ConfigError(f"prune.granularity = {pc.granularity!r} supports models {', '.join(SEQUENTIAL)}; "
-                              f"not {cfg.model.name}")
+        if pc.granularity != "weight" and cfg.model.name not in STRUCTURED_MODELS[pc.granularity]:
+            raise ConfigError(f"prune.granularity = {pc.granularity!r} supports models "
+                              f"{', '.join(STRUCTURED_MODELS[pc.granularity])}; not {cfg.model.name}")
         if pc.schedule == "gradual":
             end = pc.agp_start_step + pc.agp_updates * pc.agp_frequency
             if end > self.engine.num_steps:
@@ -232,23 +241,35 @@ class Lottery:
         return plan.engine.init(params, bs, _to_jax(stack(plan.masks)), rngs, start=plan.start)
 
     def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
-        cfg, store = self.cfg, self.store
+        """Prepare, train and store one level of this run alone (see :func:`run_group` for several)."""
         plan = self.prepare_level(level, init)
-        members, masks, can_prune, start, engine = plan.members, plan.masks, plan.can_prune, plan.start, plan.engine
         state = self.initial_state(level, plan)
-        snap = (cfg.rewind.step,) if level == 0 and cfg.rewind.step > 0 else ()
-        files = {}
         t0 = time.time()
-        with self._bar(level, engine.num_steps - start) as bar:
-            if level > 0 and cfg.prune.schedule == "gradual":
-                result, masks, agp = self._run_gradual(state, members, can_prune, bar)
-                files["agp.parquet"] = parquet_bytes(agp)
-            else:
-                result = engine.run(state, [m.seed for m in members], start=start, snapshot_steps=snap,
-                                    progress=bar)
-        wall_s = time.time() - t0
+        with self._bar(level, plan.engine.num_steps - plan.start) as bar:
+            result, masks, files = self.run_plan(level, plan, state, bar)
+        self.finish_level(level, plan, result, masks, time.time() - t0, files, log)
+
+    def snapshot_steps(self, level: int) -> tuple[int, ...]:
+        """Steps whose weights a level keeps: the rewind point k > 0 of the dense level."""
+        return (self.cfg.rewind.step,) if level == 0 and self.cfg.rewind.step > 0 else ()
+
+    def run_plan(self, level: int, plan: "LevelPlan", state, bar):
+        """Train a prepared level: (TrainResult, final masks per member, extra level files)."""
+        if level > 0 and self.cfg.prune.schedule == "gradual":
+            result, masks, agp = self._run_gradual(state, plan.members, plan.can_prune, bar)
+            return result, masks, {"agp.parquet": parquet_bytes(agp)}
+        result = plan.engine.run(state, [m.seed for m in plan.members], start=plan.start,
+                                 snapshot_steps=self.snapshot_steps(level), progress=bar)
+        return result, plan.masks, {}
+
+    def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,
+                     log: WandbSink | None) -> None:
+        """Evaluate, assemble and atomically store a trained level (its members only)."""
+        cfg, store = self.cfg, self.store
+        members, can_prune, engine = plan.members, plan.can_prune, plan.engine
+        files = dict(files)
         densities = [density(mk, can_prune) for mk in masks]
-        if snap:
+        if self.snapshot_steps(level):
             store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
@@ -293,8 +314,7 @@ class Lottery:
             masks = [prune_to_density(magnitude_scores(unstack(params, k)), unstack(_np(state.mask), k),
                                       can_prune, target) for k in range(len(members))]
             mask_pop = _to_jax(stack(masks))
-            state = state.replace(mask=mask_pop, params=jax.tree.map(
-                lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), state.params, mask_pop))
+            state = engine.remask(state, mask_pop)
             rows.append({"step": u, "target_density": target, "density": density(masks[0], can_prune)})
         from .train import TrainResult
         final_masks = [unstack(_np(state.mask), k) for k in range(len(members))]
@@ -338,56 +358,77 @@ class Lottery:
         return df, {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
 
     def _finetune(self) -> Engine:
+        if self._share is not None:  # same train and rewind config: the same compiled programs
+            return self._share._finetune()
         if self._finetune_engine is None:
             lr = self.cfg.rewind.finetune_lr or final_lr(self.cfg.train, self.engine.num_steps)
             self._finetune_engine = Engine(self.model, self.data, self.cfg.train, lr_fn=optax.constant_schedule(lr))
         return self._finetune_engine
 
     def _metrics_table(self, level, members, densities, records, wall_s, diverged) -> pd.DataFrame:
-        df = pd.DataFrame.from_records(records)
-        es = early_stop_steps(records)
-        df["run_id"] = self.cfg.run_id
-        df["level"] = level
-        df["arm"] = [members[k].arm for k in df["member"]]
-        df["seed"] = [members[k].seed for k in df["member"]]
-        df["density"] = [densities[k] for k in df["member"]]
-        df["early_stop_step"] = [es.get(k, -1) for k in df["member"]]
-        df["diverged_step"] = [diverged.get(k, -1) for k in df["member"]]
-        df["wall_s"] = wall_s
-        cols = ["run_id", "level", "arm", "seed", "member", "density", "step", "split", "loss", "accuracy",
-                "early_stop_step", "diverged_step", "wall_s"]
-        return df[cols]
+        return metrics_table(self.cfg.run_id, level, members, densities, records, wall_s, diverged)
 
     def _sparsity_table(self, level, members, final_params, masks, can_prune) -> pd.DataFrame:
-        rows = []
-        for k, m in enumerate(members):
-            for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune):
-                rows.append({"level": level, "arm": m.arm, "seed": m.seed, "member": k, **r})
-        return pd.DataFrame.from_records(rows)
+        return sparsity_table(level, members, final_params, masks, can_prune)
 
-    @contextlib.contextmanager
-    def _bar(self, level: int, total: int, what: str = ""):
-        if not self.progress:
-            yield None
-            return
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"level {level}/{self.cfg.prune.levels}{' ' + what if what else ''}", unit="step",
-                   file=sys.stderr, leave=True, dynamic_ncols=True)
-        last = [0 if level == 0 or what else self.cfg.rewind.step]
+    def _bar(self, level: int, total: int, what: str = "", start: int | None = None):
+        """Progress of one level's ``total`` steps; level L > 0 starts at the rewind step unless ``start``."""
+        if start is None:
+            start = 0 if level == 0 or what else self.cfg.rewind.step
+        desc = f"level {level}/{self.cfg.prune.levels}{' ' + what if what else ''}"
+        return progress_bar(self.progress, desc, total, start)
 
-        def update(step: int, metrics: dict) -> None:
-            bar.update(step - last[0])
-            last[0] = step
-            post = {"loss": f"{metrics['train'][0]:.3f}"}
-            if "val" in metrics:
-                post["val_acc"] = f"{metrics['val'][1]:.3f}"
-            post["test_acc"] = f"{metrics['test'][1]:.3f}"
-            bar.set_postfix(post)
 
-        try:
-            yield update
-        finally:
-            bar.close()
+def metrics_table(run_id: str, level: int, members, densities, records, wall_s: float, diverged) -> pd.DataFrame:
+    """Tidy metrics of a trained population: one row per (member, step, split)."""
+    df = pd.DataFrame.from_records(records)
+    es = early_stop_steps(records)
+    df["run_id"] = run_id
+    df["level"] = level
+    df["arm"] = [members[k].arm for k in df["member"]]
+    df["seed"] = [members[k].seed for k in df["member"]]
+    df["density"] = [densities[k] for k in df["member"]]
+    df["early_stop_step"] = [es.get(k, -1) for k in df["member"]]
+    df["diverged_step"] = [diverged.get(k, -1) for k in df["member"]]
+    df["wall_s"] = wall_s
+    cols = ["run_id", "level", "arm", "seed", "member", "density", "step", "split", "loss", "accuracy",
+            "early_stop_step", "diverged_step", "wall_s"]
+    return df[cols]
+
+
+def sparsity_table(level: int, members, final_params, masks, can_prune) -> pd.DataFrame:
+    """Per member and layer: shape, count, non-zeros and density of the trained weights."""
+    rows = []
+    for k, m in enumerate(members):
+        for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune):
+            rows.append({"level": level, "arm": m.arm, "seed": m.seed, "member": k, **r})
+    return pd.DataFrame.from_records(rows)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
+    """A tqdm bar over ``total`` training steps from global step ``start``; yields the engine's
+    ``progress(step, metrics)`` callback (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
+    last = [start]
+
+    def update(step: int, metrics: dict) -> None:
+        bar.update(step - last[0])
+        last[0] = step
+        post = {"loss": f"{metrics['train'][0]:.3f}"}
+        if "val" in metrics:
+            post["val_acc"] = f"{metrics['val'][1]:.3f}"
+        post["test_acc"] = f"{metrics['test'][1]:.3f}"
+        bar.set_postfix(post)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def _kept(mask) -> int:
@@ -404,12 +445,117 @@ def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None
     if store.is_finished(cfg.prune.levels):
         return store
     lottery = Lottery(cfg, out, progress=progress)
-    sink = None
-    if cfg.log.wandb != "disabled":
-        sink = WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, cfg.run_id,
-                         flatten(cfg.to_dict()), lottery.store.path / "wandb")
+    sink = _open_sink(lottery)
     try:
         return lottery.run(sink)
     finally:
         if sink is not None:
             sink.close()
+
+
+# ---------------------------------------------------------------------------- population groups
+
+def population_key(cfg: ExperimentConfig) -> str | None:
+    """Runs with equal keys can train each level together as one population; None: the run trains alone.
+
+    Such runs share the data set, model, training and rewinding (so one compiled engine, one start
+    step and one batch order per seed) and the number of levels; they may differ in seeds, arms and
+    in how they prune (rate, scope, criterion, granularity, ...). AGP (``prune.schedule = 'gradual'``)
+    updates masks during training and always trains alone.
+    """
+    if cfg.prune.schedule == "gradual":
+        return None
+    d = cfg.to_dict()
+    for key in ("name", "seeds", "arms", "log"):
+        d.pop(key, None)
+    d["prune"] = {"levels": cfg.prune.levels}
+    return json.dumps(d, sort_keys=True)
+
+
+def run_group(cfgs, out: str | Path, *, progress: bool | None = None) -> dict[str, str]:
+    """Run or resume several runs of one population group (equal :func:`population_key`).
+
+    Level by level, the members of every run that still needs the level train as one vmapped
+    population; each run's share of the result is stored in its own folder, exactly as a run alone
+    would store it. The dense level depends only on the seed within a group, so each seed's dense
+    network is trained once and stored in every run that has the seed. A member's numbers equal
+    those of the run trained alone to float tolerance (the batched matmuls may round differently).
+
+    Returns run_id -> 'trained' | 'complete' | 'busy: <why>' (another process holds the run).
+    """
+    from .store import RunBusyError
+
+    cfgs = list(cfgs)
+    root = prepare_root(out)
+    status: dict[str, str] = {}
+    todo = []
+    for cfg in cfgs:
+        if RunStore(root, cfg.run_id).is_finished(cfg.prune.levels):
+            status[cfg.run_id] = "complete"
+        else:
+            todo.append(cfg)
+    keys = {population_key(c) for c in todo}
+    if len(todo) > 1 and (None in keys or len(keys) > 1):
+        raise ValueError(f"runs {[c.run_id for c in todo]} do not share a population_key; group them first")
+    with contextlib.ExitStack() as stack_:
+        lots: list[Lottery] = []
+        for cfg in todo:
+            try:
+                stack_.enter_context(RunStore(root, cfg.run_id).lock())
+            except RunBusyError as e:
+                status[cfg.run_id] = f"busy: {e}"
+                continue
+            lots.append(Lottery(cfg, root, progress=progress, share=lots[0] if lots else None))
+        sinks: dict[str, WandbSink | None] = {}
+        for lot in lots:
+            sinks[lot.cfg.run_id] = sink = _open_sink(lot)
+            if sink is not None:
+                stack_.callback(sink.close)
+            lot.store.write_hparams(lot.hparams())
+        inits = {lot.cfg.run_id: lot.init_weights() for lot in lots}
+        for level in range(max((lot.cfg.prune.levels for lot in lots), default=-1) + 1):
+            active = [lot for lot in lots if level <= lot.cfg.prune.levels and not lot.store.is_complete(level)]
+            if len(active) == 1:
+                active[0].train_level(level, inits[active[0].cfg.run_id], sinks[active[0].cfg.run_id])
+            elif active:
+                _train_level_together(level, active, inits, sinks)
+        for lot in lots:
+            status[lot.cfg.run_id] = "trained"
+    return status
+
+
+def _train_level_together(level: int, lots: list[Lottery], inits: dict, sinks: dict) -> None:
+    plans = [lot.prepare_level(level, inits[lot.cfg.run_id]) for lot in lots]
+    members, weights, masks, index = [], [], [], []
+    slot: dict[int, int] = {}  # dense level: seed -> its one member
+    for plan in plans:
+        idx = []
+        for m, w, mask in zip(plan.members, plan.weights, plan.masks):
+            if level == 0 and m.seed in slot:
+                idx.append(slot[m.seed])
+                continue
+            if level == 0:
+                slot[m.seed] = len(members)
+            idx.append(len(members))
+            members.append(m)
+            weights.append(w)
+            masks.append(mask)
+        index.append(idx)
+    lead = lots[0]
+    together = LevelPlan(members, weights, masks, plans[0].can_prune, plans[0].start, plans[0].engine)
+    state = lead.initial_state(level, together)
+    t0 = time.time()
+    with lead._bar(level, together.engine.num_steps - together.start, f"({len(lots)} runs)",
+                   start=together.start) as bar:
+        result, _, _ = lead.run_plan(level, together, state, bar)
+    wall_s = time.time() - t0
+    for lot, plan, idx in zip(lots, plans, index):
+        lot.finish_level(level, plan, result.select(idx), plan.masks, wall_s, {}, sinks[lot.cfg.run_id])
+
+
+def _open_sink(lottery: Lottery) -> WandbSink | None:
+    cfg = lottery.cfg
+    if cfg.log.wandb == "disabled":
+        return None
+    return WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, cfg.run_id, flatten(cfg.to_dict()),
+                     lottery.store.path / "wandb")

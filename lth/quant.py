@@ -954,7 +954,7 @@ class LoadedRun:
         if not (path / "hparams.json").is_file():
             raise StoreError(f"{path} is not a run folder (no hparams.json); pass OUT/<run_id>")
         hparams = read_json(path / "hparams.json")
-        raw = {k: v for k, v in hparams.items() if k not in ("run_id", "lth_version", "num_steps")}
+        raw = {k: v for k, v in hparams.items() if k not in ("run_id", "lth_version", "num_steps", "mask")}
         cfg = ExperimentConfig.from_dict(raw, str(path / "hparams.json"))
         data = load_dataset(cfg.data)
         model = build_model(cfg.model, data.num_classes, data.input_shape)
@@ -1040,7 +1040,7 @@ def quantize_level(run: LoadedRun, level: int, qc, evaluator: Evaluator | None =
     ev = evaluator or Evaluator(run.data, run.cfg.train.eval_batch_size)
     t = run.tickets(level)
     K = len(t["members"])
-    model, data = run.model, run.data
+    model = run.model
     calib = run.calib_x(qc.calib_batches)
     float_acc = ev.accuracy(model, t["params"], t["batch_stats"])
     float_val = float_acc.get("val", float_acc["test"])
@@ -1129,7 +1129,6 @@ def _retry(model, t, spec, calib, qc, ev, float_val):
     Tries ``qc.calibration`` in order (per member); keeps the first within ``qc.tolerance`` of the
     float val accuracy, else the best val accuracy seen.
     """
-    from .train import unstack
 
     K = len(t["members"])
     best: list = [None] * K

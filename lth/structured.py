@@ -1,34 +1,56 @@
-"""Structured pruning of sequential networks (mlp, lenet_300_100, conv2/4/6): whole neurons / filters.
+"""Structured pruning: whole neurons / filters of sequential networks, whole residual blocks of ResNets.
 
-Removing hidden unit (or filter) c of layer l zeroes column c of l's kernel, entry c of its bias and
-the inputs of layer l+1 that read unit c (rows c of a dense kernel, input channel c of a conv, or
-every flattened position of channel c for the first dense layer after the convolutions). Units are
-ranked by the L1 or L2 norm of their surviving incoming weights (Li et al. 2017 for filters).
+**Neurons and filters** (mlp, lenet_300_100, conv2/4/6; filters also vgg11/16/19). Removing hidden
+unit (or filter) c of layer l zeroes column c of l's kernel, entry c of its bias, entry c of the
+scale and bias of its batch norm ``bn_l`` (VGG) and the inputs of layer l+1 that read unit c (rows c
+of a dense kernel, input channel c of a conv, or every flattened position of channel c for the first
+dense layer after the convolutions). Units are ranked by the L1 or L2 norm of their surviving
+incoming weights (Li et al. 2017 for filters).
 
-:func:`compact` turns such a mask into a physically smaller dense network whose outputs equal the
-masked network's.
+**Layers** (resnet20). Dropping a residual block ``stage{s}_block{b}`` masks every parameter of its
+residual branch: both conv kernels and both batch norms' scale and bias. The branch then outputs
+exactly 0 in train and eval mode whatever the running statistics (BN computes
+``(x - mean) * scale / sqrt(var + eps) + bias``), so the block computes ``relu(x + 0) = x`` (its input
+is already post-ReLU): the network is the one with the block removed. Only blocks with an identity
+shortcut can be dropped; the first block of a stage whose 1x1 ``conv_shortcut`` projection changes
+stride and channels is always kept. Each level drops ``round_half_up(prune.rate * n)`` of the n
+surviving droppable blocks (so a level may drop none once n is small), those with the lowest
+per-weight norm of their surviving branch conv weights (``prune.structure_norm``: mean |w| for l1,
+root-mean-square for l2; per weight so that blocks of different widths compare).
+
+:func:`compact` turns a neuron/filter mask of mlp, lenet_300_100 or conv2/4/6 into a physically
+smaller dense network whose outputs equal the masked network's.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-from .config import ModelConfig, PruneConfig
+from .config import STRUCTURED_MODELS, ConfigError, ModelConfig, PruneConfig
 from .models import POOL, ConvNet, MLP, build_model
 
 PyTree = Any
-SEQUENTIAL = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6")
+SEQUENTIAL = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6")  # the models compact supports
+BLOCK = re.compile(r"stage(\d+)_block(\d+)")  # residual block submodules of lth.models.ResNet
 
 
 def layer_order(params: PyTree) -> list[str]:
-    """Weight layers in forward order: conv_*, dense_*, output."""
+    """Weight layers (those with a kernel) in forward order: conv_*, dense_*, output; batch norms skipped."""
     def key(name):
         kind, _, idx = name.partition("_")
         return ({"conv": 0, "dense": 1}.get(kind, 2), int(idx) if idx.isdigit() else 0)
-    return sorted(params, key=key)
+    return sorted((n for n in params if "kernel" in params[n]), key=key)
+
+
+def norm_of(layer: str) -> str:
+    """The batch norm that follows conv layer ``conv_i`` (VGG): ``bn_i``."""
+    return "bn_" + layer.partition("_")[2]
 
 
 def unit_scores(kernel: np.ndarray, mask: np.ndarray, norm: str) -> np.ndarray:
@@ -42,12 +64,21 @@ def alive_units(mask: PyTree, layer: str) -> np.ndarray:
     return k.reshape(-1, k.shape[-1]).any(0)
 
 
+def _copy(mask: PyTree) -> PyTree:
+    return {k: _copy(v) if isinstance(v, Mapping) else np.array(v, bool) for k, v in mask.items()}
+
+
 def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model_name: str) -> PyTree:
-    """Prune ``rate`` (``conv_rate`` for convs) of the surviving units of every hidden layer."""
-    if model_name not in SEQUENTIAL:
-        raise ValueError(f"prune.granularity = {cfg.granularity!r} supports {', '.join(SEQUENTIAL)}; "
+    """Next mask of one member: ``cfg.granularity`` "neuron"/"filter" prunes ``rate`` (``conv_rate`` for
+    convs) of the surviving units of every hidden layer; "layer" drops residual blocks
+    (:func:`block_prune`). ValueError for a model the granularity does not support."""
+    supported = STRUCTURED_MODELS.get(cfg.granularity, ())
+    if model_name not in supported:
+        raise ValueError(f"prune.granularity = {cfg.granularity!r} supports {', '.join(supported) or 'no model'}; "
                          f"not {model_name}")
-    new = {name: {leaf: np.array(v, bool) for leaf, v in layer.items()} for name, layer in mask.items()}
+    if cfg.granularity == "layer":
+        return block_prune(params, mask, cfg)
+    new = _copy(mask)
     order = layer_order(params)
     kind = "conv" if cfg.granularity == "filter" else "dense"  # filters: conv layers; neurons: fc layers
     for i, name in enumerate(order[:-1]):  # the output layer keeps all its classes
@@ -74,6 +105,9 @@ def remove_units(mask: dict, order: list[str], i: int, units: np.ndarray) -> Non
     mask[name]["kernel"][..., units] = False
     if "bias" in mask[name]:
         mask[name]["bias"][units] = False
+    if name.startswith("conv") and norm_of(name) in mask:  # conv-BN-ReLU (VGG): the channel's BN shift too
+        for leaf in mask[norm_of(name)].values():
+            leaf[units] = False
     k = mask[nxt]["kernel"]
     if k.ndim == 4:  # conv -> conv: input channel axis
         k[:, :, units, :] = False
@@ -101,8 +135,68 @@ def is_structured(mask: PyTree, order: list[str]) -> bool:
                 rows = prev
         if not np.array_equal(k, rows[..., None] & alive):
             return False
+        if name.startswith("conv") and norm_of(name) in mask:
+            if not all(np.array_equal(np.asarray(v, bool), alive) for v in mask[norm_of(name)].values()):
+                return False
         prev, prev_name = alive, name
     return True
+
+
+# ---------------------------------------------------------------------------- residual blocks
+
+def residual_blocks(params: PyTree) -> list[str]:
+    """Names of the residual blocks ``stage{s}_block{b}`` in forward order."""
+    names = [n for n in params if BLOCK.fullmatch(n)]
+    return sorted(names, key=lambda n: tuple(int(g) for g in BLOCK.fullmatch(n).groups()))
+
+
+def droppable_blocks(params: PyTree) -> list[str]:
+    """Blocks with an identity shortcut (no ``conv_shortcut`` projection): the ones that can be dropped."""
+    return [n for n in residual_blocks(params) if "conv_shortcut" not in params[n]]
+
+
+def _branch_kernels(block: dict) -> list[str]:
+    return sorted(k for k in block if k.startswith("conv") and k != "conv_shortcut")
+
+
+def block_score(block: dict, block_mask: dict, norm: str) -> float:
+    """Per-weight norm of a block's surviving residual-branch conv weights: mean |w| (l1) or RMS (l2)."""
+    w = np.concatenate([np.where(block_mask[k]["kernel"], block[k]["kernel"], 0.0).ravel()
+                        for k in _branch_kernels(block)]).astype(np.float64)
+    n = sum(int(np.sum(block_mask[k]["kernel"])) for k in _branch_kernels(block))
+    if n == 0:
+        return math.inf
+    return float(np.abs(w).sum() / n) if norm == "l1" else float(np.sqrt((w ** 2).sum() / n))
+
+
+def block_alive(mask: PyTree, name: str) -> bool:
+    """Whether block ``name`` still has a surviving residual-branch weight."""
+    return any(np.any(mask[name][k]["kernel"]) for k in _branch_kernels(mask[name]))
+
+
+def dropped_blocks(mask: PyTree) -> list[str]:
+    """Blocks whose every mask entry is False."""
+    return [n for n in residual_blocks(mask) if not any(np.any(m) for m in jax.tree.leaves(mask[n]))]
+
+
+def drop_block(mask: dict, name: str) -> None:
+    """Mask every parameter of block ``name``'s residual branch (in place); identity-shortcut blocks only."""
+    if "conv_shortcut" in mask[name]:
+        raise ValueError(f"{name} has a projection shortcut; only identity-shortcut blocks can be dropped")
+    for leaf in jax.tree.leaves(mask[name]):
+        leaf[...] = False
+
+
+def block_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:
+    """Drop ``round_half_up(cfg.rate * n)`` of the n surviving droppable blocks, lowest :func:`block_score`
+    first (ties: the earlier block); blocks named in ``cfg.exclude`` are kept. Returns a new mask."""
+    new = _copy(mask)
+    alive = [n for n in droppable_blocks(params) if n not in cfg.exclude and block_alive(new, n)]
+    n_drop = int(math.floor(cfg.rate * len(alive) + 0.5))
+    scores = [block_score(params[n], new[n], cfg.structure_norm) for n in alive]
+    for j in np.argsort(scores, kind="stable")[:n_drop]:
+        drop_block(new, alive[j])
+    return new
 
 
 def compact(params: PyTree, mask: PyTree, cfg: ModelConfig, num_classes: int, input_shape):
@@ -153,14 +247,15 @@ def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats
     import time
     from pathlib import Path
 
-    import jax
-
     from .sensitivity import open_level
     from .store import load_tree
     from .train import apply_mask, unstack
 
     run_dir = Path(run_dir)
     cfg, store, data, model = open_level(run_dir, level)
+    if cfg.model.name not in SEQUENTIAL:
+        raise ConfigError(f"compact supports models {', '.join(SEQUENTIAL)}; {run_dir} is a {cfg.model.name} "
+                          f"(prune.granularity = {cfg.prune.granularity!r}), whose pruned network stays masked")
     params = unstack(load_tree(store.level_dir(level) / "final.msgpack")["params"], member)
     mask = unstack(load_tree(store.level_dir(level) / "masks.msgpack"), member)
     if not is_structured(mask, layer_order(params)):

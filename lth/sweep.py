@@ -2,7 +2,8 @@
 
 ``[sweep]`` maps dotted settings to lists of values (``"prune.rate" = [0.2, 0.4]`` or a nested
 ``[sweep.prune]`` table); the sweep is their cartesian product, each point one run (all its seeds
-and arms train as one population). Finished runs are skipped; a run that another process is
+and arms train as one population, and runs that share data, model, training and rewinding train
+each level together as one population: :func:`groups_of`). Finished runs are skipped; a run that another process is
 computing (its store lock is held) is skipped too, so several sweep processes can share a store.
 """
 
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw
-from .store import RunBusyError, RunStore, prepare_root
+from .store import RunStore, prepare_root
+from .wandb_log import flatten
 
 
 @dataclass(frozen=True)
@@ -34,23 +35,13 @@ class SweepPoint:
         return " ".join(self.overrides) or "(base)"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def sweep_axes(path: str | Path) -> dict[str, list]:
     """The ``[sweep]`` table as {dotted key: list of values}; ConfigError on a malformed table."""
     raw = load_raw(path)
     table = raw.get("sweep", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [sweep] must be a table of dotted settings to lists of values")
-    axes = _flatten(table)
+    axes = flatten(table)
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: sweep.{key} = {values!r} is not allowed; expected a non-empty list "
@@ -88,54 +79,87 @@ class Outcome:
     message: str = ""
 
 
-def run_point(cfg_json: str, out: str, progress: bool = False) -> dict:
-    """Run one sweep point in this process (the unit of work of every executor)."""
-    from .lottery import run_lottery
+def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
+    """Indices of the points that train together, in grid order.
 
-    cfg = ExperimentConfig.from_json(cfg_json)
-    store = RunStore(prepare_root(out), cfg.run_id)
-    if store.is_finished(cfg.prune.levels):
-        return {"run_id": cfg.run_id, "status": "complete", "wall_s": 0.0, "message": ""}
+    Points with equal :func:`lth.lottery.population_key` (same data, model, training, rewinding and
+    number of levels) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
+    population holds every member of its runs); ``max_runs = 1`` trains every run alone.
+    """
+    from .lottery import population_key
+
+    if max_runs < 1:
+        raise ConfigError(f"--group {max_runs} is not allowed; expected an integer >= 1")
+    by_key: dict[str, list[int]] = {}
+    alone: list[list[int]] = []
+    for i, p in enumerate(points):
+        key = population_key(p.cfg)
+        if key is None or max_runs == 1:
+            alone.append([i])
+        else:
+            by_key.setdefault(key, []).append(i)
+    groups = [g[j:j + max_runs] for g in by_key.values() for j in range(0, len(g), max_runs)] + alone
+    return sorted(groups, key=lambda g: g[0])
+
+
+def run_group_point(cfg_jsons: list[str], out: str, progress: bool = False) -> list[dict]:
+    """Run one group of sweep points in this process (the unit of work of every executor)."""
+    from .lottery import run_group
+
+    cfgs = [ExperimentConfig.from_json(c) for c in cfg_jsons]
     t0 = time.time()
-    try:
-        run_lottery(cfg, out, progress=progress)
-    except RunBusyError as e:
-        return {"run_id": cfg.run_id, "status": "busy", "wall_s": 0.0, "message": str(e)}
-    return {"run_id": cfg.run_id, "status": "trained", "wall_s": time.time() - t0, "message": ""}
+    status = run_group(cfgs, out, progress=progress)
+    wall = time.time() - t0
+    rows = []
+    for cfg in cfgs:
+        st = status[cfg.run_id]
+        kind, _, message = st.partition(": ")
+        rows.append({"run_id": cfg.run_id, "status": kind, "wall_s": wall if kind == "trained" else 0.0,
+                     "message": message})
+    return rows
 
 
-def _run_point_safe(cfg_json: str, out: str) -> dict:
+def _run_group_safe(cfg_jsons: list[str], out: str) -> list[dict]:
     try:
-        return run_point(cfg_json, out)
-    except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
-        cfg = ExperimentConfig.from_json(cfg_json)
-        return {"run_id": cfg.run_id, "status": "failed", "wall_s": 0.0,
-                "message": f"{type(e).__name__}: {e}"}
+        return run_group_point(cfg_jsons, out)
+    except Exception as e:  # noqa: BLE001 - one failed group must not stop the sweep
+        if len(cfg_jsons) > 1:  # retry its runs alone, so one bad run does not fail its neighbours
+            return [r for c in cfg_jsons for r in _run_group_safe([c], out)]
+        cfg = ExperimentConfig.from_json(cfg_jsons[0])
+        return [{"run_id": cfg.run_id, "status": "failed", "wall_s": 0.0, "message": f"{type(e).__name__}: {e}"}]
 
 
 def run_sweep(points: list[SweepPoint], out: str | Path, *, executor: str = "local", workers: int = 1,
-              address: str | None = None, on_done: Callable[[Outcome, int, int], None] | None = None
-              ) -> list[Outcome]:
-    """Run every point not yet finished; returns one Outcome per point, in grid order."""
+              address: str | None = None, group: int = 8,
+              on_done: Callable[[Outcome, int, int], None] | None = None) -> list[Outcome]:
+    """Run every point not yet finished; returns one Outcome per point, in grid order.
+
+    Points that can share a population train together, ``group`` runs at most (:func:`groups_of`);
+    a group's runs report the group's wall time.
+    """
     out = str(prepare_root(out))
-    todo = [(i, p) for i, p in enumerate(points)]
+    groups = groups_of(points, group)
     results: dict[int, Outcome] = {}
 
-    def done(i: int, r: dict) -> None:
-        results[i] = Outcome(r["run_id"], points[i].label, r["status"], r["wall_s"], r.get("message", ""))
-        if on_done is not None:
-            on_done(results[i], len(results), len(points))
+    def done(idx: list[int], rows: list[dict]) -> None:
+        for i, r in zip(idx, rows):
+            results[i] = Outcome(r["run_id"], points[i].label, r["status"], r["wall_s"], r.get("message", ""))
+            if on_done is not None:
+                on_done(results[i], len(results), len(points))
+
+    def payload(idx):
+        return [points[i].cfg.to_json() for i in idx]
 
     if executor == "local" and workers <= 1:
-        for i, p in todo:
-            done(i, _run_point_safe(p.cfg.to_json(), out))
+        for idx in groups:
+            done(idx, _run_group_safe(payload(idx), out))
     elif executor == "local":
         import concurrent.futures as cf
         import multiprocessing as mp
 
         # spawn, not fork: a forked JAX runtime can deadlock
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_point_safe, p.cfg.to_json(), out): i for i, p in todo}
+            futures = {pool.submit(_run_group_safe, payload(idx), out): idx for idx in groups}
             for f in cf.as_completed(futures):
                 done(futures[f], f.result())
     elif executor == "ray":
@@ -143,8 +167,8 @@ def run_sweep(points: list[SweepPoint], out: str | Path, *, executor: str = "loc
 
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        task = ray.remote(num_cpus=1)(_run_point_safe)
-        refs = {task.remote(p.cfg.to_json(), out): i for i, p in todo}
+        task = ray.remote(num_cpus=1)(_run_group_safe)
+        refs = {task.remote(payload(idx), out): idx for idx in groups}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -2,11 +2,16 @@
 
 One network's train step is a pure function ``(state, x, y) -> (state, metrics)``; a whole segment
 between evaluations is one ``lax.scan`` over index batches with the data set resident on the device;
-the segment is ``vmap``-ped over the population axis K (seeds and controls). K = 1 is the same code.
+the segment runs over the population axis K (seeds and controls): vmapped, or on CPU member after
+member inside the same program (``train.member_batch``, :func:`population_program`). K = 1 is the
+same code.
 
-Masks are pytrees of bools shaped like ``params``. Gradients of pruned weights are zeroed before the
-optimizer (so their optimizer moments stay zero) and the weights are re-zeroed after every update,
-so a pruned weight is exactly 0.0 after every step whatever the optimizer or weight decay does.
+Masks are pytrees of bools shaped like ``params``. A pruned weight starts at exactly +0.0 (the
+state is built with the mask applied) and its gradient is zeroed before the optimizer, so its
+momentum / Adam moments stay exactly zero and every update it receives is exactly zero (sgd,
+momentum, nesterov, adam; the coupled weight decay adds ``wd * 0``): it is +0.0 after every step
+without a second pass over the weights. Whenever the masks of a running state change
+(:meth:`Engine.remask`, e.g. AGP), the newly pruned weights and their optimizer moments are zeroed.
 
 This module knows no pruning: it trains whatever masks it is given.
 """
@@ -127,6 +132,12 @@ def init_state(params: PyTree, batch_stats: PyTree, mask: PyTree, tx: optax.Grad
                       opt_state=tx.init(params), mask=mask, rng=rng)
 
 
+def remask(state: TrainState, mask: PyTree, tx: optax.GradientTransformation) -> TrainState:
+    """``state`` (one member) with new masks: newly pruned weights and their optimizer moments zeroed."""
+    opt_state = optax.tree_map_params(tx, lambda v, m: jnp.where(m, v, jnp.zeros_like(v)), state.opt_state, mask)
+    return state.replace(params=apply_mask(state.params, mask), opt_state=opt_state, mask=mask)
+
+
 def init_population_state(params, batch_stats, masks, tx, rngs) -> TrainState:
     """Vmapped :func:`init_state` over a stacked population."""
     return jax.jit(jax.vmap(lambda p, b, m, r: init_state(p, b, m, tx, r)))(params, batch_stats, masks, rngs)
@@ -158,11 +169,12 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
             return loss, (logits, bs)
 
         (loss, (logits, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = apply_mask(grads, state.mask)  # pruned weights get no gradient, so no moments
+        # pruned weights get no gradient, so no moments and an exactly zero update (module doc)
+        grads = apply_mask(grads, state.mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         lr = lr_fn(state.step)
         updates = jax.tree.map(lambda u: lr * u, updates)
-        params = apply_mask(optax.apply_updates(state.params, updates), state.mask)
+        params = optax.apply_updates(state.params, updates)
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
         new = state.replace(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state, rng=rng)
         return new, {"loss": loss, "accuracy": acc}
@@ -170,12 +182,57 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
     return step
 
 
-def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool
-                    ) -> Callable:
+def member_batch_size(cfg: TrainConfig) -> int | None:
+    """Members vmapped together (``train.member_batch``); None = the whole population.
+
+    Auto: 1 on CPU, where a vmapped population turns every matmul into a batched one of small
+    matrices (slower per network than one plain matmul) and K members' weights and Adam moments no
+    longer fit in cache; the whole population on accelerators, which need the batching to be busy.
+    """
+    if cfg.member_batch is not None:
+        return cfg.member_batch
+    return 1 if jax.default_backend() == "cpu" else None
+
+
+def population_program(member: Callable, in_axes: tuple, member_batch: int | None) -> Callable:
+    """Run ``member`` over a population: the leading axis of every argument whose ``in_axes`` is 0.
+
+    ``member_batch`` members at a time are vmapped; the groups run one after another (``lax.map``)
+    in the same program. None vmaps the whole population. With several local devices the population
+    is split between them (``shard_map``; see :func:`population_sharding`) and each device runs its
+    share this way, so no device waits for another's members.
+    """
+    def pop(*args):
+        k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)
+        if member_batch is None or member_batch >= k:
+            return jax.vmap(member, in_axes=in_axes)(*args)
+        mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+
+        def one(xs):
+            it = iter(xs)
+            return member(*(next(it) if ax == 0 else a for a, ax in zip(args, in_axes)))
+
+        return jax.lax.map(one, mapped, batch_size=member_batch if member_batch > 1 else None)
+
+    def sharded(*args):
+        k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)
+        mesh = population_sharding(k).mesh
+        if mesh.size == 1:
+            return pop(*args)
+        P = jax.sharding.PartitionSpec
+        specs = tuple(P("population") if ax == 0 else P() for ax in in_axes)
+        return jax.shard_map(pop, mesh=mesh, in_specs=specs, out_specs=P("population"), check_vma=False)(*args)
+
+    return sharded
+
+
+def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
+                    member_batch: int | None = None) -> Callable:
     """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K, S])``.
 
     ``idx`` holds the example indices of S steps: ``[S, B]`` shared by all members or ``[K, S, B]``.
-    The data set stays resident; each step gathers its batch by index inside the scan.
+    The data set stays resident; each step gathers its batch by index inside the scan. Members are
+    computed ``member_batch`` at a time (:func:`population_program`).
     """
     step = make_train_step(model, tx, lr_fn)
 
@@ -185,11 +242,11 @@ def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
 
         return jax.lax.scan(body, state, idx)
 
-    pop = jax.vmap(member, in_axes=(0, None, None, None if shared_order else 0))
+    pop = population_program(member, (0, None, None, None if shared_order else 0), member_batch)
     return jax.jit(pop, donate_argnums=(0,))
 
 
-def make_eval_fn(model) -> Callable:
+def make_eval_fn(model, member_batch: int | None = None) -> Callable:
     """Compiled ``(params [K], batch_stats [K], xs [C, n, ...], ys [C, n], valid [C, n]) -> (loss [K], acc [K])``."""
 
     def member(params, batch_stats, xs, ys, valid):
@@ -204,7 +261,7 @@ def make_eval_fn(model) -> Callable:
         n = jnp.sum(valid)
         return loss_sum / n, correct_sum / n
 
-    return jax.jit(jax.vmap(member, in_axes=(0, 0, None, None, None)))
+    return jax.jit(population_program(member, (0, 0, None, None, None), member_batch))
 
 
 def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int):
@@ -269,6 +326,20 @@ class TrainResult:
     snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> {params, batch_stats} [K, ...] (host)
     diverged: dict[int, int] = field(default_factory=dict)  # member -> first step with a non-finite loss
 
+    def select(self, members: Sequence[int]) -> "TrainResult":
+        """The result of the members ``members`` (renumbered 0..len-1 in that order)."""
+        idx = np.asarray(members, np.int32)
+        pos = {int(k): j for j, k in enumerate(idx)}
+
+        def take(x):
+            return x[idx]
+
+        return TrainResult(
+            state=jax.tree.map(take, self.state),
+            records=[{**r, "member": pos[r["member"]]} for r in self.records if r["member"] in pos],
+            snapshots={s: jax.tree.map(take, t) for s, t in self.snapshots.items()},
+            diverged={pos[k]: v for k, v in self.diverged.items() if k in pos})
+
 
 def eval_steps(cfg: TrainConfig, num_steps: int, spe: int) -> list[int]:
     every = cfg.eval_every or spe
@@ -295,8 +366,10 @@ class Engine:
         self.eval_sets = {name: chunk_split(x, y, cfg.eval_batch_size)
                           for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
                           if len(x)}
-        self._segment = {shared: make_segment_fn(model, tx, lr_fn, shared) for shared in (True, False)}
-        self._eval = make_eval_fn(model)
+        self.member_batch = mb = member_batch_size(cfg)
+        self._segment = {shared: make_segment_fn(model, tx, lr_fn, shared, mb) for shared in (True, False)}
+        self._eval = make_eval_fn(model, mb)
+        self._remask = None
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:
         """Population state at global step ``start`` (the schedule resumes there) with fresh optimizer moments.
@@ -306,6 +379,12 @@ class Engine:
         state = init_population_state(params, batch_stats, masks, self.tx, rngs)
         state = state.replace(step=jnp.full_like(state.step, start))
         return jax.device_put(state, population_sharding(int(state.step.shape[0])))
+
+    def remask(self, state: TrainState, masks) -> TrainState:
+        """The population ``state`` with new masks ``[K, ...]`` (see :func:`remask`); training continues."""
+        if self._remask is None:
+            self._remask = jax.jit(jax.vmap(lambda st, m: remask(st, m, self.tx)), donate_argnums=(0,))
+        return self._remask(state, masks)
 
     def evaluate(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """split -> (loss [K], accuracy [K]) on the val and test splits."""

@@ -1,20 +1,18 @@
 """Pruning criteria and schedules: saliency/OBD signals by finite differences, AGP, one-shot."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 
 from analysis import load_runs
-from lth.config import ExperimentConfig, PruneConfig
+from lth.config import PruneConfig
 from lth.lottery import run_lottery
 from lth.pruning import agp_density, obd_scores, saliency_scores
 from lth.signals import _loss, activation_sparsity, hessian_diagonal, mean_gradient
-from lth.store import read_parquet
+from lth.store import load_tree, read_parquet
 from test_lottery import tiny
 
 
@@ -98,6 +96,12 @@ def test_gradual_run_hits_the_schedule_at_every_update_and_ends_at_target(tmp_pa
         assert row["density"] == pytest.approx(row["target_density"], abs=2e-3)  # per-layer rounding
     df = load_runs(tmp_path)
     assert df[df.level == 1]["density"].unique() == pytest.approx([0.25], abs=2e-3)
+    # weights pruned mid-training had Adam moments: remasking zeroed them, so they stayed exactly 0
+    final, masks = (load_tree(store.level_dir(1) / f) for f in ("final.msgpack", "masks.msgpack"))
+    for w, m in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(masks)):
+        if w.ndim == 3:  # stacked kernels [K, in, out] are pruned (biases are not)
+            assert (~m).any()
+        assert np.all(w[~m] == 0.0) and not np.signbit(w[~m]).any()
 
 
 def test_oneshot_prunes_to_the_target_and_criteria_run(tmp_path):

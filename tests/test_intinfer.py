@@ -1,6 +1,7 @@
 """Integer inference (int8 operands, int32 accumulation) agrees with the fake-quant model."""
 
-import jax
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,21 +10,11 @@ from lth.config import ExperimentConfig
 from lth.intinfer import _compiled, _device_arrays, from_quantized
 from lth.models import MLP, build_model
 from lth.quant import QuantSpec, fake_quant_predict, layer_program, ptq
+from test_quant import random_params as _random_params
 
 
-def random_params(model, input_shape, seed=0, density=0.5):
-    """Glorot-scaled normal params, kernels pruned at random to ``density`` (numpy: no RNG compile)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) == 1:
-            return jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * 0.1)
-        fan = np.prod(s.shape[:-1]) + s.shape[-1]
-        w = rng.normal(size=s.shape) * np.sqrt(2 / fan) * (rng.random(s.shape) < density)
-        return jnp.asarray(w.astype(np.float32))
-
-    return jax.tree.map(draw, shapes)
+# Glorot-scaled params with kernels pruned at random to half density (shared with the quant tests)
+random_params = functools.partial(_random_params, density=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Structured pruning: whole neurons/filters, the next layer's inputs follow, compact == masked."""
+"""Structured pruning: whole neurons/filters, the next layer's inputs follow, compact == masked;
+whole residual blocks of resnet20 become the identity."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,8 @@ import pytest
 
 from lth.config import ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.structured import compact, is_structured, layer_order, structured_prune
+from lth.structured import (compact, droppable_blocks, drop_block, dropped_blocks, is_structured, layer_order,
+                            residual_blocks, structured_prune)
 from lth.train import apply_mask
 
 
@@ -102,3 +103,208 @@ def test_neuron_imp_run_and_compact_cli(tmp_path, capsys):
     assert float(out["max_abs_diff".rjust(20)]) < 1e-4
     # 24 -> 12 -> 6 and 16 -> 8 -> 4 units: 40*6+6 + 6*4+4 + 4*10+10
     assert int(out["params_compact".rjust(20)]) == 40 * 6 + 6 + 6 * 4 + 4 + 4 * 10 + 10
+
+
+# ---------------------------------------------------------------------------- residual blocks (layer)
+
+RESNET = ModelConfig(name="resnet20", width=0.25)  # stages of 4, 8, 16 channels
+IMAGE = (8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """(model, params, batch_stats) of a tiny resnet20 with non-trivial BN params and running stats."""
+    from lth.train import init_variables
+    model = build_model(RESNET, 10, IMAGE)
+    params, bs = jax.tree.map(np.asarray, jax.jit(lambda k: init_variables(model, k, IMAGE))(jax.random.key(0)))
+    rng = np.random.default_rng(0)
+
+    def bn(path, x):  # non-zero BN shifts and scales, running stats far from (0, 1)
+        name = path[-1].key
+        if name in ("bias", "mean"):
+            return x + rng.normal(size=x.shape).astype(x.dtype)
+        if name in ("scale", "var"):
+            return x * rng.uniform(0.5, 2.0, size=x.shape).astype(x.dtype)
+        return x
+
+    return model, jax.tree_util.tree_map_with_path(bn, params), jax.tree_util.tree_map_with_path(bn, bs)
+
+
+def block_io(model, params, bs, x, train):
+    """{block: (input, output)} of every residual block, read from the sown post-ReLU activations."""
+    cols = ["activations", "batch_stats"] if train else ["activations"]
+    apply = jax.jit(lambda p, b, x: model.apply({"params": p, "batch_stats": b}, x, train=train, mutable=cols))
+    logits, out = apply(params, bs, x)
+    acts = out["activations"]
+    prev, io = np.asarray(acts["conv_0_relu"][0]), {}
+    for name in residual_blocks(params):
+        y = np.asarray(acts[name]["out_relu"][0])
+        io[name] = (prev, y)
+        prev = y
+    return io, np.asarray(logits)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_a_dropped_block_computes_the_identity(resnet, train):
+    model, params, bs = resnet
+    mask = ones(params)
+    for name in ("stage1_block1", "stage3_block2"):
+        drop_block(mask, name)
+    x = np.random.default_rng(1).normal(size=(4, *IMAGE)).astype(np.float32)
+    io, logits = block_io(model, apply_mask(params, mask), bs, x, train)
+    for name in ("stage1_block1", "stage3_block2"):
+        x_in, y = io[name]
+        assert np.array_equal(y, x_in) and np.abs(x_in).sum() > 0
+    for name in ("stage1_block2", "stage3_block1"):  # kept blocks still compute something
+        assert not np.allclose(io[name][1], io[name][0])
+    dense, _ = block_io(model, params, bs, x, train)  # unmasked: the same block is not the identity
+    assert not np.allclose(dense["stage1_block1"][1], dense["stage1_block1"][0])
+    # the logits are those of the network without the last block: the head reads stage3_block1's output
+    pooled = io["stage3_block1"][1].mean(axis=(1, 2))
+    np.testing.assert_allclose(logits, pooled @ params["output"]["kernel"] + params["output"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_layer_mask_removes_whole_identity_blocks_only(resnet):
+    _, params, _ = resnet
+    assert droppable_blocks(params) == ["stage1_block0", "stage1_block1", "stage1_block2", "stage2_block1",
+                                        "stage2_block2", "stage3_block1", "stage3_block2"]
+    pc = PruneConfig(rate=0.5, granularity="layer")
+    mask, counts = ones(params), []
+    for _ in range(4):  # 7 droppable blocks: drop round-half-up(50%) of the survivors -> 4, 2, 1, 0
+        new = structured_prune(params, mask, pc, "resnet20")
+        assert set(dropped_blocks(mask)) <= set(dropped_blocks(new))  # nested: dropped blocks stay dropped
+        mask = new
+        counts.append(len(dropped_blocks(mask)))
+    assert counts == [4, 6, 7, 7]
+    pc = PruneConfig(rate=0.2, granularity="layer")  # 7 -> 6 -> 5 -> 4 -> 3 -> 2 -> 2 (round(0.4) = 0)
+    mask, counts = ones(params), []
+    for _ in range(6):
+        mask = structured_prune(params, mask, pc, "resnet20")
+        counts.append(len(dropped_blocks(mask)))
+    assert counts == [1, 2, 3, 4, 5, 5]
+    mask = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="layer"), "resnet20")
+    dropped = dropped_blocks(mask)
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    for path, m in flat:  # every leaf of a dropped block is False (BN scale/bias too), all else untouched
+        top = path[0].key
+        assert m.dtype == bool
+        assert (not m.any()) if top in dropped else m.all(), jax.tree_util.keystr(path)
+    assert {p[-1].key for p, _ in flat if p[0].key in dropped} == {"kernel", "scale", "bias"}
+    kept = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="layer",
+                                                              exclude=tuple(dropped)), "resnet20")
+    assert not set(dropped_blocks(kept)) & set(dropped)  # excluded blocks are never dropped
+    with pytest.raises(ValueError, match="projection shortcut"):
+        drop_block(ones(params), "stage2_block0")
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_layer_ranking_drops_the_lowest_per_weight_norm_block(resnet, norm):
+    _, params, _ = resnet
+    params = jax.tree.map(np.array, params)
+    for name in droppable_blocks(params):
+        for conv in ("conv_0", "conv_1"):
+            params[name][conv]["kernel"][...] = 1.0
+    # per weight, stage3_block1 (16 channels) is lowest; by its raw norm it would be the largest
+    for conv in ("conv_0", "conv_1"):
+        params["stage3_block1"][conv]["kernel"][...] = 0.9
+    pc = PruneConfig(rate=0.1, granularity="layer", structure_norm=norm)  # round(0.7) = 1 block
+    assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == ["stage3_block1"]
+    # pruned weights do not count: stage1_block2's survivors are small, its pruned entries huge
+    mask = ones(params)
+    k = params["stage1_block2"]["conv_0"]["kernel"]
+    k[..., :2] = 1e6
+    mask["stage1_block2"]["conv_0"]["kernel"][..., :2] = False
+    k[..., 2:] = 0.5
+    assert dropped_blocks(structured_prune(params, mask, pc, "resnet20")) == ["stage1_block2"]
+    # l1 and l2 disagree: half the weights 1.8 and half 0 has mean |w| 0.9 but RMS 1.27
+    for conv in ("conv_0", "conv_1"):
+        params["stage1_block2"][conv]["kernel"][...] = np.where(np.arange(4) % 2, 1.8, 0.0)
+        params["stage3_block1"][conv]["kernel"][...] = 0.95
+    lowest = {"l1": "stage1_block2", "l2": "stage3_block1"}[norm]
+    assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == [lowest]
+
+
+def test_dropped_blocks_stay_exactly_zero_through_training(resnet):
+    from types import SimpleNamespace
+
+    from lth.config import TrainConfig
+    from lth.train import Engine, stack, unstack
+    model, params, bs = resnet
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(56, *IMAGE)).astype(np.float32)
+    y = rng.integers(0, 10, size=56).astype(np.int32)
+    # no val/test split: the engine then compiles no evaluation program (compile time is this test's cost)
+    data = SimpleNamespace(x_train=x[:40], y_train=y[:40], x_val=x[:0], y_val=y[:0], x_test=x[:0],
+                           y_test=y[:0], num_classes=10, input_shape=IMAGE)
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-2, batch_size=8, steps=4,
+                      eval_every=4)
+    engine = Engine(model, data, cfg)
+    mask = ones(params)
+    drop_block(mask, "stage2_block1")
+    state = engine.init(stack([params]), stack([bs]), stack([mask]), jax.random.key(0)[None])
+    result = engine.run(state, [0])
+    trained, trained_bs = unstack(jax.device_get(result.state.params), 0), unstack(jax.device_get(result.state.batch_stats), 0)
+    for leaf in jax.tree.leaves(trained["stage2_block1"]):
+        assert np.all(leaf == 0.0) and not np.any(np.signbit(leaf))
+    for key in ("scale", "bias"):  # the kept blocks' BN params did train
+        assert not np.allclose(trained["stage2_block2"]["bn_1"][key], params["stage2_block2"]["bn_1"][key])
+    # in eval mode, with the running stats training left (and not masked), the block is still the identity
+    x_in, y_out = block_io(model, trained, trained_bs, x[40:], False)[0]["stage2_block1"]
+    assert np.array_equal(y_out, x_in) and np.abs(x_in).sum() > 0
+    assert np.isfinite(result.records[-1]["loss"])
+
+
+def test_layer_granularity_needs_a_model_with_residual_blocks():
+    from lth.config import ConfigError, ExperimentConfig
+    with pytest.raises(ConfigError) as e:
+        ExperimentConfig.from_dict({"prune": {"granularity": "layer"}}, "exp.toml")
+    msg = str(e.value)
+    assert msg.startswith("exp.toml") and "prune.granularity = 'layer'" in msg and "model.name = 'mlp'" in msg
+    assert "resnet20" in msg and "'weight', 'neuron', 'filter'" in msg
+    cfg = ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "prune": {"granularity": "layer"}})
+    assert cfg.prune.granularity == "layer"
+    with pytest.raises(ConfigError, match="with resnet20 use prune.granularity = 'weight', 'layer'"):
+        ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "prune": {"granularity": "neuron"}})
+    with pytest.raises(ConfigError, match="random_prune and shuffle"):
+        ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "arms": ["ticket", "random_prune"],
+                                    "prune": {"granularity": "layer"}})
+
+
+def test_vgg_filters_take_their_batch_norm_entries_and_next_inputs_with_them():
+    from lth.train import init_variables
+    cfg, shape = ModelConfig(name="vgg11", width=1 / 16), (16, 16, 3)  # 4, 8, 16, 16, 32, 32, 32, 32 filters
+    model = build_model(cfg, 10, shape)
+    params, bs = jax.tree.map(np.asarray, jax.jit(lambda k: init_variables(model, k, shape))(jax.random.key(0)))
+    params = jax.tree_util.tree_map_with_path(  # BN shifts > 0: a channel whose BN shift is left on stays alive
+        lambda p, x: x + 0.5 if p[-1].key == "bias" else x, params)
+    mask = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="filter"), "vgg11")
+    order = layer_order(params)
+    assert order == [f"conv_{i}" for i in range(8)] + ["output"]
+    assert is_structured(mask, order)
+    removed = {}
+    for i, name in enumerate(order[:-1]):
+        alive = mask[name]["kernel"].reshape(-1, mask[name]["kernel"].shape[-1]).any(0)
+        n = len(alive)
+        assert alive.sum() == n - int(np.floor(0.5 * n + 0.5))
+        assert np.array_equal(mask[f"bn_{i}"]["scale"], alive) and np.array_equal(mask[f"bn_{i}"]["bias"], alive)
+        nxt = mask[order[i + 1]]["kernel"]
+        assert not (nxt[:, :, ~alive, :] if nxt.ndim == 4 else nxt[~alive]).any()
+        removed[f"bn_{i}"] = ~alive
+    broken = jax.tree.map(np.array, mask)
+    broken["bn_3"]["bias"][:] = True
+    assert not is_structured(broken, order)
+    # removed channels are exactly 0 after BN + ReLU in train and eval mode, and in eval mode the logits
+    # do not depend on the removed channels' running statistics
+    x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+    other = {bn: {k: np.where(removed[bn], v * 5.0 + 3.0, v) for k, v in stats.items()} for bn, stats in bs.items()}
+    masked = apply_mask(params, mask)
+    for train in (False, True):
+        fn = jax.jit(lambda p, b: model.apply({"params": p, "batch_stats": b}, x, train=train,
+                                              mutable=["activations", "batch_stats"]))
+        logits, out = fn(masked, bs)
+        for i in range(8):
+            a = np.asarray(out["activations"][f"conv_{i}_relu"][0])
+            assert not a[..., removed[f"bn_{i}"]].any() and a[..., ~removed[f"bn_{i}"]].any()
+        if not train:
+            np.testing.assert_array_equal(logits, fn(masked, other)[0])

@@ -1,16 +1,17 @@
-"""Sweeps: grid expansion, skipping finished runs, Ray == local, two processes on one store."""
+"""Sweeps: grid expansion, population groups, skipping finished runs, Ray == local, two processes on one store."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from analysis import load_runs
 from lth.config import ConfigError
-from lth.sweep import expand, run_sweep, wandb_sweep_config
+from lth.sweep import expand, groups_of, run_sweep, wandb_sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +112,31 @@ def test_two_sweep_processes_on_one_store_run_each_run_once(sweep_file, tmp_path
     df = load_runs(out)
     assert df["run_id"].nunique() == 4 and set(df["level"]) == {0, 1}
     assert not list(out.rglob("*.tmp"))
+
+
+def test_runs_sharing_an_architecture_train_as_one_population(sweep_file, tmp_path):
+    points = expand(sweep_file)  # (rate, rewind step): (0.3, 0), (0.3, 10), (0.6, 0), (0.6, 10)
+    # runs that differ only in how they prune share a population; a different rewind step does not
+    assert groups_of(points) == [[0, 2], [1, 3]]
+    assert groups_of(points, 1) == [[0], [1], [2], [3]]
+    with pytest.raises(ConfigError, match="--group 0 is not allowed"):
+        groups_of(points, 0)
+    pair = [points[0], points[2]]
+    grouped = run_sweep(pair, tmp_path / "grouped")
+    alone = run_sweep(pair, tmp_path / "alone", group=1)
+    assert [o.status for o in grouped] == [o.status for o in alone] == ["trained", "trained"]
+    # one population: both runs report the group's wall time; alone, each its own
+    assert grouped[0].wall_s == grouped[1].wall_s
+    assert alone[0].wall_s != alone[1].wall_s
+    key = ["run_id", "level", "arm", "seed", "member", "density", "step", "split"]
+    a = load_runs(tmp_path / "grouped").sort_values(key).reset_index(drop=True)
+    b = load_runs(tmp_path / "alone").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key], b[key])  # same runs, members, densities and evaluations
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=0.011)  # one example in 100 may flip
+    # the dense level is trained once per seed and stored in both runs: the same numbers exactly
+    dense = a[a.level == 0]
+    r0, r1 = (dense[dense.run_id == p.run_id][["step", "split", "loss", "accuracy"]].reset_index(drop=True)
+              for p in pair)
+    pd.testing.assert_frame_equal(r0, r1)
+    assert [o.status for o in run_sweep(pair, tmp_path / "grouped")] == ["complete", "complete"]

@@ -40,4 +40,32 @@ def _use_persistent_compile_cache() -> None:
         jax.config.update("jax_compilation_cache_max_size", int(_os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 
+def _one_cpu_device_per_core() -> None:
+    """Expose the CPU to XLA as one device per core (at most 4; ``$LTH_CPU_DEVICES=N`` sets N, ``1``
+    or ``off`` keeps jax's single CPU device).
+
+    The engine splits a population's members between the local devices (``shard_map``), so each
+    core runs its own members' steps instead of both cores sharing every small matmul: measured on
+    2 cores, LeNet-300-100 K = 8: 931 -> 1194 network-steps/s, one network 786 -> 847 steps/s.
+    The training data is replicated on every device (host memory, once per device), hence the cap.
+    Skipped when XLA_FLAGS or JAX_NUM_CPU_DEVICES already say how many CPU devices there are, or
+    when jax was imported first (its backend may be running already).
+    """
+    setting = _os.environ.get("LTH_CPU_DEVICES", "").strip().lower()
+    if setting in ("0", "1", "off", "false", "no", "none"):
+        return
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags or _os.environ.get("JAX_NUM_CPU_DEVICES") \
+            or "jax" in _sys.modules:
+        return
+    try:
+        cores = len(_os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = _os.cpu_count() or 1
+    n = int(setting) if setting.isdigit() else min(cores, 4)
+    if n > 1:
+        _os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 _use_persistent_compile_cache()
+_one_cpu_device_per_core()

@@ -209,3 +209,20 @@ def test_importing_lth_turns_on_the_persistent_compile_cache_unless_off(setting,
     code = "import jax, lth; print(jax.config.jax_compilation_cache_dir)"  # jax imported first on purpose
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (str(tmp_path) if setting == "DIR" else "None")
+
+
+@pytest.mark.parametrize("setting, expected", [("", "auto"), ("1", 1), ("3", 3)])
+def test_importing_lth_exposes_one_cpu_device_per_core(setting, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "LTH_CPU_DEVICES")}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # no device count of the caller's
+    env["JAX_PLATFORMS"] = "cpu"
+    env["LTH_CPU_DEVICES"] = setting
+    code = "import lth, jax; print(jax.local_device_count())"  # lth first: before jax reads XLA_FLAGS
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    if expected == "auto":
+        expected = min(len(os.sched_getaffinity(0)), 4)
+    assert int(out.stdout.strip()) == expected
+    # a device count the caller chose wins
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == 2

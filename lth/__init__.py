@@ -49,22 +49,30 @@ def _one_cpu_device_per_core() -> None:
     2 cores, LeNet-300-100 K = 8: 931 -> 1194 network-steps/s, one network 786 -> 847 steps/s.
     The training data is replicated on every device (host memory, once per device), hence the cap.
     Skipped when XLA_FLAGS or JAX_NUM_CPU_DEVICES already say how many CPU devices there are, or
-    when jax was imported first (its backend may be running already).
+    when jax's backend was started before lth was imported.
     """
     setting = _os.environ.get("LTH_CPU_DEVICES", "").strip().lower()
     if setting in ("0", "1", "off", "false", "no", "none"):
         return
     flags = _os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags or _os.environ.get("JAX_NUM_CPU_DEVICES") \
-            or "jax" in _sys.modules:
+    if "xla_force_host_platform_device_count" in flags or _os.environ.get("JAX_NUM_CPU_DEVICES"):
         return
     try:
         cores = len(_os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = _os.cpu_count() or 1
     n = int(setting) if setting.isdigit() else min(cores, 4)
-    if n > 1:
-        _os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if n <= 1:
+        return
+    jax = _sys.modules.get("jax")
+    if jax is None:  # read by jax when its CPU backend starts (also in subprocesses and Ray workers)
+        _os.environ["JAX_NUM_CPU_DEVICES"] = str(n)
+        return
+    try:  # jax was imported first: possible until its backend has started
+        if jax.config.jax_num_cpu_devices < 0:  # not chosen by the caller
+            jax.config.update("jax_num_cpu_devices", n)
+    except (RuntimeError, AttributeError):
+        pass  # the backend is running already: keep its devices
 
 
 _use_persistent_compile_cache()

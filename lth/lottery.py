@@ -66,11 +66,11 @@ def _np(tree):
 def _keys(seeds, fold: int | None = None) -> jax.Array:
     """Stacked PRNG keys ``[K]``: key(seed), optionally folded with ``fold``."""
     make = (lambda s: jax.random.key(s)) if fold is None else (lambda s: jax.random.fold_in(jax.random.key(s), fold))
-    return jax.vmap(make)(jnp.asarray(seeds))
+    return jax.vmap(make)(np.asarray(seeds))
 
 
 def _to_jax(tree):
-    return jax.tree.map(jnp.asarray, tree)
+    return jax.device_put(tree)  # host copies; jnp.asarray would compile a program per shape
 
 
 @dataclass
@@ -138,8 +138,8 @@ class Lottery:
 
     def reinit_weights(self, seed: int, level: int) -> dict:
         key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
-        params, bs = init_population(self.model, key[None], self.data.input_shape)
-        return {"params": _np(unstack(params, 0)), "batch_stats": _np(unstack(bs, 0))}
+        params, bs = _np(init_population(self.model, key[None], self.data.input_shape))
+        return {"params": unstack(params, 0), "batch_stats": unstack(bs, 0)}
 
     # ------------------------------------------------------------------ levels
     def members(self, level: int) -> list[Member]:
@@ -235,10 +235,10 @@ class Lottery:
 
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
-        params = _to_jax(stack([w["params"] for w in plan.weights]))
-        bs = _to_jax(stack([w["batch_stats"] for w in plan.weights]))
+        params = stack([w["params"] for w in plan.weights])  # numpy: the engine places it on its devices
+        bs = stack([w["batch_stats"] for w in plan.weights])
         rngs = _keys([m.seed for m in plan.members], fold=level)
-        return plan.engine.init(params, bs, _to_jax(stack(plan.masks)), rngs, start=plan.start)
+        return plan.engine.init(params, bs, stack(plan.masks), rngs, start=plan.start)
 
     def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
         """Prepare, train and store one level of this run alone (see :func:`run_group` for several)."""
@@ -324,8 +324,9 @@ class Lottery:
         """Fraction of exact-zero ReLU outputs per hidden layer on the test split, per member."""
         rows = []
         x = self.data.x_test[:2000]
+        host = _np((state.params, state.batch_stats))  # slicing on the host compiles nothing
         for k, m in enumerate(members):
-            member = jax.tree.map(lambda a: a[k], (state.params, state.batch_stats))
+            member = jax.tree.map(lambda a: a[k], host)
             for layer, frac in activation_sparsity(self.model, member[0], member[1], x).items():
                 rows.append({"arm": m.arm, "seed": m.seed, "member": k, "layer": layer, "zero_fraction": frac})
         return pd.DataFrame(rows) if rows else None

@@ -5,6 +5,7 @@ Pure functions of one network (params, batch_stats) and a few batches; no traini
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -74,18 +75,26 @@ def hessian_diagonal(model, params, batch_stats, batches, key: jax.Array, sample
 def activation_sparsity(model, params, batch_stats, x: np.ndarray, chunk: int = 1000) -> dict[str, float]:
     """Fraction of exactly-zero post-ReLU outputs per hidden layer over the examples ``x``."""
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    zeros = _zero_counter(model)
+    counts: dict[str, list[float]] = {}
+    for i in range(0, len(x), chunk):
+        for name, (z, n) in zeros(variables, jnp.asarray(x[i:i + chunk])).items():
+            c = counts.setdefault(name, [0.0, 0.0])
+            c[0] += float(z)
+            c[1] += float(n)
+    return {name: z / n for name, (z, n) in counts.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_counter(model):
+    """Compiled ``(variables, x) -> {layer: (exact zeros, size)}`` of the sown ReLU outputs; one per
+    model (Flax modules compare by value), so members and levels reuse it."""
 
     @jax.jit
-    def zeros(xb):
+    def zeros(variables, xb):
         _, state = model.apply(variables, xb, train=False, mutable=[ACTIVATIONS])
         flat = jax.tree_util.tree_flatten_with_path(state.get(ACTIVATIONS, {}))[0]
         names = ["/".join(str(getattr(k, "key", k)) for k in path[:-1]).removesuffix("_relu") for path, _ in flat]
         return {n: (jnp.sum(a == 0), a.size) for n, (_, a) in zip(names, flat)}
 
-    counts: dict[str, list[float]] = {}
-    for i in range(0, len(x), chunk):
-        for name, (z, n) in zeros(jnp.asarray(x[i:i + chunk])).items():
-            c = counts.setdefault(name, [0.0, 0.0])
-            c[0] += float(z)
-            c[1] += float(n)
-    return {name: z / n for name, (z, n) in counts.items()}
+    return zeros

@@ -124,7 +124,11 @@ def _run_group_safe(cfg_jsons: list[str], out: str) -> list[dict]:
         return run_group_point(cfg_jsons, out)
     except Exception as e:  # noqa: BLE001 - one failed group must not stop the sweep
         if len(cfg_jsons) > 1:  # retry its runs alone, so one bad run does not fail its neighbours
-            return [r for c in cfg_jsons for r in _run_group_safe([c], out)]
+            rows = [r for c in cfg_jsons for r in _run_group_safe([c], out)]
+            for r in rows:
+                r["message"] = r["message"] or (f"trained alone: its group of {len(cfg_jsons)} failed "
+                                                f"({type(e).__name__}: {e})")
+            return rows
         cfg = ExperimentConfig.from_json(cfg_jsons[0])
         return [{"run_id": cfg.run_id, "status": "failed", "wall_s": 0.0, "message": f"{type(e).__name__}: {e}"}]
 

@@ -18,6 +18,7 @@ This module knows no pruning: it trains whatever masks it is given.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -121,7 +122,14 @@ def init_variables(model, key: jax.Array, input_shape: Sequence[int]) -> tuple[P
 
 def init_population(model, keys: jax.Array, input_shape: Sequence[int]) -> tuple[PyTree, PyTree]:
     """Stacked (params, batch_stats) ``[K, ...]`` for K init keys."""
-    return jax.jit(jax.vmap(lambda k: init_variables(model, k, input_shape)))(keys)
+    return _population_initializer(model, tuple(int(d) for d in input_shape))(keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _population_initializer(model, input_shape: tuple[int, ...]) -> Callable:
+    """One compiled initializer per (model, input shape): Flax modules compare by value, so every
+    level and run of a model reuses it instead of tracing and compiling it again."""
+    return jax.jit(jax.vmap(lambda k: init_variables(model, k, input_shape)))
 
 
 def init_state(params: PyTree, batch_stats: PyTree, mask: PyTree, tx: optax.GradientTransformation,
@@ -138,9 +146,17 @@ def remask(state: TrainState, mask: PyTree, tx: optax.GradientTransformation) ->
     return state.replace(params=apply_mask(state.params, mask), opt_state=opt_state, mask=mask)
 
 
-def init_population_state(params, batch_stats, masks, tx, rngs) -> TrainState:
-    """Vmapped :func:`init_state` over a stacked population."""
-    return jax.jit(jax.vmap(lambda p, b, m, r: init_state(p, b, m, tx, r)))(params, batch_stats, masks, rngs)
+def init_population_state(params, batch_stats, masks, tx, rngs, start: int = 0) -> TrainState:
+    """Vmapped :func:`init_state` over a stacked population, at global step ``start``."""
+    return _population_state_initializer(tx)(params, batch_stats, masks, rngs, jnp.int32(start))
+
+
+@functools.lru_cache(maxsize=64)
+def _population_state_initializer(tx: optax.GradientTransformation) -> Callable:
+    def init(p, b, m, r, start):
+        return init_state(p, b, m, tx, r).replace(step=start)
+
+    return jax.jit(jax.vmap(init, in_axes=(0, 0, 0, 0, None)))
 
 
 def _forward(model, params, batch_stats, x, train: bool):
@@ -273,7 +289,7 @@ def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int):
     xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(c, chunk, *x.shape[1:])
     ys = np.concatenate([y, np.zeros(pad, y.dtype)]).reshape(c, chunk)
     valid = (np.arange(c * chunk) < n).astype(np.float32).reshape(c, chunk)
-    return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(valid)
+    return jax.device_put((xs, ys, valid))  # a host copy: jnp.asarray would compile a program per shape
 
 
 def population_sharding(k: int) -> jax.sharding.Sharding:
@@ -327,12 +343,14 @@ class TrainResult:
     diverged: dict[int, int] = field(default_factory=dict)  # member -> first step with a non-finite loss
 
     def select(self, members: Sequence[int]) -> "TrainResult":
-        """The result of the members ``members`` (renumbered 0..len-1 in that order)."""
+        """The result of the members ``members`` (renumbered 0..len-1 in that order), on the host."""
         idx = np.asarray(members, np.int32)
         pos = {int(k): j for j, k in enumerate(idx)}
 
         def take(x):
-            return x[idx]
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # keys have no numpy form
+                return x[jax.device_put(idx)]
+            return np.asarray(x)[idx]
 
         return TrainResult(
             state=jax.tree.map(take, self.state),
@@ -361,8 +379,8 @@ class Engine:
         self.order = DataOrder(len(data.x_train), cfg.batch_size)
         self.num_steps = total_steps(cfg, len(data.x_train))
         self.lr_fn = lr_fn = lr_fn if lr_fn is not None else make_schedule(cfg, self.num_steps)
-        self.x_train = jnp.asarray(data.x_train)
-        self.y_train = jnp.asarray(data.y_train)
+        self.x_train = jax.device_put(np.asarray(data.x_train))
+        self.y_train = jax.device_put(np.asarray(data.y_train))
         self.eval_sets = {name: chunk_split(x, y, cfg.eval_batch_size)
                           for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
                           if len(x)}
@@ -376,9 +394,12 @@ class Engine:
 
         The population axis is sharded over the local devices (see :func:`population_sharding`).
         """
-        state = init_population_state(params, batch_stats, masks, self.tx, rngs)
-        state = state.replace(step=jnp.full_like(state.step, start))
-        return jax.device_put(state, population_sharding(int(state.step.shape[0])))
+        sharding = population_sharding(int(jax.tree.leaves(rngs)[0].shape[0]))
+        # placed on the devices first (host copies of numpy inputs), so the init program's outputs
+        # are sharded already: no resharding programs afterwards
+        params, batch_stats, masks, rngs = jax.device_put((params, batch_stats, masks, rngs), sharding)
+        state = init_population_state(params, batch_stats, masks, self.tx, rngs, start)
+        return jax.device_put(state, sharding)
 
     def remask(self, state: TrainState, masks) -> TrainState:
         """The population ``state`` with new masks ``[K, ...]`` (see :func:`remask`); training continues."""
@@ -426,7 +447,7 @@ class Engine:
                 idx = self.order.indices(seeds[0], pos, b)
             else:
                 idx = np.stack([self.order.indices(s, pos, b) for s in seeds])
-            idx = jnp.asarray(idx) if shared else jax.device_put(idx, population_sharding(K))
+            idx = jax.device_put(idx) if shared else jax.device_put(idx, population_sharding(K))
             state, m = self._segment[shared](state, self.x_train, self.y_train, idx)
             loss = np.asarray(m["loss"], np.float64)
             acc = np.asarray(m["accuracy"], np.float64)
@@ -467,7 +488,14 @@ def early_stop_steps(records: list[dict]) -> dict[int, int]:
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    """Stack members into a population ``[K, ...]``: numpy on the host for numpy leaves (no device
+    program to compile per shape and K), jax otherwise."""
+    def one(*xs):
+        if all(isinstance(x, (np.ndarray, np.generic)) for x in xs):
+            return np.stack(xs)
+        return jnp.stack(xs)
+
+    return jax.tree.map(one, *trees)
 
 
 def unstack(tree: PyTree, k: int) -> PyTree:

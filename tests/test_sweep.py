@@ -125,6 +125,7 @@ def test_runs_sharing_an_architecture_train_as_one_population(sweep_file, tmp_pa
     grouped = run_sweep(pair, tmp_path / "grouped")
     alone = run_sweep(pair, tmp_path / "alone", group=1)
     assert [o.status for o in grouped] == [o.status for o in alone] == ["trained", "trained"]
+    assert [o.message for o in grouped] == ["", ""]  # not retried alone after a failed group
     # one population: both runs report the group's wall time; alone, each its own
     assert grouped[0].wall_s == grouped[1].wall_s
     assert alone[0].wall_s != alone[1].wall_s

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local executor: groups of runs trained in parallel processes (default 1)")
     p.add_argument("--group", type=int, default=8, metavar="N",
                    help="train up to N runs that share data, model, training and rewinding (they differ "
-                        "in seeds, arms or pruning settings) as one vmapped population, level by level "
+                        "in seeds, arms or pruning settings) as one population, level by level "
                         "(default 8; 1 trains every run alone)")
     p.add_argument("--address", default=None,
                    help="ray executor: cluster address ('auto' or HOST:PORT; default: start a local Ray)")

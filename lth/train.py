@@ -220,15 +220,17 @@ def population_program(member: Callable, in_axes: tuple, member_batch: int | Non
     """
     def pop(*args):
         k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)
-        if member_batch is None or member_batch >= k:
+        if k > 1 and (member_batch is None or member_batch >= k):
             return jax.vmap(member, in_axes=in_axes)(*args)
+        # one member (plain, unbatched matmuls: a vmap of one is slower on CPU) or groups of members
         mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
 
         def one(xs):
             it = iter(xs)
             return member(*(next(it) if ax == 0 else a for a, ax in zip(args, in_axes)))
 
-        return jax.lax.map(one, mapped, batch_size=member_batch if member_batch > 1 else None)
+        batch = member_batch if member_batch is not None and 1 < member_batch < k else None
+        return jax.lax.map(one, mapped, batch_size=batch)
 
     def sharded(*args):
         k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)

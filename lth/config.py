@@ -135,7 +135,9 @@ class PruneConfig:
                       "layer's matching inputs and the filter's batch-norm entries), or whole residual "
                       "blocks (layer: prune.rate of the surviving identity-shortcut blocks, rounded half "
                       "up); see STRUCTURED_MODELS for the models each supports")
-    structure_norm: Literal["l1", "l2"] = _f("l2", doc="norm ranking neurons/filters/blocks")
+    structure_norm: Literal["l1", "l2"] = _f(
+        "l2", doc="norm ranking neurons/filters (of their incoming weights) and blocks (of the scale of "
+                  "their last batch norm)")
     criterion: Literal["magnitude", "random", "saliency", "obd"] = _f(
         "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (SNIP) or w^2 H_ii / 2 (OBD)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",

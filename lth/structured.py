@@ -14,9 +14,9 @@ exactly 0 in train and eval mode whatever the running statistics (BN computes
 is already post-ReLU): the network is the one with the block removed. Only blocks with an identity
 shortcut can be dropped; the first block of a stage whose 1x1 ``conv_shortcut`` projection changes
 stride and channels is always kept. Each level drops ``round_half_up(prune.rate * n)`` of the n
-surviving droppable blocks (so a level may drop none once n is small), those with the lowest
-per-weight norm of their surviving branch conv weights (``prune.structure_norm``: mean |w| for l1,
-root-mean-square for l2; per weight so that blocks of different widths compare).
+surviving droppable blocks (so a level may drop none once n is small), those whose branch's last
+batch-norm scale is smallest (``prune.structure_norm``: mean |gamma| for l1, root-mean-square for
+l2; :func:`block_score`).
 
 :func:`compact` turns a neuron/filter mask of mlp, lenet_300_100 or conv2/4/6 into a physically
 smaller dense network whose outputs equal the masked network's.
@@ -160,12 +160,23 @@ def _branch_kernels(block: dict) -> list[str]:
 
 
 def block_score(block: dict, block_mask: dict, norm: str) -> float:
-    """Per-weight norm of a block's surviving residual-branch conv weights: mean |w| (l1) or RMS (l2)."""
-    w = np.concatenate([np.where(block_mask[k]["kernel"], block[k]["kernel"], 0.0).ravel()
-                        for k in _branch_kernels(block)]).astype(np.float64)
-    n = sum(int(np.sum(block_mask[k]["kernel"])) for k in _branch_kernels(block))
+    """How much a block's residual branch contributes: the norm of the scale of its last batch norm
+    (the factor the branch's output is multiplied by; Liu et al. 2017, Huang & Wang 2018) over its
+    surviving entries, mean |gamma| (l1) or RMS (l2). The conv weights before a batch norm do not
+    set the branch's size (the norm divides it out) and shrink with width at init, so they would
+    rank wide blocks first. A branch without batch norm falls back to its convs' per-weight norm."""
+    bns = sorted(k for k in block if k.startswith("bn"))
+    if bns:
+        w = np.asarray(block[bns[-1]]["scale"], np.float64)
+        keep = np.asarray(block_mask[bns[-1]]["scale"], bool)
+    else:
+        convs = _branch_kernels(block)
+        w = np.concatenate([np.asarray(block[k]["kernel"], np.float64).ravel() for k in convs])
+        keep = np.concatenate([np.asarray(block_mask[k]["kernel"], bool).ravel() for k in convs])
+    n = int(keep.sum())
     if n == 0:
         return math.inf
+    w = w[keep]
     return float(np.abs(w).sum() / n) if norm == "l1" else float(np.sqrt((w ** 2).sum() / n))
 
 

@@ -199,29 +199,28 @@ def test_layer_mask_removes_whole_identity_blocks_only(resnet):
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])
-def test_layer_ranking_drops_the_lowest_per_weight_norm_block(resnet, norm):
+def test_layer_ranking_drops_the_block_with_the_smallest_batch_norm_scale(resnet, norm):
     _, params, _ = resnet
     params = jax.tree.map(np.array, params)
     for name in droppable_blocks(params):
-        for conv in ("conv_0", "conv_1"):
-            params[name][conv]["kernel"][...] = 1.0
-    # per weight, stage3_block1 (16 channels) is lowest; by its raw norm it would be the largest
+        params[name]["bn_1"]["scale"][...] = 1.0
+    params["stage2_block1"]["bn_1"]["scale"][...] = 0.9
+    # conv weights do not rank blocks: the branch's batch norm divides their size out
     for conv in ("conv_0", "conv_1"):
-        params["stage3_block1"][conv]["kernel"][...] = 0.9
+        params["stage2_block1"][conv]["kernel"][...] *= 100.0
+        params["stage1_block1"][conv]["kernel"][...] *= 0.01
     pc = PruneConfig(rate=0.1, granularity="layer", structure_norm=norm)  # round(0.7) = 1 block
-    assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == ["stage3_block1"]
-    # pruned weights do not count: stage1_block2's survivors are small, its pruned entries huge
+    assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == ["stage2_block1"]
+    # masked scale entries do not count: stage1_block2's surviving scales are small, its masked ones huge
     mask = ones(params)
-    k = params["stage1_block2"]["conv_0"]["kernel"]
-    k[..., :2] = 1e6
-    mask["stage1_block2"]["conv_0"]["kernel"][..., :2] = False
-    k[..., 2:] = 0.5
+    g = params["stage1_block2"]["bn_1"]["scale"]
+    g[:2], g[2:] = 1e6, 0.5
+    mask["stage1_block2"]["bn_1"]["scale"][:2] = False
     assert dropped_blocks(structured_prune(params, mask, pc, "resnet20")) == ["stage1_block2"]
-    # l1 and l2 disagree: half the weights 1.8 and half 0 has mean |w| 0.9 but RMS 1.27
-    for conv in ("conv_0", "conv_1"):
-        params["stage1_block2"][conv]["kernel"][...] = np.where(np.arange(4) % 2, 1.8, 0.0)
-        params["stage3_block1"][conv]["kernel"][...] = 0.95
-    lowest = {"l1": "stage1_block2", "l2": "stage3_block1"}[norm]
+    # l1 and l2 disagree: scales alternating 1.8 and 0 have mean |gamma| 0.9 but RMS 1.27
+    params["stage1_block2"]["bn_1"]["scale"][...] = np.where(np.arange(g.size) % 2, 1.8, 0.0)
+    params["stage2_block1"]["bn_1"]["scale"][...] = 0.95
+    lowest = {"l1": "stage1_block2", "l2": "stage2_block1"}[norm]
     assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == [lowest]
 
 

@@ -156,6 +156,12 @@ class PruneConfig:
     agp_updates: int = _f(10, check=lambda v: v >= 1, allowed="an integer >= 1",
                           doc="AGP: number of mask updates n (final sparsity reached at t0 + n dt)")
 
+    def __post_init__(self):
+        if self.schedule == "gradual" and self.granularity != "weight":
+            raise ConfigError(f"prune.granularity = {self.granularity!r} is not allowed with prune.schedule = "
+                              "'gradual' (AGP prunes single weights by magnitude); use prune.granularity = "
+                              "'weight', or prune.schedule = 'imp' or 'oneshot' for structured pruning")
+
 
 @dataclass(frozen=True)
 class RewindConfig:

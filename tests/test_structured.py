@@ -263,6 +263,10 @@ def test_layer_granularity_needs_a_model_with_residual_blocks():
     assert "resnet20" in msg and "'weight', 'neuron', 'filter'" in msg
     cfg = ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "prune": {"granularity": "layer"}})
     assert cfg.prune.granularity == "layer"
+    with pytest.raises(ConfigError, match=r"prune.granularity = 'layer' is not allowed with prune.schedule = "
+                                          r"'gradual' .*use prune.granularity = 'weight'"):
+        ExperimentConfig.from_dict({"model": {"name": "resnet20"},
+                                    "prune": {"granularity": "layer", "schedule": "gradual"}}, "exp.toml")
     with pytest.raises(ConfigError, match="with resnet20 use prune.granularity = 'weight', 'layer'"):
         ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "prune": {"granularity": "neuron"}})
     with pytest.raises(ConfigError, match="random_prune and shuffle"):

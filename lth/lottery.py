@@ -73,6 +73,15 @@ def _to_jax(tree):
     return jax.device_put(tree)  # host copies; jnp.asarray would compile a program per shape
 
 
+def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
+    """The run's initial weights ``{'params', 'batch_stats'}`` stacked over ``seeds`` (key(seed) each),
+    read from ``init.msgpack``; created and stored first if the run has none yet."""
+    if not store.has("init.msgpack"):
+        params, bs = init_population(model, _keys(seeds), input_shape)
+        store.write_tree("init.msgpack", {"params": _np(params), "batch_stats": _np(bs)})
+    return store.read_tree("init.msgpack")
+
+
 @dataclass
 class LevelPlan:
     members: list[Member]
@@ -129,12 +138,7 @@ class Lottery:
 
     def init_weights(self) -> dict:
         """{'params', 'batch_stats'} stacked over seeds; created once and stored."""
-        if self.store.has("init.msgpack"):
-            return self.store.read_tree("init.msgpack")
-        params, bs = init_population(self.model, _keys(self.cfg.seeds), self.data.input_shape)
-        tree = {"params": _np(params), "batch_stats": _np(bs)}
-        self.store.write_tree("init.msgpack", tree)
-        return self.store.read_tree("init.msgpack")
+        return stored_init(self.store, self.model, self.cfg.seeds, self.data.input_shape)
 
     def reinit_weights(self, seed: int, level: int) -> dict:
         key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -45,8 +44,8 @@ from .data import load_dataset
 from .models import build_model
 from .pruning import density, prunable
 from .store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
-from .lottery import Member, metrics_table, progress_bar, sparsity_table
-from .train import Engine, init_population, init_variables, stack, unstack
+from .lottery import Member, _keys, _kept, _np, metrics_table, progress_bar, sparsity_table, stored_init
+from .train import Engine, init_variables, stack, unstack
 
 MASKS_FILE = "masks.msgpack"
 MEMBERS_FILE = "members.json"
@@ -207,14 +206,6 @@ def run_id(cfg: ExperimentConfig, source: MaskSource) -> str:
     return _sha256(blob.encode())[:12]
 
 
-def _keys(seeds) -> jax.Array:
-    return jax.vmap(jax.random.key)(jnp.asarray([int(s) for s in seeds]))
-
-
-def _np(tree):
-    return jax.tree.map(np.asarray, tree)
-
-
 class MaskedRun:
     """One experiment's seeds trained with given masks, stored as ``out/<run_id>/level_000``."""
 
@@ -253,13 +244,8 @@ class MaskedRun:
             if store.is_complete(0):
                 return store
             store.write_hparams(self.hparams())
-            if store.has("init.msgpack"):
-                init = store.read_tree("init.msgpack")
-            else:  # the same init as the dense run of these seeds
-                params, bs = init_population(self.model, _keys(cfg.seeds), self.data.input_shape)
-                store.write_tree("init.msgpack", {"params": _np(params), "batch_stats": _np(bs)})
-                init = store.read_tree("init.msgpack")
-            self._train(init)
+            # the same init as the dense run of these seeds
+            self._train(stored_init(store, self.model, cfg.seeds, self.data.input_shape))
         return store
 
     def _train(self, init: dict) -> None:
@@ -268,15 +254,14 @@ class MaskedRun:
         masks = list(self.source.masks)
         arm = self.source.arm or "ticket"
         can_prune = prunable(unstack(init["params"], 0), cfg.prune)
-        state = engine.init(jax.tree.map(jnp.asarray, init["params"]), jax.tree.map(jnp.asarray, init["batch_stats"]),
-                            jax.tree.map(jnp.asarray, stack(masks)), _keys(seeds))
+        state = engine.init(init["params"], init["batch_stats"], stack(masks), _keys(seeds))
         t0 = time.time()
         with progress_bar(self.progress, "masked", engine.num_steps) as bar:
             result = engine.run(state, seeds, progress=bar)
         wall_s = time.time() - t0
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         densities = [density(m, can_prune) for m in masks]
-        kept = [int(sum(np.asarray(x).sum() for x in jax.tree.leaves(m))) for m in masks]
+        kept = [_kept(m) for m in masks]
         members = [Member(arm, s) for s in seeds]
         df = metrics_table(self.run_id, 0, members, densities, result.records, wall_s, result.diverged)
         k = df["member"]

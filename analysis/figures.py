@@ -8,6 +8,7 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from .summary import summarize  # noqa: E402
 
@@ -17,7 +18,9 @@ ARM_STYLE = {
     "random_prune": dict(color="#2ca02c", marker="^", label="random pruning"),
     "shuffle": dict(color="#9467bd", marker="v", label="shuffled mask"),
     "small_dense": dict(color="#ff7f0e", marker="D", label="small dense"),
+    "dense": dict(color="#000000", marker="*", label="dense (level 0)"),
 }
+BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}
 
 STYLE = {"font.size": 10, "axes.labelsize": 10, "axes.titlesize": 11, "legend.fontsize": 9,
          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.grid": True, "grid.alpha": 0.3,
@@ -194,20 +197,135 @@ def quant_heatmap(quant: pd.DataFrame, method: str | None = None) -> plt.Figure:
     return fig
 
 
-def accuracy_vs_size(quant: pd.DataFrame) -> plt.Figure:
-    """Accuracy vs compressed size (bytes) of every quantized setting, with the Pareto front."""
-    g = (quant.groupby(["level", "bits", "scheme", "granularity", "calibration", "method"])
-         .agg(size=("size_bytes", "mean"), acc=("accuracy", "mean")).reset_index().sort_values("size"))
-    front = g[g["acc"] == g["acc"].cummax()]
+def seed_spread(values) -> tuple[float, float, float, str]:
+    """(mean, low, high, rule) over seeds: min-max below 3 seeds (a t-interval over 2 seeds is 12.7
+    standard errors wide), the 95% t-interval from 3 seeds on."""
+    x = np.asarray(values, float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return np.nan, np.nan, np.nan, "no data"
+    m = float(x.mean())
+    if len(x) < 3:
+        return m, float(x.min()), float(x.max()), f"min-max over {len(x)} seed{'s' if len(x) > 1 else ''}"
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return m, m - half, m + half, f"95% CI over {len(x)} seeds"
+
+
+POINT_KEYS = ["run_id", "arm", "level", "bits", "method", "scheme", "granularity", "calibration", "act_bits"]
+
+
+def compression_points(df: pd.DataFrame) -> pd.DataFrame:
+    """Every (run, arm, level, bits, method, ...) point of a :func:`analysis.load_runs` table with a
+    size: mean compressed bytes and test accuracy with its seed spread. Float networks are the
+    ``bits = 32`` points (final accuracy, size of the float32 network stored sparse); the dense level
+    0 is the arm ``dense``."""
+    from .runs import float_rows, quant_rows
+    from .summary import final_rows
+
+    last = final_rows(float_rows(df))
+    rows = pd.concat([last, quant_rows(df)], ignore_index=True).dropna(subset=["size_bytes"])
+    if rows.empty:
+        return pd.DataFrame(columns=POINT_KEYS + ["size_bytes", "density", "accuracy", "low", "high", "seeds", "rule"])
+    rows = rows.assign(arm=np.where(rows["level"] == 0, "dense", rows["arm"]))
+    out = []
+    for key, g in rows.groupby(POINT_KEYS, sort=False, dropna=False):
+        mean, lo, hi, rule = seed_spread(g["accuracy"])
+        out.append({**dict(zip(POINT_KEYS, key)), "size_bytes": float(g["size_bytes"].mean()),
+                    "density": float(g["density"].mean()), "accuracy": mean, "low": lo, "high": hi,
+                    "seeds": int(g["seed"].nunique()), "rule": rule})
+    return pd.DataFrame(out)
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """The points no smaller point beats in accuracy (sorted by size)."""
+    p = points.sort_values(["size_bytes", "accuracy"], ascending=[True, False])
+    return p[p["accuracy"] > p["accuracy"].cummax().shift(fill_value=-np.inf)]
+
+
+def accuracy_vs_size(df: pd.DataFrame) -> plt.Figure:
+    """Test accuracy vs compressed size in bytes (log x): every arm x bit width as points with seed
+    spread, and the Pareto front: the large-sparse vs small-dense comparison at equal bytes."""
+    points = compression_points(df)
+    front = pareto_front(points)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
-        for method, m in g.groupby("method"):
-            ax.scatter(m["size"], 100 * m["acc"], s=12, alpha=0.6, label=method)
-        ax.step(front["size"], 100 * front["acc"], where="post", color="k", linewidth=1, label="Pareto front")
+        fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+        for arm in [a for a in ARM_STYLE if a in set(points["arm"])]:
+            g = points[points["arm"] == arm]
+            st = ARM_STYLE[arm]
+            for bits, b in g.groupby("bits"):
+                ax.errorbar(b["size_bytes"], 100 * b["accuracy"],
+                            yerr=[100 * (b["accuracy"] - b["low"]), 100 * (b["high"] - b["accuracy"])],
+                            fmt=BITS_MARKER.get(int(bits), "o"), color=st["color"], markersize=4, capsize=1.5,
+                            alpha=0.8, linewidth=0.8)
+        ax.step(front["size_bytes"], 100 * front["accuracy"], where="post", color="grey", linewidth=1,
+                label="Pareto front")
+        handles = [plt.Line2D([], [], color=ARM_STYLE[a]["color"], marker="o", linestyle="", label=ARM_STYLE[a]["label"])
+                   for a in ARM_STYLE if a in set(points["arm"])]
+        handles += [plt.Line2D([], [], color="grey", marker=BITS_MARKER.get(int(b), "o"), linestyle="",
+                               label="float32" if b == 32 else f"{int(b)}-bit") for b in sorted(set(points["bits"]),
+                                                                                               reverse=True)]
+        handles.append(plt.Line2D([], [], color="grey", label="Pareto front"))
         ax.set_xscale("log")
         ax.set_xlabel("compressed size (bytes)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("accuracy vs compressed size")
-        ax.legend()
+        ax.set_title(f"{_title(df)}: accuracy at equal compressed size")
+        rules = sorted(set(points["rule"]))
+        ax.legend(handles=handles, fontsize=7, ncol=2, title="error bars: " + "; ".join(rules), title_fontsize=7)
     fig.pareto_front = front
+    fig.points = points
     return fig
+
+
+def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
+    """Test accuracy vs weight bits per arm, at a few densities (one panel each; dense at 100%)."""
+    points = compression_points(df)
+    points = points[points["method"].isin(["float", "ptq", "qat"])]
+    levels = sorted(points["level"].unique())
+    quantized_levels = sorted(points.loc[points["bits"] < 32, "level"].unique())
+    pick = quantized_levels or levels
+    if len(pick) > max_densities:
+        pick = [pick[i] for i in np.linspace(0, len(pick) - 1, max_densities).round().astype(int)]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(pick), figsize=(3.2 * len(pick), 3.2), constrained_layout=True,
+                                 sharey=True, squeeze=False)
+        for ax, level in zip(axes[0], pick):
+            g = points[points["level"] == level]
+            for (arm, method), a in g[g["bits"] < 32].groupby(["arm", "method"]):
+                a = pd.concat([g[(g["arm"] == arm) & (g["bits"] == 32)], a]).sort_values("bits")
+                st = ARM_STYLE.get(arm, {"label": arm})
+                ax.errorbar(np.log2(a["bits"]), 100 * a["accuracy"],
+                            yerr=[100 * (a["accuracy"] - a["low"]), 100 * (a["high"] - a["accuracy"])],
+                            color=st.get("color"), marker=st.get("marker", "o"), markersize=4, capsize=1.5,
+                            linestyle="-" if method == "qat" else "--", label=f"{st['label']} ({method})")
+            ticks = sorted(set(g["bits"]))
+            ax.set_xticks(np.log2(ticks), [str(int(b)) for b in ticks])
+            ax.set_xlabel("weight bits")
+            ax.set_title(f"{100 * g['density'].mean():.3g}% weights (level {level})")
+        axes[0][0].set_ylabel("test accuracy (%)")
+        axes[0][-1].legend(fontsize=6, title="; ".join(sorted(set(points["rule"]))), title_fontsize=6)
+    return fig
+
+
+def smallest_within(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
+    """Per arm: the smallest model (bytes, density, bits, method) whose mean test accuracy is within
+    ``tolerance`` (0.01 = 1 point) of the dense float network's (per run)."""
+    points = compression_points(df)
+    rows = []
+    for run_id, p in points.groupby("run_id", sort=False):
+        dense = p[(p["arm"] == "dense") & (p["bits"] == 32)]
+        if dense.empty:
+            continue
+        ref = float(dense["accuracy"].iloc[0])
+        ok = p[p["accuracy"] >= ref - tolerance]
+        for arm in [a for a in ARM_STYLE if a in set(p["arm"])]:
+            a = ok[ok["arm"] == arm].sort_values(["size_bytes", "accuracy"], ascending=[True, False])
+            best = a.iloc[0] if len(a) else None
+            rows.append({"run_id": run_id, "arm": arm, "dense_float_accuracy": ref,
+                         "size_bytes": best["size_bytes"] if best is not None else np.nan,
+                         "density": best["density"] if best is not None else np.nan,
+                         "bits": best["bits"] if best is not None else np.nan,
+                         "method": best["method"] if best is not None else "none within tolerance",
+                         "accuracy": best["accuracy"] if best is not None else np.nan,
+                         "compression_vs_dense": (float(dense["size_bytes"].iloc[0]) / best["size_bytes"]
+                                                  if best is not None else np.nan)})
+    return pd.DataFrame(rows)

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import load_quant, load_runs, load_sparsity
+from .runs import float_rows, load_runs, load_sparsity, quant_rows
 from .summary import summarize
 
 TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "final_accuracy_mean", "final_accuracy_std",
@@ -31,7 +31,8 @@ def _write_tables(summary: pd.DataFrame, out: Path, stem: str) -> list[Path]:
 
 def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     """Write every figure the data supports and the summary tables; returns {file stem: caption}."""
-    df = load_runs(root)
+    full = load_runs(root)
+    df = float_rows(full)
     if df.empty:
         raise ValueError(f"{root}: the store has no completed level yet; nothing to report")
     out = Path(out)
@@ -54,14 +55,24 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         plans.append(("sparse_vs_dense", lambda: figures.sparse_vs_dense(df),
                       f"Large-sparse tickets vs small-dense models at matched non-zero parameter count "
                       f"(mean, std over {n_seeds} seeds)."))
-    quant = load_quant(root)
+    quant = quant_rows(full)
     if not quant.empty:
-        plans.append(("quant_heatmap", lambda: figures.quant_heatmap(quant),
-                      "Test accuracy of quantized tickets per weight bits and weights remaining (mean over "
-                      "seeds and settings)."))
-        plans.append(("accuracy_vs_size", lambda: figures.accuracy_vs_size(quant),
-                      "Test accuracy vs compressed size in bytes of every quantized setting, with the Pareto front."))
+        plans.append(("accuracy_vs_size", lambda: figures.accuracy_vs_size(full),
+                      "Test accuracy vs compressed size in bytes (log) of every arm x bit width (float32 = the "
+                      "network stored sparse), with the Pareto front: which is most accurate at equal bytes. "
+                      "Error bars: min-max over seeds below 3 seeds, else 95% CI."))
+        plans.append(("accuracy_vs_bits", lambda: figures.accuracy_vs_bits(full),
+                      "Test accuracy vs weight bits per arm at a few densities (PTQ dashed, QAT solid)."))
+        if (quant["arm"] == "ticket").any():
+            plans.append(("quant_heatmap", lambda: figures.quant_heatmap(quant),
+                          "Test accuracy of quantized tickets per weight bits and weights remaining (mean over "
+                          "seeds and settings)."))
         quant.to_csv(out / "quant.csv", index=False)
+        small = figures.smallest_within(full)
+        if not small.empty:
+            small.to_csv(out / "smallest_within_1pp.csv", index=False)
+            (out / "smallest_within_1pp.md").write_text(small.to_markdown(index=False, floatfmt=".4g") + "\n")
+            (out / "smallest_within_1pp.tex").write_text(small.to_latex(index=False, float_format="%.4g"))
     sparsity = load_sparsity(root)
     if not sparsity.empty and sparsity["level"].nunique() > 1:
         plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),
@@ -76,6 +87,11 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
              f"{n_seeds} seed(s).", "", "## Figures", ""]
     lines += [f"- `{stem}.pdf` / `{stem}.png`: {cap}" for stem, cap in made.items()]
     lines += ["", "## Tables", "", "- `summary.csv` / `summary.md` / `summary.tex`: one row per (run, arm, level): "
-              "density, seeds, mean/std/95% CI of final and best test accuracy and early-stop step.", ""]
+              "density, seeds, mean/std/95% CI of final and best test accuracy and early-stop step."]
+    if (out / "smallest_within_1pp.csv").is_file() and not quant.empty:
+        lines += ["- `quant.csv`: every quantized row (one per cell and seed).",
+                  "- `smallest_within_1pp.csv` / `.md` / `.tex`: per arm, the smallest model (bytes, density, bits, "
+                  "method) whose mean test accuracy is within 1 point of the dense float network's."]
+    lines.append("")
     (out / "README.md").write_text("\n".join(lines))
     return made

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable
@@ -35,16 +36,25 @@ def _complete_levels(run: Path) -> list[Path]:
     return sorted(d for d in run.glob("level_[0-9][0-9][0-9]") if (d / "COMPLETE").is_file())
 
 
-def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: bool = False) -> pd.DataFrame:
-    """One row per (run, arm, seed, level, step, split) of every completed level under ``root``.
+# columns of the quantized rows that the float rows get too (float: bits 32, method "float")
+QUANT_KEYS = ["bits", "method", "scheme", "granularity", "calibration", "act_bits", "size_bytes", "compression"]
 
-    Columns: run_id, experiment, arm, seed, level, density (fraction of prunable weights remaining),
-    step, split, loss, accuracy, early_stop_step, member, wall_s, then every hparam flattened with
-    dotted names (``train.lr``, ``prune.rate``, ...). ``root`` may be a store or one run folder.
 
-    With ``quant=True`` the rows of ``lth quantize`` are appended (split "test", ``method`` ptq/qat,
-    ``bits``, ``scheme``, ``granularity``, ``calibration``, ``size_bytes``, ``compression``); the
-    training rows then have ``method = "float"``.
+def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: bool = True) -> pd.DataFrame:
+    """One tidy table of every completed level under ``root``: float rows and quantized rows.
+
+    Float rows: one per (run, arm, seed, level, step, split) of training, with run_id, experiment,
+    arm, seed, level, density (fraction of prunable weights remaining), param_count, step, split,
+    loss, accuracy, early_stop_step, diverged_step, member, wall_s, and ``bits = 32``, ``method =
+    "float"``, ``size_bytes`` (the float32 network stored sparse, where the quant stage measured it).
+
+    Quantized rows (``quant=True``, the default): one per (cell, seed) of the quant stage, with the
+    same keys (run_id, arm, seed, level, density, param_count), ``split = "test"``, no step, and
+    ``bits, method (ptq/qat), scheme, granularity, calibration, act_bits, size_bytes, compression``
+    (vs the fp32 dense network), float_accuracy, val_accuracy, ...
+
+    Both carry every hparam flattened with dotted names (``train.lr``, ``prune.rate``, ...).
+    ``root`` may be a store or one run folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -77,18 +87,35 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
         return pd.DataFrame(columns=_KEYS + ["loss", "accuracy", "early_stop_step"])
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["run_id", "level", "arm", "seed", "step", "split"], kind="stable", ignore_index=True)
-    if quant:
-        q = load_quant(root)
-        if run_ids is not None and not q.empty:
-            q = q[q["run_id"].isin(set(run_ids))]
-        df["method"] = "float"
-        if not q.empty:
-            q = q.assign(split="test")
-            hp = df.drop_duplicates("run_id").set_index("run_id")
-            extra = [c for c in df.columns if "." in c]  # the flattened hparams
-            q = q.join(hp[extra], on="run_id")
-            df = pd.concat([df, q], ignore_index=True)
+    df = df.assign(bits=32, method="float", scheme="float", granularity="", calibration="", act_bits=32)
+    q = load_quant(root) if quant else pd.DataFrame()
+    if not q.empty and run_ids is not None:
+        q = q[q["run_id"].isin(set(run_ids))]
+    keys = ["run_id", "level", "arm", "seed"]
+    if not q.empty and "float_size_bytes" in q:
+        sizes = q.dropna(subset=["float_size_bytes"]).drop_duplicates(keys).set_index(keys)
+        idx = pd.MultiIndex.from_frame(df[keys])
+        df["size_bytes"] = sizes["float_size_bytes"].reindex(idx).to_numpy()
+        df["compression"] = (sizes["fp32_dense_bytes"] / sizes["float_size_bytes"]).reindex(idx).to_numpy()
+    else:
+        df["size_bytes"], df["compression"] = float("nan"), float("nan")
+    if not q.empty:
+        q = q.assign(split="test")
+        hp = df.drop_duplicates("run_id").set_index("run_id")
+        extra = [c for c in df.columns if "." in c]  # the flattened hparams
+        q = q.drop(columns=[c for c in extra if c in q]).join(hp[extra], on="run_id")
+        df = pd.concat([df, q], ignore_index=True)
     return df
+
+
+def float_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The training (float) rows of a :func:`load_runs` table."""
+    return df[df["method"] == "float"] if "method" in df else df
+
+
+def quant_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The quantized rows of a :func:`load_runs` table."""
+    return df[df["method"] != "float"] if "method" in df else df.iloc[:0]
 
 
 def final_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -116,10 +143,26 @@ def load_sparsity(root: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _intact_cells(level_dir: Path) -> list[Path]:
+    """The quant cells of a level whose table matches the checksum in its marker (``<cell>.json``,
+    written after the table by the quant stage); a damaged or half-written cell is left out."""
+    out = []
+    for meta in sorted((level_dir / "quant").glob("*.json")):
+        table = meta.with_suffix(".parquet")
+        try:
+            expected = json.loads(meta.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if table.is_file() and hashlib.sha256(table.read_bytes()).hexdigest() == expected:
+            out.append(table)
+    return out
+
+
 def load_quant(root: str | Path) -> pd.DataFrame:
-    """Quantization results (``level_NNN/quant.parquet`` written by ``lth quantize``): one row per
-    (run, level, arm, seed, bits, scheme, granularity, calibration, method) with accuracy,
-    float_accuracy, size_bytes and compression (vs fp32 dense), plus the run's experiment name."""
+    """Quantization results of every completed level: one row per (cell, seed), i.e. per (run, level,
+    arm, seed, bits, method, scheme, granularity, calibration, act_bits, ...), with accuracy,
+    float_accuracy, size_bytes and compression (vs fp32 dense), plus the run's experiment name.
+    Reads the quant stage's cells (``level_NNN/quant/``) and the older ``level_NNN/quant.parquet``."""
     root = Path(root)
     if not root.is_dir():
         raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
@@ -127,8 +170,10 @@ def load_quant(root: str | Path) -> pd.DataFrame:
     for run in _run_dirs(root):
         name = json.loads((run / "hparams.json").read_text()).get("name", "")
         for level_dir in _complete_levels(run):
-            path = level_dir / "quant.parquet"
-            if path.is_file():
+            paths = _intact_cells(level_dir)
+            if (level_dir / "quant.parquet").is_file():
+                paths.append(level_dir / "quant.parquet")
+            for path in paths:
                 try:
                     df = pd.read_parquet(path)
                 except Exception as e:  # noqa: BLE001

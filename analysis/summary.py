@@ -11,9 +11,13 @@ GROUP = ["run_id", "experiment", "arm", "level"]
 
 def final_rows(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """The last evaluation of each (run, arm, seed, level) on ``split``."""
-    d = df[df["split"] == split]
+    d = df[(df["split"] == split) & _float(df)]
     last = d.groupby(["run_id", "arm", "seed", "level"])["step"].transform("max")
     return d[d["step"] == last]
+
+
+def _float(df: pd.DataFrame) -> pd.Series:
+    return df["method"] == "float" if "method" in df else pd.Series(True, index=df.index)
 
 
 def _ci(x: pd.Series) -> tuple[float, float]:
@@ -28,7 +32,7 @@ def _ci(x: pd.Series) -> tuple[float, float]:
 def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """One row per (run, arm, level): density, seeds, and mean/std/95% CI over seeds of the final
     and best ``split`` accuracy and of the early-stop step."""
-    d = df[df["split"] == split]
+    d = df[(df["split"] == split) & _float(df)]
     per_seed = (d.groupby(["run_id", "experiment", "arm", "level", "seed"], sort=False)
                 .apply(_per_seed, include_groups=False).reset_index())
     rows = []

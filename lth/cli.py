@@ -140,7 +140,7 @@ def _error(msg: str) -> int:
 
 def _cmd_experiment(args, train_only: bool) -> int:
     from .config import load_experiment
-    from .lottery import run_lottery
+    from .pipeline import run_experiment
 
     cfg = load_experiment(args.experiment, args.overrides + args.settings)
     mask, mask_arm = getattr(args, "mask", None), getattr(args, "mask_arm", None)
@@ -154,9 +154,10 @@ def _cmd_experiment(args, train_only: bool) -> int:
         _print_summary(store.path, time.time() - t0)
         return 0
     if train_only:
-        cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",))
+        cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",), quant=None)
     t0 = time.time()
-    store = run_lottery(cfg, args.out, progress=not args.no_progress and cfg.log.progress)
+    log = None if args.no_progress else (lambda msg: print(f"quant: {msg}", file=sys.stderr, flush=True))
+    store = run_experiment(cfg, args.out, progress=not args.no_progress and cfg.log.progress, log=log)
     _print_summary(store.path, time.time() - t0)
     return 0
 
@@ -195,7 +196,7 @@ def _cmd_sweep(args) -> int:
         print(f"{o.run_id:<13} {o.status:<9} {o.wall_s:7.1f}  {o.label}" + (f"  [{o.message}]" if o.message else ""))
     failed = [o for o in outcomes if o.status == "failed"]
     print(f"{len(outcomes)} runs: " + ", ".join(f"{s} {sum(o.status == s for o in outcomes)}"
-                                                 for s in ("trained", "complete", "busy", "failed")))
+                                                 for s in ("trained", "quantized", "complete", "busy", "failed")))
     return 1 if failed else 0
 
 
@@ -351,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             from .quant_cmd import run as run_quant
             return run_quant(args)
         if args.command == "settings":
-            from .quant import describe_quant_fields
             print(describe_fields())
-            print(describe_quant_fields())
             return 0
         if args.command == "data":
             if args.data_command != "download":

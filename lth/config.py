@@ -43,6 +43,12 @@ _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 DATASETS = ("mnist1d", "fashion_mnist", "mnist", "cifar10")
 MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20")
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense")
+# Quantization settings (lth.quant implements them; listed here so config imports no quantization code)
+QUANT_BITS = (8, 4, 3, 2, 1)
+QUANT_SCHEMES = ("sym", "asym")
+QUANT_GRANULARITIES = ("channel", "tensor")
+QUANT_CALIBRATIONS = ("minmax", "percentile", "mse")
+QUANT_METHODS = ("ptq", "qat")
 # Models each structured prune.granularity supports (implemented in lth.structured): neurons and
 # filters of plain feed-forward chains; whole residual blocks ("layer") of ResNets.
 STRUCTURED_MODELS = {
@@ -182,9 +188,69 @@ class LogConfig:
     progress: bool = _f(True, result=False, doc="show a progress bar")
 
 
+def _all_of(allowed):
+    return {"check": lambda v: len(v) >= 1 and all(x in allowed for x in v) and _unique(v),
+            "allowed": "a non-empty list of distinct values from " + ", ".join(map(str, allowed))}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The ``[quant]`` stage: every list setting is swept; each (level, arm, setting) is one cell.
+
+    Not part of the training run id: changing only ``quant.*`` never retrains a level; quant
+    results are keyed by a hash of (run id, the cell's settings) (:mod:`lth.quant.stage`).
+    """
+
+    bits: tuple[int, ...] = _f((8, 4, 2), **_all_of(QUANT_BITS), doc="weight bit widths to sweep (1 = binary)")
+    method: tuple[str, ...] = _f(("ptq",), **_all_of(QUANT_METHODS), doc="ptq and/or qat")
+    scheme: tuple[str, ...] = _f(("sym",), **_all_of(QUANT_SCHEMES),
+                                 doc="sym (signed, Z = 0) and/or asym (unsigned with zero point)")
+    granularity: tuple[str, ...] = _f(("channel",), **_all_of(QUANT_GRANULARITIES),
+                                      doc="weight scales per output channel and/or per tensor")
+    calibration: tuple[str, ...] = _f(("minmax",), **_all_of(QUANT_CALIBRATIONS),
+                                      doc="range methods to sweep (with retry: the order tried)")
+    activations: bool = _f(True, doc="also quantize the input of every Dense/Conv (else weights only)")
+    act_bits: int = _f(8, check=lambda v: 2 <= v <= 8, allowed="an integer in [2, 8]", doc="activation bits")
+    act_scheme: Literal["sym", "asym"] = _f("asym", doc="activation scheme")
+    percentile: float = _f(99.99, check=lambda v: 50 < v <= 100, allowed="a number in (50, 100]",
+                           doc="percentile calibration: clip at the 100-p and p percentiles")
+    calib_batches: int = _f(8, check=lambda v: v >= 1, allowed="an integer >= 1",
+                            doc="training batches (train.batch_size each) used for calibration")
+    retry: bool = _f(False, doc="try the calibration methods in order until the val accuracy drop is within "
+                                "tolerance; record the one chosen")
+    tolerance: float = _f(0.005, check=_nonneg[0], allowed=_nonneg[1],
+                          doc="allowed val accuracy drop for retry (0.01 = 1 point)")
+    bias_correction: bool = _f(False, doc="PTQ: empirical bias correction (Nagel et al. 2019)")
+    cle: bool = _f(False, doc="PTQ: cross-layer equalization before quantizing (Nagel et al. 2019)")
+    learned_scale: bool = _f(False, doc="QAT learns the scales (LSQ) instead of recomputing ranges")
+    qat_steps: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
+                               doc="QAT fine-tuning steps; default one epoch (full training from the rewind point)")
+    qat_lr: float | None = _f(None, check=_pos[0], allowed=_pos[1],
+                              doc="QAT learning rate (constant); default train.lr / 10")
+    qat_start: Literal["trained", "rewind"] = _f("trained",
+                                                 doc="QAT starts from the trained network or from the rewind point")
+    levels: Literal["all", "last"] | tuple[int, ...] = _f(
+        "all", check=lambda v: isinstance(v, str) or (len(v) >= 1 and all(x >= 0 for x in v) and _unique(v)),
+        allowed="'all', 'last' or a non-empty list of distinct levels >= 0",
+        doc="levels whose members are quantized")
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] | None = _f(
+        None, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct arms",
+        doc="arms quantized; default every arm of the run (the dense level 0 is the ticket arm's level 0)")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "quant") -> "QuantConfig":
+        return _build(cls, d, "quant.", where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    def to_json_key(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "prune": PruneConfig,
-    "rewind": RewindConfig, "log": LogConfig,
+    "rewind": RewindConfig, "log": LogConfig, "quant": QuantConfig,
 }
 
 
@@ -207,8 +273,12 @@ class ExperimentConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     rewind: RewindConfig = field(default_factory=RewindConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    quant: QuantConfig | None = field(default=None, metadata=_spec(
+        result=False, doc="the quantization stage ([quant] table); none: no quant stage"))
 
     def __post_init__(self):
+        if self.quant is not None:
+            check_quant(self, self.quant, "[quant]")
         g, model = self.prune.granularity, self.model.name
         if g != "weight" and model not in STRUCTURED_MODELS[g]:
             fits = ", ".join(repr(k) for k in ("weight", *STRUCTURED_MODELS) if k == "weight"
@@ -256,6 +326,16 @@ class ExperimentConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
+    """ConfigError unless the quant stage ``qc`` fits the run ``cfg`` (its arms and levels)."""
+    if qc.arms is not None and set(qc.arms) - set(cfg.arms):
+        raise ConfigError(f"{where}: quant.arms = {list(qc.arms)} names arms the run does not train; its arms: "
+                          f"{', '.join(cfg.arms)}")
+    if not isinstance(qc.levels, str) and max(qc.levels) > cfg.prune.levels:
+        raise ConfigError(f"{where}: quant.levels = {list(qc.levels)} goes past the last level "
+                          f"(prune.levels = {cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
+
+
 # ---------------------------------------------------------------------- helpers
 
 def _to_jsonable(x):
@@ -270,6 +350,8 @@ def _result_fields(obj) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
+        if not f.metadata.get("result", True):
+            continue
         if dataclasses.is_dataclass(v):
             sub = _result_fields(v)
             if sub:
@@ -335,6 +417,15 @@ def _coerce(tp, v):
     raise TypeError(f"unsupported config type {tp}")
 
 
+def _section_type(tp):
+    """The dataclass of a section field (``QuantConfig | None`` included), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
 def _build(cls, d, prefix: str, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
@@ -350,8 +441,9 @@ def _build(cls, d, prefix: str, where: str):
     kwargs = {}
     for name, v in d.items():
         f, tp, key = fields[name], hints[name], prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, v, key + ".", where)
+        section = _section_type(tp)
+        if section is not None:
+            kwargs[name] = None if v is None else _build(section, v, key + ".", where)
             continue
         c = _coerce(tp, v)
         if c is _NO:
@@ -413,16 +505,13 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not a text file") from None
 
 
-def load_experiment(path: str | Path, overrides=(), extra_tables=("sweep", "quant")) -> ExperimentConfig:
+def load_experiment(path: str | Path, overrides=(), extra_tables=("sweep",)) -> ExperimentConfig:
     """Load an experiment TOML file, apply ``--set`` overrides and validate everything.
 
-    The ``[sweep]`` table (read by ``lth sweep``) and ``[quant]`` table (read by ``lth quantize
-    --config``) are not part of the run; ``[quant]`` is validated here all the same.
+    The ``[sweep]`` table (read by ``lth sweep``) is not part of the run. A ``[quant]`` table adds
+    the quantization stage (``cfg.quant``; it does not change the run id).
     """
     raw = load_raw(path)
-    if "quant" in raw:
-        from .quant import load_quant_config  # late: quant imports this module
-        load_quant_config(path)
     for t in extra_tables:
         raw.pop(t, None)
     try:

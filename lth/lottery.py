@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +63,17 @@ def _np(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def _keys(seeds, fold: int | None = None) -> jax.Array:
+def seed_keys(seeds, fold: int | None = None) -> jax.Array:
     """Stacked PRNG keys ``[K]``: key(seed), optionally folded with ``fold``."""
     make = (lambda s: jax.random.key(s)) if fold is None else (lambda s: jax.random.fold_in(jax.random.key(s), fold))
     return jax.vmap(make)(np.asarray(seeds))
+
+
+def reinit_weights(model, seed: int, level: int, input_shape) -> dict:
+    """The fresh init of the ``reinit`` control of ``seed`` at ``level``: ``{'params', 'batch_stats'}``."""
+    key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
+    params, bs = _np(init_population(model, key[None], input_shape))
+    return {"params": unstack(params, 0), "batch_stats": unstack(bs, 0)}
 
 
 def _to_jax(tree):
@@ -77,7 +84,7 @@ def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
     """The run's initial weights ``{'params', 'batch_stats'}`` stacked over ``seeds`` (key(seed) each),
     read from ``init.msgpack``; created and stored first if the run has none yet."""
     if not store.has("init.msgpack"):
-        params, bs = init_population(model, _keys(seeds), input_shape)
+        params, bs = init_population(model, seed_keys(seeds), input_shape)
         store.write_tree("init.msgpack", {"params": _np(params), "batch_stats": _np(bs)})
     return store.read_tree("init.msgpack")
 
@@ -133,7 +140,10 @@ class Lottery:
 
     # ------------------------------------------------------------------ fixed weights
     def hparams(self) -> dict:
-        return {**self.cfg.to_dict(), "run_id": self.cfg.run_id, "lth_version": __version__,
+        """The run's identity file: every setting but the quant stage's (keyed apart, per cell)."""
+        d = self.cfg.to_dict()
+        d.pop("quant", None)
+        return {**d, "run_id": self.cfg.run_id, "lth_version": __version__,
                 "num_steps": self.engine.num_steps}
 
     def init_weights(self) -> dict:
@@ -141,9 +151,7 @@ class Lottery:
         return stored_init(self.store, self.model, self.cfg.seeds, self.data.input_shape)
 
     def reinit_weights(self, seed: int, level: int) -> dict:
-        key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
-        params, bs = _np(init_population(self.model, key[None], self.data.input_shape))
-        return {"params": unstack(params, 0), "batch_stats": unstack(bs, 0)}
+        return reinit_weights(self.model, seed, level, self.data.input_shape)
 
     # ------------------------------------------------------------------ levels
     def members(self, level: int) -> list[Member]:
@@ -152,16 +160,21 @@ class Lottery:
             return [Member("ticket", s) for s in self.cfg.seeds]
         return [Member(a, s) for a in self.cfg.arms if a != "small_dense" for s in self.cfg.seeds]
 
-    def run(self, log: WandbSink | None = None) -> RunStore:
-        """Train every incomplete level, holding the run's lock (RunBusyError if another process has it)."""
+    def run(self, log: WandbSink | None = None, after_level: Callable[[int], None] | None = None) -> RunStore:
+        """Train every incomplete level, holding the run's lock (RunBusyError if another process has it).
+
+        ``after_level(level)`` is called once each level is complete (trained now or before), in
+        level order, still under the lock: the later stages of the pipeline (quantization) hook in here.
+        """
         cfg, store = self.cfg, self.store
         with store.lock():
             store.write_hparams(self.hparams())
             init = self.init_weights()
             for level in range(cfg.prune.levels + 1):
-                if store.is_complete(level):
-                    continue
-                self.train_level(level, init, log)
+                if not store.is_complete(level):
+                    self.train_level(level, init, log)
+                if after_level is not None:
+                    after_level(level)
         return store
 
     def _rewind_point(self, init: dict) -> dict:
@@ -241,7 +254,7 @@ class Lottery:
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
         params = stack([w["params"] for w in plan.weights])  # numpy: the engine places it on its devices
         bs = stack([w["batch_stats"] for w in plan.weights])
-        rngs = _keys([m.seed for m in plan.members], fold=level)
+        rngs = seed_keys([m.seed for m in plan.members], fold=level)
         return plan.engine.init(params, bs, stack(plan.masks), rngs, start=plan.start)
 
     def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
@@ -277,7 +290,7 @@ class Lottery:
             store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
-        metrics["param_count"] = [_kept(masks[k]) for k in metrics["member"]]
+        metrics["param_count"] = [kept_count(masks[k]) for k in metrics["member"]]
         act = self._activation_sparsity(result.state, members)
         if act is not None:
             files["activations.parquet"] = parquet_bytes(act)
@@ -339,7 +352,7 @@ class Lottery:
         """Train, for every seed, a dense model whose parameter count matches the seed's ticket."""
         cfg = self.cfg
         seeds = list(cfg.seeds)
-        target = _kept(masks[0])  # the ticket of seeds[0]; layerwise counts are equal for every seed
+        target = kept_count(masks[0])  # the ticket of seeds[0]; layerwise counts are equal for every seed
         width, count = match_width(cfg.model, self.data.num_classes, self.data.input_shape, target)
         if abs(count - target) > 0.02 * target:
             warnings.warn(f"level {level}: the closest small-dense model has {count} parameters, "
@@ -347,7 +360,7 @@ class Lottery:
         model = build_model(dataclasses.replace(cfg.model, width=width), self.data.num_classes,
                             self.data.input_shape)
         engine = Engine(model, self.data, cfg.train)
-        keys = _keys(seeds)
+        keys = seed_keys(seeds)
         params, bs = init_population(model, keys, self.data.input_shape)
         state = engine.init(params, bs, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params), keys)
         t0 = time.time()
@@ -436,7 +449,7 @@ def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
         bar.close()
 
 
-def _kept(mask) -> int:
+def kept_count(mask) -> int:
     """Parameters a mask keeps (weights and unpruned biases/norm parameters)."""
     return int(sum(np.asarray(m).sum() for m in jax.tree.leaves(mask)))
 
@@ -471,13 +484,15 @@ def population_key(cfg: ExperimentConfig) -> str | None:
     if cfg.prune.schedule == "gradual":
         return None
     d = cfg.to_dict()
-    for key in ("name", "seeds", "arms", "log"):
+    for key in ("name", "seeds", "arms", "log", "quant"):
         d.pop(key, None)
     d["prune"] = {"levels": cfg.prune.levels}
     return json.dumps(d, sort_keys=True)
 
 
-def run_group(cfgs, out: str | Path, *, progress: bool | None = None) -> dict[str, str]:
+def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
+              finished: Callable[[ExperimentConfig], bool] | None = None,
+              after_level: Callable[["Lottery", int], None] | None = None) -> dict[str, str]:
     """Run or resume several runs of one population group (equal :func:`population_key`).
 
     Level by level, the members of every run that still needs the level train as one vmapped
@@ -486,16 +501,19 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None) -> dict[st
     network is trained once and stored in every run that has the seed. A member's numbers equal
     those of the run trained alone to float tolerance (the batched matmuls may round differently).
 
+    ``finished(cfg)`` says a run needs nothing (default: every level complete); ``after_level(lottery,
+    level)`` runs once a level of a run is complete (the pipeline's later stages), under the run's lock.
     Returns run_id -> 'trained' | 'complete' | 'busy: <why>' (another process holds the run).
     """
     from .store import RunBusyError
 
     cfgs = list(cfgs)
     root = prepare_root(out)
+    finished = finished or (lambda c: RunStore(root, c.run_id).is_finished(c.prune.levels))
     status: dict[str, str] = {}
     todo = []
     for cfg in cfgs:
-        if RunStore(root, cfg.run_id).is_finished(cfg.prune.levels):
+        if finished(cfg):
             status[cfg.run_id] = "complete"
         else:
             todo.append(cfg)
@@ -524,6 +542,10 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None) -> dict[st
                 active[0].train_level(level, inits[active[0].cfg.run_id], sinks[active[0].cfg.run_id])
             elif active:
                 _train_level_together(level, active, inits, sinks)
+            if after_level is not None:
+                for lot in lots:
+                    if level <= lot.cfg.prune.levels:
+                        after_level(lot, level)
         for lot in lots:
             status[lot.cfg.run_id] = "trained"
     return status

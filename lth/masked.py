@@ -44,7 +44,7 @@ from .data import load_dataset
 from .models import build_model
 from .pruning import density, prunable
 from .store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
-from .lottery import Member, _keys, _kept, _np, metrics_table, progress_bar, sparsity_table, stored_init
+from .lottery import Member, seed_keys, kept_count, _np, metrics_table, progress_bar, sparsity_table, stored_init
 from .train import Engine, init_variables, stack, unstack
 
 MASKS_FILE = "masks.msgpack"
@@ -254,14 +254,14 @@ class MaskedRun:
         masks = list(self.source.masks)
         arm = self.source.arm or "ticket"
         can_prune = prunable(unstack(init["params"], 0), cfg.prune)
-        state = engine.init(init["params"], init["batch_stats"], stack(masks), _keys(seeds))
+        state = engine.init(init["params"], init["batch_stats"], stack(masks), seed_keys(seeds))
         t0 = time.time()
         with progress_bar(self.progress, "masked", engine.num_steps) as bar:
             result = engine.run(state, seeds, progress=bar)
         wall_s = time.time() - t0
         final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
         densities = [density(m, can_prune) for m in masks]
-        kept = [_kept(m) for m in masks]
+        kept = [kept_count(m) for m in masks]
         members = [Member(arm, s) for s in seeds]
         df = metrics_table(self.run_id, 0, members, densities, result.records, wall_s, result.diverged)
         k = df["member"]

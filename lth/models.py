@@ -304,7 +304,7 @@ def resnet20(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -
 
 # ---------------------------------------------------------------------------- params pytrees
 
-def _path_names(path) -> list[str]:
+def path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
@@ -316,7 +316,7 @@ def layer_kind(path, leaf) -> str:
     scores. Kernels of layers named otherwise fall back to their rank (>= 3: conv, else dense).
     ``path`` is a key path from :func:`jax.tree_util.tree_map_with_path`.
     """
-    names = _path_names(path)
+    names = path_names(path)
     leaf_name = names[-1] if names else ""
     module = names[-2] if len(names) >= 2 else ""
     if module.startswith("bn") or leaf_name in ("scale", "mean", "var"):

@@ -17,19 +17,19 @@ import jax
 import numpy as np
 
 from .config import PruneConfig
-from .models import _path_names, layer_kind
+from .models import path_names, layer_kind
 
 PyTree = Any
 
 
 def layer_name(path) -> str:
     """'dense_0' for the path of dense_0/kernel; nested modules joined with '/'."""
-    return "/".join(_path_names(path)[:-1])
+    return "/".join(path_names(path)[:-1])
 
 
 def leaf_name(path) -> str:
     """'dense_0/kernel' style name of a parameter leaf."""
-    return "/".join(_path_names(path))
+    return "/".join(path_names(path))
 
 
 def layer_rates(params: PyTree, cfg: PruneConfig) -> PyTree:
@@ -37,7 +37,7 @@ def layer_rates(params: PyTree, cfg: PruneConfig) -> PyTree:
 
     def rate(path, leaf):
         kind = layer_kind(path, leaf)
-        names = _path_names(path)[:-1]
+        names = path_names(path)[:-1]
         if cfg.rates and kind in ("conv", "dense", "output") and "/".join(names) in cfg.rates:
             return cfg.rates["/".join(names)]
         if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
@@ -60,7 +60,7 @@ def prunable(params: PyTree, cfg: PruneConfig) -> PyTree:
 
     def ok(path, leaf):
         kind = layer_kind(path, leaf)
-        names = _path_names(path)[:-1]
+        names = path_names(path)[:-1]
         if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
             return False
         return kind in ("conv", "dense", "output") or (kind == "bias" and cfg.prune_biases)

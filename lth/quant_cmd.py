@@ -1,7 +1,7 @@
 """Command line for quantization: ``lth quantize``, ``lth export`` and ``lth eval-export``.
 
-Thin edges over :func:`lth.quant.quantize_run`, :func:`lth.compress.export_level` and
-:func:`lth.compress.eval_export`. ``cli.py`` wires them in with :func:`add_parsers` and :func:`run`.
+Thin edges over :func:`lth.quant.quantize_run` (the quant stage's code path on a stored run),
+:func:`lth.quant.export_level` and :func:`lth.quant.eval_export`. ``cli.py`` wires them in with :func:`add_parsers` and :func:`run`.
 """
 
 from __future__ import annotations
@@ -72,14 +72,22 @@ def add_parsers(sub) -> None:
     """Add the ``quantize``, ``export`` and ``eval-export`` subcommands to an argparse subparsers object."""
     p = sub.add_parser(
         "quantize", help="PTQ/QAT sweep over the tickets of a stored run",
-        description="Quantize the ticket members of a stored run's levels for every combination of bits, "
-                    "method, scheme, granularity and calibration; evaluate them and merge one row per "
-                    "member x setting into OUT/<run_id>/level_NNN/quant.parquet (accuracy, float_accuracy, "
-                    "size_bytes, compression vs fp32 dense, ...). Prints the result table.")
+        description="Add quant cells to a stored run: the members of every arm (or quant.arms) of its "
+                    "levels quantized for every combination of bits, method, scheme, granularity and "
+                    "calibration, with the code of the experiment's quant stage. Each (level, arm, setting) "
+                    "is one cell, stored in OUT/<run_id>/level_NNN/quant/ (one row per seed: accuracy, "
+                    "float_accuracy, size_bytes, compression vs fp32 dense, ...); cells already done are "
+                    "skipped. Settings: the defaults, then --config's [quant] table, "
+                    "then --set quant.KEY=VALUE, then the options below. Prints the new rows.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
     p.add_argument("--config", default=None, metavar="TOML",
                    help="read the settings from the [quant] table of this TOML file; options given here "
                         "override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="quant.KEY=VALUE",
+                   help="override one quant setting, e.g. --set quant.bits=[8,4] (TOML values); repeatable")
+    p.add_argument("--arms", type=_csv(str), default=None,
+                   help="comma-separated arms to quantize (default: every arm of the run)")
+    p.add_argument("--recompute", action="store_true", help="recompute cells that are already done")
     p.add_argument("--levels", type=_csv(int), default=None,
                    help="comma-separated levels to quantize (default: every complete level)")
     p.add_argument("--bits", type=_csv(int), default=None,
@@ -95,7 +103,7 @@ def add_parsers(sub) -> None:
                    help="allowed val accuracy drop for --retry, as a fraction (0.01 = 1 point; default 0.005)")
     p.add_argument("--qat-start", choices=["trained", "rewind"], default=None,
                    help="QAT starts from the trained ticket (default) or from the rewind point")
-    p.add_argument("--no-write", action="store_true", help="print the table only; do not write quant.parquet")
+    p.add_argument("--no-write", action="store_true", help="print the table only; do not write cells")
 
     p = sub.add_parser(
         "export", help="write one quantized ticket as a compressed integer file",
@@ -124,7 +132,7 @@ def _settings(args) -> dict:
     """QuantConfig fields set on the command line (unset ones keep their defaults)."""
     out = {}
     for name in ("scheme", "granularity", "calibration", "act_bits", "calib_batches", "percentile", "qat_steps",
-                 "qat_lr", "tolerance", "qat_start"):
+                 "qat_lr", "tolerance", "qat_start", "arms"):
         v = getattr(args, name, None)
         if v is not None:
             out[name] = v
@@ -134,6 +142,22 @@ def _settings(args) -> dict:
     if getattr(args, "weights_only", False):
         out["activations"] = False
     return out
+
+
+def _quant_base(args):
+    """The quant settings before the options: the defaults, then --config's [quant], then --set quant.*."""
+    from .config import ConfigError, QuantConfig, apply_overrides, load_raw
+
+    raw: dict = {"quant": {}}
+    if args.config:
+        table = load_raw(args.config).get("quant", {})
+        raw["quant"].update(table if isinstance(table, dict) else {"": table})
+    bad = [o for o in args.overrides if not o.strip().startswith("quant.")]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: lth quantize takes quant.* settings only (the run's other settings "
+                          "are fixed by its run id)")
+    raw = apply_overrides(raw, args.overrides)
+    return QuantConfig.from_dict(raw["quant"], " ".join(filter(None, [args.config, *args.overrides])) or "quant")
 
 
 def _log(msg: str) -> None:
@@ -151,20 +175,20 @@ def run(args) -> int:
 
 def _run(args) -> int:
     if args.command == "quantize":
-        from .quant import load_quant_config, quantize_run
+        from .quant import quantize_run
 
         t0 = time.time()
-        config = load_quant_config(args.config) if args.config else None
-        df = quantize_run(args.run_dir, args.levels, args.bits, args.method, config=config, write=not args.no_write,
-                          log=_log, **_settings(args))
+        df = quantize_run(args.run_dir, args.levels, args.bits, args.method, config=_quant_base(args),
+                          write=not args.no_write, recompute=args.recompute, log=_log, **_settings(args))
         cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
                 "accuracy", "float_accuracy", "size_bytes", "compression"]
-        print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        where = "" if args.no_write else " -> level_NNN/quant.parquet"
+        print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(df) else
+              "nothing to compute: every cell is done (--recompute redoes them)")
+        where = "" if args.no_write else " -> level_NNN/quant/"
         print(f"{len(df)} rows in {time.time() - t0:.1f} s{where}")
         return 0
     if args.command == "export":
-        from .compress import export_level
+        from .quant import export_level
 
         s = _settings(args)
         kw = {k: (v[0] if isinstance(v, list) else v) for k, v in s.items()
@@ -178,7 +202,7 @@ def _run(args) -> int:
               f"prediction agreement {r['agreement']:.4f}")
         return 0
     if args.command == "eval-export":
-        from .compress import eval_export
+        from .quant import eval_export
 
         r = eval_export(args.file, args.split)
         print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "

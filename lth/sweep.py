@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw
-from .store import RunStore, prepare_root
+from .store import prepare_root
 from .wandb_log import flatten
 
 
@@ -29,6 +29,11 @@ class SweepPoint:
     @property
     def run_id(self) -> str:
         return self.cfg.run_id
+
+    @property
+    def key(self) -> tuple:
+        """Identity of the point's results: its training run and its quant stage."""
+        return (self.cfg.run_id, None if self.cfg.quant is None else self.cfg.quant.to_json_key())
 
     @property
     def label(self) -> str:
@@ -64,9 +69,10 @@ def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[SweepPoint]:
         sets = tuple(f"{k}={_toml_value(v)}" for k, v in zip(axes, combo))
         where = f"{path} with sweep point {' '.join(sets)}" if sets else str(path)
         cfg = ExperimentConfig.from_dict(apply_overrides(base, list(sets)), where)
-        if cfg.run_id not in seen:  # two grid points that mean the same run are one run
-            seen.add(cfg.run_id)
-            points.append(SweepPoint(sets, cfg))
+        point = SweepPoint(sets, cfg)
+        if point.key not in seen:  # two grid points that mean the same run (and quant stage) are one
+            seen.add(point.key)
+            points.append(point)
     return points
 
 
@@ -90,31 +96,35 @@ def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
 
     if max_runs < 1:
         raise ConfigError(f"--group {max_runs} is not allowed; expected an integer >= 1")
-    by_key: dict[str, list[int]] = {}
-    alone: list[list[int]] = []
+    # points of one training run (they differ only in quant.*) always go together: the run trains once
+    runs: dict[str, list[int]] = {}
     for i, p in enumerate(points):
-        key = population_key(p.cfg)
+        runs.setdefault(p.run_id, []).append(i)
+    by_key: dict[str, list[list[int]]] = {}
+    alone: list[list[int]] = []
+    for run in runs.values():
+        key = population_key(points[run[0]].cfg)
         if key is None or max_runs == 1:
-            alone.append([i])
+            alone.append(run)
         else:
-            by_key.setdefault(key, []).append(i)
-    groups = [g[j:j + max_runs] for g in by_key.values() for j in range(0, len(g), max_runs)] + alone
+            by_key.setdefault(key, []).append(run)
+    groups = [sum(g[j:j + max_runs], []) for g in by_key.values() for j in range(0, len(g), max_runs)] + alone
     return sorted(groups, key=lambda g: g[0])
 
 
 def run_group_point(cfg_jsons: list[str], out: str, progress: bool = False) -> list[dict]:
     """Run one group of sweep points in this process (the unit of work of every executor)."""
-    from .lottery import run_group
+    from .pipeline import run_experiments
 
     cfgs = [ExperimentConfig.from_json(c) for c in cfg_jsons]
     t0 = time.time()
-    status = run_group(cfgs, out, progress=progress)
+    status = run_experiments(cfgs, out, progress=progress)
     wall = time.time() - t0
     rows = []
     for cfg in cfgs:
         st = status[cfg.run_id]
         kind, _, message = st.partition(": ")
-        rows.append({"run_id": cfg.run_id, "status": kind, "wall_s": wall if kind == "trained" else 0.0,
+        rows.append({"run_id": cfg.run_id, "status": kind, "wall_s": wall if kind in ("trained", "quantized") else 0.0,
                      "message": message})
     return rows
 
@@ -197,11 +207,18 @@ def wandb_sweep_config(path: str | Path, points: list[SweepPoint], out: str) -> 
 
 
 def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoint, str]]:
-    """(point, 'complete' | 'partial (k/n levels)' | 'new') for a dry run."""
+    """(point, what it still needs) for a dry run: 'complete', 'quantize only (N cells)', 'train
+    (k/n levels done)' or 'new', each training status followed by its quant cells, if any."""
+    from .pipeline import run_status
+
     rows = []
     for p in points:
-        store = RunStore(out, p.run_id)
-        n = p.cfg.prune.levels + 1
-        k = sum(store.is_complete(level) for level in range(n)) if store.path.exists() else 0
-        rows.append((p, "complete" if k == n else (f"partial ({k}/{n} levels)" if k else "new")))
+        s = run_status(p.cfg, out)
+        cells = f" + quantize {s['cells']} cells" if s["cells"] else ""
+        if s["levels"] == s["of"]:
+            rows.append((p, f"quantize only ({s['cells']} cells)" if s["cells"] else "complete"))
+        elif s["levels"]:
+            rows.append((p, f"train ({s['levels']}/{s['of']} levels done){cells}"))
+        else:
+            rows.append((p, f"new: train {s['of']} levels{cells}"))
     return rows

@@ -129,9 +129,17 @@ def test_quant_figures_plot_the_group_means_and_the_pareto_front(store_root, tmp
     table = fig.heatmap_table
     assert table.loc[4, 0.8] == pytest.approx(0.5 + 0.2 - 0.01)  # mean over seeds 0, 1, 2
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), 100 * table.to_numpy())
-    front = figures.accuracy_vs_size(q).pareto_front
-    assert front["size"].is_monotonic_increasing and front["acc"].is_monotonic_increasing
-    both = load_runs(root, quant=True)
+    both = load_runs(root)
     assert set(both["method"]) == {"float", "ptq"} and both[both.method == "ptq"]["train.lr"].eq(0.1).all()
+    assert (both[both.method == "float"]["bits"] == 32).all()
+    fig = figures.accuracy_vs_size(both)
+    front, points = fig.pareto_front, fig.points
+    assert front["size_bytes"].is_monotonic_increasing and front["accuracy"].is_monotonic_increasing
+    assert len(points) == 6  # (level 1, 2) x (2, 4, 8 bits); float rows have no measured size here
+    p = points[(points.level == 1) & (points.bits == 4)].iloc[0]
+    assert p.accuracy == pytest.approx(0.69) and p.rule == "95% CI over 3 seeds"
+    assert p.low == pytest.approx(0.69 - 4.302653 * 0.01 / np.sqrt(3), abs=1e-6)
+    # below 3 seeds the spread is min-max (a 2-seed t-interval is 12.7 standard errors wide)
+    assert figures.seed_spread([0.5, 0.7]) == (pytest.approx(0.6), 0.5, 0.7, "min-max over 2 seeds")
     made = write_report(root, tmp_path / "figs")
     assert {"quant_heatmap", "accuracy_vs_size"} <= set(made)

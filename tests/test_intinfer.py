@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lth.config import ExperimentConfig
-from lth.intinfer import _compiled, _device_arrays, from_quantized
+from lth.quant.intinfer import _compiled, _device_arrays, from_quantized
 from lth.models import MLP, build_model
 from lth.quant import QuantSpec, fake_quant_predict, layer_program, ptq
 from test_quant import random_params as _random_params

@@ -10,9 +10,10 @@ import pytest
 from lth.config import ConfigError, ExperimentConfig
 from lth.data import Dataset, load_dataset
 from lth.models import MLP, build_model
-from lth.quant import (LoadedRun, QuantConfig, QuantSpec, bias_correct, calibrate, equalize, fake_quant,
-                       layer_outputs, lsq_fake_quant, ptq, qat, quantize, quantize_member, quantize_run,
-                       quantize_weights, representable_range, scale_zero_point, weight_qparams)
+from lth.quant import (QuantConfig, QuantSpec, bias_correct, calibrate, equalize, fake_quant, layer_outputs,
+                       lsq_fake_quant, ptq, ptq_population, qat, quantize, quantize_member, quantize_run,
+                       quantize_weights, read_cells, representable_range, scale_zero_point, weight_qparams)
+from lth.stored import StoredRun
 from lth.store import RunStore, read_parquet, tree_bytes
 
 
@@ -288,40 +289,70 @@ def stored_run(tmp_path_factory):
     return write_store(tmp_path_factory.mktemp("qstore"))
 
 
-def test_quantize_run_writes_a_merged_table(stored_run):
+def test_quantize_run_writes_one_cell_per_arm_and_setting(tmp_path):
+    stored_run = write_store(tmp_path)
     df = quantize_run(stored_run, [1], (4,), ("ptq", "qat"), qat_steps=4)
-    cols = ["run_id", "level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
-            "accuracy", "float_accuracy", "size_bytes", "compression"]
+    cols = ["run_id", "cell", "level", "arm", "seed", "density", "param_count", "bits", "scheme", "granularity",
+            "calibration", "method", "accuracy", "float_accuracy", "size_bytes", "compression", "float_size_bytes"]
     assert all(c in df.columns for c in cols)
-    assert len(df) == 2 and set(df.arm) == {"ticket"}  # the reinit control is not a ticket
-    assert df.method.tolist() == ["ptq", "qat"] and df.qat_steps.tolist() == [0, 4]
-    assert df.density.iloc[0] == pytest.approx(0.5, abs=0.01)
+    assert len(df) == 4 and set(df.arm) == {"ticket", "reinit"}  # every arm, not only the ticket
+    assert df.cell.nunique() == 4
+    t = df[df.arm == "ticket"].sort_values("method")
+    assert t.method.tolist() == ["ptq", "qat"] and t.qat_steps.tolist() == [0, 4]
+    assert t.density.iloc[0] == pytest.approx(0.5, abs=0.01) and df[df.arm == "reinit"].density.iloc[0] == 1.0
     assert (df.compression > 1).all() and (df.size_bytes < df.fp32_dense_bytes).all()
-    table = read_parquet(stored_run / "level_001" / "quant.parquet")
-    assert len(table) == 2
-    again = quantize_run(stored_run, [0, 1], (4, 8), ("ptq",))  # 4-bit ptq replaced, 8-bit added
-    table = read_parquet(stored_run / "level_001" / "quant.parquet")
-    assert len(table) == 3 and sorted(zip(table.bits, table.method)) == [(4, "ptq"), (4, "qat"), (8, "ptq")]
-    assert read_parquet(stored_run / "level_000" / "quant.parquet").density.tolist() == [1.0, 1.0]
+    assert (df.size_bytes < df.float_size_bytes).all()
+    table = read_cells(stored_run / "level_001")
+    assert len(table) == 4
+    # done cells are skipped: only the 8-bit cells and level 0 are new
+    again = quantize_run(stored_run, [0, 1], (4, 8), ("ptq",))
+    assert sorted(zip(again.level, again.bits, again.arm)) == [(0, 4, "ticket"), (0, 8, "ticket"),
+                                                              (1, 8, "reinit"), (1, 8, "ticket")]
+    table = read_cells(stored_run / "level_001")
+    assert len(table) == 6 and sorted(set(zip(table.bits, table.method))) == [(4, "ptq"), (4, "qat"), (8, "ptq")]
+    assert read_cells(stored_run / "level_000").density.tolist() == [1.0, 1.0]
+    assert quantize_run(stored_run, [0, 1], (4, 8), ("ptq",)).empty  # nothing left to compute
+    # a damaged cell is not used and is recomputed
+    cell = again[(again.level == 1) & (again.arm == "ticket")].cell.iloc[0]
+    victim = stored_run / "level_001" / "quant" / f"{cell}.parquet"
+    victim.write_bytes(victim.read_bytes()[:-7])
+    assert len(read_cells(stored_run / "level_001")) == 5
+    redo = quantize_run(stored_run, [1], (8,), ("ptq",))
+    assert redo.cell.tolist() == [cell] and len(read_cells(stored_run / "level_001")) == 6
     # QAT with fixed ranges (the same setting, so the compiled engine is reused) keeps the mask
-    run = LoadedRun.open(stored_run)
+    run = StoredRun.open(stored_run)
     qt, who = quantize_member(run, 1, QuantSpec(4, act_bits=8), method="qat", qc=QuantConfig(qat_steps=4))
-    masks = run.tickets(1)["masks"]
+    masks = run.population(1).masks
     for layer in ("dense_0", "dense_1", "output"):
         w, m = np.asarray(qt.params[layer]["kernel"]), masks[layer]["kernel"][0]
         assert np.all(w[~m] == 0.0) and np.count_nonzero(w) > 0.3 * m.sum()
     assert who == {"arm": "ticket", "seed": 0}
-    r8 = again[(again.bits == 8) & (again.level == 1)].iloc[0]
+    r8 = again[(again.bits == 8) & (again.level == 1) & (again.arm == "ticket")].iloc[0]
     assert abs(r8.accuracy - r8.float_accuracy) <= 0.02
-    assert r8.size_bytes > again[(again.bits == 4) & (again.level == 1)].size_bytes.iloc[0]
+    assert r8.size_bytes > df[(df.arm == "ticket") & (df.method == "ptq")].size_bytes.iloc[0]
+
+
+def test_batched_ptq_equals_ptq_of_each_member(stored_run):
+    run = StoredRun.open(stored_run)
+    pop = run.population(1)
+    calib = run.calib_x(2)
+    spec = QuantSpec(4, act_bits=8)
+    together = ptq_population(pop.model, pop.params, pop.batch_stats, spec, calib)
+    for k, qt in enumerate(together):
+        alone = ptq(pop.model, jax.tree.map(lambda a: a[k], pop.params), {}, spec, calib)
+        for a, b in zip(jax.tree.leaves((qt.params, qt.weight_qparams, qt.act_qparams)),
+                        jax.tree.leaves((alone.params, alone.weight_qparams, alone.act_qparams))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        m = pop.masks["dense_0"]["kernel"][k]
+        assert np.all(np.asarray(qt.params["dense_0"]["kernel"])[~m] == 0.0)
 
 
 def test_retry_tries_calibrations_in_order_and_records_the_choice(stored_run):
-    easy = quantize_run(stored_run, [1], (4,), ("ptq",), calibration=("minmax", "mse"), retry=True,
+    easy = quantize_run(stored_run, [1], (4,), ("ptq",), calibration=("minmax", "mse"), retry=True, arms=("ticket",),
                         tolerance=1.0, write=False)
     assert easy.calibration.tolist() == ["minmax"] and easy.calibration_tried.tolist() == ["minmax"]
     assert easy.calibration_requested.tolist() == ["minmax,mse"] and easy.retry.all()
-    hard = quantize_run(stored_run, [1], (4,), ("ptq",), calibration=("minmax", "mse"), retry=True,
+    hard = quantize_run(stored_run, [1], (4,), ("ptq",), calibration=("minmax", "mse"), retry=True, arms=("ticket",),
                         tolerance=0.0, write=False)
     tried = hard.calibration_tried.iloc[0].split(",")
     assert tried[0] == "minmax" and hard.calibration.iloc[0] in tried
@@ -337,6 +368,8 @@ def test_bad_quant_settings_fail_with_the_key_and_allowed_values(stored_run):
         quantize_run(stored_run, [7], (8,), write=False)
     with pytest.raises(ConfigError, match="unknown key quant.bitz"):
         QuantConfig.from_dict({"bitz": [8]})
+    with pytest.raises(ConfigError, match="quant.arms.*small_dense.*its arms: ticket, reinit"):
+        quantize_run(stored_run, [1], (8,), arms=("small_dense",), write=False)
 
 
 def test_cli_quantize_prints_the_table(stored_run, capsys):
@@ -346,9 +379,15 @@ def test_cli_quantize_prints_the_table(stored_run, capsys):
 
     parser = argparse.ArgumentParser(prog="lth")
     quant_cmd.add_parsers(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--bits", "4", "--no-write"])
+    args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--bits", "4", "--no-write",
+                              "--arms", "ticket"])
     assert quant_cmd.run(args) == 0
     out = capsys.readouterr().out
     assert "compression" in out and "1 rows" in out
+    args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--no-write", "--set", "quant.bits=[8, 4]",
+                              "--set", 'quant.arms=["ticket"]'])
+    assert quant_cmd.run(args) == 0 and "2 rows" in capsys.readouterr().out
+    assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--set", "train.lr=1"])) == 2
+    assert "quant.* settings only" in capsys.readouterr().err
     assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--scheme", "sym,nope"])) == 2
     assert "quant.scheme" in capsys.readouterr().err

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from lth import quant_cmd
-from lth.compress import (ExportError, decode_kernel, encode_kernel, encoded_sizes, eval_export, export_bytes,
-                          export_level, pack_bits, payload_bytes, read_export, size_report, unpack_bits,
-                          write_export)
+from lth.quant import export_level
+from lth.quant.export import (ExportError, decode_kernel, encode_kernel, encoded_sizes, eval_export, export_bytes,
+                              pack_bits, payload_bytes, read_export, size_report, unpack_bits, write_export)
 from lth.config import ExperimentConfig
 from lth.data import load_dataset
-from lth.intinfer import from_quantized
+from lth.quant import from_quantized
 from lth.models import MLP, build_model
 from lth.quant import QuantSpec, ptq, qrange
 from lth.store import RunStore, StoreError, tree_bytes

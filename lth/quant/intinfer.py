@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .quant import QuantizedTicket, layer_program, qrange
+from .numerics import qrange
+from .ptq import QuantizedTicket, layer_program
 
 
 @dataclass

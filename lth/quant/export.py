@@ -40,8 +40,12 @@ import jax
 import numpy as np
 
 from .intinfer import IntegerModel, IntLayer
-from .quant import QuantizedTicket, qrange
-from .store import StoreError, atomic_write_bytes
+from .numerics import qrange
+from .ptq import QuantizedTicket
+from .wiring import is_weight
+from ..config import ExperimentConfig
+from ..data import load_dataset
+from ..store import StoreError, atomic_write_bytes
 
 MAGIC = b"LTHQEXP1"
 VERSION = 1
@@ -224,6 +228,20 @@ def size_report(qt: QuantizedTicket) -> dict[str, Any]:
             "size_bytes": size, "compression": fp32 / size, "layers": layers}
 
 
+def float_size_report(params, batch_stats) -> dict[str, Any]:
+    """Bytes of one float32 network stored sparse: per kernel the smaller of dense fp32 and a bitmask
+    plus its non-zero fp32 values; other parameters fp32. The 32-bit point of the size axis."""
+    size = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        if is_weight(path, a):
+            size += min(a.size * 4, math.ceil(a.size / 8) + int(np.count_nonzero(a)) * 4)
+        else:
+            size += a.size * 4
+    size += _count(batch_stats) * 4
+    return {"size_bytes": int(size), "fp32_dense_bytes": (_count(params) + _count(batch_stats)) * 4}
+
+
 # ============================================================================ export file
 
 def integer_arrays(im: IntegerModel) -> tuple[dict[str, np.ndarray], dict]:
@@ -321,55 +339,8 @@ def payload_bytes(im: IntegerModel) -> int:
     return int(sum(a.nbytes for a in integer_arrays(im)[0].values()))
 
 
-# ============================================================================ runs -> files
-
-def export_level(run_dir: str | Path, level: int, bits: int, path: str | Path, *, member: int = 0,
-                 method: str = "ptq", scheme: str = "sym", granularity: str = "channel",
-                 calibration: str = "minmax", act_bits: int = 8, act_scheme: str = "asym",
-                 **settings) -> dict[str, Any]:
-    """Quantize ticket ``member`` of a stored level and write its export file atomically.
-
-    ``settings`` are :class:`lth.quant.QuantConfig` fields used by PTQ/QAT (``bias_correction``,
-    ``cle``, ``learned_scale``, ``qat_steps``, ``calib_batches`` ...). Returns a summary: sizes,
-    compression, and the test accuracy of the integer model, of the fake-quant model and their
-    prediction agreement.
-    """
-    from .intinfer import from_quantized
-    from .quant import LoadedRun, QuantConfig, QuantSpec, fake_quant_predict, quantize_member
-
-    run = LoadedRun.open(run_dir)
-    complete = run.complete_levels()
-    if level not in complete:
-        raise StoreError(f"{run.path}: level {level} is not complete; complete levels: "
-                         f"{', '.join(map(str, complete)) or 'none'}")
-    qc = QuantConfig.from_dict({**QuantConfig().to_dict(), **{k: list(v) if isinstance(v, tuple) else v
-                                                             for k, v in settings.items()}})
-    spec = QuantSpec(bits, scheme, granularity, calibration, act_bits, act_scheme, None, qc.percentile)
-    qt, who = quantize_member(run, level, spec, member=member, method=method, qc=qc)
-    im = from_quantized(run.model, qt, run.data.input_shape, run.data.num_classes)
-    sizes = size_report(qt)
-    info = {"run_id": run.run_id, "level": level, "member": who, "method": method, "bits": bits,
-            "scheme": spec.scheme_name, "granularity": granularity, "calibration": qt.calibration,
-            "act_bits": act_bits, "act_scheme": act_scheme, "data": dataclasses.asdict(run.cfg.data),
-            "model": run.cfg.model.name, "size_bytes": sizes["size_bytes"],
-            "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"]}
-    file_bytes = write_export(path, im, info)
-    x, y = run.data.x_test, run.data.y_test
-    pred_int = im.predict(x)
-    pred_fq = fake_quant_predict(run.model, qt, x)
-    return {"path": str(path), "file_bytes": file_bytes, "size_bytes": sizes["size_bytes"],
-            "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"],
-            "integer_accuracy": float(np.mean(pred_int == y)),
-            "fake_quant_accuracy": float(np.mean(pred_fq == y)),
-            "agreement": float(np.mean(pred_int == pred_fq)), **{k: info[k] for k in ("run_id", "level", "member",
-                                                                                      "method", "bits", "scheme")}}
-
-
 def eval_export(path: str | Path, split: str = "test") -> dict[str, Any]:
     """Reload an export file, run its integer model on the data set it names, report accuracy."""
-    from .config import ExperimentConfig
-    from .data import load_dataset
-
     im, header = read_export(path)
     info = header.get("info", {})
     if "data" not in info:

@@ -1,0 +1,98 @@
+"""One experiment, whole pipeline: train + prune (:mod:`lth.lottery`), then quantize
+(:mod:`lth.quant.stage`), level by level.
+
+Each level's quant cells are computed as soon as the level is complete (trained now or found in
+the store), under the run's lock, with the data set and model the training loaded. Stages are keyed
+apart: the training run id never sees ``quant.*``, and each quant cell is keyed by (run id,
+level, arm, setting), so a rerun that changes only ``quant.*`` trains nothing and computes only
+the new cells. Several experiments that differ only in ``quant.*`` are one training run with
+several quant stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .config import ExperimentConfig, QuantConfig
+from .lottery import Lottery, run_group
+from .quant.stage import QuantStage, pending, quant_levels
+from .store import RunStore, prepare_root
+from .stored import StoredRun
+
+
+def quant_stages(cfgs: Iterable[ExperimentConfig]) -> dict[str, list[QuantConfig]]:
+    """run id -> the distinct quant stages of the experiments that share it."""
+    out: dict[str, list[QuantConfig]] = {}
+    for cfg in cfgs:
+        stages = out.setdefault(cfg.run_id, [])
+        if cfg.quant is not None and cfg.quant not in stages:
+            stages.append(cfg.quant)
+    return out
+
+
+def run_status(cfg: ExperimentConfig, out: str | Path, stages: list[QuantConfig] | None = None) -> dict:
+    """What a run still needs: ``{"levels": complete levels, "of": total, "cells": pending quant cells}``.
+
+    Reads file names and checksums only (no data, no compiling).
+    """
+    store = RunStore(out, cfg.run_id)
+    n = cfg.prune.levels + 1
+    done = sum(store.is_complete(level) for level in range(n)) if store.path.exists() else 0
+    stages = [cfg.quant] if stages is None and cfg.quant is not None else (stages or [])
+    cells = sum(len(pending(cfg, store.path, qc)) for qc in stages)
+    return {"levels": done, "of": n, "cells": cells}
+
+
+def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progress: bool | None = None,
+                    log: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Run or resume the whole pipeline of experiments that share a population group.
+
+    Experiments with the same training run id (they differ only in ``quant.*``) train once and
+    run each of their quant stages. Returns run_id -> 'trained' (levels trained, and any quant
+    cells computed), 'quantized' (only quant cells computed), 'complete' (nothing to do) or
+    'busy: <why>'.
+    """
+    cfgs = list(cfgs)
+    root = prepare_root(out)
+    stages = quant_stages(cfgs)
+    first: dict[str, ExperimentConfig] = {}
+    for cfg in cfgs:
+        first.setdefault(cfg.run_id, cfg)
+    before = {rid: run_status(cfg, root, stages[rid]) for rid, cfg in first.items()}
+    opened: dict[str, StoredRun] = {}
+
+    def finished(cfg: ExperimentConfig) -> bool:
+        s = before[cfg.run_id]
+        return s["levels"] == s["of"] and s["cells"] == 0
+
+    def after_level(lot: Lottery, level: int) -> None:
+        for qc in stages[lot.cfg.run_id]:
+            if level not in quant_levels(lot.cfg, qc) or not pending(lot.cfg, lot.store.path, qc, [level]):
+                continue
+            run = opened.get(lot.cfg.run_id)
+            if run is None:
+                run = opened[lot.cfg.run_id] = StoredRun.open(lot.store.path, lot.data, lot.model)
+            QuantStage(run, qc, log=log).run_level(level)
+
+    status = run_group(list(first.values()), root, progress=progress, finished=finished, after_level=after_level)
+    for rid, s in status.items():
+        if s == "trained" and before[rid]["levels"] == before[rid]["of"]:
+            status[rid] = "quantized"
+    return status
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None,
+                   log: Callable[[str], None] | None = None) -> RunStore:
+    """Run or resume one experiment (every level, then its quant cells as each level completes).
+
+    A finished run with every quant cell done returns at once, without loading data.
+    Raises RunBusyError when another process is computing the run.
+    """
+    from .store import RunBusyError
+
+    status = run_experiments([cfg], out, progress=progress, log=log)
+    s = status[cfg.run_id]
+    if s.startswith("busy"):
+        raise RunBusyError(s.partition(": ")[2])
+    return RunStore(prepare_root(out), cfg.run_id)

@@ -1,0 +1,107 @@
+"""Quantization-aware training of a masked population on the training engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+QParams = dict  # {"scale": array, "zero_point": array}
+
+from ..train import Engine, member_batch_size, stack, unstack
+from .numerics import QuantSpec
+from .ptq import QuantizedTicket, ptq_population, round_biases
+from .wiring import fake_quant_model, quantize_weights, weight_qparams
+
+# ============================================================================ QAT
+
+_ENGINES: dict = {}  # compiled QAT engines, see qat()
+
+
+def qat_variables(qt: QuantizedTicket, float_params: PyTree, learned_scale: bool) -> tuple[dict, dict]:
+    """(params, batch_stats) of a QAT :class:`FakeQuantModel` started from float weights.
+
+    ``qt`` (the PTQ of the same weights) gives the activation ranges, the weight zero points and,
+    with ``learned_scale``, the initial scales (log domain).
+    """
+    params = {"net": float_params}
+    consts = {"acts": qt.act_qparams,
+              "w_zero_point": {k: v["zero_point"] for k, v in qt.weight_qparams.items()}}
+    if learned_scale:
+        params["lsq"] = {"w": {k: jnp.log(v["scale"]) for k, v in qt.weight_qparams.items()},
+                         "a": {k: jnp.log(v["scale"]) for k, v in qt.act_qparams.items()}}
+    return params, {"net": qt.batch_stats, "quant": consts}
+
+
+def freeze_qat(model_params: dict, batch_stats: dict, spec: QuantSpec, learned_scale: bool) -> QuantizedTicket:
+    """The :class:`QuantizedTicket` a QAT model computes (one member's final variables)."""
+    consts = batch_stats["quant"]
+    net = model_params["net"]
+    if learned_scale:
+        wq = {k: {"scale": jnp.exp(model_params["lsq"]["w"][k]), "zero_point": consts["w_zero_point"][k]}
+              for k in consts["w_zero_point"]}
+        acts = {k: {"scale": jnp.exp(model_params["lsq"]["a"][k]), "zero_point": v["zero_point"]}
+                for k, v in consts["acts"].items()}
+    else:
+        wq = weight_qparams(net, spec)
+        acts = consts["acts"]
+    qparams = quantize_weights(net, wq, spec)
+    return round_biases(QuantizedTicket(spec, qparams, batch_stats["net"], wq, acts, spec.calibration))
+
+
+def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTree, spec: QuantSpec,
+        calib_x: np.ndarray, *, seeds: Sequence[int], steps: int, lr: float | None = None,
+        learned_scale: bool = False, lr_fn=None) -> tuple[list[QuantizedTicket], list[dict]]:
+    """Quantization-aware fine-tuning of a population ``[K, ...]`` with its masks kept fixed.
+
+    Each member is PTQ-initialized (activation ranges, zero points, LSQ's initial scales), then
+    :class:`lth.train.Engine` trains ``FakeQuantModel(model, spec, "lsq" | "fixed")`` for ``steps``
+    steps: float master weights, fake-quantized forward, straight-through gradients, pruned
+    weights' gradients zeroed and the weights re-zeroed after every update. ``lr`` (constant)
+    or ``lr_fn`` sets the learning rate. Returns the frozen quantized members and the engine's
+    metric records.
+    """
+    K = len(seeds)
+    member_batch = member_batch_size(train_cfg)
+    members_p, members_b = [], []
+    for k, qt in enumerate(ptq_population(model, params, batch_stats, spec, calib_x, member_batch=member_batch)):
+        qp, qb = qat_variables(qt, jax.tree.map(jnp.asarray, unstack(params, k)), learned_scale)
+        members_p.append(qp)
+        members_b.append(qb)
+    fq = fake_quant_model(model, spec, "lsq" if learned_scale else "fixed")
+    cfg = dataclasses.replace(train_cfg, steps=int(steps), epochs=None, eval_every=int(steps))
+    if lr_fn is None:
+        # one engine (compiled programs) per (model, setting, data, steps, lr): levels of a sweep share it
+        lr = float(lr if lr is not None else train_cfg.lr)
+        key = (id(fq), id(data), cfg, lr)  # the cached engine keeps fq and data alive: ids stay unique
+        if key not in _ENGINES:
+            if len(_ENGINES) >= 2:  # each engine holds the train split on the device
+                _ENGINES.clear()
+            _ENGINES[key] = Engine(fq, data, cfg, lr_fn=optax.constant_schedule(lr))
+        engine = _ENGINES[key]
+    else:
+        engine = Engine(fq, data, cfg, lr_fn=lr_fn)
+    pop_p = stack(members_p)
+    mask_tree = jax.tree.map(lambda m: jnp.asarray(m, bool), masks)
+    full_masks = {"net": mask_tree}
+    if learned_scale:
+        full_masks["lsq"] = jax.tree.map(lambda x: jnp.ones(x.shape, bool), pop_p["lsq"])
+    rngs = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
+        [jax.random.key_data(jax.random.fold_in(jax.random.key(int(s)), 7919)) for s in seeds]))
+    state = engine.init(pop_p, stack(members_b), full_masks, rngs)
+    result = engine.run(state, list(seeds))
+    final_p = jax.device_get(result.state.params)
+    final_b = jax.device_get(result.state.batch_stats)
+    frozen = [freeze_qat(jax.tree.map(jnp.asarray, unstack(final_p, k)), jax.tree.map(jnp.asarray, unstack(final_b, k)),
+                         spec, learned_scale) for k in range(K)]
+    return frozen, result.records
+

@@ -1,0 +1,480 @@
+"""The quantization stage of an experiment: the store-facing part of :mod:`lth.quant`.
+
+A **cell** is one quantization setting (bits, scheme, granularity, calibration, activation bits,
+method, and the options its method reads) applied to every seed of one arm at one level. Its id
+is ``sha256(run id, level, arm, setting)``, so:
+
+- changing only ``quant.*`` never retrains anything (the training run id does not see it), and
+  a setting already computed (by this experiment, another sweep point or ``lth quantize``) is
+  never computed again;
+- a cell is written atomically: ``level_NNN/quant/<cell>.parquet`` first, then
+  ``<cell>.json`` with its sha256 and setting; a cell counts as done only when the JSON exists
+  and the table matches its checksum (a killed run recomputes exactly the missing cells).
+
+All pending arms of a level that share a model (every arm but ``small_dense``, whose narrower
+model is a population of its own) are quantized together: weight calibration, activation ranges,
+evaluation and QAT run once over the stacked population (one compiled program per step kind);
+``batched=False`` runs one member at a time (the same numbers, for the speed comparison).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+import optax
+import pandas as pd
+
+from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
+from ..lottery import kept_count, reinit_weights, seed_keys
+from ..pruning import density, prunable
+from ..store import StoreError, atomic_write_bytes, atomic_write_json, failpoint, parquet_bytes, read_json, sha256
+from ..stored import Population, StoredRun
+from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
+from .export import float_size_report, size_report, write_export
+from .intinfer import from_quantized
+from .numerics import QuantSpec
+from .ptq import QuantizedTicket, ptq_population
+from .qat import qat
+from .wiring import Evaluator, fake_quant_predict
+
+QUANT_DIR = "quant"
+
+# one row per (cell, seed); a cell holds every seed of one arm
+COLUMNS = ["run_id", "cell", "level", "arm", "seed", "density", "param_count", "bits", "method", "scheme",
+           "granularity", "calibration", "act_bits", "act_scheme", "accuracy", "val_accuracy", "float_accuracy",
+           "float_val_accuracy", "size_bytes", "compression", "float_size_bytes", "fp32_dense_bytes",
+           "fp16_dense_bytes", "int8_dense_bytes", "bias_correction", "cle", "learned_scale", "qat_start",
+           "qat_steps", "qat_lr", "retry", "calibration_requested", "calibration_tried", "wall_s"]
+
+
+# ============================================================================ settings and cells
+
+@dataclass(frozen=True)
+class Setting:
+    """One quantization setting: the quantizer (``spec``), the method and the options it reads."""
+
+    spec: QuantSpec
+    method: str
+    options: tuple[tuple[str, Any], ...]
+
+    def option(self, name: str):
+        return dict(self.options)[name]
+
+    def key(self) -> dict:
+        s = self.spec
+        return {"bits": s.bits, "scheme": s.scheme_name, "granularity": s.granularity, "calibration": s.calibration,
+                "act_bits": s.act_bits or 0, "act_scheme": s.act_scheme if s.act_bits else "",
+                "percentile": s.percentile, "method": self.method, **dict(self.options)}
+
+    @property
+    def label(self) -> str:
+        s = self.spec
+        return f"{self.method} {s.bits}-bit {s.scheme_name}/{s.granularity}/{s.calibration}"
+
+
+def settings_of(qc: QuantConfig) -> list[Setting]:
+    """Every setting ``qc`` sweeps (bits x scheme x granularity x calibration x method)."""
+    out = []
+    for bits in qc.bits:
+        for scheme in qc.scheme:
+            if bits == 1 and scheme != qc.scheme[0]:
+                continue  # binary has no scheme
+            for gran in qc.granularity:
+                for cal in (qc.calibration[:1] if qc.retry else qc.calibration):
+                    spec = QuantSpec(bits, scheme, gran, cal, qc.act_bits if qc.activations else None,
+                                     qc.act_scheme, None, qc.percentile)
+                    for method in qc.method:
+                        if method == "ptq":
+                            opts = {"calib_batches": qc.calib_batches, "bias_correction": qc.bias_correction,
+                                    "cle": qc.cle, "retry": qc.retry}
+                            if qc.retry:
+                                opts.update(retry_calibrations=",".join(qc.calibration), tolerance=qc.tolerance)
+                        else:
+                            opts = {"calib_batches": qc.calib_batches, "learned_scale": qc.learned_scale,
+                                    "qat_steps": qc.qat_steps, "qat_lr": qc.qat_lr, "qat_start": qc.qat_start}
+                        out.append(Setting(spec, method, tuple(sorted(opts.items()))))
+    return out
+
+
+def cell_id(run_id: str, level: int, arm: str, setting: Setting) -> str:
+    blob = json.dumps({"run_id": run_id, "level": int(level), "arm": arm, **setting.key()}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def quant_levels(cfg: ExperimentConfig, qc: QuantConfig) -> list[int]:
+    last = cfg.prune.levels
+    if qc.levels == "all":
+        return list(range(last + 1))
+    if qc.levels == "last":
+        return [last]
+    return sorted(int(x) for x in qc.levels if x <= last)
+
+
+def quant_arms(cfg: ExperimentConfig, qc: QuantConfig, level: int) -> list[str]:
+    """Arms of ``level`` the stage quantizes (level 0 is the dense network: the ticket arm)."""
+    arms = ["ticket"] if level == 0 else list(cfg.arms)
+    return [a for a in arms if qc.arms is None or a in qc.arms]
+
+
+def cell_problem(level_dir: Path, cid: str) -> str | None:
+    """None when the cell is done and intact; else why not."""
+    level_dir = Path(level_dir)
+    meta, table = level_dir / QUANT_DIR / f"{cid}.json", level_dir / QUANT_DIR / f"{cid}.parquet"
+    if not meta.is_file():
+        return f"{meta} is missing"
+    try:
+        expected = read_json(meta)["sha256"]
+    except (StoreError, KeyError, TypeError):
+        return f"{meta} is unreadable"
+    if not table.is_file():
+        return f"{table} is missing"
+    if sha256(table) != expected:
+        return f"{table} does not match its checksum"
+    return None
+
+
+@dataclass(frozen=True)
+class Cell:
+    level: int
+    arm: str
+    setting: Setting
+    id: str
+
+
+def cells(cfg: ExperimentConfig, qc: QuantConfig, levels: Iterable[int] | None = None) -> list[Cell]:
+    """Every cell of the stage ``qc`` of run ``cfg`` (at ``levels``, default ``quant.levels``)."""
+    run_id = cfg.run_id
+    levels = quant_levels(cfg, qc) if levels is None else list(levels)
+    return [Cell(level, arm, s, cell_id(run_id, level, arm, s))
+            for level in levels for arm in quant_arms(cfg, qc, level) for s in settings_of(qc)]
+
+
+def pending(cfg: ExperimentConfig, run_dir: str | Path, qc: QuantConfig | None = None,
+            levels: Iterable[int] | None = None) -> list[Cell]:
+    """The cells of the stage not yet done in ``run_dir`` (reads no data, compiles nothing)."""
+    qc = qc or cfg.quant
+    if qc is None:
+        return []
+    run_dir = Path(run_dir)
+    return [c for c in cells(cfg, qc, levels) if cell_problem(run_dir / f"level_{c.level:03d}", c.id)]
+
+
+def read_cells(level_dir: Path) -> pd.DataFrame:
+    """Every intact cell of a level folder, as one table (a damaged cell is left out)."""
+    frames = []
+    level_dir = Path(level_dir)
+    qdir = level_dir / QUANT_DIR
+    for meta in sorted(qdir.glob("*.json")) if qdir.is_dir() else []:
+        if cell_problem(level_dir, meta.stem) is None:
+            frames.append(pd.read_parquet(qdir / f"{meta.stem}.parquet"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def write_cell(level_dir: Path, cell: Cell, run_id: str, rows: pd.DataFrame) -> None:
+    qdir = Path(level_dir) / QUANT_DIR
+    data = parquet_bytes(rows[COLUMNS].reset_index(drop=True))
+    atomic_write_bytes(qdir / f"{cell.id}.parquet", data)
+    failpoint(f"quant-cell:{cell.level}:{cell.arm}")  # dies between a cell's table and its marker
+    atomic_write_json(qdir / f"{cell.id}.json", {"sha256": hashlib.sha256(data).hexdigest(), "run_id": run_id,
+                                                 "level": cell.level, "arm": cell.arm, "setting": cell.setting.key()})
+
+
+# ============================================================================ computing cells
+
+class QuantStage:
+    """The quant stage ``qc`` of one stored run: computes and stores its pending cells, level by level."""
+
+    def __init__(self, run: StoredRun, qc: QuantConfig, *, batched: bool = True, write: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.run, self.qc, self.batched, self.write, self.log = run, qc, batched, write, log
+        self.member_batch = member_batch_size(run.cfg.train)
+        self.ev = Evaluator(run.data, run.cfg.train.eval_batch_size, self.member_batch)
+        self._calib: np.ndarray | None = None
+
+    @property
+    def calib_x(self) -> np.ndarray:
+        if self._calib is None:
+            self._calib = self.run.calib_x(self.qc.calib_batches)
+        return self._calib
+
+    def run_levels(self, levels: Iterable[int] | None = None, *, recompute: bool = False) -> pd.DataFrame:
+        """Compute (and store) the cells of ``levels`` (default ``quant.levels``, complete ones only)."""
+        frames = [self.run_level(level, recompute=recompute) for level in
+                  (quant_levels(self.run.cfg, self.qc) if levels is None else levels)]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+    def run_level(self, level: int, *, recompute: bool = False) -> pd.DataFrame:
+        """The rows of every cell of ``level`` computed now (done cells are skipped unless ``recompute``)."""
+        run = self.run
+        level_dir = run.check_level(level)
+        todo = [c for c in cells(run.cfg, self.qc, [level])
+                if recompute or not self.write or cell_problem(level_dir, c.id)]
+        if not todo:
+            return pd.DataFrame(columns=COLUMNS)
+        main = run.population(level)
+        can_prune = prunable(unstack(main.params, 0), run.cfg.prune)
+        info = {m: (density(unstack(main.masks, k), can_prune), kept_count(unstack(main.masks, k)))
+                for k, m in enumerate(main.members)}
+        small = run.small_dense(level) if any(c.arm == "small_dense" for c in todo) else None
+        by_setting: dict[Setting, list[Cell]] = {}
+        for c in todo:
+            by_setting.setdefault(c.setting, []).append(c)
+        frames = []
+        for setting, group in by_setting.items():
+            arms = {c.arm for c in group}
+            pops = []
+            idx = [k for k, (arm, _) in enumerate(main.members) if arm in arms]
+            if idx:
+                pops.append(main.take(idx))
+            if "small_dense" in arms and small is not None:
+                pops.append(small)
+                ticket_density = next(d for (arm, _), (d, _) in info.items() if arm == "ticket")
+                info.update({m: (ticket_density, kept_count(unstack(small.masks, k))) for k, m in enumerate(small.members)})
+            for pop in pops:
+                t0 = time.time()
+                rows = self._quantize(level, pop, setting)
+                rows["wall_s"] = time.time() - t0
+                rows["density"] = [float(info[m][0]) for m in pop.members]
+                rows["param_count"] = [int(info[m][1]) for m in pop.members]
+                for c in group:
+                    part = rows[rows["arm"] == c.arm]
+                    if not len(part):
+                        continue
+                    part = part.assign(cell=c.id)
+                    if self.write:
+                        write_cell(level_dir, c, run.run_id, part)
+                    frames.append(part[COLUMNS])
+                if self.log is not None:
+                    self.log(f"level {level} {setting.label} ({len(pop.members)} members): test acc "
+                             f"{rows['accuracy'].mean():.4f} (float {rows['float_accuracy'].mean():.4f}) "
+                             f"{rows['wall_s'].iloc[0]:.1f} s")
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+    # ------------------------------------------------------------------ one setting, one population
+    def _quantize(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
+        if self.batched or len(pop.members) == 1:
+            return self._quantize_batch(level, pop, setting)
+        return pd.concat([self._quantize_batch(level, pop.take([k]), setting) for k in range(len(pop.members))],
+                         ignore_index=True)
+
+    def _quantize_batch(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
+        qc, spec, model = self.qc, setting.spec, pop.model
+        float_acc = self.ev.accuracy(model, pop.params, pop.batch_stats)
+        float_val = float_acc.get("val", float_acc["test"])
+        tried, steps, lr = [spec.calibration], 0, 0.0
+        if setting.method == "ptq" and qc.retry:
+            qts, acc, tried = self._retry(pop, spec, float_val)
+        elif setting.method == "ptq":
+            qts = ptq_population(model, pop.params, pop.batch_stats, spec, self.calib_x,
+                                 bias_correction=qc.bias_correction, cle=qc.cle, member_batch=self.member_batch)
+            acc = self.ev.quantized(model, qts)
+        else:
+            qts, steps, lr = self._qat(level, pop, spec)
+            acc = self.ev.quantized(model, qts)
+        rows = []
+        for k, (arm, seed) in enumerate(pop.members):
+            sizes = size_report(qts[k])
+            rows.append({
+                "run_id": self.run.run_id, "level": level, "arm": arm, "seed": seed,
+                "bits": spec.bits, "method": setting.method, "scheme": spec.scheme_name,
+                "granularity": spec.granularity, "calibration": qts[k].calibration,
+                "act_bits": int(spec.act_bits or 0), "act_scheme": spec.act_scheme if spec.act_bits else "",
+                "accuracy": float(acc["test"][k]), "val_accuracy": float(acc.get("val", acc["test"])[k]),
+                "float_accuracy": float(float_acc["test"][k]), "float_val_accuracy": float(float_val[k]),
+                "size_bytes": int(sizes["size_bytes"]), "compression": float(sizes["compression"]),
+                "float_size_bytes": int(float_size_report(unstack(pop.params, k), unstack(pop.batch_stats, k))
+                                        ["size_bytes"]),
+                "fp32_dense_bytes": int(sizes["fp32_dense_bytes"]), "fp16_dense_bytes": int(sizes["fp16_dense_bytes"]),
+                "int8_dense_bytes": int(sizes["int8_dense_bytes"]),
+                "bias_correction": bool(qc.bias_correction and setting.method == "ptq"),
+                "cle": bool(qc.cle and setting.method == "ptq"),
+                "learned_scale": bool(qc.learned_scale and setting.method == "qat"),
+                "qat_start": qc.qat_start if setting.method == "qat" else "",
+                "qat_steps": int(steps), "qat_lr": float(lr), "retry": bool(qc.retry and setting.method == "ptq"),
+                "calibration_requested": (",".join(qc.calibration) if setting.method == "ptq" and qc.retry
+                                          else spec.calibration),
+                "calibration_tried": ",".join(tried),
+            })
+        return pd.DataFrame.from_records(rows)
+
+    def _retry(self, pop: Population, spec: QuantSpec, float_val: np.ndarray):
+        """Recompute S and Z another way until the val drop is within tolerance (per member).
+
+        Tries ``quant.calibration`` in order; keeps the first within ``quant.tolerance`` of the
+        float val accuracy, else the best val accuracy seen.
+        """
+        qc, K = self.qc, len(pop.members)
+        best: list = [None] * K
+        done = [False] * K
+        tried: list[str] = []
+        for cal in qc.calibration:
+            if all(done):
+                break
+            tried.append(cal)
+            qts = ptq_population(pop.model, pop.params, pop.batch_stats, spec.replace(calibration=cal), self.calib_x,
+                                 bias_correction=qc.bias_correction, cle=qc.cle, member_batch=self.member_batch)
+            val = self.ev.quantized(pop.model, qts)
+            val = val.get("val", val["test"])
+            for k in range(K):
+                if done[k]:
+                    continue
+                within = float_val[k] - val[k] <= qc.tolerance
+                if best[k] is None or val[k] > best[k][1] or within:
+                    best[k] = (qts[k], val[k])
+                done[k] = within
+        qts = [b[0] for b in best]
+        return qts, self.ev.quantized(pop.model, qts), tried
+
+    def _qat(self, level: int, pop: Population, spec: QuantSpec) -> tuple[list[QuantizedTicket], int, float]:
+        """QAT of a population as ``quant.*`` says: (quantized members, steps, lr).
+
+        From the trained network (default): ``qat_steps`` (default one epoch) at the constant
+        ``qat_lr`` (default train.lr / 10). From the rewind point: the run's full training length
+        and schedule, unless ``qat_steps`` / ``qat_lr`` are set; each arm restarts from the weights
+        it was trained from (the rewind point, a reinit's fresh init, a small-dense model's init).
+        """
+        qc, run = self.qc, self.run
+        cfg = run.cfg
+        seeds = [s for _, s in pop.members]
+        n_train = len(run.data.x_train)
+        if qc.qat_start == "rewind":
+            start = self._start_weights(level, pop)
+            steps = qc.qat_steps or run.hparams.get("num_steps") or total_steps(cfg.train, n_train)
+            lr_kw = {"lr": qc.qat_lr} if qc.qat_lr else {"lr_fn": make_schedule(cfg.train, steps)}
+            lr = qc.qat_lr or cfg.train.lr  # (the schedule's peak)
+        else:
+            start = {"params": pop.params, "batch_stats": pop.batch_stats}
+            steps = qc.qat_steps or steps_per_epoch(cfg.train, n_train)
+            lr = qc.qat_lr or cfg.train.lr / 10
+            lr_kw = {"lr": lr}
+        qts, _ = qat(pop.model, run.data, cfg.train, start["params"], start["batch_stats"], pop.masks, spec,
+                     self.calib_x, seeds=seeds, steps=int(steps), learned_scale=qc.learned_scale, **lr_kw)
+        return qts, int(steps), float(lr)
+
+    def _start_weights(self, level: int, pop: Population) -> dict:
+        run = self.run
+        if pop.members[0][0] == "small_dense":
+            params, bs = init_population(pop.model, seed_keys([s for _, s in pop.members]), run.data.input_shape)
+            return jax.device_get({"params": params, "batch_stats": bs})
+        rewind = run.weights_file("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack")
+        seeds = list(run.cfg.seeds)
+        members = []
+        for arm, seed in pop.members:
+            if arm == "reinit" and level > 0:
+                members.append(reinit_weights(pop.model, seed, level, run.data.input_shape))
+            else:
+                members.append(unstack(rewind, seeds.index(seed)))
+        return stack(members)
+
+
+# ============================================================================ entry points
+
+def quant_config(base: QuantConfig | None = None, **settings) -> QuantConfig:
+    """``base`` (default: every default) with ``settings`` (QuantConfig fields) replaced, validated."""
+    d = (base or QuantConfig()).to_dict()
+    for k, v in settings.items():
+        d[k] = list(v) if isinstance(v, (tuple, list)) else v
+    return QuantConfig.from_dict(d)
+
+
+def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_list: Sequence[int] | None = None,
+                 methods: Sequence[str] | None = None, *, config: QuantConfig | None = None, write: bool = True,
+                 batched: bool = True, recompute: bool = False, log: Callable[[str], None] | None = None,
+                 **settings) -> pd.DataFrame:
+    """Add quant cells to a stored run (``lth quantize``): the stage's code path on a finished run.
+
+    ``config`` (default: the defaults) with ``bits_list``, ``methods`` and ``settings`` (any
+    :class:`~lth.config.QuantConfig` field) replaced. ``levels`` defaults to every complete level
+    (not ``quant.levels``). Cells already done are skipped (``recompute`` redoes them). Returns the
+    rows computed now; columns :data:`COLUMNS`.
+    """
+    if bits_list is not None:
+        settings["bits"] = bits_list
+    if methods is not None:
+        settings["method"] = methods
+    qc = quant_config(config, **settings)
+    run = StoredRun.open(run_dir)
+    complete = run.complete_levels()
+    levels = complete if levels is None else [int(x) for x in levels]
+    missing = [x for x in levels if x not in complete]
+    if missing:
+        raise ConfigError(f"{run.path}: level(s) {', '.join(map(str, missing))} are not complete; complete "
+                          f"levels: {', '.join(map(str, complete)) or 'none'}")
+    check_quant(run.cfg, qc, str(run.path))
+    stage = QuantStage(run, qc, write=write, batched=batched, log=log)
+    if write:
+        with run.store.lock():
+            return stage.run_levels(levels, recompute=recompute)
+    return stage.run_levels(levels)
+
+
+def quantize_member(run: StoredRun, level: int, spec: QuantSpec, *, member: int = 0, method: str = "ptq",
+                    qc: QuantConfig | None = None) -> tuple[QuantizedTicket, dict]:
+    """One ticket member of a level quantized (PTQ or QAT); also returns ``{"arm", "seed"}``."""
+    qc = qc or QuantConfig()
+    pop = run.population(level)
+    tickets = [k for k, (arm, _) in enumerate(pop.members) if arm == "ticket"]
+    if not 0 <= member < len(tickets):
+        raise ValueError(f"member {member} does not exist; level {level} has {len(tickets)} ticket members")
+    one = pop.take([tickets[member]])
+    stage = QuantStage(run, qc, write=False)
+    setting = Setting(spec, method, ())
+    if method == "ptq":
+        qt = ptq_population(one.model, one.params, one.batch_stats, spec, stage.calib_x,
+                            bias_correction=qc.bias_correction, cle=qc.cle)[0]
+    elif method == "qat":
+        qt = stage._qat(level, one, setting.spec)[0][0]
+    else:
+        raise ValueError(f"method = {method!r}; allowed: ptq, qat")
+    arm, seed = one.members[0]
+    return qt, {"arm": arm, "seed": seed}
+
+
+# ============================================================================ runs -> files
+
+def export_level(run_dir: str | Path, level: int, bits: int, path: str | Path, *, member: int = 0,
+                 method: str = "ptq", scheme: str = "sym", granularity: str = "channel",
+                 calibration: str = "minmax", act_bits: int = 8, act_scheme: str = "asym",
+                 **settings) -> dict[str, Any]:
+    """Quantize ticket ``member`` of a stored level and write its export file atomically.
+
+    ``settings`` are :class:`lth.quant.QuantConfig` fields used by PTQ/QAT (``bias_correction``,
+    ``cle``, ``learned_scale``, ``qat_steps``, ``calib_batches`` ...). Returns a summary: sizes,
+    compression, and the test accuracy of the integer model, of the fake-quant model and their
+    prediction agreement.
+    """
+    run = StoredRun.open(run_dir)
+    complete = run.complete_levels()
+    if level not in complete:
+        raise StoreError(f"{run.path}: level {level} is not complete; complete levels: "
+                         f"{', '.join(map(str, complete)) or 'none'}")
+    qc = quant_config(None, **settings)
+    spec = QuantSpec(bits, scheme, granularity, calibration, act_bits, act_scheme, None, qc.percentile)
+    qt, who = quantize_member(run, level, spec, member=member, method=method, qc=qc)
+    im = from_quantized(run.model, qt, run.data.input_shape, run.data.num_classes)
+    sizes = size_report(qt)
+    info = {"run_id": run.run_id, "level": level, "member": who, "method": method, "bits": bits,
+            "scheme": spec.scheme_name, "granularity": granularity, "calibration": qt.calibration,
+            "act_bits": act_bits, "act_scheme": act_scheme, "data": dataclasses.asdict(run.cfg.data),
+            "model": run.cfg.model.name, "size_bytes": sizes["size_bytes"],
+            "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"]}
+    file_bytes = write_export(path, im, info)
+    x, y = run.data.x_test, run.data.y_test
+    pred_int = im.predict(x)
+    pred_fq = fake_quant_predict(run.model, qt, x)
+    return {"path": str(path), "file_bytes": file_bytes, "size_bytes": sizes["size_bytes"],
+            "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"],
+            "integer_accuracy": float(np.mean(pred_int == y)),
+            "fake_quant_accuracy": float(np.mean(pred_fq == y)),
+            "agreement": float(np.mean(pred_int == pred_fq)), **{k: info[k] for k in ("run_id", "level", "member",
+                                                                                      "method", "bits", "scheme")}}

@@ -1,0 +1,373 @@
+"""Fake-quantization wiring of Flax models: kernels and activations of every Dense/Conv quantized
+through :func:`flax.linen.intercept_methods` (the model code is never touched), activation
+statistics, per-layer outputs, and evaluation of quantized populations."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+QParams = dict  # {"scale": array, "zero_point": array}
+
+from ..models import layer_kind, path_names
+from ..train import chunk_split, make_eval_fn, population_program, stack
+from .numerics import QuantSpec, calibrate, fake_quant, lsq_fake_quant, qrange, quantize, scale_zero_point
+
+QUANT_LAYERS = (nn.Dense, nn.Conv)
+
+# ============================================================================ params helpers
+
+def layer_key(path) -> str:
+    """Module path of a params leaf: ``"dense_0"``, ``"stage1_block0/conv_0"``."""
+    return "/".join(path_names(path)[:-1])
+
+
+def is_weight(path, leaf) -> bool:
+    """A Dense/Conv kernel (the quantized tensors)."""
+    return layer_kind(path, leaf) in ("dense", "conv", "output")
+
+
+def get_layer(tree: dict, key: str):
+    for k in key.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def set_leaf(tree: dict, key: str, leaf: str, value) -> dict:
+    """Copy of a nested dict with ``tree[key...][leaf] = value`` (no in-place mutation)."""
+    parts = key.split("/") if key else []
+
+    def go(node, i):
+        node = dict(node)
+        if i == len(parts):
+            node[leaf] = value
+        else:
+            node[parts[i]] = go(node[parts[i]], i + 1)
+        return node
+
+    return go(tree, 0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def weight_qparams(params: PyTree, spec: QuantSpec) -> dict[str, QParams]:
+    """Calibrated quantizer of every kernel (from its non-zero entries)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if is_weight(path, leaf):
+            out[layer_key(path)] = calibrate(leaf, leaf != 0, spec.bits, spec.scheme, spec.calibration,
+                                             spec.granularity, spec.percentile)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def quantize_weights(params: PyTree, qparams: dict[str, QParams], spec: QuantSpec) -> PyTree:
+    """Params whose kernels are fake-quantized with ``qparams`` (STE); other leaves unchanged."""
+
+    def f(path, leaf):
+        if not is_weight(path, leaf):
+            return leaf
+        qp = qparams[layer_key(path)]
+        return fake_quant(leaf, qp["scale"], qp["zero_point"], spec.bits, spec.scheme)
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def weight_codes(params: PyTree, qparams: dict[str, QParams], spec: QuantSpec) -> dict[str, np.ndarray]:
+    """Integer codes (int32 numpy, kernel-shaped) of every kernel."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if is_weight(path, leaf):
+            qp = qparams[layer_key(path)]
+            out[layer_key(path)] = np.asarray(quantize(leaf, qp["scale"], qp["zero_point"], spec.bits,
+                                                       spec.scheme)).astype(np.int32)
+    return out
+
+
+# ============================================================================ fake-quant model
+
+def _act_interceptor(quantize_input: Callable[[str, jax.Array], jax.Array]):
+    """Interceptor rewriting the input of every Dense/Conv call as ``quantize_input(layer, x)``."""
+
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, QUANT_LAYERS) or not args:
+            return next_fun(*args, **kwargs)
+        key = "/".join(context.module.path)
+        return next_fun(quantize_input(key, args[0]), *args[1:], **kwargs)
+
+    return intercept
+
+
+def _recorder(store: dict, outputs: bool = False):
+    """Interceptor recording each Dense/Conv call's input (or output) by layer key, in call order."""
+
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, QUANT_LAYERS) or not args:
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        store["/".join(context.module.path)] = out if outputs else args[0]
+        return out
+
+    return intercept
+
+
+@dataclass(frozen=True, eq=False)
+class FakeQuantModel:
+    """A stand-in for a Flax model whose ``apply`` runs ``base`` with quantized weights/activations.
+
+    It has the ``apply(variables, x, train=..., mutable=...)`` signature the training engine uses,
+    so :class:`lth.train.Engine` trains and evaluates it unchanged (QAT is ordinary masked training
+    of this model). ``weights`` says how kernels are quantized in the forward pass:
+
+    - ``"static"``: the params already hold quantized kernels (PTQ output); nothing is done;
+    - ``"fixed"``: re-calibrated from the current weights at every call, STE gradients (QAT);
+    - ``"lsq"``: learned log-scales in ``params["lsq"]["w"]`` (QAT with LSQ).
+
+    Activations are quantized at the input of every Dense/Conv from
+    ``batch_stats["quant"]["acts"]`` (or learned in ``params["lsq"]["a"]`` with ``"lsq"``) when
+    ``spec.act_bits`` is set. See the module docstring for the variables layout.
+    """
+
+    base: Any
+    spec: QuantSpec
+    weights: Literal["static", "fixed", "lsq"] = "static"
+
+    def net_params(self, params: dict, consts: dict) -> PyTree:
+        """The base model's params as the forward pass sees them (kernels quantized)."""
+        spec, net = self.spec, params["net"]
+        if self.weights == "fixed":
+            return quantize_weights(net, jax.lax.stop_gradient(weight_qparams(net, spec)), spec)
+        if self.weights == "lsq":
+            def f(path, leaf):
+                if not is_weight(path, leaf):
+                    return leaf
+                key = layer_key(path)
+                qmax = max(qrange(spec.bits, spec.scheme)[1], 1)
+                n = leaf.size / (leaf.shape[-1] if spec.granularity == "channel" else 1)
+                return lsq_fake_quant(leaf, params["lsq"]["w"][key], consts["w_zero_point"][key], spec.bits,
+                                      spec.scheme, 1.0 / math.sqrt(n * qmax))
+            return jax.tree_util.tree_map_with_path(f, net)
+        return net
+
+    def _quantize_input(self, params: dict, consts: dict):
+        spec = self.spec
+        acts = consts.get("acts", {})
+
+        def q(key, x):
+            if key not in acts:
+                return x
+            qp = acts[key]
+            if self.weights == "lsq":
+                qmax = qrange(spec.act_bits, spec.act_scheme)[1]
+                n = x.size / x.shape[0]
+                return lsq_fake_quant(x, params["lsq"]["a"][key], qp["zero_point"], spec.act_bits,
+                                      spec.act_scheme, 1.0 / math.sqrt(n * qmax))
+            return fake_quant(x, jax.lax.stop_gradient(qp["scale"]), jax.lax.stop_gradient(qp["zero_point"]),
+                              spec.act_bits, spec.act_scheme)
+
+        return q
+
+    def apply(self, variables: dict, x, train: bool = False, mutable=False, **kw):
+        params = variables["params"]
+        bs = variables.get("batch_stats", {}) or {}
+        consts = bs.get("quant", {})
+        net_vars = {"params": self.net_params(params, consts)}
+        has_bs = bool(jax.tree.leaves(bs.get("net", {})))
+        if has_bs:
+            net_vars["batch_stats"] = bs["net"]
+        interceptor = _act_interceptor(self._quantize_input(params, consts))
+        with nn.intercept_methods(interceptor):
+            if mutable and has_bs:
+                out, upd = self.base.apply(net_vars, x, train=train, mutable=["batch_stats"], **kw)
+                return out, {"batch_stats": {**bs, "net": upd["batch_stats"]}}
+            out = self.base.apply(net_vars, x, train=train, **kw)
+        return (out, {"batch_stats": bs}) if mutable else out
+
+
+def fake_quant_model(model, spec: QuantSpec, weights: str = "static") -> FakeQuantModel:
+    """The (memoized, so compiled functions are reused) :class:`FakeQuantModel` of a base model."""
+    return cached(("fq", spec, weights), model, lambda: FakeQuantModel(model, spec, weights))
+
+
+def base_variables(params, batch_stats) -> dict:
+    v = {"params": params}
+    if jax.tree.leaves(batch_stats):
+        v["batch_stats"] = batch_stats
+    return v
+
+
+# ============================================================================ activation calibration
+
+_COMPILED: dict = {}
+
+
+def cached(kind, model, build: Callable[[], Any]) -> Any:
+    """One compiled function per (kind, model); Flax modules compare by value, so a model rebuilt
+    from the same config (another level, another call) reuses the compiled code."""
+    key = (kind, model)
+    if key not in _COMPILED:
+        if len(_COMPILED) > 128:
+            _COMPILED.clear()
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
+def collect_inputs(model, params, batch_stats, xs: np.ndarray, batch_size: int = 256,
+                   max_values: int = 1 << 18) -> dict[str, dict]:
+    """Per Dense/Conv layer: exact min/max of its input over ``xs`` and a uniform subsample.
+
+    ``model`` may be a base model or a :class:`FakeQuantModel` (with its full variables in
+    ``params``/``batch_stats``). Returns ``{layer: {"min", "max", "sample": 1-D array}}``.
+    """
+    def build():
+        def run(p, b, x):
+            store: dict = {}
+            with nn.intercept_methods(_recorder(store)):
+                if isinstance(model, FakeQuantModel):
+                    model.apply({"params": p, "batch_stats": b}, x, train=False)
+                else:
+                    model.apply(base_variables(p, b), x, train=False)
+            return store
+
+        return jax.jit(run)
+
+    run = cached("inputs", model, build)
+    stats: dict[str, dict] = {}
+    n_batches = max(1, math.ceil(len(xs) / batch_size))
+    per_batch = max(1, max_values // n_batches)
+    rng = np.random.default_rng(0)
+    for i in range(n_batches):
+        acts = jax.device_get(run(params, batch_stats, jnp.asarray(xs[i * batch_size:(i + 1) * batch_size])))
+        for k, a in acts.items():
+            a = np.asarray(a, np.float32).ravel()
+            s = stats.setdefault(k, {"min": np.inf, "max": -np.inf, "sample": []})
+            s["min"], s["max"] = min(s["min"], float(a.min())), max(s["max"], float(a.max()))
+            s["sample"].append(a if a.size <= per_batch else rng.choice(a, per_batch, replace=False))
+    for s in stats.values():
+        s["sample"] = np.concatenate(s["sample"])
+    return stats
+
+
+def input_ranges(model, params, batch_stats, xs: np.ndarray, batch_size: int = 256,
+                 member_batch: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Exact min and max of every Dense/Conv input over ``xs``, per member of a population.
+
+    ``params``/``batch_stats`` are stacked ``[K, ...]``; returns ``({layer: lo [K]}, {layer: hi [K]})``,
+    the same values :func:`collect_inputs` gives member by member.
+    """
+    def build():
+        def member(p, b, x):
+            store: dict = {}
+            with nn.intercept_methods(_recorder(store)):
+                model.apply(base_variables(p, b), x, train=False)
+            return {k: (jnp.min(a), jnp.max(a)) for k, a in store.items()}
+
+        return jax.jit(population_program(member, (0, 0, None), member_batch))
+
+    run = cached(("ranges", member_batch), model, build)
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    for i in range(0, max(len(xs), 1), batch_size):
+        for k, (a, b) in jax.device_get(run(params, batch_stats, jnp.asarray(xs[i:i + batch_size]))).items():
+            lo[k] = np.minimum(lo[k], a) if k in lo else np.asarray(a)
+            hi[k] = np.maximum(hi[k], b) if k in hi else np.asarray(b)
+    return lo, hi
+
+
+def act_qparams(stats: dict[str, dict], spec: QuantSpec) -> dict[str, QParams]:
+    """Per-tensor activation quantizers from :func:`collect_inputs` statistics."""
+    method = spec.act_calibration or spec.calibration
+    out = {}
+    for k, s in stats.items():
+        if method == "minmax":
+            qp = scale_zero_point(s["min"], s["max"], spec.act_bits, spec.act_scheme)
+            qp = {"scale": qp[0], "zero_point": qp[1]}
+        else:
+            x = jnp.asarray(s["sample"])
+            qp = calibrate(x, jnp.ones_like(x, bool), spec.act_bits, spec.act_scheme, method, "tensor",
+                           spec.percentile)
+        out[k] = {"scale": jnp.asarray(qp["scale"], jnp.float32).reshape(()),
+                  "zero_point": jnp.asarray(qp["zero_point"], jnp.float32).reshape(())}
+    return out
+
+
+def layer_outputs(model, variables: dict, xs: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Mean output of every Dense/Conv (over all axes but the last) on ``xs``: ``{layer: [C]}``."""
+    def build():
+        def run(v, x):
+            store: dict = {}
+            with nn.intercept_methods(_recorder(store, outputs=True)):
+                model.apply(v, x, train=False)
+            return {k: jnp.sum(a.reshape(-1, a.shape[-1]), 0) / (a.size // a.shape[-1]) * x.shape[0]
+                    for k, a in store.items()}
+
+        return jax.jit(run)
+
+    run = cached("outputs", model, build)
+    total: dict[str, np.ndarray] = {}
+    for i in range(0, len(xs), batch_size):
+        for k, s in jax.device_get(run(variables, jnp.asarray(xs[i:i + batch_size]))).items():
+            total[k] = total.get(k, 0) + np.asarray(s, np.float64)
+    return {k: (v / len(xs)).astype(np.float32) for k, v in total.items()}
+
+
+def call_order(model, variables: dict, x) -> list[str]:
+    """Layer keys of the Dense/Conv calls of one forward pass, in call order (traced, not run)."""
+    order: list[str] = []
+
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, QUANT_LAYERS):
+            order.append("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    def run(v, x):
+        with nn.intercept_methods(intercept):
+            return model.apply(v, x, train=False)
+
+    jax.eval_shape(run, variables, jnp.asarray(x))
+    return list(dict.fromkeys(order))
+
+
+# ============================================================================ evaluation
+
+def fake_quant_predict(model, qt: QuantizedTicket, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class predictions ``[N]`` of the fake-quantized network ``qt``."""
+    fq = fake_quant_model(model, qt.spec, "static")
+    apply = cached("predict", fq, lambda: jax.jit(lambda v, xb: jnp.argmax(fq.apply(v, xb), -1)))
+    v = qt.variables()
+    out = [np.asarray(apply(v, jnp.asarray(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+class Evaluator:
+    """Accuracy of populations of (fake-quantized or float) networks on the val and test splits."""
+
+    def __init__(self, data, chunk: int = 1000, member_batch: int | None = None):
+        self.member_batch = member_batch
+        self.sets = {name: chunk_split(x, y, chunk)
+                     for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
+                     if len(x)}
+
+    def _fn(self, model):
+        return cached(("eval", self.member_batch), model, lambda: make_eval_fn(model, self.member_batch))
+
+    def accuracy(self, model, params: PyTree, batch_stats: PyTree) -> dict[str, np.ndarray]:
+        """split -> accuracy ``[K]`` of the stacked ``[K, ...]`` params/batch_stats."""
+        fn = self._fn(model)
+        return {name: np.asarray(fn(params, batch_stats, *s)[1]) for name, s in self.sets.items()}
+
+    def quantized(self, model, qts: Sequence[QuantizedTicket],
+                  fq: FakeQuantModel | None = None) -> dict[str, np.ndarray]:
+        fq = fq or fake_quant_model(model, qts[0].spec, "static")
+        v = stack([q.variables() for q in qts])
+        return self.accuracy(fq, v["params"], v["batch_stats"])
+

@@ -1,0 +1,137 @@
+"""One reader for stored runs: a run folder's config, data set, model and level files.
+
+Used by every command that works on a finished run (quantize, export, sensitivity, compact) so a
+run folder is opened, checked and turned into arrays in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, ExperimentConfig
+from .data import load_dataset
+from .models import build_model
+from .store import RunStore, StoreError, load_tree, read_json, read_parquet
+
+PyTree = Any
+
+
+def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
+    """(config, hparams dict) of a run folder; StoreError if it is not one."""
+    path = Path(run_dir)
+    if not (path / "hparams.json").is_file():
+        raise StoreError(f"{path} is not a run folder (no hparams.json); pass OUT/<run_id>")
+    hparams = read_json(path / "hparams.json")
+    if not isinstance(hparams, dict):
+        raise StoreError(f"{path / 'hparams.json'}: not a JSON object")
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    raw = {k: v for k, v in hparams.items() if k in known and k != "quant"}  # quant: not the run's identity
+    return ExperimentConfig.from_dict(raw, str(path / "hparams.json")), hparams
+
+
+@dataclass
+class Population:
+    """Members of one level that share a model: stacked ``[K, ...]`` numpy trees."""
+
+    model: Any
+    members: list[tuple[str, int]]  # (arm, seed) per member
+    params: PyTree
+    batch_stats: PyTree
+    masks: PyTree  # bools
+
+    def take(self, idx) -> "Population":
+        idx = np.asarray(idx, int)
+        sel = lambda t: {k: sel(v) for k, v in t.items()} if isinstance(t, dict) else np.asarray(t)[idx]  # noqa: E731
+        return Population(self.model, [self.members[i] for i in idx], sel(self.params), sel(self.batch_stats),
+                          sel(self.masks))
+
+
+@dataclass
+class StoredRun:
+    """A run folder opened for reading: config, data set, model and per-level files."""
+
+    path: Path
+    cfg: ExperimentConfig
+    hparams: dict
+    data: Any
+    model: Any
+
+    @classmethod
+    def open(cls, run_dir: str | Path, data=None, model=None) -> "StoredRun":
+        """Open ``run_dir``; ``data``/``model`` skip loading them again when the caller has them."""
+        cfg, hparams = run_config(run_dir)
+        data = data if data is not None else load_dataset(cfg.data)
+        model = model if model is not None else build_model(cfg.model, data.num_classes, data.input_shape)
+        return cls(Path(run_dir), cfg, hparams, data, model)
+
+    @property
+    def run_id(self) -> str:
+        return self.hparams.get("run_id", self.path.name)
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.path.parent, self.path.name)
+
+    def level_dir(self, level: int) -> Path:
+        return self.store.level_dir(level)
+
+    def complete_levels(self) -> list[int]:
+        store = self.store
+        return [int(d.name[6:]) for d in sorted(self.path.glob("level_[0-9][0-9][0-9]"))
+                if store.is_complete(int(d.name[6:]))]
+
+    def check_level(self, level: int) -> Path:
+        """The folder of a complete, intact level; ConfigError naming why not otherwise."""
+        problem = self.store.level_problem(level)
+        if problem:
+            done = self.complete_levels()
+            raise ConfigError(f"level {level} of {self.path} is not usable ({problem}); complete levels: "
+                              f"{', '.join(map(str, done)) or 'none'}")
+        return self.level_dir(level)
+
+    def metrics(self, level: int):
+        return read_parquet(self.check_level(level) / "metrics.parquet")
+
+    def population(self, level: int) -> Population:
+        """The level's main population (every arm but small_dense), in stored member order."""
+        d = self.check_level(level)
+        members = [(m["arm"], int(m["seed"])) for m in read_json(d / "members.json")]
+        final = load_tree(d / "final.msgpack")
+        masks = load_tree(d / "masks.msgpack")
+        bool_masks = _map(lambda a: np.asarray(a).astype(bool), masks)
+        return Population(self.model, members, final["params"], final.get("batch_stats", {}) or {}, bool_masks)
+
+    def small_dense(self, level: int) -> Population | None:
+        """The level's small-dense baselines (their own, narrower model), or None."""
+        d = self.check_level(level)
+        if not (d / "small_dense_final.msgpack").is_file():
+            return None
+        m = self.metrics(level)
+        rows = m[m["arm"] == "small_dense"].drop_duplicates("seed").sort_values("member")
+        width = float(rows["width"].iloc[0])
+        model = build_model(dataclasses.replace(self.cfg.model, width=width), self.data.num_classes,
+                            self.data.input_shape)
+        final = load_tree(d / "small_dense_final.msgpack")
+        ones = _map(lambda a: np.ones(np.shape(a), bool), final["params"])
+        return Population(model, [("small_dense", int(s)) for s in rows["seed"]], final["params"],
+                          final.get("batch_stats", {}) or {}, ones)
+
+    def weights_file(self, name: str) -> dict:
+        """A run-level weights file (``init.msgpack``, ``rewind.msgpack``) as ``{"params", "batch_stats"}``."""
+        tree = load_tree(self.path / name)
+        return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+
+    def calib_x(self, batches: int) -> np.ndarray:
+        """``batches`` training batches (a fixed random subset of the train split)."""
+        n = min(len(self.data.x_train), batches * self.cfg.train.batch_size)
+        idx = np.sort(np.random.default_rng(0).permutation(len(self.data.x_train))[:n])
+        return np.asarray(self.data.x_train[idx])
+
+
+def _map(fn, tree):
+    return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)

@@ -59,7 +59,8 @@ class Member:
     seed: int
 
 
-def _np(tree):
+def to_numpy(tree):
+    """Host (numpy) copy of a pytree."""
     return jax.tree.map(np.asarray, tree)
 
 
@@ -72,7 +73,7 @@ def seed_keys(seeds, fold: int | None = None) -> jax.Array:
 def reinit_weights(model, seed: int, level: int, input_shape) -> dict:
     """The fresh init of the ``reinit`` control of ``seed`` at ``level``: ``{'params', 'batch_stats'}``."""
     key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
-    params, bs = _np(init_population(model, key[None], input_shape))
+    params, bs = to_numpy(init_population(model, key[None], input_shape))
     return {"params": unstack(params, 0), "batch_stats": unstack(bs, 0)}
 
 
@@ -85,7 +86,7 @@ def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
     read from ``init.msgpack``; created and stored first if the run has none yet."""
     if not store.has("init.msgpack"):
         params, bs = init_population(model, seed_keys(seeds), input_shape)
-        store.write_tree("init.msgpack", {"params": _np(params), "batch_stats": _np(bs)})
+        store.write_tree("init.msgpack", {"params": to_numpy(params), "batch_stats": to_numpy(bs)})
     return store.read_tree("init.msgpack")
 
 
@@ -245,10 +246,10 @@ class Lottery:
         batches = [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
         p, b = _to_jax(params), _to_jax(bs)
         if pc.criterion == "saliency":
-            return saliency_scores(params, _np(mean_gradient(self.model, p, b, batches)))
+            return saliency_scores(params, to_numpy(mean_gradient(self.model, p, b, batches)))
         key = jax.random.fold_in(jax.random.key(seed + _HESSIAN_KEY), level)
         hdiag = hessian_diagonal(self.model, p, b, batches, key, pc.hessian_samples, pc.hessian)
-        return obd_scores(params, _np(hdiag))
+        return obd_scores(params, to_numpy(hdiag))
 
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
@@ -287,8 +288,8 @@ class Lottery:
         files = dict(files)
         densities = [density(mk, can_prune) for mk in masks]
         if self.snapshot_steps(level):
-            store.write_tree("rewind.msgpack", _np(result.snapshots[cfg.rewind.step]))
-        final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
+            store.write_tree("rewind.msgpack", to_numpy(result.snapshots[cfg.rewind.step]))
+        final = {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
         metrics["param_count"] = [kept_count(masks[k]) for k in metrics["member"]]
         act = self._activation_sparsity(result.state, members)
@@ -301,7 +302,7 @@ class Lottery:
         sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
         store.write_level(level, {**files,
             "members.json": json.dumps([{"arm": m.arm, "seed": m.seed} for m in members]).encode(),
-            "masks.msgpack": tree_bytes(_np(stack(masks))),
+            "masks.msgpack": tree_bytes(to_numpy(stack(masks))),
             "final.msgpack": tree_bytes(final),
             "metrics.parquet": parquet_bytes(metrics),
             "sparsity.parquet": parquet_bytes(sparsity),
@@ -327,21 +328,21 @@ class Lottery:
             if u == engine.num_steps and u not in updates:
                 break
             target = agp_density(u, pc)
-            params = _np(state.params)
-            masks = [prune_to_density(magnitude_scores(unstack(params, k)), unstack(_np(state.mask), k),
+            params = to_numpy(state.params)
+            masks = [prune_to_density(magnitude_scores(unstack(params, k)), unstack(to_numpy(state.mask), k),
                                       can_prune, target) for k in range(len(members))]
             mask_pop = _to_jax(stack(masks))
             state = engine.remask(state, mask_pop)
             rows.append({"step": u, "target_density": target, "density": density(masks[0], can_prune)})
         from .train import TrainResult
-        final_masks = [unstack(_np(state.mask), k) for k in range(len(members))]
+        final_masks = [unstack(to_numpy(state.mask), k) for k in range(len(members))]
         return TrainResult(state=state, records=records, diverged=diverged), final_masks, pd.DataFrame(rows)
 
     def _activation_sparsity(self, state, members) -> pd.DataFrame | None:
         """Fraction of exact-zero ReLU outputs per hidden layer on the test split, per member."""
         rows = []
         x = self.data.x_test[:2000]
-        host = _np((state.params, state.batch_stats))  # slicing on the host compiles nothing
+        host = to_numpy((state.params, state.batch_stats))  # slicing on the host compiles nothing
         for k, m in enumerate(members):
             member = jax.tree.map(lambda a: a[k], host)
             for layer, frac in activation_sparsity(self.model, member[0], member[1], x).items():
@@ -373,7 +374,7 @@ class Lottery:
         df["member"] += int(ticket_metrics["member"].max()) + 1
         df["param_count"] = count
         df["width"] = width
-        return df, {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
+        return df, {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
 
     def _finetune(self) -> Engine:
         if self._share is not None:  # same train and rewind config: the same compiled programs

@@ -44,7 +44,7 @@ from .data import load_dataset
 from .models import build_model
 from .pruning import density, prunable
 from .store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
-from .lottery import Member, seed_keys, kept_count, _np, metrics_table, progress_bar, sparsity_table, stored_init
+from .lottery import Member, seed_keys, kept_count, metrics_table, to_numpy, progress_bar, sparsity_table, stored_init
 from .train import Engine, init_variables, stack, unstack
 
 MASKS_FILE = "masks.msgpack"
@@ -259,7 +259,7 @@ class MaskedRun:
         with progress_bar(self.progress, "masked", engine.num_steps) as bar:
             result = engine.run(state, seeds, progress=bar)
         wall_s = time.time() - t0
-        final = {"params": _np(result.state.params), "batch_stats": _np(result.state.batch_stats)}
+        final = {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
         densities = [density(m, can_prune) for m in masks]
         kept = [kept_count(m) for m in masks]
         members = [Member(arm, s) for s in seeds]
@@ -269,7 +269,7 @@ class MaskedRun:
         df["mask_seed"] = [-1 if self.source.source_seeds[i] is None else self.source.source_seeds[i] for i in k]
         store.write_level(0, {
             "members.json": json.dumps([{"arm": arm, "seed": s} for s in seeds]).encode(),
-            "masks.msgpack": tree_bytes(_np(stack(masks))),
+            "masks.msgpack": tree_bytes(to_numpy(stack(masks))),
             "final.msgpack": tree_bytes(final),
             "metrics.parquet": parquet_bytes(df),
             "sparsity.parquet": parquet_bytes(sparsity_table(0, members, final["params"], masks, can_prune)),

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -256,6 +257,20 @@ class ExperimentConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json") -> str:
+    """The run id that a stored ``hparams.json`` hashes to (its settings; for a ``train --mask`` run
+    also its ``mask`` entry, as :func:`lth.masked.run_id` does). ConfigError if they do not validate."""
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+    mask = hparams.get("mask")
+    if not isinstance(mask, dict):
+        return cfg.run_id
+    digest = {"sha256": mask.get("sha256"), "members_sha256": mask.get("members_sha256"), "arm": mask.get("arm"),
+              "source_seeds": [None if s == -1 else s for s in mask.get("source_seeds") or []]}
+    blob = json.dumps({"config": cfg.result_dict(), "mask": digest}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 # ---------------------------------------------------------------------- helpers
 
 def _to_jsonable(x):
@@ -335,6 +350,17 @@ def _coerce(tp, v):
     raise TypeError(f"unsupported config type {tp}")
 
 
+def _finite(v) -> bool:
+    """False when ``v`` is or holds a non-finite float."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    return True
+
+
 def _build(cls, d, prefix: str, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
@@ -356,6 +382,9 @@ def _build(cls, d, prefix: str, where: str):
         c = _coerce(tp, v)
         if c is _NO:
             raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected {_type_name(tp)}")
+        if not _finite(c):  # inf/nan (TOML inf, nan, 1e309) pass every > 0 check and train to NaN
+            raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected a finite number"
+                              + (f" ({f.metadata.get('allowed')})" if f.metadata.get("allowed") else ""))
         check = f.metadata.get("check")
         if check is not None and c is not None and not check(c):
             raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected "

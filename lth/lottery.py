@@ -76,7 +76,10 @@ def _to_jax(tree):
 def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
     """The run's initial weights ``{'params', 'batch_stats'}`` stacked over ``seeds`` (key(seed) each),
     read from ``init.msgpack``; created and stored first if the run has none yet."""
-    if not store.has("init.msgpack"):
+    problem = store.file_problem("init.msgpack")
+    if problem is not None:  # missing or damaged: the init is a function of the seeds, so recompute it
+        if store.has("init.msgpack"):
+            print(f"lth: {problem}; recomputing it from the seeds", file=sys.stderr)
         params, bs = init_population(model, _keys(seeds), input_shape)
         store.write_tree("init.msgpack", {"params": _np(params), "batch_stats": _np(bs)})
     return store.read_tree("init.msgpack")
@@ -134,7 +137,7 @@ class Lottery:
     # ------------------------------------------------------------------ fixed weights
     def hparams(self) -> dict:
         return {**self.cfg.to_dict(), "run_id": self.cfg.run_id, "lth_version": __version__,
-                "num_steps": self.engine.num_steps}
+                "num_steps": self.engine.num_steps, "data_fingerprint": self.data.fingerprint}
 
     def init_weights(self) -> dict:
         """{'params', 'batch_stats'} stacked over seeds; created once and stored."""

@@ -954,7 +954,8 @@ class LoadedRun:
         if not (path / "hparams.json").is_file():
             raise StoreError(f"{path} is not a run folder (no hparams.json); pass OUT/<run_id>")
         hparams = read_json(path / "hparams.json")
-        raw = {k: v for k, v in hparams.items() if k not in ("run_id", "lth_version", "num_steps", "mask")}
+        raw = {k: v for k, v in hparams.items()
+               if k not in ("run_id", "lth_version", "num_steps", "mask", "data_fingerprint")}
         cfg = ExperimentConfig.from_dict(raw, str(path / "hparams.json"))
         data = load_dataset(cfg.data)
         model = build_model(cfg.model, data.num_classes, data.input_shape)

@@ -21,7 +21,7 @@ from .pruning import leaf_name, magnitude_scores, prunable, prune_to_density
 from .store import RunStore, atomic_write_bytes, load_tree, parquet_bytes, read_json
 from .train import apply_mask, chunk_split, make_eval_fn, stack, unstack
 
-_EXTRA_KEYS = ("run_id", "lth_version", "num_steps", "mask")  # mask: runs of `lth train --mask`
+_EXTRA_KEYS = ("run_id", "lth_version", "num_steps", "mask", "data_fingerprint")  # mask: runs of `lth train --mask`
 
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:

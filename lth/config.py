@@ -189,6 +189,11 @@ SECTIONS: dict[str, type] = {
 }
 
 
+# PRNG keys take 32-bit seeds (2**32 would give seed 0's key again) and lth offsets a seed by up to
+# 2_000_003 for its other random streams (lth.lottery._HESSIAN_KEY); numpy seeds must be >= 0.
+SEED_LIMIT = 2**32 - 2_000_003
+
+
 def _unique(v):
     return len(set(v)) == len(v)
 
@@ -196,8 +201,9 @@ def _unique(v):
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _f("experiment", result=False, doc="experiment name (W&B group, figure titles)")
-    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v),
-                                allowed="a non-empty list of distinct integers", doc="one member per seed")
+    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v) and all(0 <= s < SEED_LIMIT for s in v),
+                                allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
+                                doc="one member per seed")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
         allowed="a list of distinct arms starting with 'ticket'",
@@ -255,6 +261,32 @@ class ExperimentConfig:
     def run_id(self) -> str:
         blob = json.dumps(self.result_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps: int) -> None:
+    """Settings only the built model and schedule can check, before any level trains.
+
+    ``layers`` maps every layer name of the model (``dense_0``, ``stage1/block0/conv1``) to the kind
+    of its kernel (``dense``, ``conv``, ``output``; ``other`` for layers without one); ``num_steps``
+    is the training length. ConfigError naming the key, the value and the valid names otherwise.
+    """
+    kernels = sorted(k for k, kind in layers.items() if kind in ("dense", "conv", "output"))
+    for name in (cfg.prune.rates or {}):
+        if name not in kernels:
+            raise ConfigError(f"prune.rates names layer {name!r}, which model {cfg.model.name} does not have; "
+                              f"its prunable layers: {', '.join(kernels)}")
+    parts = {p for k in layers for i, p in enumerate(k.split("/"))} | {
+        "/".join(k.split("/")[:i + 1]) for k in layers for i in range(k.count("/") + 1)}
+    for name in cfg.prune.exclude:
+        if name not in parts:
+            raise ConfigError(f"prune.exclude names layer {name!r}, which model {cfg.model.name} does not have; "
+                              f"its layers: {', '.join(sorted(layers))}")
+    if cfg.rewind.step > num_steps:
+        raise ConfigError(f"rewind.step = {cfg.rewind.step} is past the end of training ({num_steps} steps); "
+                          f"expected an integer in [0, {num_steps}]")
+    if cfg.model.widths != ModelConfig().widths and cfg.model.name != "mlp":
+        raise ConfigError(f"model.widths = {list(cfg.model.widths)} is not used by model.name = "
+                          f"{cfg.model.name!r} (only by 'mlp'); remove it, or scale the model with model.width")
 
 
 def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json") -> str:

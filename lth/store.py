@@ -240,6 +240,22 @@ class RunStore:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
+    def busy_owner(self) -> str | None:
+        """Who holds the run's lock right now ('pid N on HOST'), or None when nobody does."""
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def is_finished(self, levels: int) -> bool:
         return all(self.is_complete(level) for level in range(levels + 1))
 

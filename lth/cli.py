@@ -365,6 +365,12 @@ def _print_summary(run_dir: Path, wall_s: float) -> None:
     table = final_accuracy(df)
     print(f"run {run_dir.name}: {run_dir}  ({wall_s:.1f} s)")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    if "diverged_step" in df:
+        from .train import DIVERGENCE_FACTOR
+        bad = df[df["diverged_step"] >= 0].drop_duplicates(["level", "arm", "seed"])
+        for r in bad.itertuples():
+            print(f"diverged: level {int(r.level)} {r.arm} seed {int(r.seed)} at step {int(r.diverged_step)} "
+                  f"(training loss non-finite or above {DIVERGENCE_FACTOR:g}x its first-step value)")
 
 
 def main(argv: list[str] | None = None) -> int:

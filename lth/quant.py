@@ -980,9 +980,12 @@ class LoadedRun:
         "masks"}`` (stacked ``[K, ...]`` numpy over the ticket members only)."""
         from .store import StoreError, load_tree, read_json
 
+        from .store import RunStore
+
         d = self.level_dir(level)
-        if not (d / "COMPLETE").is_file():
-            raise StoreError(f"{d} is not a complete level")
+        problem = RunStore(self.path.parent, self.path.name).level_problem(level)  # checksums verified
+        if problem is not None:
+            raise StoreError(f"{d} is not a complete level: {problem}")
         members = read_json(d / "members.json")
         idx = [k for k, m in enumerate(members) if m["arm"] == "ticket"]
         final = load_tree(d / "final.msgpack")
@@ -994,10 +997,10 @@ class LoadedRun:
 
     def rewind_weights(self, seeds: Sequence[int]) -> dict:
         """Rewind-point ``{"params", "batch_stats"}`` stacked over ``seeds``."""
-        from .store import load_tree
+        from .store import RunStore
 
         name = "rewind.msgpack" if self.cfg.rewind.step > 0 else "init.msgpack"
-        tree = load_tree(self.path / name)
+        tree = RunStore(self.path.parent, self.path.name).read_tree(name)  # verified against MANIFEST.json
         idx = np.asarray([list(self.cfg.seeds).index(s) for s in seeds])
         return jax.tree.map(lambda a: np.asarray(a)[idx], {"params": tree["params"],
                                                            "batch_stats": tree.get("batch_stats", {}) or {}})

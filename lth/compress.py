@@ -304,7 +304,8 @@ def read_export(path: str | Path) -> tuple[IntegerModel, dict]:
     try:
         return _decode_export(blob[12 + hlen:-DIGEST_BYTES], header)
     except KeyError as e:
-        raise ExportError(f"{path}: the header has no {e.args[0]!r} entry; the file was not written by lth export") from None
+        raise ExportError(f"{path}: the header has no {e.args[0]!r} entry; the file was not written by "
+                          "lth export") from None
     except (TypeError, ValueError, IndexError, AttributeError) as e:
         raise ExportError(f"{path}: the header does not describe a valid model ({type(e).__name__}: {e})") from None
 

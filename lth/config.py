@@ -201,7 +201,8 @@ def _unique(v):
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _f("experiment", result=False, doc="experiment name (W&B group, figure titles)")
-    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v) and all(0 <= s < SEED_LIMIT for s in v),
+    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v)
+                                and all(0 <= s < SEED_LIMIT for s in v),
                                 allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
                                 doc="one member per seed")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] = _f(

@@ -177,7 +177,8 @@ def test_settings_checked_against_the_model_fail_before_any_level_trains(tmp_pat
 def test_seeds_outside_the_prng_range_are_a_config_error():
     from lth.config import SEED_LIMIT, ConfigError, ExperimentConfig
     for seeds in ([2**32], [-1], [SEED_LIMIT]):
-        with pytest.raises(ConfigError, match=f"seeds = .* expected a non-empty list of distinct integers in \\[0, {SEED_LIMIT}\\)"):
+        with pytest.raises(ConfigError, match=f"seeds = .* expected a non-empty list of distinct integers "
+                                              f"in \\[0, {SEED_LIMIT}\\)"):
             ExperimentConfig.from_dict({"seeds": seeds})
 
 

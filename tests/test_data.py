@@ -295,7 +295,8 @@ def test_data_fingerprint_is_recorded_and_other_data_under_the_same_run_id_stops
     tiny_idx_set(data / "mnist", n_train=40, n_test=10)
     cfg = lth.config.ExperimentConfig.from_dict({
         "data": {"name": "mnist", "val_size": 5}, "model": {"widths": [4]},
-        "train": {"batch_size": 5, "steps": 2}, "prune": {"levels": 0}, "log": {"wandb": "disabled", "progress": False}})
+        "train": {"batch_size": 5, "steps": 2}, "prune": {"levels": 0},
+        "log": {"wandb": "disabled", "progress": False}})
     store = run_lottery(cfg, tmp_path / "runs")
     fp = json.loads((store.path / "hparams.json").read_text())["data_fingerprint"]
     assert fp["train"] == 35 and fp["val"] == 5 and fp["test"] == 10 and len(fp["sha256"]) == 16

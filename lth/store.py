@@ -291,8 +291,12 @@ class RunStore:
         return m["sha256"]
 
     def write_file(self, name: str, data: bytes) -> None:
-        """Write a run-level file atomically, its checksum recorded first in MANIFEST.json."""
-        sums = dict(self.manifest() or {})
+        """Write a run-level file atomically, its checksum recorded first in MANIFEST.json.
+
+        The first manifest of a store written before manifests adopts the weights files already there
+        (read unverified until now), so they stay usable instead of counting as unrecorded."""
+        old = self.manifest()
+        sums = dict(old) if old is not None else {f.name: sha256(f) for f in sorted(self.path.glob("*.msgpack"))}
         sums[name] = hashlib.sha256(data).hexdigest()
         atomic_write_json(self.path / MANIFEST, {"sha256": sums})
         atomic_write_bytes(self.path / name, data)

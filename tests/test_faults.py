@@ -185,3 +185,13 @@ def test_report_verifies_checksums_and_says_what_it_skipped(reference, tmp_path)
     assert "skipped level_002" in r.stderr and "no COMPLETE marker" in r.stderr
     summary = pd.read_csv(tmp_path / "figs" / "summary.csv")
     assert set(summary["level"]) == {0}
+
+
+def test_a_store_without_manifest_stays_readable_and_its_first_manifest_adopts_its_files(tmp_path):
+    from lth.store import MANIFEST, RunStore
+    store = RunStore(tmp_path, "run")
+    store.write_tree("init.msgpack", {"w": [1.0]})
+    (store.path / MANIFEST).unlink()  # as written by an older lth
+    assert store.read_tree("init.msgpack")["w"] is not None
+    store.write_tree("rewind.msgpack", {"w": [2.0]})
+    assert store.file_problem("init.msgpack") is None and store.file_problem("rewind.msgpack") is None

@@ -53,6 +53,11 @@ def _arm_lines(ax, summary: pd.DataFrame, y: str, scale: float = 1.0) -> None:
         lo, hi = g[f"{y}_ci_low"].to_numpy() * scale, g[f"{y}_ci_high"].to_numpy() * scale
         ax.plot(g["density"], mean, markersize=4, **st)
         ax.fill_between(g["density"], lo, hi, color=st.get("color"), alpha=0.2, linewidth=0)
+        if "diverged" in g and (g["diverged"] > 0).any():  # a seed whose loss diverged: a black cross
+            bad = (g["diverged"] > 0).to_numpy()
+            first = not any(c.get_label() == "diverged" for c in ax.collections)
+            ax.scatter(g["density"][bad], mean[bad], marker="x", s=50, color="black", zorder=5,
+                       label="diverged" if first else "_nolegend_")
 
 
 def _seeds_note(summary: pd.DataFrame) -> str:

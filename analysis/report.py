@@ -11,8 +11,8 @@ from . import figures
 from .runs import float_rows, load_runs, load_sparsity, quant_rows
 from .summary import summarize
 
-TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "final_accuracy_mean", "final_accuracy_std",
-                 "best_accuracy_mean", "early_stop_step_mean"]
+TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "diverged", "final_accuracy_mean",
+                 "final_accuracy_std", "best_accuracy_mean", "early_stop_step_mean"]
 
 
 def _write_tables(summary: pd.DataFrame, out: Path, stem: str) -> list[Path]:
@@ -86,8 +86,11 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     lines = ["# lth report", "", f"Source: `{Path(root).resolve()}`; {df['run_id'].nunique()} run(s), "
              f"{n_seeds} seed(s).", "", "## Figures", ""]
     lines += [f"- `{stem}.pdf` / `{stem}.png`: {cap}" for stem, cap in made.items()]
+    if summary["diverged"].any():
+        lines += ["", "Black crosses mark (run, arm, level) points where at least one seed diverged (training "
+                  "loss non-finite or above 100x its first-step value; `diverged` column of the tables)."]
     lines += ["", "## Tables", "", "- `summary.csv` / `summary.md` / `summary.tex`: one row per (run, arm, level): "
-              "density, seeds, mean/std/95% CI of final and best test accuracy and early-stop step."]
+              "density, seeds, diverged seeds, mean/std/95% CI of final and best test accuracy and early-stop step."]
     if (out / "smallest_within_1pp.csv").is_file() and not quant.empty:
         lines += ["- `quant.csv`: every quantized row (one per cell and seed).",
                   "- `smallest_within_1pp.csv` / `.md` / `.tex`: per arm, the smallest model (bytes, density, bits, "

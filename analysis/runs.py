@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -32,15 +33,35 @@ def _run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/hparams.json"))
 
 
-def _complete_levels(run: Path) -> list[Path]:
-    return sorted(d for d in run.glob("level_[0-9][0-9][0-9]") if (d / "COMPLETE").is_file())
+def _complete_levels(run: Path, say=None) -> list[Path]:
+    """Level folders that are complete and match their checksums; ``say(message)`` hears of the rest."""
+    from lth.store import RunStore
+
+    store, out = RunStore(run.parent, run.name), []
+    for d in sorted(run.glob("level_[0-9][0-9][0-9]")):
+        problem = store.level_problem(int(d.name[len("level_"):]))
+        if problem is None:
+            out.append(d)
+        elif say is not None:
+            say(f"skipped {d.name} of run {run.name}: {problem}")
+    return out
 
 
-# columns of the quantized rows that the float rows get too (float: bits 32, method "float")
-QUANT_KEYS = ["bits", "method", "scheme", "granularity", "calibration", "act_bits", "size_bytes", "compression"]
+def _stderr(msg: str) -> None:
+    print(f"lth: {msg}", file=sys.stderr)
 
 
-def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: bool = True) -> pd.DataFrame:
+def _hparams(run: Path) -> dict:
+    """A run's hparams.json, checked against its run id (StoreError naming the file otherwise)."""
+    from lth.store import check_hparams, read_hparams
+
+    h = read_hparams(run / "hparams.json")
+    check_hparams(run / "hparams.json", h, run.name)
+    return h
+
+
+def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: bool = True,
+              say=_stderr) -> pd.DataFrame:
     """One tidy table of every completed level under ``root``: float rows and quantized rows.
 
     Float rows: one per (run, arm, seed, level, step, split) of training, with run_id, experiment,
@@ -55,6 +76,10 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
 
     Both carry every hparam flattened with dotted names (``train.lr``, ``prune.rate``, ...).
     ``root`` may be a store or one run folder.
+
+    Every level's files are verified against their checksums; ``say`` (default: stderr) is told of
+    each level skipped as incomplete or corrupt. An hparams.json whose settings do not hash to its
+    run id (edited) raises StoreError naming it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -67,12 +92,9 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
         raise NotAStoreError(f"{root} is not an lth store: no <run_id>/hparams.json inside")
     frames = []
     for run in runs:
-        try:
-            hparams = json.loads((run / "hparams.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise NotAStoreError(f"{run / 'hparams.json'}: not valid JSON ({e})") from None
+        hparams = _hparams(run)
         flat = {k: v for k, v in _flatten(hparams).items() if k not in ("run_id",)}
-        for level_dir in _complete_levels(run):
+        for level_dir in _complete_levels(run, say):
             path = level_dir / "metrics.parquet"
             try:
                 df = pd.read_parquet(path)
@@ -168,7 +190,7 @@ def load_quant(root: str | Path) -> pd.DataFrame:
         raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
     frames = []
     for run in _run_dirs(root):
-        name = json.loads((run / "hparams.json").read_text()).get("name", "")
+        name = _hparams(run).get("name", "")
         for level_dir in _complete_levels(run):
             paths = _intact_cells(level_dir)
             if (level_dir / "quant.parquet").is_file():

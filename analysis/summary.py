@@ -30,8 +30,8 @@ def _ci(x: pd.Series) -> tuple[float, float]:
 
 
 def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """One row per (run, arm, level): density, seeds, and mean/std/95% CI over seeds of the final
-    and best ``split`` accuracy and of the early-stop step."""
+    """One row per (run, arm, level): density, seeds, diverged (how many of the seeds diverged), and
+    mean/std/95% CI over seeds of the final and best ``split`` accuracy and of the early-stop step."""
     d = df[(df["split"] == split) & _float(df)]
     per_seed = (d.groupby(["run_id", "experiment", "arm", "level", "seed"], sort=False)
                 .apply(_per_seed, include_groups=False).reset_index())
@@ -40,6 +40,7 @@ def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
         row = dict(zip(GROUP, key))
         row["density"] = float(g["density"].mean())
         row["seeds"] = int(g["seed"].nunique())
+        row["diverged"] = int(g["diverged"].sum())  # seeds whose loss diverged (lth.train.diverged_steps)
         for col in ("final_accuracy", "best_accuracy", "early_stop_step"):
             row[f"{col}_mean"] = float(g[col].mean())
             row[f"{col}_std"] = float(g[col].std(ddof=1)) if len(g) > 1 else 0.0
@@ -51,5 +52,7 @@ def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
 
 def _per_seed(g: pd.DataFrame) -> pd.Series:
     g = g.sort_values("step")
+    diverged = bool((g["diverged_step"] >= 0).any()) if "diverged_step" in g else False
     return pd.Series({"density": g["density"].iloc[-1], "final_accuracy": g["accuracy"].iloc[-1],
-                      "best_accuracy": g["accuracy"].max(), "early_stop_step": g["early_stop_step"].iloc[-1]})
+                      "best_accuracy": g["accuracy"].max(), "early_stop_step": g["early_stop_step"].iloc[-1],
+                      "diverged": diverged})

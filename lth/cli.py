@@ -169,6 +169,13 @@ def _cmd_sweep(args) -> int:
         return _error(f"--workers {args.workers} is not allowed; expected an integer >= 1")
     if args.group < 1:
         return _error(f"--group {args.group} is not allowed; expected an integer >= 1 (1: no grouping)")
+    if args.wandb_sweep and Path(args.wandb_sweep).is_dir():
+        return _error(f"--wandb-sweep {args.wandb_sweep} is a folder; give the YAML file to write")
+    if args.executor == "ray" and not args.dry_run and not args.wandb_sweep:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return _error('--executor ray needs Ray, which is not installed: pip install "lth[ray]"')
     points = expand(args.experiment, args.overrides + args.settings)
     if args.wandb_sweep:
         import yaml
@@ -191,6 +198,17 @@ def _cmd_sweep(args) -> int:
     with _SweepBar(points, args.out, enabled=not args.no_progress) as bar:
         outcomes = run_sweep(points, args.out, executor=args.executor, workers=args.workers,
                              address=args.address, group=args.group, on_done=bar.run_done)
+    # A run busy in another process is waited for (then found complete, or trained here if that
+    # process died), so the sweep exits only when every run of the grid is finished.
+    busy = [i for i, o in enumerate(outcomes) if o.status == "busy"]
+    while busy:
+        _wait_for_runs([points[i] for i in busy], args.out)
+        again = run_sweep([points[i] for i in busy], args.out, executor=args.executor, workers=args.workers,
+                          address=args.address, group=args.group)
+        for i, o in zip(busy, again):
+            o.message = o.message or "waited for another process"
+            outcomes[i] = o
+        busy = [i for i in busy if outcomes[i].status == "busy"]
     print(f"{'run_id':<13} {'status':<9} {'wall_s':>7}  settings")
     for o in outcomes:
         print(f"{o.run_id:<13} {o.status:<9} {o.wall_s:7.1f}  {o.label}" + (f"  [{o.message}]" if o.message else ""))
@@ -198,6 +216,31 @@ def _cmd_sweep(args) -> int:
     print(f"{len(outcomes)} runs: " + ", ".join(f"{s} {sum(o.status == s for o in outcomes)}"
                                                  for s in ("trained", "quantized", "complete", "busy", "failed")))
     return 1 if failed else 0
+
+
+WAIT_POLL_S = 1.0
+WAIT_REPORT_S = 30.0
+
+
+def _wait_for_runs(points, out) -> None:
+    """Block until no other process holds the lock of any of ``points``; a progress line on stderr
+    at the start and every WAIT_REPORT_S seconds (run, owner, levels complete)."""
+    from .store import RunStore
+
+    stores = [(RunStore(out, p.run_id), p.cfg.prune.levels) for p in points]
+    t0, last = time.time(), None
+    while True:
+        owners = [(s, n, s.busy_owner()) for s, n in stores]
+        owners = [(s, n, o) for s, n, o in owners if o is not None]
+        if not owners:
+            return
+        if last is None or time.time() - last >= WAIT_REPORT_S:
+            last = time.time()
+            what = "; ".join(f"{s.run_id} ({o}, {sum(s.is_complete(L) for L in range(n + 1))}/{n + 1} levels)"
+                             for s, n, o in owners)
+            print(f"lth sweep: waiting {last - t0:.0f} s for {len(owners)} run(s) busy in another process: {what}",
+                  file=sys.stderr, flush=True)
+        time.sleep(WAIT_POLL_S)
 
 
 class _SweepBar:
@@ -254,8 +297,11 @@ def _cmd_sparsity(args) -> int:
     t = table[(table["level"] == level) & (table["arm"] == args.arm)]
     if t.empty:
         return _error(f"{args.run_dir}: no {args.arm!r} members at level {level}; levels: "
-                      f"{sorted(table['level'].unique())}, arms: {sorted(table['arm'].unique())}")
+                      f"{_ints(table['level'])}, arms: {sorted(map(str, table['arm'].unique()))}")
     seed = int(t["seed"].min()) if args.seed is None else args.seed
+    if seed not in set(t["seed"]):
+        return _error(f"{args.run_dir}: level {level} has no {args.arm!r} member of seed {seed}; seeds: "
+                      f"{_ints(t['seed'])}")
     t = t[t["seed"] == seed][["layer", "kind", "shape", "count", "kept", "nonzero", "density", "prunable"]]
     total = {"layer": "total", "kind": "", "shape": "", "count": t["count"].sum(), "kept": t["kept"].sum(),
              "nonzero": t["nonzero"].sum(), "density": t["kept"].sum() / t["count"].sum(), "prunable": ""}
@@ -270,16 +316,29 @@ def _cmd_sparsity(args) -> int:
     return 0
 
 
+def _ints(values) -> list[int]:
+    """Sorted distinct values as plain ints (numpy scalars print as np.int64(0))."""
+    return sorted({int(v) for v in values})
+
+
 def _cmd_sensitivity(args) -> int:
     from .config import ConfigError
     from .sensitivity import load_run_config, rates_for, sensitivity
+    from .store import check_writable
 
     try:
         densities = [float(d) for d in args.densities.split(",") if d.strip()]
     except ValueError:
         raise ConfigError(f"--densities {args.densities!r}: expected comma-separated numbers") from None
+    level_dir = Path(args.run_dir) / f"level_{args.level:03d}"
+    out = Path(args.out) if args.out else level_dir
+    if level_dir.is_dir():  # both get files: fail now, not after the computation
+        check_writable(level_dir)
+    if out.exists() and not out.is_dir():
+        return _error(f"--out {out} exists and is a file; choose a folder")
+    if out.is_dir():
+        check_writable(out)
     table = sensitivity(args.run_dir, args.level, densities)
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"level_{args.level:03d}"
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib.pyplot as plt
     from analysis.figures import sensitivity_curves
@@ -307,6 +366,12 @@ def _print_summary(run_dir: Path, wall_s: float) -> None:
     table = final_accuracy(df)
     print(f"run {run_dir.name}: {run_dir}  ({wall_s:.1f} s)")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    if "diverged_step" in df:
+        from .train import DIVERGENCE_FACTOR
+        bad = df[df["diverged_step"] >= 0].drop_duplicates(["level", "arm", "seed"])
+        for r in bad.itertuples():
+            print(f"diverged: level {int(r.level)} {r.arm} seed {int(r.seed)} at step {int(r.diverged_step)} "
+                  f"(training loss non-finite or above {DIVERGENCE_FACTOR:g}x its first-step value)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_sweep(args)
         if args.command == "report":
             from analysis.report import write_report
-            from analysis.runs import NotAStoreError
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                return _error(f"--out {args.out} exists and is a file; choose a folder for the figures")
             try:
                 made = write_report(args.root, args.out)
-            except NotAStoreError as e:
+            except ValueError as e:  # NotAStoreError, or a store with no completed level
                 return _error(str(e))
             print(f"wrote {len(made)} figures and summary tables to {args.out}/ (see {args.out}/README.md)")
             return 0
@@ -363,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (ConfigError, DataError, StoreError) as e:
         return _error(str(e))
+    except OSError as e:  # a full disk, a read-only folder, a path that is a folder: name it, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         print("lth: interrupted; completed levels are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -254,6 +255,11 @@ SECTIONS: dict[str, type] = {
 }
 
 
+# PRNG keys take 32-bit seeds (2**32 would give seed 0's key again) and lth offsets a seed by up to
+# 2_000_003 for its other random streams (lth.lottery._HESSIAN_KEY); numpy seeds must be >= 0.
+SEED_LIMIT = 2**32 - 2_000_003
+
+
 def _unique(v):
     return len(set(v)) == len(v)
 
@@ -261,8 +267,10 @@ def _unique(v):
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _f("experiment", result=False, doc="experiment name (W&B group, figure titles)")
-    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v),
-                                allowed="a non-empty list of distinct integers", doc="one member per seed")
+    seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v)
+                                and all(0 <= s < SEED_LIMIT for s in v),
+                                allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
+                                doc="one member per seed")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
         allowed="a list of distinct arms starting with 'ticket'",
@@ -334,6 +342,46 @@ def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     if not isinstance(qc.levels, str) and max(qc.levels) > cfg.prune.levels:
         raise ConfigError(f"{where}: quant.levels = {list(qc.levels)} goes past the last level "
                           f"(prune.levels = {cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
+
+
+def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps: int) -> None:
+    """Settings only the built model and schedule can check, before any level trains.
+
+    ``layers`` maps every layer name of the model (``dense_0``, ``stage1/block0/conv1``) to the kind
+    of its kernel (``dense``, ``conv``, ``output``; ``other`` for layers without one); ``num_steps``
+    is the training length. ConfigError naming the key, the value and the valid names otherwise.
+    """
+    kernels = sorted(k for k, kind in layers.items() if kind in ("dense", "conv", "output"))
+    for name in (cfg.prune.rates or {}):
+        if name not in kernels:
+            raise ConfigError(f"prune.rates names layer {name!r}, which model {cfg.model.name} does not have; "
+                              f"its prunable layers: {', '.join(kernels)}")
+    parts = {p for k in layers for i, p in enumerate(k.split("/"))} | {
+        "/".join(k.split("/")[:i + 1]) for k in layers for i in range(k.count("/") + 1)}
+    for name in cfg.prune.exclude:
+        if name not in parts:
+            raise ConfigError(f"prune.exclude names layer {name!r}, which model {cfg.model.name} does not have; "
+                              f"its layers: {', '.join(sorted(layers))}")
+    if cfg.rewind.step > num_steps:
+        raise ConfigError(f"rewind.step = {cfg.rewind.step} is past the end of training ({num_steps} steps); "
+                          f"expected an integer in [0, {num_steps}]")
+    if cfg.model.widths != ModelConfig().widths and cfg.model.name != "mlp":
+        raise ConfigError(f"model.widths = {list(cfg.model.widths)} is not used by model.name = "
+                          f"{cfg.model.name!r} (only by 'mlp'); remove it, or scale the model with model.width")
+
+
+def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json") -> str:
+    """The run id that a stored ``hparams.json`` hashes to (its settings; for a ``train --mask`` run
+    also its ``mask`` entry, as :func:`lth.masked.run_id` does). ConfigError if they do not validate."""
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+    mask = hparams.get("mask")
+    if not isinstance(mask, dict):
+        return cfg.run_id
+    digest = {"sha256": mask.get("sha256"), "members_sha256": mask.get("members_sha256"), "arm": mask.get("arm"),
+              "source_seeds": [None if s == -1 else s for s in mask.get("source_seeds") or []]}
+    blob = json.dumps({"config": cfg.result_dict(), "mask": digest}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -426,6 +474,17 @@ def _section_type(tp):
     return None
 
 
+def _finite(v) -> bool:
+    """False when ``v`` is or holds a non-finite float."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    return True
+
+
 def _build(cls, d, prefix: str, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
@@ -448,6 +507,9 @@ def _build(cls, d, prefix: str, where: str):
         c = _coerce(tp, v)
         if c is _NO:
             raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected {_type_name(tp)}")
+        if not _finite(c):  # inf/nan (TOML inf, nan, 1e309) pass every > 0 check and train to NaN
+            raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected a finite number"
+                              + (f" ({f.metadata.get('allowed')})" if f.metadata.get("allowed") else ""))
         check = f.metadata.get("check")
         if check is not None and c is not None and not check(c):
             raise ConfigError(f"{where}: {key} = {v!r} is not allowed; expected "

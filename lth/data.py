@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import random
+import sys
 import tempfile
 import warnings
 import zlib
@@ -52,6 +54,18 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """Sizes of the splits and a sha256 (first 16 hex digits) of every array as loaded: what
+        identifies the data a run was trained on (recorded in ``hparams.json``). Computed once per
+        instance; instances are cached per config and data root."""
+        h = hashlib.sha256()
+        for a in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).data)
+        return {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test),
+                "sha256": h.hexdigest()[:16]}
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -119,6 +133,8 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
     if not 0 <= val_size < n:
         raise DataError(f"{cfg.name}: val_size = {val_size} must be in [0, {n}), the number of "
                         f"train examples; lower data.val_size")
+    if len(x_test) == 0:
+        raise DataError(f"{cfg.name}: the test split is empty; the data set's test files hold no examples")
     perm = np.random.default_rng(cfg.split_seed).permutation(n)
     val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
     xs = [_to_float(x) for x in (x_train[train_idx], x_train[val_idx], x_test)]
@@ -130,6 +146,8 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
             x -= mean
             x /= std
     ys = [np.asarray(y, np.int32) for y in (y_train[train_idx], y_train[val_idx], y_test)]
+    if val_size > 0 and len(ys[1]) == 0:
+        raise DataError(f"{cfg.name}: the val split is empty although data.val_size = {val_size}")
     for a in (*xs, *ys):
         a.setflags(write=False)
     return Dataset(cfg.name, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], NUM_CLASSES[cfg.name])
@@ -262,6 +280,9 @@ def _find_files(dirs: list[Path], names: tuple[str, ...], suffixes: tuple[str, .
             hit = next((d / (n + s) for s in suffixes if (d / (n + s)).is_file()), None)
             (found if hit else missing).append(hit or n)
         if not missing:
+            for r in report:  # an earlier folder with some of the files: say it was passed over
+                if "(missing:" in r:
+                    print(f"lth: warning: {r.strip()} is incomplete; using the files in {d}", file=sys.stderr)
             return found, report
         report.append(f"  {d}  (missing: {', '.join(missing)})")
     return None, report

@@ -32,17 +32,17 @@ import optax
 import pandas as pd
 
 from . import __version__
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, check_against_model
 from .data import load_dataset
 from .baselines import match_width
 from .models import build_model
 from .pruning import (agp_density, density, magnitude_scores, obd_scores, oneshot_config, prunable, prune_by_score,
                       prune_to_density, random_mask_like, random_scores, saliency_scores, shuffle_mask,
-                      sparsity_rows)
+                      sparsity_rows, layer_table)
 from .structured import STRUCTURED_MODELS, structured_prune
 from .signals import activation_sparsity, hessian_diagonal, mean_gradient
 from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
-from .train import Engine, early_stop_steps, final_lr, init_population, stack, unstack
+from .train import Engine, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from .wandb_log import WandbSink, flatten
 
 # Offsets that separate the rng streams of different uses of one seed.
@@ -84,7 +84,10 @@ def _to_jax(tree):
 def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
     """The run's initial weights ``{'params', 'batch_stats'}`` stacked over ``seeds`` (key(seed) each),
     read from ``init.msgpack``; created and stored first if the run has none yet."""
-    if not store.has("init.msgpack"):
+    problem = store.file_problem("init.msgpack")
+    if problem is not None:  # missing or damaged: the init is a function of the seeds, so recompute it
+        if store.has("init.msgpack"):
+            print(f"lth: {problem}; recomputing it from the seeds", file=sys.stderr)
         params, bs = init_population(model, seed_keys(seeds), input_shape)
         store.write_tree("init.msgpack", {"params": to_numpy(params), "batch_stats": to_numpy(bs)})
     return store.read_tree("init.msgpack")
@@ -137,6 +140,8 @@ class Lottery:
                                   f"end of training ({self.engine.num_steps} steps)")
             if set(cfg.arms) - {"ticket"}:
                 raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
+        shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
+        check_against_model(cfg, layer_table(shapes), self.engine.num_steps)  # before any level trains
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
 
     # ------------------------------------------------------------------ fixed weights
@@ -145,7 +150,7 @@ class Lottery:
         d = self.cfg.to_dict()
         d.pop("quant", None)
         return {**d, "run_id": self.cfg.run_id, "lth_version": __version__,
-                "num_steps": self.engine.num_steps}
+                "num_steps": self.engine.num_steps, "data_fingerprint": self.data.fingerprint}
 
     def init_weights(self) -> dict:
         """{'params', 'batch_stats'} stacked over seeds; created once and stored."""

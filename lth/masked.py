@@ -232,7 +232,7 @@ class MaskedRun:
     def hparams(self) -> dict:
         s = self.source
         return {**self.cfg.to_dict(), "run_id": self.run_id, "lth_version": __version__,
-                "num_steps": self.engine.num_steps,
+                "num_steps": self.engine.num_steps, "data_fingerprint": self.data.fingerprint,
                 "mask": {"source": self.mask_arg, "file": str(s.file), "sha256": s.sha256,
                          "members_file": str(s.members_file) if s.members_file else None,
                          "members_sha256": s.members_sha256, "arm": s.arm,

@@ -27,6 +27,16 @@ def layer_name(path) -> str:
     return "/".join(path_names(path)[:-1])
 
 
+def layer_table(params: PyTree) -> dict[str, str]:
+    """Every layer name of ``params`` -> the kind of its kernel ('dense', 'conv', 'output'), or 'other'."""
+    out: dict[str, str] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        kind = layer_kind(path, leaf)
+        if kind in ("dense", "conv", "output") or layer_name(path) not in out:
+            out[layer_name(path)] = kind if kind in ("dense", "conv", "output") else "other"
+    return out
+
+
 def leaf_name(path) -> str:
     """'dense_0/kernel' style name of a parameter leaf."""
     return "/".join(path_names(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 COMMANDS = ("quantize", "export", "eval-export")
 
@@ -164,6 +165,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _check_levels_writable(run_dir, levels) -> None:
+    """StoreError before any quantization when a level folder that gets quant cells is read-only."""
+    from .store import check_writable
+
+    run = Path(run_dir)
+    dirs = sorted(run.glob("level_[0-9][0-9][0-9]")) if levels is None else [run / f"level_{L:03d}" for L in levels]
+    for d in dirs:
+        if d.is_dir():
+            check_writable(d)
+
+
 def run(args) -> int:
     """Dispatch ``args.command`` (one of :data:`COMMANDS`); returns the exit code (2: bad setting)."""
     try:
@@ -178,6 +190,8 @@ def _run(args) -> int:
         from .quant import quantize_run
 
         t0 = time.time()
+        if not args.no_write:
+            _check_levels_writable(args.run_dir, args.levels)
         df = quantize_run(args.run_dir, args.levels, args.bits, args.method, config=_quant_base(args),
                           write=not args.no_write, recompute=args.recompute, log=_log, **_settings(args))
         cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
@@ -190,6 +204,11 @@ def _run(args) -> int:
     if args.command == "export":
         from .quant import export_level
 
+        from .store import StoreError
+
+        out = Path(args.out)
+        if out.is_dir():
+            raise StoreError(f"--out {out} is a folder; give the file to write, e.g. {out / 'ticket.lthq'}")
         s = _settings(args)
         kw = {k: (v[0] if isinstance(v, list) else v) for k, v in s.items()
               if k in ("scheme", "granularity", "calibration", "act_bits")}

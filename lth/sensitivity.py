@@ -15,30 +15,21 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, ExperimentConfig
-from .data import load_dataset
-from .models import build_model
 from .pruning import leaf_name, magnitude_scores, prunable, prune_to_density
-from .store import RunStore, atomic_write_bytes, load_tree, parquet_bytes, read_json
+from .store import atomic_write_bytes, load_tree, parquet_bytes
+from .stored import StoredRun, run_config
 from .train import apply_mask, chunk_split, make_eval_fn, stack, unstack
 
-_EXTRA_KEYS = ("run_id", "lth_version", "num_steps", "mask")  # mask: runs of `lth train --mask`
-
-
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
-    hp = read_json(Path(run_dir) / "hparams.json")
-    return ExperimentConfig.from_dict({k: v for k, v in hp.items() if k not in _EXTRA_KEYS},
-                                      f"{run_dir}/hparams.json")
+    """The config of a stored run (hparams.json checked against its run id)."""
+    return run_config(run_dir)[0]
 
 
 def open_level(run_dir: Path, level: int):
     """(cfg, store, data, model) of a finished level of a stored run; ConfigError if it is not usable."""
-    cfg = load_run_config(run_dir)
-    store = RunStore(run_dir.parent, run_dir.name)
-    problem = store.level_problem(level)
-    if problem:
-        raise ConfigError(f"level {level} of {run_dir} is not usable: {problem}")
-    data = load_dataset(cfg.data)
-    return cfg, store, data, build_model(cfg.model, data.num_classes, data.input_shape)
+    run = StoredRun.open(run_dir)
+    run.check_level(level)
+    return run.cfg, run.store, run.data, run.model
 
 
 def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0) -> pd.DataFrame:

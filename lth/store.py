@@ -11,9 +11,15 @@ Layout of ``ROOT/<run_id>/``::
     level_000/metrics.parquet    tidy metrics rows
     level_000/sparsity.parquet   per-layer counts, non-zeros and density of each member
     level_000/COMPLETE           written last: sha256 of every file of the level
+    MANIFEST.json                sha256 of every run-level file written with write_tree/write_file
 
 A level counts as complete only when COMPLETE exists and every file still matches its checksum, so
 a killed process or a corrupted file makes the level recompute instead of being silently used.
+Run-level files (``init.msgpack``, ``rewind.msgpack``, ...) are verified against ``MANIFEST.json``
+on every read: its entry is written before the file, so a file that exists always has one (stores
+written before the manifest existed have none and are read unverified). ``hparams.json`` is checked
+against the run id it hashes to (:func:`check_hparams`) and, when both record one, against the
+fingerprint of the data actually loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import pandas as pd
 from flax import serialization
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 
 
 class StoreError(Exception):
@@ -49,12 +56,28 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _file_mode() -> int:
+    """Mode of a new file under the process umask (``mkstemp`` alone creates 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the usual mode under the umask (a group-shared store stays group-readable). An
+    OSError (a full disk, a read-only folder) becomes a StoreError naming ``path``; the old file,
+    if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data[: len(data) // 2])
             failpoint(f"write:{path.parent.name}/{path.name}")  # dies with a half-written temp file
@@ -62,11 +85,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise StoreError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
 
 
@@ -112,6 +137,30 @@ def read_json(path: str | Path) -> Any:
         raise StoreError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_hparams(path: str | Path) -> dict:
+    """A run's ``hparams.json`` as a dict; StoreError naming the file if it is not a JSON object."""
+    h = read_json(path)
+    if not isinstance(h, dict):
+        raise StoreError(f"{path}: not a JSON object (got {type(h).__name__}); the file is damaged")
+    return h
+
+
+def check_hparams(path: str | Path, hparams: dict, run_id: str | None = None) -> None:
+    """StoreError naming ``path`` unless the settings in ``hparams`` hash to ``run_id`` (default: the
+    name of the folder holding ``path``), i.e. the file was not edited after its results were made."""
+    from .config import ConfigError, stored_run_id  # late: config is not needed to read a store
+
+    path = Path(path)
+    run_id = run_id or path.parent.name
+    try:
+        got = stored_run_id(hparams, str(path))
+    except ConfigError as e:
+        raise StoreError(f"{path}: settings not readable by this lth ({e})") from None
+    if got != run_id:
+        raise StoreError(f"{path}: its settings hash to run id {got}, not {run_id} (the file was edited "
+                         "after its results were computed); restore it or delete the run folder")
+
+
 def read_parquet(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     try:
@@ -138,6 +187,23 @@ def prepare_root(root: str | Path) -> Path:
     except OSError as e:
         raise StoreError(f"output folder {root} is not writable ({e.strerror})") from None
     return root
+
+
+def _fp(fp: Any) -> str:
+    if isinstance(fp, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(fp.items()))
+    return str(fp)
+
+
+def check_writable(folder: str | Path) -> Path:
+    """StoreError naming ``folder`` unless a file can be created in it (checked before long work)."""
+    folder = Path(folder)
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise StoreError(f"{folder} is not writable ({e.strerror or e}); results could not be saved") from None
+    return folder
 
 
 class RunBusyError(StoreError):
@@ -174,6 +240,22 @@ class RunStore:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
+    def busy_owner(self) -> str | None:
+        """Who holds the run's lock right now ('pid N on HOST'), or None when nobody does."""
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def is_finished(self, levels: int) -> bool:
         return all(self.is_complete(level) for level in range(levels + 1))
 
@@ -182,17 +264,70 @@ class RunStore:
 
     # --------------------------------------------------------------- run files
     def write_hparams(self, hparams: dict) -> None:
+        """Write ``hparams.json``; on a rerun first check the stored one: it must hash to this run id
+        (not edited) and, when both record one, hold the same ``data_fingerprint``."""
         path = self.path / "hparams.json"
         if path.exists():
-            old = read_json(path)
+            old = read_hparams(path)
             if old.get("run_id") != hparams.get("run_id"):
                 raise StoreError(f"{path} belongs to run {old.get('run_id')}, not {hparams.get('run_id')}")
+            check_hparams(path, old, self.run_id)
+            a, b = old.get("data_fingerprint"), hparams.get("data_fingerprint")
+            if a is not None and b is not None and a != b:
+                raise StoreError(f"{path}: run {self.run_id} was computed on other data: stored data "
+                                 f"fingerprint {_fp(a)}, loaded now {_fp(b)} (check $LTH_DATA_DIR)")
         atomic_write_json(path, hparams)
 
+    # Run-level files other than hparams.json go through write_file/read_file (write_tree/read_tree
+    # for weights), which keep their sha256 in MANIFEST.json and verify it on every read.
+    def manifest(self) -> dict[str, str] | None:
+        """name -> sha256 of the run-level files; None for a store written before manifests."""
+        path = self.path / MANIFEST
+        if not path.exists():
+            return None
+        m = read_json(path)
+        if not isinstance(m, dict) or not isinstance(m.get("sha256"), dict):
+            raise StoreError(f"{path}: not a manifest (expected {{\"sha256\": {{file: sha256}}}})")
+        return m["sha256"]
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write a run-level file atomically, its checksum recorded first in MANIFEST.json.
+
+        The first manifest of a store written before manifests adopts the weights files already there
+        (read unverified until now), so they stay usable instead of counting as unrecorded."""
+        old = self.manifest()
+        sums = dict(old) if old is not None else {f.name: sha256(f) for f in sorted(self.path.glob("*.msgpack"))}
+        sums[name] = hashlib.sha256(data).hexdigest()
+        atomic_write_json(self.path / MANIFEST, {"sha256": sums})
+        atomic_write_bytes(self.path / name, data)
+
+    def file_problem(self, name: str) -> str | None:
+        """None when the run-level file exists and matches its manifest entry; else why it does not."""
+        path = self.path / name
+        if not path.is_file():
+            return f"{path} is missing"
+        sums = self.manifest()
+        if sums is None:  # an old store: nothing to verify against
+            return None
+        if name not in sums:
+            return f"{path} has no checksum in {MANIFEST}"
+        if sha256(path) != sums[name]:
+            return f"{path} does not match its checksum (truncated or corrupted)"
+        return None
+
+    def read_file(self, name: str) -> bytes:
+        """The verified bytes of a run-level file; StoreError naming it when missing or damaged."""
+        problem = self.file_problem(name)
+        if problem is not None:
+            raise StoreError(problem)
+        return (self.path / name).read_bytes()
+
     def write_tree(self, name: str, tree: Any) -> None:
-        atomic_write_bytes(self.path / name, tree_bytes(tree))
+        self.write_file(name, tree_bytes(tree))
 
     def read_tree(self, name: str) -> Any:
+        """A verified run-level weights file (see :meth:`read_file`)."""
+        self.read_file(name)
         return load_tree(self.path / name)
 
     def has(self, name: str) -> bool:

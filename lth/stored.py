@@ -16,19 +16,19 @@ import numpy as np
 from .config import ConfigError, ExperimentConfig
 from .data import load_dataset
 from .models import build_model
-from .store import RunStore, StoreError, load_tree, read_json, read_parquet
+from .store import RunStore, StoreError, check_hparams, load_tree, read_hparams, read_json, read_parquet
 
 PyTree = Any
 
 
 def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
-    """(config, hparams dict) of a run folder; StoreError if it is not one."""
+    """(config, hparams dict) of a run folder; StoreError if it is not one, or if its hparams.json
+    does not hash to the folder's run id (edited after its results were made)."""
     path = Path(run_dir)
     if not (path / "hparams.json").is_file():
         raise StoreError(f"{path} is not a run folder (no hparams.json); pass OUT/<run_id>")
-    hparams = read_json(path / "hparams.json")
-    if not isinstance(hparams, dict):
-        raise StoreError(f"{path / 'hparams.json'}: not a JSON object")
+    hparams = read_hparams(path / "hparams.json")
+    check_hparams(path / "hparams.json", hparams, path.name)  # not edited after its results were made
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     raw = {k: v for k, v in hparams.items() if k in known and k != "quant"}  # quant: not the run's identity
     return ExperimentConfig.from_dict(raw, str(path / "hparams.json")), hparams
@@ -123,7 +123,7 @@ class StoredRun:
 
     def weights_file(self, name: str) -> dict:
         """A run-level weights file (``init.msgpack``, ``rewind.msgpack``) as ``{"params", "batch_stats"}``."""
-        tree = load_tree(self.path / name)
+        tree = self.store.read_tree(name)  # verified against MANIFEST.json
         return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
 
     def calib_x(self, batches: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw
+from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw, parse_override
 from .store import prepare_root
 from .wandb_log import flatten
 
@@ -63,6 +63,10 @@ def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[SweepPoint]:
     raw = load_raw(path)
     raw.pop("sweep", None)
     axes = sweep_axes(path)
+    for text in overrides:  # a --set of a swept key replaces that axis: every run takes its value
+        keys, value = parse_override(text)
+        if ".".join(keys) in axes:
+            axes[".".join(keys)] = [value]
     base = apply_overrides(raw, list(overrides))
     points, seen = [], set()
     for combo in itertools.product(*axes.values()) if axes else [()]:

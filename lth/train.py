@@ -342,7 +342,7 @@ class TrainResult:
     state: TrainState  # final population state [K, ...]
     records: list[dict]  # tidy metric rows: member, step, split, loss, accuracy
     snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> {params, batch_stats} [K, ...] (host)
-    diverged: dict[int, int] = field(default_factory=dict)  # member -> first step with a non-finite loss
+    diverged: dict[int, int] = field(default_factory=dict)  # member -> first diverged step (see diverged_steps)
 
     def select(self, members: Sequence[int]) -> "TrainResult":
         """The result of the members ``members`` (renumbered 0..len-1 in that order), on the host."""
@@ -359,6 +359,23 @@ class TrainResult:
             records=[{**r, "member": pos[r["member"]]} for r in self.records if r["member"] in pos],
             snapshots={s: jax.tree.map(take, t) for s, t in self.snapshots.items()},
             diverged={pos[k]: v for k, v in self.diverged.items() if k in pos})
+
+
+# A member diverged at the first step whose training loss is not finite or exceeds this multiple of
+# its first-step loss (at least 1: a run that starts near zero loss, e.g. fine-tuning, needs a loss
+# of 100 to count). Its row keeps training with the others; metrics record the step (diverged_step).
+DIVERGENCE_FACTOR = 100.0
+
+
+def diverged_steps(loss: np.ndarray, first_loss: np.ndarray, pos: int) -> dict[int, int]:
+    """member -> global step of the first diverged loss in ``loss [K, T]`` (steps pos+1 .. pos+T).
+
+    ``first_loss [K]`` is each member's loss at the first step of the run (see DIVERGENCE_FACTOR).
+    """
+    limit = DIVERGENCE_FACTOR * np.maximum(np.nan_to_num(first_loss, nan=1.0, posinf=1.0), 1.0)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(loss) | (loss > limit[:, None])
+    return {int(k): pos + 1 + int(np.argmax(bad[k])) for k in np.flatnonzero(bad.any(1))}
 
 
 def eval_steps(cfg: TrainConfig, num_steps: int, spe: int) -> list[int]:
@@ -443,6 +460,7 @@ class Engine:
             snapshots[start] = self._snapshot(state)
         K = len(seeds)
         diverged: dict[int, int] = {}
+        first_loss = None
         pos, acc_loss, acc_acc, acc_n = start, np.zeros(K), np.zeros(K), 0
         for b in bounds:
             if shared:
@@ -453,10 +471,10 @@ class Engine:
             state, m = self._segment[shared](state, self.x_train, self.y_train, idx)
             loss = np.asarray(m["loss"], np.float64)
             acc = np.asarray(m["accuracy"], np.float64)
-            for k in np.flatnonzero(~np.isfinite(loss).all(1)):
-                k = int(k)
-                if k not in diverged:  # first step whose loss is not finite
-                    diverged[k] = pos + 1 + int(np.argmin(np.isfinite(loss[k])))
+            if first_loss is None:
+                first_loss = loss[:, 0]
+            for k, step in diverged_steps(loss, first_loss, pos).items():
+                diverged.setdefault(k, step)
             acc_loss += loss.sum(1)
             acc_acc += acc.sum(1)
             acc_n += loss.shape[1]

@@ -11,11 +11,14 @@ import pytest  # noqa: E402
 
 from analysis import figures, load_runs, load_sparsity, summarize  # noqa: E402
 from analysis.report import write_report  # noqa: E402
+from lth.config import ExperimentConfig  # noqa: E402
 from lth.store import RunStore, parquet_bytes  # noqa: E402
 
 ARMS = ["ticket", "random_prune"]
 SEEDS = [0, 1, 2]
 LEVELS = 4
+HPARAMS = {"name": "synthetic", "train": {"lr": 0.1}, "seeds": SEEDS}
+RUN = ExperimentConfig.from_dict(HPARAMS).run_id  # hparams.json must hash to its folder's name
 
 
 def acc(arm, level, seed, step):
@@ -26,10 +29,10 @@ def acc(arm, level, seed, step):
 @pytest.fixture(scope="module")
 def store_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    store = RunStore(root, "abc123")
+    store = RunStore(root, RUN)
     store.path.mkdir()
     (store.path / "hparams.json").write_text(json.dumps(
-        {"name": "synthetic", "run_id": "abc123", "train": {"lr": 0.1}, "seeds": SEEDS}))
+        {**HPARAMS, "run_id": RUN}))
     for level in range(LEVELS):
         density = 0.8 ** level
         arms = ["ticket"] if level == 0 else ARMS
@@ -39,7 +42,7 @@ def store_root(tmp_path_factory):
                 member = a_i * len(SEEDS) + s
                 for step in (10, 20):
                     for split in ("train", "val", "test"):
-                        rows.append(dict(run_id="abc123", level=level, arm=arm, seed=s, member=member,
+                        rows.append(dict(run_id=RUN, level=level, arm=arm, seed=s, member=member,
                                          density=density, step=step, split=split, loss=1.0 - acc(arm, level, s, step),
                                          accuracy=acc(arm, level, s, step), early_stop_step=10 + 10 * (s % 2),
                                          wall_s=1.0))
@@ -117,12 +120,12 @@ def test_quant_figures_plot_the_group_means_and_the_pareto_front(store_root, tmp
     from analysis import load_quant
     root = tmp_path / "store"
     shutil.copytree(store_root, root)
-    rows = [dict(run_id="abc123", level=lv, arm="ticket", seed=s, density=0.8 ** lv, bits=b, scheme="sym",
+    rows = [dict(run_id=RUN, level=lv, arm="ticket", seed=s, density=0.8 ** lv, bits=b, scheme="sym",
                  granularity="channel", calibration="minmax", method="ptq", accuracy=0.5 + 0.05 * b - 0.01 * s,
                  float_accuracy=0.9, size_bytes=100 * b * (lv + 1), compression=10.0)
             for lv in (1, 2) for s in SEEDS for b in (2, 4, 8)]
-    (root / "abc123" / "level_001" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(rows[:9])))
-    (root / "abc123" / "level_002" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(rows[9:])))
+    (root / RUN / "level_001" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(rows[:9])))
+    (root / RUN / "level_002" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(rows[9:])))
     q = load_quant(root)
     assert len(q) == 18 and (q["experiment"] == "synthetic").all()
     fig = figures.quant_heatmap(q)

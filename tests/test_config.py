@@ -79,3 +79,19 @@ def test_run_id_hashes_result_fields_only_and_is_pinned():
     # setting a field to its default keeps the id, so adding defaulted fields keeps old ids valid
     assert base.replace(train=dataclasses.replace(base.train, lr=1.2e-3)).run_id == base.run_id
     assert apply_overrides({}, ["train.lr=None"]) == {"train": {}}
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[train]\nlr = inf\n", "train.lr"),
+    ("[train]\nweight_decay = 1e309\n", "train.weight_decay"),
+    ("[train]\ngamma = nan\n", "train.gamma"),
+    ("[rewind]\nfinetune_lr = inf\n", "rewind.finetune_lr"),
+    ("[prune]\nrates = {dense_0 = nan}\n", "prune.rates"),
+])
+def test_non_finite_numbers_are_rejected(tmp_path, text, key):
+    f = tmp_path / "e.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=f"{key} = .* is not allowed; expected a finite number"):
+        load_experiment(f)
+    with pytest.raises(ConfigError, match="train.lr = inf is not allowed; expected a finite number"):
+        ExperimentConfig.from_json('{"train": {"lr": Infinity}}')

@@ -285,3 +285,45 @@ def test_read_cifar_batch_rejects_bad_labels(tmp_path):
     (tmp_path / "b.bin").write_bytes(rec.tobytes())
     with pytest.raises(DataError, match="label 11"):
         read_cifar_batch(tmp_path / "b.bin")
+
+
+def test_data_fingerprint_is_recorded_and_other_data_under_the_same_run_id_stops_a_rerun(roots, tmp_path):
+    import json
+    from lth.lottery import run_lottery
+    from lth.store import StoreError
+    data, _ = roots
+    tiny_idx_set(data / "mnist", n_train=40, n_test=10)
+    cfg = lth.config.ExperimentConfig.from_dict({
+        "data": {"name": "mnist", "val_size": 5}, "model": {"widths": [4]},
+        "train": {"batch_size": 5, "steps": 2}, "prune": {"levels": 0},
+        "log": {"wandb": "disabled", "progress": False}})
+    store = run_lottery(cfg, tmp_path / "runs")
+    fp = json.loads((store.path / "hparams.json").read_text())["data_fingerprint"]
+    assert fp["train"] == 35 and fp["val"] == 5 and fp["test"] == 10 and len(fp["sha256"]) == 16
+    arrays = tiny_idx_set(data / "mnist", n_train=40, n_test=10)  # the same files ...
+    (data / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(  # ... but other test labels
+        gzip.compress(idx_bytes((arrays["t10k"][1] + 1) % 10)))
+    load_dataset.cache_clear()
+    (store.path / "level_000" / "COMPLETE").unlink()
+    with pytest.raises(StoreError, match="computed on other data") as e:
+        run_lottery(cfg, tmp_path / "runs")
+    stored, now = str(e.value).split("loaded now")
+    assert f"sha256={fp['sha256']}" in stored and "sha256=" in now and fp["sha256"] not in now
+
+
+def test_incomplete_fashion_mnist_folder_falling_back_is_said_on_stderr(roots, monkeypatch, tmp_path, capsys):
+    data, _ = roots
+    tiny_idx_set(tmp_path / "debian")
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    (data / "fashion_mnist").mkdir(parents=True)
+    (data / "fashion_mnist" / "train-images-idx3-ubyte").write_bytes(b"")
+    load_dataset(DataConfig(name="fashion_mnist", val_size=2))
+    err = capsys.readouterr().err
+    assert f"{data / 'fashion_mnist'}" in err and "is incomplete; using the files in" in err
+
+
+def test_an_empty_test_split_is_an_error(roots):
+    data, _ = roots
+    tiny_idx_set(data / "mnist", n_test=0)
+    with pytest.raises(DataError, match="mnist: the test split is empty"):
+        load_dataset(DataConfig(name="mnist", val_size=5))

@@ -141,6 +141,31 @@ def test_damaged_export_files_fail_clearly(int_model, tmp_path):
         read_export(tmp_path / "nope.lthq")
 
 
+def test_export_checksum_covers_the_header(int_model, tmp_path):
+    _, im, _ = int_model
+    blob = export_bytes(im)
+    assert blob.count(b'"bits":3') >= 1
+    edited = blob.replace(b'"bits":3', b'"bits":4', 1)  # same length: only the checksum can tell
+    (tmp_path / "edited.lthq").write_bytes(edited)
+    with pytest.raises(ExportError, match="edited.lthq: file does not match its checksum"):
+        read_export(tmp_path / "edited.lthq")
+
+
+def test_export_header_missing_a_key_is_an_export_error(int_model, tmp_path):
+    import hashlib
+    import struct
+    _, im, _ = int_model
+    blob = export_bytes(im)
+    (hlen,) = struct.unpack("<I", blob[8:12])
+    header = json.loads(blob[12:12 + hlen])
+    del header["num_classes"]
+    head = json.dumps(header).encode()
+    body = blob[:8] + struct.pack("<I", len(head)) + head + blob[12 + hlen:-32]
+    (tmp_path / "nokey.lthq").write_bytes(body + hashlib.sha256(body).digest())  # a valid checksum
+    with pytest.raises(ExportError, match="nokey.lthq: the header has no 'num_classes' entry"):
+        read_export(tmp_path / "nokey.lthq")
+
+
 # ---------------------------------------------------------------------------- a stored run
 
 TINY = {

@@ -14,7 +14,7 @@ from lth.quant import (QuantConfig, QuantSpec, bias_correct, calibrate, equalize
                        lsq_fake_quant, ptq, ptq_population, qat, quantize, quantize_member, quantize_run,
                        quantize_weights, read_cells, representable_range, scale_zero_point, weight_qparams)
 from lth.stored import StoredRun
-from lth.store import RunStore, read_parquet, tree_bytes
+from lth.store import RunStore, tree_bytes
 
 
 def random_params(model, input_shape, seed=0, density=1.0):

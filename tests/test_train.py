@@ -226,3 +226,13 @@ def test_importing_lth_exposes_one_cpu_device_per_core(setting, expected):
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) == 2
+
+
+def test_divergence_is_a_non_finite_loss_or_one_above_100x_its_first_step_value():
+    from lth.train import DIVERGENCE_FACTOR, diverged_steps
+    loss = np.array([[2.3, 2.0, 1e17, 1.0],    # explodes to a finite 1e17: diverged at its step 3
+                     [2.3, 2.2, 2.1, 2.0],     # fine
+                     [2.3, np.nan, 1.0, 1.0],  # non-finite: step 2
+                     [0.01, 50.0, 99.0, 0.5]])  # starts near 0: the limit is 100 x max(first, 1) = 100
+    assert DIVERGENCE_FACTOR == 100
+    assert diverged_steps(loss, loss[:, 0], pos=10) == {0: 13, 2: 12}

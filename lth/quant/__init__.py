@@ -25,7 +25,7 @@ scheme and granularity: the mask survives PTQ and QAT without special cases.
 Weights are quantized per tensor or per output channel (the last axis of a Dense/Conv kernel);
 activations per tensor at the input of every ``nn.Dense``/``nn.Conv`` (via
 :func:`flax.linen.intercept_methods`), so the model code is never touched. Biases and batch-norm
-parameters stay float (the integer path of :mod:`lth.intinfer` adds biases as int32).
+parameters stay float (the integer path of :mod:`lth.quant.intinfer` adds biases as int32).
 
 Pytrees used here (``K`` = population axis, where stacked):
 
@@ -40,7 +40,8 @@ Pytrees used here (``K`` = population axis, where stacked):
 from .export import (ExportError, decode_kernel, encode_kernel, encoded_sizes, eval_export, export_bytes,
                      float_size_report, read_export, size_report, write_export)
 from .intinfer import IntegerModel, from_quantized
-from .numerics import (BITS, CALIBRATIONS, GRANULARITIES, METHODS, SCHEMES, QuantSpec, calibrate, dequantize,
+from ..config import QUANT_METHODS as METHODS
+from .numerics import (BITS, CALIBRATIONS, GRANULARITIES, SCHEMES, QuantSpec, calibrate, dequantize,
                        fake_quant, lsq_fake_quant, qrange, quantize, representable_range, scale_zero_point)
 from .ptq import (QuantizedTicket, bias_correct, equalize, layer_program, ptq, ptq_population, round_biases)
 from .qat import freeze_qat, qat, qat_variables
@@ -49,4 +50,4 @@ from .stage import (COLUMNS, QuantStage, Setting, cells, export_level, pending, 
 from .wiring import (Evaluator, FakeQuantModel, act_qparams, call_order, collect_inputs, fake_quant_model,
                      fake_quant_predict, input_ranges, is_weight, layer_key, layer_outputs, quantize_weights,
                      weight_codes, weight_qparams)
-from ..config import QuantConfig
+from ..config import QuantConfig  # noqa: E402 - the [quant] section's settings

@@ -20,15 +20,16 @@ in Deep Compression); ``compression = fp32_dense_bytes / size_bytes`` where ``fp
 
 The export file (no pickle)::
 
-    b"LTHQEXP1" | uint32 little-endian header length | header (UTF-8 JSON) | payload
+    b"LTHQEXP1" | uint32 little-endian header length | header (UTF-8 JSON) | payload | sha256
 
 The header lists every array (dtype, shape, offset, nbytes into the payload), the layer program,
-quantizer settings, data set and provenance, and the payload's sha256. Written atomically.
+quantizer settings, data set and provenance, and the payload's sha256. The last 32 bytes are the
+sha256 of everything before them, so the header that says how to decode the payload is covered
+too (format version 2; version 1 files had no such trailer and are refused). Written atomically.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -48,7 +49,8 @@ from ..data import load_dataset
 from ..store import StoreError, atomic_write_bytes
 
 MAGIC = b"LTHQEXP1"
-VERSION = 1
+VERSION = 2  # 2: a sha256 of the whole file (header included) ends it
+DIGEST_BYTES = 32
 ENCODINGS = ("dense", "bitmask", "relative")
 SCALE_BYTES = 4  # float32
 ZERO_POINT_BYTES = 1  # uint8
@@ -280,7 +282,8 @@ def export_bytes(im: IntegerModel, info: dict | None = None) -> bytes:
               "arrays": table, "payload_bytes": len(payload),
               "payload_sha256": hashlib.sha256(payload).hexdigest(), "info": info or {}}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return MAGIC + struct.pack("<I", len(head)) + head + payload
+    body = MAGIC + struct.pack("<I", len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
 
 
 def write_export(path: str | Path, im: IntegerModel, info: dict | None = None) -> int:
@@ -306,11 +309,28 @@ def read_export(path: str | Path) -> tuple[IntegerModel, dict]:
         header = json.loads(blob[12:12 + hlen].decode())
     except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"{path}: unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: unreadable header (not a JSON object)")
+    if header.get("version") == 1:
+        raise ExportError(f"{path}: export format version 1, whose header is not covered by a checksum; "
+                          "export it again with `lth export`")
     if header.get("version") != VERSION:
         raise ExportError(f"{path}: export format version {header.get('version')!r}; this lth reads {VERSION}")
-    payload = blob[12 + hlen:]
-    if len(payload) != header["payload_bytes"] or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise ExportError(f"{path}: payload does not match its checksum (truncated or corrupted)")
+    if len(blob) < 12 + hlen + DIGEST_BYTES or hashlib.sha256(blob[:-DIGEST_BYTES]).digest() != blob[-DIGEST_BYTES:]:
+        raise ExportError(f"{path}: file does not match its checksum (truncated or corrupted)")
+    try:
+        return _decode_export(blob[12 + hlen:-DIGEST_BYTES], header)
+    except KeyError as e:
+        raise ExportError(f"{path}: the header has no {e.args[0]!r} entry; the file was not written by "
+                          "lth export") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ExportError(f"{path}: the header does not describe a valid model ({type(e).__name__}: {e})") from None
+
+
+def _decode_export(payload: bytes, header: dict) -> tuple[IntegerModel, dict]:
+    """The integer model of a verified export file's payload and header (KeyError: a missing entry)."""
+    if len(payload) != header["payload_bytes"]:
+        raise ValueError(f"payload is {len(payload)} bytes, the header says {header['payload_bytes']}")
     arrays = {name: np.frombuffer(payload, np.dtype(t["dtype"]), int(np.prod(t["shape"], dtype=np.int64)),
                                   t["offset"]).reshape(t["shape"])
               for name, t in header["arrays"].items()}

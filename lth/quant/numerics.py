@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,6 @@ QParams = dict  # {"scale": array, "zero_point": array}
 from ..config import QUANT_BITS as BITS
 from ..config import QUANT_CALIBRATIONS as CALIBRATIONS
 from ..config import QUANT_GRANULARITIES as GRANULARITIES
-from ..config import QUANT_METHODS as METHODS
 from ..config import QUANT_SCHEMES as SCHEMES
 
 MSE_GRID = 48  # clipping ratios tried by the MSE range search

@@ -4,16 +4,12 @@ cross-layer equalization (Nagel et al. 2019)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-import optax
 import pandas as pd
 
 from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant

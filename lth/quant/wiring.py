@@ -4,17 +4,15 @@ statistics, per-layer outputs, and evaluation of quantized populations."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}
@@ -22,6 +20,9 @@ QParams = dict  # {"scale": array, "zero_point": array}
 from ..models import layer_kind, path_names
 from ..train import chunk_split, make_eval_fn, population_program, stack
 from .numerics import QuantSpec, calibrate, fake_quant, lsq_fake_quant, qrange, quantize, scale_zero_point
+
+if TYPE_CHECKING:
+    from .ptq import QuantizedTicket
 
 QUANT_LAYERS = (nn.Dense, nn.Conv)
 

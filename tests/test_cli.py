@@ -195,10 +195,11 @@ def test_readme_names_exactly_the_commands_that_take_set():
     import re
     text = (ROOT / "README.md").read_text()
     having = {name for name, p in _subcommands().items() if any("--set" in a.option_strings for a in p._actions)}
-    assert having == {"train", "lottery", "sweep"}
+    assert having == {"train", "lottery", "sweep", "quantize"}
     m = re.search(r"^(.*?) take `--set section\.key=value`", text, re.M)
     assert m is not None and "Every command" not in text, "README must say which commands take --set"
-    assert set(re.findall(r"`lth (\w+)`", m.group(1))) == having
+    assert set(re.findall(r"`lth (\w+)`", m.group(1))) == having - {"quantize"}
+    assert "`lth quantize`\nalso takes `--set quant.KEY=VALUE`" in text  # its quant settings only
 
 
 def test_sweep_waits_for_a_run_busy_in_another_process(tmp_path):

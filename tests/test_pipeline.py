@@ -146,7 +146,12 @@ def _imports(path: Path, package: str) -> list[tuple[str, list[str]]]:
         mod = mod[: -len(".__init__")]
     pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in node.body}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: never executed
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")

@@ -282,11 +282,15 @@ def make_eval_fn(model, member_batch: int | None = None) -> Callable:
     return jax.jit(population_program(member, (0, 0, None, None, None), member_batch))
 
 
-def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int):
-    """Pad a split to whole chunks: (xs [C, n, ...], ys [C, n], valid [C, n]) on the device."""
+def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int, chunks: int | None = None):
+    """Pad a split to whole chunks: (xs [C, n, ...], ys [C, n], valid [C, n]) on the device.
+
+    ``chunks``: pad to at least this many chunks of exactly ``chunk`` examples (so several splits
+    share one shape, hence one compiled evaluation program).
+    """
     n = len(x)
-    chunk = max(1, min(chunk, n))
-    c = math.ceil(n / chunk)
+    chunk = max(1, min(chunk, n)) if chunks is None else chunk
+    c = max(math.ceil(n / chunk), chunks or 0)
     pad = c * chunk - n
     xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(c, chunk, *x.shape[1:])
     ys = np.concatenate([y, np.zeros(pad, y.dtype)]).reshape(c, chunk)
@@ -439,12 +443,13 @@ class Engine:
         return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
     def run(self, state: TrainState, data_seeds: Sequence[int], *, start: int = 0, stop: int | None = None,
-            snapshot_steps: Iterable[int] = (), progress: Callable[[int, dict], None] | None = None
-            ) -> TrainResult:
+            snapshot_steps: Iterable[int] = (), progress: Callable[[int, dict], None] | None = None,
+            evaluate: bool = True) -> TrainResult:
         """Train the population from step ``start`` to ``stop`` (default: the configured length).
 
         ``data_seeds[k]`` fixes member k's batch order (all equal or ``shared_data_order``: one order).
-        Evaluates at the eval steps, keeps a host copy of params and batch_stats at each snapshot step.
+        Evaluates at the eval steps (``evaluate=False``: records the training loss only), keeps a host
+        copy of params and batch_stats at each snapshot step.
         """
         stop = self.num_steps if stop is None else stop
         seeds = [int(s) for s in data_seeds]
@@ -483,7 +488,8 @@ class Engine:
                 snapshots[b] = self._snapshot(state)
             if b in evals:
                 rows = {"train": (acc_loss / acc_n, acc_acc / acc_n)}
-                rows.update(self.evaluate(state))
+                if evaluate:
+                    rows.update(self.evaluate(state))
                 for split, (l, a) in rows.items():
                     for k in range(K):
                         records.append({"member": k, "step": b, "split": split,

@@ -92,7 +92,7 @@ def ptq_population(model, params: PyTree, batch_stats: PyTree, spec: QuantSpec, 
     if cle:
         params = stack([jax.device_get(equalize(model, unstack(params, k)))
                         for k in range(K)])
-    wq, qparams = _weights_program(spec, member_batch)(params)
+    wq, qparams = weights_program(spec, member_batch)(params)
     wq, qparams = jax.device_get((wq, qparams))
     acts: list[dict] = [{} for _ in range(K)]
     if spec.act_bits is not None:
@@ -119,7 +119,7 @@ def ptq_population(model, params: PyTree, batch_stats: PyTree, spec: QuantSpec, 
     return [round_biases(qt) for qt in qts]
 
 
-def _weights_program(spec: QuantSpec, member_batch: int | None):
+def weights_program(spec: QuantSpec, member_batch: int | None):
     """Compiled ``params [K] -> (weight qparams [K], fake-quantized params [K])``."""
     def member(p):
         wq = weight_qparams(p, spec)
@@ -142,8 +142,11 @@ def round_biases(qt: QuantizedTicket) -> QuantizedTicket:
             bias = get_layer(params, key)["bias"]
         except KeyError:
             continue
-        step = aq["scale"] * jnp.broadcast_to(qt.weight_qparams[key]["scale"], bias.shape)
-        params = set_leaf(params, key, "bias", jnp.round(bias / step) * step)
+        # on the host: a handful of tiny arrays, not worth a compiled program per shape
+        bias = np.asarray(bias, np.float32)
+        step = np.asarray(aq["scale"], np.float32) * np.broadcast_to(
+            np.asarray(qt.weight_qparams[key]["scale"], np.float32), bias.shape)
+        params = set_leaf(params, key, "bias", jnp.asarray(np.round(bias / step) * step))
     return dataclasses.replace(qt, params=params)
 
 

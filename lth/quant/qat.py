@@ -15,7 +15,7 @@ QParams = dict  # {"scale": array, "zero_point": array}
 
 from ..train import Engine, member_batch_size, stack, unstack
 from .numerics import QuantSpec
-from .ptq import QuantizedTicket, ptq_population, round_biases
+from .ptq import QuantizedTicket, ptq_population, round_biases, weights_program
 from .wiring import fake_quant_model, quantize_weights, weight_qparams
 
 # ============================================================================ QAT
@@ -94,10 +94,18 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
     rngs = jax.vmap(jax.random.wrap_key_data)(jnp.stack(
         [jax.random.key_data(jax.random.fold_in(jax.random.key(int(s)), 7919)) for s in seeds]))
     state = engine.init(pop_p, stack(members_b), full_masks, rngs)
-    result = engine.run(state, list(seeds))
+    result = engine.run(state, list(seeds), evaluate=False)  # the frozen networks are evaluated by the caller
     final_p = jax.device_get(result.state.params)
     final_b = jax.device_get(result.state.batch_stats)
-    frozen = [freeze_qat(jax.tree.map(jnp.asarray, unstack(final_p, k)), jax.tree.map(jnp.asarray, unstack(final_b, k)),
-                         spec, learned_scale) for k in range(K)]
+    if learned_scale:
+        frozen = [freeze_qat(jax.tree.map(jnp.asarray, unstack(final_p, k)),
+                             jax.tree.map(jnp.asarray, unstack(final_b, k)), spec, learned_scale) for k in range(K)]
+        return frozen, result.records
+    # fixed ranges: the ranges of the final weights, for the whole population with PTQ's compiled program
+    wq, qparams = jax.device_get(weights_program(spec, member_batch)(final_p["net"]))
+    frozen = [round_biases(QuantizedTicket(spec, jax.tree.map(jnp.asarray, unstack(qparams, k)),
+                                           jax.tree.map(jnp.asarray, unstack(final_b["net"], k)), unstack(wq, k),
+                                           unstack(final_b["quant"]["acts"], k), spec.calibration))
+              for k in range(K)]
     return frozen, result.records
 

@@ -354,9 +354,12 @@ class Evaluator:
 
     def __init__(self, data, chunk: int = 1000, member_batch: int | None = None):
         self.member_batch = member_batch
-        self.sets = {name: chunk_split(x, y, chunk)
-                     for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
-                     if len(x)}
+        splits = [(name, x, y) for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
+                  if len(x)]
+        # every split padded to the same chunks: one compiled evaluation program per model, not one per split
+        chunk = max(1, min(chunk, max(len(x) for _, x, _ in splits)))
+        chunks = max(math.ceil(len(x) / chunk) for _, x, _ in splits)
+        self.sets = {name: chunk_split(x, y, chunk, chunks) for name, x, y in splits}
 
     def _fn(self, model):
         return cached(("eval", self.member_batch), model, lambda: make_eval_fn(model, self.member_batch))

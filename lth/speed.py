@@ -23,8 +23,9 @@ Every format first runs a fixed check batch (up to 256 test examples) and must e
 masked network to float tolerance (``rtol = atol = 1e-4`` relative to the largest logit) or a
 :class:`SpeedCheckError` names it. Then each (format, batch size) is timed on the first ``batch``
 test examples: warm-up calls, then ``repeats`` timed repeats of ``number`` calls (``number`` grows
-until a repeat takes ``min_time`` seconds); the row keeps the best (minimum) time per call and the
-median. A format whose single call takes longer than ``max_call_s`` is timed once (``repeats = 1``).
+until a repeat takes ``min_time`` seconds), the formats taking turns repeat by repeat so that load
+from other processes hits them alike; the row keeps the best (minimum) time per call and the median.
+A format whose single call takes longer than ``max_call_s`` is timed by that call (``repeats = 1``).
 
 Rows go to ``level_NNN/speed.parquet`` (atomic write; a rerun replaces the rows of the same member,
 format and batch), one per (member, format, batch), with the machine and library versions.
@@ -344,33 +345,48 @@ def _block(y):
     return jax.block_until_ready(y) if isinstance(y, jax.Array) else y
 
 
-def time_call(fn: Callable, x, repeats: int = 7, min_time: float = 0.02, max_call_s: float = 2.0,
-              warmup: int = 2) -> dict:
-    """Best and median seconds per call of ``fn(x)`` over ``repeats`` repeats of ``number`` calls."""
+def _calls(fn, x, number: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        _block(fn(x))
+    return (time.perf_counter() - t0) / number
+
+
+def _calibrate(fn, x, min_time: float, max_call_s: float, warmup: int) -> tuple[int, float]:
+    """(calls per repeat, seconds of the first call): calls double until a repeat lasts ``min_time``."""
     t0 = time.perf_counter()
     _block(fn(x))
     first = time.perf_counter() - t0
     if first > max_call_s:
-        return {"latency_s": first, "median_s": first, "repeats": 1, "number": 1}
+        return 0, first
     for _ in range(max(0, warmup - 1)):
         _block(fn(x))
     number = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            _block(fn(x))
-        dt = time.perf_counter() - t0
-        if dt >= min_time or number >= 1 << 14:
-            break
+    while _calls(fn, x, number) * number < min_time and number < 1 << 14:
         number *= 2
-    times = [dt / number]
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            _block(fn(x))
-        times.append((time.perf_counter() - t0) / number)
-    return {"latency_s": float(min(times)), "median_s": float(np.median(times)), "repeats": repeats,
-            "number": number}
+    return number, first
+
+
+def time_calls(fns: dict[str, Callable], x, repeats: int = 7, min_time: float = 0.02, max_call_s: float = 2.0,
+               warmup: int = 2) -> dict[str, dict]:
+    """Best and median seconds per call of each ``fns[name](x)``, timed round-robin: repeat r of every
+    function runs before repeat r + 1 of any, so load from other processes hits them alike.
+
+    A function whose first call takes longer than ``max_call_s`` is timed by that call alone.
+    """
+    plan = {name: _calibrate(fn, x, min_time, max_call_s, warmup) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] if plan[name][0] else [plan[name][1]] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if plan[name][0]:
+                times[name].append(_calls(fn, x, plan[name][0]))
+    return {name: {"latency_s": float(min(ts)), "median_s": float(np.median(ts)), "repeats": len(ts),
+                   "number": max(1, plan[name][0])} for name, ts in times.items()}
+
+
+def time_call(fn: Callable, x, **kw) -> dict:
+    """:func:`time_calls` of one function."""
+    return time_calls({"f": fn}, x, **kw)["f"]
 
 
 def machine_info() -> dict:
@@ -406,8 +422,8 @@ def measure_ticket(t: Ticket, x: np.ndarray, batches: Sequence[int], formats: Se
     """Rows (format, batch, latency_s, median_s, throughput, bytes, speedup, max_abs_diff, ...) of one ticket.
 
     ``x``: test examples (the check batch and the timed inputs are taken from it). ``formats``: names
-    from :data:`FORMATS` (default all; those that do not apply are skipped). ``timing``: :func:`time_call`
-    keywords.
+    from :data:`FORMATS` (default all; those that do not apply are skipped). ``timing``: :func:`time_calls`
+    keywords (the formats of one batch size are timed round-robin).
     """
     wanted = list(FORMATS) if formats is None else list(formats)
     unknown = [f for f in wanted if f not in FORMATS]
@@ -417,16 +433,18 @@ def measure_ticket(t: Ticket, x: np.ndarray, batches: Sequence[int], formats: Se
         wanted.insert(0, "dense")
     dense = build_dense(t)
     xc = np.asarray(x[:CHECK_BATCH])
-    rows = []
+    built, diffs = {}, {}
     for name in wanted:
-        built = dense if name == "dense" else FORMATS[name](t)
-        if built is None:
-            continue
-        diff = check_outputs(name, built, dense, xc)
-        for b in batches:
-            r = time_call(built.fn, _inputs(x, b), **timing)
+        b = dense if name == "dense" else FORMATS[name](t)
+        if b is not None:
+            diffs[name] = check_outputs(name, b, dense, xc)
+            built[name] = b
+    rows = []
+    for b in batches:
+        measured = time_calls({name: f.fn for name, f in built.items()}, _inputs(x, b), **timing)
+        for name, r in measured.items():
             rows.append({"format": name, "batch": int(b), **r, "throughput": b / r["latency_s"],
-                         "bytes": int(built.bytes), "max_abs_diff": diff, "check": built.check})
+                         "bytes": int(built[name].bytes), "max_abs_diff": diffs[name], "check": built[name].check})
     base = {r["batch"]: r["latency_s"] for r in rows if r["format"] == "dense"}
     for r in rows:
         r["speedup"] = base[r["batch"]] / r["latency_s"]
@@ -481,6 +499,9 @@ def measure_run(run_dir: str | Path, levels: Sequence[int] | None = None, batche
     run_dir = Path(run_dir)
     if not (run_dir / "hparams.json").is_file():
         raise StoreError(f"{run_dir} is not a run folder (no hparams.json); pass OUT/<run_id>")
+    unknown = [f for f in formats or () if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"--formats {','.join(unknown)}: unknown format; formats: {', '.join(FORMATS)}")
     store = RunStore(run_dir.parent, run_dir.name)
     complete = [int(p.name[6:]) for p in sorted(run_dir.glob("level_[0-9][0-9][0-9]")) if store.is_complete(int(p.name[6:]))]
     levels = complete if levels is None else list(levels)

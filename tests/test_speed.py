@@ -125,3 +125,5 @@ def test_speed_cli_writes_rows_the_analysis_and_report_read(tmp_path, capsys):
     assert "crossover" in (tmp_path / "fig" / "README.md").read_text()
     assert main(["speed", str(store.path), "--levels", "7"]) == 2
     assert "not complete" in capsys.readouterr().err
+    assert main(["speed", str(store.path), "--formats", "sparse"]) == 2
+    assert "unknown format" in capsys.readouterr().err

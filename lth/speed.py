@@ -353,14 +353,15 @@ def _calls(fn, x, number: int) -> float:
 
 
 def _calibrate(fn, x, min_time: float, max_call_s: float, warmup: int) -> tuple[int, float]:
-    """(calls per repeat, seconds of the first call): calls double until a repeat lasts ``min_time``."""
+    """(calls per repeat, seconds of the first call after the warm-up): calls double until a repeat
+    lasts ``min_time``; 0 calls when one call takes longer than ``max_call_s``."""
+    for _ in range(max(1, warmup)):  # the first call of a new input shape compiles
+        _block(fn(x))
     t0 = time.perf_counter()
     _block(fn(x))
     first = time.perf_counter() - t0
     if first > max_call_s:
         return 0, first
-    for _ in range(max(0, warmup - 1)):
-        _block(fn(x))
     number = 1
     while _calls(fn, x, number) * number < min_time and number < 1 << 14:
         number *= 2
@@ -372,7 +373,8 @@ def time_calls(fns: dict[str, Callable], x, repeats: int = 7, min_time: float = 
     """Best and median seconds per call of each ``fns[name](x)``, timed round-robin: repeat r of every
     function runs before repeat r + 1 of any, so load from other processes hits them alike.
 
-    A function whose first call takes longer than ``max_call_s`` is timed by that call alone.
+    ``warmup`` calls (at least one: it compiles) precede the timing; a function whose next call takes
+    longer than ``max_call_s`` is timed by that call alone.
     """
     plan = {name: _calibrate(fn, x, min_time, max_call_s, warmup) for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] if plan[name][0] else [plan[name][1]] for name in fns}

@@ -13,13 +13,13 @@ format does not apply to the ticket):
 - ``int8``: the integer program (:mod:`lth.quant.intinfer`: int8 operands, int32 accumulation) of the
   ticket's 8-bit PTQ (per-channel symmetric weights, 8-bit asymmetric activations, min-max
   calibration on train batches). Its reference is the fake-quantized float network it computes
-  (predictions agree on >= 99% of the check batch; the logits differ by requantization rounding), not
+  (predictions agree on >= 95% of the check batch; the logits differ by requantization rounding), not
   the float ticket.
 - ``nm``: an N:M ticket (``prune.granularity = 'n:m'``) in the compact N:M format of :mod:`lth.nm`
   (``values [G, k, out]`` + in-group ``index``), computed by gathering each kept weight's input
   (``B * nnz`` multiply-adds, the work a sparse kernel does); kernels that are not grouped stay dense.
 
-Every format first runs a fixed check batch (up to 256 test examples) and must equal the dense
+Every format first runs a fixed check batch (the first 64 test examples) and must equal the dense
 masked network to float tolerance (``rtol = atol = 1e-4`` relative to the largest logit) or a
 :class:`SpeedCheckError` names it. Then each (format, batch size) is timed on the first ``batch``
 test examples: warm-up calls, then ``repeats`` timed repeats of ``number`` calls (``number`` grows
@@ -54,7 +54,7 @@ from .store import StoreError, atomic_write_bytes, load_tree, parquet_bytes, rea
 from .structured import SEQUENTIAL, compact, is_structured, layer_order
 from .train import apply_mask, unstack
 
-CHECK_BATCH = 256
+CHECK_BATCH = 64
 RTOL = ATOL = 1e-4
 FLOAT_BYTES = 4
 INDEX_BYTES = 4  # int32 indices of BCOO and scipy CSR
@@ -330,7 +330,7 @@ def check_outputs(name: str, built: Built, dense: Built, x: np.ndarray) -> float
     diff = float(np.max(np.abs(out - ref))) if out.size else 0.0
     if built.check == "fake-quant":  # requantization rounding may flip a near tie: compare predictions
         agree = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
-        if agree < 0.99:
+        if agree < 0.95:
             raise SpeedCheckError(f"format {name}: predictions agree with the fake-quant network on only "
                                   f"{100 * agree:.1f}% of {len(x)} examples")
         return diff
@@ -356,7 +356,10 @@ def _calibrate(fn, x, min_time: float, max_call_s: float, warmup: int) -> tuple[
     """(calls per repeat, seconds of the first call after the warm-up): calls double until a repeat
     lasts ``min_time``; 0 calls when one call takes longer than ``max_call_s``."""
     for _ in range(max(1, warmup)):  # the first call of a new input shape compiles
+        t0 = time.perf_counter()
         _block(fn(x))
+        if time.perf_counter() - t0 > 2 * max_call_s:  # compiled and still slow: no more warm-up
+            break
     t0 = time.perf_counter()
     _block(fn(x))
     first = time.perf_counter() - t0

@@ -162,6 +162,25 @@ def _program_forward(program, shapes, matmul, weights, x):
     return h
 
 
+CHUNK_BYTES = 1 << 28  # intermediate of one sparse product (BCOO: nse x rows, N:M: gathered inputs)
+
+
+def _row_chunks(f, h, rows: int):
+    """``f(h)`` for ``h [N, K]`` computed ``rows`` rows at a time (``lax.map``): bounds the memory of
+    products whose intermediate grows with N times the non-zeros (a conv's im2col patches)."""
+    n = h.shape[0]
+    if rows >= n:
+        return f(h)
+    pad = (-n) % rows
+    out = lax.map(f, jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, h.shape[1]))
+    return out.reshape(-1, out.shape[-1])[:n]
+
+
+def bcoo_matmul(w, h):
+    """``h [N, K] @ W`` for a BCOO ``W^T [out, K]``, in row chunks of at most :data:`CHUNK_BYTES`."""
+    return _row_chunks(lambda p: (w @ p.T).T, h, max(1, CHUNK_BYTES // (4 * max(1, w.nse))))
+
+
 def _jax_format(t: Ticket, make_w, matmul) -> Callable:
     shapes = {n: tuple(np.shape(t.params[n]["kernel"])) for n in _kernels(t)}
     weights = {n: {"w": make_w(np.asarray(t.params[n]["kernel"], np.float32)),
@@ -185,16 +204,19 @@ def build_bcoo(t: Ticket) -> Built | None:
 
     nnz = sum(int(np.count_nonzero(t.params[n]["kernel"])) for n in _kernels(t))
     nbytes = nnz * (FLOAT_BYTES + 2 * INDEX_BYTES) + _bias_bytes(t)
-    return Built(_jax_format(t, make, lambda w, h: (w @ h.T).T), nbytes)
+    return Built(_jax_format(t, make, bcoo_matmul), nbytes)
 
 
 def nm_matmul(w: dict, h, m: int):
     """``h [N, K] @ W`` for W in the compact N:M format ``{"values", "index": [G, k, out]}`` (gather form)."""
     values, index = w["values"], w["index"]
     G = values.shape[0]
-    hg = h.reshape(h.shape[0], G, m)
-    picked = hg[:, jnp.arange(G)[:, None, None], index]  # [N, G, k, out]
-    return jnp.einsum("ngko,gko->no", picked, values)
+
+    def rows(p):
+        picked = p.reshape(p.shape[0], G, m)[:, jnp.arange(G)[:, None, None], index]  # [rows, G, k, out]
+        return jnp.einsum("ngko,gko->no", picked, values)
+
+    return _row_chunks(rows, h, max(1, CHUNK_BYTES // (4 * values.size)))
 
 
 def _nm_layers(t: Ticket) -> dict[str, int]:

@@ -127,3 +127,16 @@ def test_speed_cli_writes_rows_the_analysis_and_report_read(tmp_path, capsys):
     assert "not complete" in capsys.readouterr().err
     assert main(["speed", str(store.path), "--formats", "sparse"]) == 2
     assert "unknown format" in capsys.readouterr().err
+
+
+def test_sparse_products_in_row_chunks_give_the_same_outputs(monkeypatch):
+    import lth.speed
+    monkeypatch.setattr(lth.speed, "CHUNK_BYTES", 4096)  # a few patch rows per chunk (memory bound of big convs)
+    for case in ("conv2-unstructured", "conv2-2:4"):
+        cfg, shape, pc, mask_fn = CASES[case]
+        t, x = ticket(cfg, shape, pc, mask_fn)
+        ref = np.asarray(t.model.apply({"params": t.params}, x))
+        for name in ("bcoo", "nm"):
+            b = FORMATS[name](t)
+            if b is not None:
+                np.testing.assert_allclose(np.asarray(b.fn(x)), ref, rtol=1e-4, atol=1e-4, err_msg=f"{case} {name}")

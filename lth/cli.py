@@ -379,7 +379,7 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _int_list(text: str, what: str) -> list[int]:
     from .config import ConfigError
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -394,12 +394,12 @@ def _cmd_speed(args) -> int:
     from analysis.speed import crossover
     from .speed import machine_info, measure_run
 
-    batches = _ints(args.batch, "--batch")
+    batches = _int_list(args.batch, "--batch")
     if min(batches) < 1:
         return _error(f"--batch {args.batch!r}: batch sizes must be >= 1")
     if args.repeats < 1:
         return _error(f"--repeats {args.repeats} is not allowed; expected an integer >= 1")
-    levels = _ints(args.levels, "--levels") if args.levels else None
+    levels = _int_list(args.levels, "--levels") if args.levels else None
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
     m = machine_info()
     print(f"machine: {m['backend']} {m['device']} ({m['cpu']}, {m['cpu_cores']} cores); python {m['python']}, "

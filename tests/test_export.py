@@ -258,6 +258,12 @@ def test_nm_ticket_size_report_and_export_use_the_nm_encoding(tmp_path):
     # 2:4 at 8 bits: 64 values + 64 x 2 bits = 80 B for dense_0 (bitmask: 128 bits + 64 B: the same)
     assert nm["layers"]["dense_0"]["encoding"] == "nm" and nm["layers"]["dense_0"]["bytes"] == 80 + 8 * 4
     assert nm["size_bytes"] == plain["size_bytes"]
+    # a kept weight that quantizes to zero: bitmask saves its byte, nm pads its slot and is kept all the same
+    params["dense_0"]["kernel"] = params["dense_0"]["kernel"].at[np.unravel_index(
+        int(np.flatnonzero(np.asarray(params["dense_0"]["kernel"]))[0]), (16, 8))].set(1e-6)
+    q0 = ptq(model, params, {}, QuantSpec(8, "sym", "channel", "minmax", act_bits=8), x[:100])
+    assert size_report(q0)["layers"]["dense_0"]["encoding"] == "bitmask"
+    assert size_report(q0, nm=(2, 4))["layers"]["dense_0"] == {"n": 128, "nnz": 63, "encoding": "nm", "bytes": 80 + 32}
     im = from_quantized(model, qt, (16,), 4)
     path = tmp_path / "nm.lthq"
     write_export(path, im, nm=(2, 4))

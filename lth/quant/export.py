@@ -14,7 +14,9 @@ smallest of three encodings (the zero of channel c is its zero point ``Z_c``):
   compact N:M format of :mod:`lth.nm`, exactly ``n`` codes per group of ``m`` consecutive input
   weights of one output (zero-point padded) and each code's in-group position in
   ``ceil(log2 m)`` bits: ``ceil(V b / 8) + ceil(V ceil(log2 m) / 8)`` bytes with ``V = fan_in / m * n * out``
-  (2:4 at 8 bits: 0.625 bytes per weight, as NVIDIA's 2-bit metadata). Chosen on a tie with ``bitmask``.
+  (2:4 at 8 bits: 0.625 bytes per weight, as NVIDIA's 2-bit metadata). Always used for the N:M
+  kernels of an N:M ticket (the layout 2:4 sparse tensor cores read), even where ``bitmask`` would be
+  a few bytes smaller because some kept weights quantize to zero (their slots are padded).
 
 Codes are packed little-endian, ``b`` bits each, with no padding between values. A layer also
 stores its float32 scales (4 bytes each), its zero points (1 byte each, asym only), its float32
@@ -162,15 +164,17 @@ def nm_of(prune_cfg) -> tuple[int, int] | None:
 
 
 def _best_encoding(sizes: dict, nm_size: int | None) -> tuple[str, int]:
-    cands = ([(NM, nm_size)] if nm_size is not None else []) + [(e, sizes[e]) for e in ENCODINGS if e in sizes]
-    return min(cands, key=lambda c: c[1])
+    """The ``nm`` encoding for an N:M kernel of an N:M ticket, else the smallest of :data:`ENCODINGS`."""
+    if nm_size is not None:
+        return NM, nm_size
+    return min(((e, sizes[e]) for e in ENCODINGS if e in sizes), key=lambda c: c[1])
 
 
 def encode_kernel(q: np.ndarray, zero_point: np.ndarray, bits: int, scheme: str,
                   encoding: str | None = None, nm: tuple[int, int] | None = None
                   ) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays (uint8) and metadata of a kernel's integer values ``q`` in the smallest encoding
-    (``nm``: also the N:M encoding with ``(n, m)``, where the kernel is N:M)."""
+    (with ``nm=(n, m)``: the N:M encoding wherever the kernel is N:M)."""
     q = np.asarray(q, np.int64)
     sizes = encoded_sizes(q, zero_point, bits)
     nm_size = nm_encoded_bytes(q, zero_point, bits, *nm) if nm is not None else None
@@ -267,7 +271,7 @@ def size_report(qt: QuantizedTicket, nm: tuple[int, int] | None = None) -> dict[
     ``size_bytes`` is the sparse + b-bit payload (best encoding per kernel, plus scales, zero
     points, float32 biases and other params, activation quantizers); ``compression`` is
     ``fp32_dense_bytes / size_bytes``. ``layers`` has the per-kernel detail. ``nm=(n, m)`` (an N:M
-    ticket) adds the ``nm`` encoding to the candidates of every N:M kernel.
+    ticket) stores every N:M kernel in the ``nm`` encoding.
     """
     spec = qt.spec
     codes = qt.codes()

@@ -334,3 +334,41 @@ def smallest_within(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
                          "compression_vs_dense": (float(dense["size_bytes"].iloc[0]) / best["size_bytes"]
                                                   if best is not None else np.nan)})
     return pd.DataFrame(rows)
+
+
+FORMAT_STYLE = {
+    "dense": dict(color="k", marker="o", label="dense + mask"),
+    "bcoo": dict(color="#1f77b4", marker="s", label="BCOO (jax.experimental.sparse)"),
+    "csr": dict(color="#2ca02c", marker="^", label="CSR (scipy.sparse)"),
+    "compact": dict(color="#ff7f0e", marker="D", label="compact (structured)"),
+    "int8": dict(color="#9467bd", marker="v", label="int8 program"),
+    "nm": dict(color="#d62728", marker="P", label="N:M"),
+}
+
+
+def latency_vs_density(speed: pd.DataFrame, crossover: pd.DataFrame | None = None) -> plt.Figure:
+    """Latency per call vs weights remaining, one line per format, one panel per batch size; a
+    dotted vertical line marks each format's crossover density (where it starts to beat dense)."""
+    batches = sorted(speed["batch"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.4), constrained_layout=True,
+                                 squeeze=False)
+        for ax, b in zip(axes[0], batches):
+            d = speed[speed["batch"] == b]
+            g = d.groupby(["format", "density"])["latency_s"].min().reset_index()
+            order = [f for f in FORMAT_STYLE if f in set(g["format"])] + sorted(set(g["format"]) - set(FORMAT_STYLE))
+            for f in order:
+                h = g[g["format"] == f].sort_values("density", ascending=False)
+                st = FORMAT_STYLE.get(f, dict(label=f))
+                ax.plot(h["density"], 1e3 * h["latency_s"], markersize=4, **st)
+                if crossover is not None and f != "dense":
+                    c = crossover[(crossover["format"] == f) & (crossover["batch"] == b)]["crossover_density"]
+                    if len(c) and np.isfinite(c.min()):
+                        ax.axvline(float(c.max()), color=st.get("color"), linestyle=":", linewidth=1)
+            _density_axis(ax, g["density"])
+            ax.set_yscale("log")
+            ax.set_ylabel("latency per batch (ms)")
+            ax.set_title(f"batch {b}")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{_title(speed)}: inference latency vs sparsity (dotted: crossover)")
+    return fig

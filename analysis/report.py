@@ -77,6 +77,27 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     if not sparsity.empty and sparsity["level"].nunique() > 1:
         plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),
                       "Weights remaining per prunable layer across IMP levels (winning ticket, mean over seeds)."))
+    from .speed import crossover, load_speed, speed_table
+    speed = load_speed(root)
+    if not speed.empty:
+        cross = crossover(speed)
+        for run_id, sp in speed.groupby("run_id", sort=True):  # one figure per run (model)
+            stem = "latency_vs_density" + (f"_{run_id}" if speed["run_id"].nunique() > 1 else "")
+            plans.append((stem, lambda sp=sp, run_id=run_id: figures.latency_vs_density(
+                              sp, cross[cross["run_id"] == run_id]),
+                          f"Inference latency (best of the timed repeats) of run {run_id} ({sp['model'].iloc[0]}) "
+                          "vs weights remaining per format and batch size; dotted lines: the density from which a "
+                          "format beats dense."))
+        speed.to_csv(out / "speed.csv", index=False)
+        t = speed_table(speed)
+        (out / "speed.md").write_text(t.to_markdown(index=False, floatfmt=".4g") + "\n")
+        (out / "speed.tex").write_text(t.to_latex(index=False, float_format="%.4g"))
+        c = cross.assign(crossover_density=100 * cross["crossover_density"],
+                         first_faster_density=100 * cross["first_faster_density"],
+                         best_at_density=100 * cross["best_at_density"])
+        c.to_csv(out / "crossover.csv", index=False)
+        (out / "crossover.md").write_text(c.to_markdown(index=False, floatfmt=".3g") + "\n\nNaN: never faster "
+                                          "than dense at the measured densities.\n")
     for stem, make, caption in plans:
         fig = make()
         for ext in ("pdf", "png"):
@@ -95,6 +116,10 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         lines += ["- `quant.csv`: every quantized row (one per cell and seed).",
                   "- `smallest_within_1pp.csv` / `.md` / `.tex`: per arm, the smallest model (bytes, density, bits, "
                   "method) whose mean test accuracy is within 1 point of the dense float network's."]
+    if not speed.empty:
+        lines += ["- `speed.csv` / `speed.md` / `speed.tex`: (format, weights remaining, bytes, latency, speedup over "
+                  "dense) per level and batch size; `crossover.csv` / `crossover.md`: per format and batch size the "
+                  "density (%) from which it beats dense (NaN: never faster)."]
     lines.append("")
     (out / "README.md").write_text("\n".join(lines))
     return made

@@ -4,6 +4,11 @@
 #
 #   bash benchmarks/gpu.sh                 # extra arguments go to throughput.py, e.g. --quick
 #
+# Then inference speed per format (lth speed): short IMP runs of LeNet-300-100 on Fashion-MNIST
+# (tickets 100% -> 3.6%), its 2:4 ticket (prune.granularity = n:m) and Conv-2, each level timed at
+# batch 1 and 256 as dense + mask, BCOO, int8 program, N:M (CSR is CPU only), then `lth report`
+# into $SPEED_OUT/figures (latency_vs_density*, speed.md, crossover.md). SPEED=0 skips this part.
+#
 # Installs jax's CUDA plugin (jax[cuda12], the same version as the installed jax) when jax sees no
 # GPU; that needs pip to reach an index or a wheel folder (PIP_FIND_LINKS). torch is optional.
 set -euo pipefail
@@ -21,3 +26,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 python -c 'import jax; print("jax", jax.__version__, jax.devices())'
 python benchmarks/throughput.py --population 1,8,64 "$@"
+
+[ "${SPEED:-1}" = 0 ] && exit 0
+out=${SPEED_OUT:-/tmp/lth_speed_gpu}
+common=(--out "$out" --set train.epochs=1 --set 'seeds=[0]' --set 'arms=["ticket"]' --set log.wandb=disabled
+        --set train.eval_every=916 --no-progress)
+python -m lth.cli lottery experiments/lenet300_fmnist.toml "${common[@]}" --set prune.levels=15
+python -m lth.cli lottery experiments/lenet300_fmnist.toml "${common[@]}" --set name=lenet300_fmnist_2of4 \
+    --set prune.granularity=n:m --set prune.n=2 --set prune.m=4 --set prune.levels=2
+python -m lth.cli lottery experiments/lenet300_fmnist.toml "${common[@]}" --set name=conv2_fmnist \
+    --set model.name=conv2 --set train.lr=2e-4 --set train.epochs=none --set train.steps=300 \
+    --set train.eval_every=300 --set prune.levels=15 --set prune.conv_rate=0.2
+for run in "$out"/*/; do
+    python -m lth.cli speed "$run" --batch 1,256
+done
+python -m lth.cli report "$out" --out "$out/figures"
+cat "$out/figures/crossover.md"

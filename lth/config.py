@@ -56,6 +56,8 @@ STRUCTURED_MODELS = {
     "neuron": ("mlp", "lenet_300_100", "conv2", "conv4", "conv6"),
     "filter": ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19"),
     "layer": ("resnet20",),
+    # N:M semi-structured sparsity (lth.nm) groups the input weights of any conv/dense kernel
+    "n:m": MODELS,
 }
 
 
@@ -137,11 +139,17 @@ class PruneConfig:
         None, check=lambda v: all(0 <= r < 1 for r in v.values()), allowed="a table of layer = rate in [0, 1)",
         doc="per-layer rates overriding rate/conv_rate/output_rate, e.g. {dense_0 = 0.3} "
             "(lth sensitivity --to-rates derives them)")
-    granularity: Literal["weight", "neuron", "filter", "layer"] = _f(
+    granularity: Literal["weight", "neuron", "filter", "layer", "n:m"] = _f(
         "weight", doc="unit removed: single weights, whole fc neurons, whole conv filters (with the next "
                       "layer's matching inputs and the filter's batch-norm entries), or whole residual "
                       "blocks (layer: prune.rate of the surviving identity-shortcut blocks, rounded half "
-                      "up); see STRUCTURED_MODELS for the models each supports")
+                      "up); n:m keeps prune.n of every prune.m consecutive input weights (lth.nm: each "
+                      "level drops round_half_up(rate * k), at least 1, of the k survivors of every "
+                      "group until n remain); see STRUCTURED_MODELS for the models each supports")
+    n: int = _f(2, check=lambda v: v >= 1, allowed="an integer >= 1",
+                doc="granularity n:m: weights kept in every group of m (2 of 2:4)")
+    m: int = _f(4, check=lambda v: v >= 2, allowed="an integer >= 2",
+                doc="granularity n:m: group size, consecutive input weights of one output (4 of 2:4)")
     structure_norm: Literal["l1", "l2"] = _f(
         "l2", doc="norm ranking neurons/filters (of their incoming weights) and blocks (of the scale of "
                   "their last batch norm)")
@@ -168,6 +176,12 @@ class PruneConfig:
             raise ConfigError(f"prune.granularity = {self.granularity!r} is not allowed with prune.schedule = "
                               "'gradual' (AGP prunes single weights by magnitude); use prune.granularity = "
                               "'weight', or prune.schedule = 'imp' or 'oneshot' for structured pruning")
+        if self.granularity == "n:m" and not self.n < self.m:
+            raise ConfigError(f"prune.n = {self.n} and prune.m = {self.m} are not allowed with prune.granularity "
+                              "= 'n:m'; expected 1 <= n < m (e.g. n = 2, m = 4)")
+        if self.granularity == "n:m" and self.criterion != "magnitude":
+            raise ConfigError(f"prune.criterion = {self.criterion!r} is not allowed with prune.granularity = "
+                              "'n:m' (N:M keeps the largest |w| of every group); use prune.criterion = 'magnitude'")
 
 
 @dataclass(frozen=True)

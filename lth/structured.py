@@ -71,13 +71,16 @@ def _copy(mask: PyTree) -> PyTree:
 def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model_name: str) -> PyTree:
     """Next mask of one member: ``cfg.granularity`` "neuron"/"filter" prunes ``rate`` (``conv_rate`` for
     convs) of the surviving units of every hidden layer; "layer" drops residual blocks
-    (:func:`block_prune`). ValueError for a model the granularity does not support."""
+    (:func:`block_prune`); "n:m" moves every group one step towards N:M (:func:`lth.nm.nm_prune`). ValueError for a model the granularity does not support."""
     supported = STRUCTURED_MODELS.get(cfg.granularity, ())
     if model_name not in supported:
         raise ValueError(f"prune.granularity = {cfg.granularity!r} supports {', '.join(supported) or 'no model'}; "
                          f"not {model_name}")
     if cfg.granularity == "layer":
         return block_prune(params, mask, cfg)
+    if cfg.granularity == "n:m":
+        from .nm import nm_prune
+        return nm_prune(params, mask, cfg)
     new = _copy(mask)
     order = layer_order(params)
     kind = "conv" if cfg.granularity == "filter" else "dense"  # filters: conv layers; neurons: fc layers

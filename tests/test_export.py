@@ -221,3 +221,52 @@ def test_cli_export_and_eval_export(stored_run, tmp_path, capsys):
     assert quant_cmd.run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out),
                                             "--act-bits", "1"])) == 2
     assert "act_bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits, scheme", [(8, "sym"), (4, "asym")])
+def test_nm_encoding_round_trips_and_matches_hand_computed_bytes(bits, scheme):
+    from lth.nm import keep_per_group
+    rng = np.random.default_rng(bits)
+    zp = rng.integers(0, 2 ** bits, 6) if scheme == "asym" else np.zeros(6, np.int64)
+    lo, hi = qrange(bits, scheme)
+    q = rng.integers(lo, hi + 1, (3, 3, 4, 6))  # fan-in 36 = 9 groups of 4
+    keep = keep_per_group(rng.normal(size=q.shape), np.ones(q.shape, bool), 4, 2)
+    keep.reshape(-1, 6)[:4, 1] = [False, True, False, False]  # a group with one survivor (zero-point pad)
+    q = np.where(keep, q, np.broadcast_to(zp, q.shape))
+    q = np.where(q == zp, np.where(keep, np.minimum(zp + 1, hi), q), q)  # survivors differ from the zero point
+    # 9 groups x 2 kept x 6 outputs = 108 values: 108 b bits + 108 x 2-bit indices
+    expect = math.ceil(108 * bits / 8) + 27
+    arrays, meta = encode_kernel(q, zp, bits, scheme, "nm", nm=(2, 4))
+    assert meta["encoding"] == "nm" and sum(a.nbytes for a in arrays.values()) == expect
+    np.testing.assert_array_equal(decode_kernel(arrays, meta, zp), q)
+    with pytest.raises(ValueError, match="not 1:4"):
+        encode_kernel(q, zp, bits, scheme, "nm", nm=(1, 4))
+
+
+def test_nm_ticket_size_report_and_export_use_the_nm_encoding(tmp_path):
+    from lth.nm import keep_per_group
+    model = MLP((8,), 4)
+    rng = np.random.default_rng(0)
+    params = {}
+    for name, shape in (("dense_0", (16, 8)), ("output", (8, 4))):
+        w = rng.normal(size=shape).astype(np.float32)
+        params[name] = {"kernel": jnp.asarray(w * keep_per_group(w, np.ones(shape, bool), 4, 2)),
+                        "bias": jnp.asarray(rng.normal(size=shape[1]) * 0.1, jnp.float32)}
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    qt = ptq(model, params, {}, QuantSpec(8, "sym", "channel", "minmax", act_bits=8), x[:100])
+    plain, nm = size_report(qt), size_report(qt, nm=(2, 4))
+    # 2:4 at 8 bits: 64 values + 64 x 2 bits = 80 B for dense_0 (bitmask: 128 bits + 64 B: the same)
+    assert nm["layers"]["dense_0"]["encoding"] == "nm" and nm["layers"]["dense_0"]["bytes"] == 80 + 8 * 4
+    assert nm["size_bytes"] == plain["size_bytes"]
+    # a kept weight that quantizes to zero: bitmask saves its byte, nm pads its slot and is kept all the same
+    params["dense_0"]["kernel"] = params["dense_0"]["kernel"].at[np.unravel_index(
+        int(np.flatnonzero(np.asarray(params["dense_0"]["kernel"]))[0]), (16, 8))].set(1e-6)
+    q0 = ptq(model, params, {}, QuantSpec(8, "sym", "channel", "minmax", act_bits=8), x[:100])
+    assert size_report(q0)["layers"]["dense_0"]["encoding"] == "bitmask"
+    assert size_report(q0, nm=(2, 4))["layers"]["dense_0"] == {"n": 128, "nnz": 63, "encoding": "nm", "bytes": 80 + 32}
+    im = from_quantized(model, qt, (16,), 4)
+    path = tmp_path / "nm.lthq"
+    write_export(path, im, nm=(2, 4))
+    back, header = read_export(path)
+    assert {v["encoding"] for v in header["layers"].values()} == {"nm"}
+    np.testing.assert_array_equal(back.predict(x), im.predict(x))

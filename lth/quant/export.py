@@ -9,7 +9,14 @@ smallest of three encodings (the zero of channel c is its zero point ``Z_c``):
 - ``relative``: Deep Compression's relative index (Han et al. 2016, Sec. 3): for each non-zero
   the number of zeros since the previous one in ``r`` bits (``r`` = 1..8, the best one); a run of
   ``2^r - 1`` zeros or more emits escape fields of ``2^r - 1`` (a skip with no value) first:
-  ``ceil(E r / 8) + ceil(nnz b / 8)`` bytes with ``E = nnz + sum_gaps floor(gap / (2^r - 1))``.
+  ``ceil(E r / 8) + ceil(nnz b / 8)`` bytes with ``E = nnz + sum_gaps floor(gap / (2^r - 1))``;
+- ``nm`` (only when asked for with ``nm=(n, m)``, for tickets of ``prune.granularity = 'n:m'``): the
+  compact N:M format of :mod:`lth.nm`, exactly ``n`` codes per group of ``m`` consecutive input
+  weights of one output (zero-point padded) and each code's in-group position in
+  ``ceil(log2 m)`` bits: ``ceil(V b / 8) + ceil(V ceil(log2 m) / 8)`` bytes with ``V = fan_in / m * n * out``
+  (2:4 at 8 bits: 0.625 bytes per weight, as NVIDIA's 2-bit metadata). Always used for the N:M
+  kernels of an N:M ticket (the layout 2:4 sparse tensor cores read), even where ``bitmask`` would be
+  a few bytes smaller because some kept weights quantize to zero (their slots are padded).
 
 Codes are packed little-endian, ``b`` bits each, with no padding between values. A layer also
 stores its float32 scales (4 bytes each), its zero points (1 byte each, asym only), its float32
@@ -47,11 +54,13 @@ from .wiring import is_weight
 from ..config import ExperimentConfig
 from ..data import load_dataset
 from ..store import StoreError, atomic_write_bytes
+from ..nm import groupable, index_bits
 
 MAGIC = b"LTHQEXP1"
 VERSION = 2  # 2: a sha256 of the whole file (header included) ends it
 DIGEST_BYTES = 32
 ENCODINGS = ("dense", "bitmask", "relative")
+NM = "nm"  # the N:M encoding, a candidate only for kernels of N:M tickets (nm=(n, m))
 SCALE_BYTES = 4  # float32
 ZERO_POINT_BYTES = 1  # uint8
 BIAS_BYTES = 4  # float32
@@ -130,13 +139,60 @@ def encoded_sizes(q: np.ndarray, zero_point: np.ndarray, bits: int) -> dict[str,
     return out
 
 
+def _nm_groups(q: np.ndarray, zero_point: np.ndarray, m: int):
+    """(codes ``[G, m, out]``, non-zero ``[G, m, out]``) of a kernel viewed as ``[fan_in, out]``."""
+    out = q.shape[-1]
+    g = q.reshape(-1, m, out)
+    return g, g != _zero_q(q, zero_point).reshape(g.shape)
+
+
+def nm_encoded_bytes(q: np.ndarray, zero_point: np.ndarray, bits: int, n: int, m: int) -> int | None:
+    """Bytes of a kernel in the ``nm`` encoding, or None when it is not N:M (a group holds more than n)."""
+    q = np.asarray(q)
+    if bits == 1 or not groupable(q.shape, m):  # binary codes cannot pad a group with a zero
+        return None
+    _, nz = _nm_groups(q, zero_point, m)
+    if nz.sum(1).max(initial=0) > n:
+        return None
+    v = nz.shape[0] * n * nz.shape[2]
+    return math.ceil(v * bits / 8) + math.ceil(v * index_bits(m) / 8)
+
+
+def nm_of(prune_cfg) -> tuple[int, int] | None:
+    """``(n, m)`` of a run whose ``prune.granularity`` is ``'n:m'`` (its kernels may use the nm encoding), else None."""
+    return (prune_cfg.n, prune_cfg.m) if prune_cfg.granularity == "n:m" else None
+
+
+def _best_encoding(sizes: dict, nm_size: int | None) -> tuple[str, int]:
+    """The ``nm`` encoding for an N:M kernel of an N:M ticket, else the smallest of :data:`ENCODINGS`."""
+    if nm_size is not None:
+        return NM, nm_size
+    return min(((e, sizes[e]) for e in ENCODINGS if e in sizes), key=lambda c: c[1])
+
+
 def encode_kernel(q: np.ndarray, zero_point: np.ndarray, bits: int, scheme: str,
-                  encoding: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Arrays (uint8) and metadata of a kernel's integer values ``q`` in the smallest encoding."""
+                  encoding: str | None = None, nm: tuple[int, int] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays (uint8) and metadata of a kernel's integer values ``q`` in the smallest encoding
+    (with ``nm=(n, m)``: the N:M encoding wherever the kernel is N:M)."""
     q = np.asarray(q, np.int64)
     sizes = encoded_sizes(q, zero_point, bits)
+    nm_size = nm_encoded_bytes(q, zero_point, bits, *nm) if nm is not None else None
     if encoding is None:
-        encoding = min((e for e in ENCODINGS if e in sizes), key=lambda e: sizes[e])
+        encoding = _best_encoding(sizes, nm_size)[0]
+    if encoding == NM:
+        if nm_size is None:
+            raise ValueError(f"encoding 'nm' cannot store this kernel: it is not {nm[0]}:{nm[1]}" if nm else
+                             "encoding 'nm' needs nm=(n, m)")
+        n, m = nm
+        g, nz = _nm_groups(q, zero_point, m)
+        order = np.argsort(~nz, axis=1, kind="stable")[:, :n, :]  # non-zeros first, then zero-point pads
+        values = np.take_along_axis(g, order, axis=1)
+        arrays = {"values": pack_bits(to_codes(values.ravel(), bits, scheme), bits),
+                  "index": pack_bits(order.ravel(), index_bits(m))}
+        meta = {"encoding": NM, "shape": list(q.shape), "bits": bits, "scheme": scheme, "nnz": int(nz.sum()),
+                "n": n, "m": m}
+        return arrays, meta
     if encoding not in sizes:
         raise ValueError(f"encoding {encoding!r} cannot store this kernel (binary kernels with zeros need a "
                          "sparse encoding)")
@@ -167,6 +223,16 @@ def decode_kernel(arrays: dict[str, np.ndarray], meta: dict, zero_point: np.ndar
     n, nnz = int(np.prod(shape, dtype=np.int64)), int(meta["nnz"])
     if meta["encoding"] == "dense":
         return from_codes(unpack_bits(arrays["values"], bits, n), bits, scheme).reshape(shape).astype(np.int32)
+    if meta["encoding"] == NM:
+        n, m = int(meta["n"]), int(meta["m"])
+        out = shape[-1]
+        G = int(np.prod(shape[:-1], dtype=np.int64)) // m
+        v = G * n * out
+        values = from_codes(unpack_bits(arrays["values"], bits, v), bits, scheme).reshape(G, n, out)
+        index = unpack_bits(arrays["index"], index_bits(m), v).reshape(G, n, out)
+        dense = _zero_q(np.zeros(shape, np.int64), zero_point).copy().reshape(G, m, out)
+        np.put_along_axis(dense, index, values, axis=1)
+        return dense.reshape(shape).astype(np.int32)
     values = from_codes(unpack_bits(arrays["values"], bits, nnz), bits, scheme)
     if meta["encoding"] == "bitmask":
         nz = np.unpackbits(np.asarray(arrays["index"], np.uint8), count=n, bitorder="little").astype(bool)
@@ -199,12 +265,13 @@ def _count(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def size_report(qt: QuantizedTicket) -> dict[str, Any]:
+def size_report(qt: QuantizedTicket, nm: tuple[int, int] | None = None) -> dict[str, Any]:
     """Bytes of one network stored as fp32 dense, fp16 dense, int8 dense and sparse + b-bit.
 
     ``size_bytes`` is the sparse + b-bit payload (best encoding per kernel, plus scales, zero
     points, float32 biases and other params, activation quantizers); ``compression`` is
-    ``fp32_dense_bytes / size_bytes``. ``layers`` has the per-kernel detail.
+    ``fp32_dense_bytes / size_bytes``. ``layers`` has the per-kernel detail. ``nm=(n, m)`` (an N:M
+    ticket) stores every N:M kernel in the ``nm`` encoding.
     """
     spec = qt.spec
     codes = qt.codes()
@@ -220,10 +287,11 @@ def size_report(qt: QuantizedTicket) -> dict[str, Any]:
         n_scales = int(np.size(qp["scale"]))
         side = n_scales * (SCALE_BYTES + zp_bytes)
         sizes = encoded_sizes(q, np.asarray(qp["zero_point"]), spec.bits)
-        best = min((e for e in ENCODINGS if e in sizes), key=lambda e: sizes[e])
-        sparse += sizes[best] + side
+        nm_size = nm_encoded_bytes(q, np.asarray(qp["zero_point"]), spec.bits, *nm) if nm else None
+        best, nbytes = _best_encoding(sizes, nm_size)
+        sparse += nbytes + side
         int8 += q.size + side
-        layers[key] = {"n": int(q.size), "nnz": sizes["nnz"], "encoding": best, "bytes": sizes[best] + side}
+        layers[key] = {"n": int(q.size), "nnz": sizes["nnz"], "encoding": best, "bytes": nbytes + side}
     fp32 = n_all * 4
     size = sparse + other + acts
     return {"fp32_dense_bytes": fp32, "fp16_dense_bytes": n_all * 2, "int8_dense_bytes": int8 + other + acts,
@@ -246,12 +314,12 @@ def float_size_report(params, batch_stats) -> dict[str, Any]:
 
 # ============================================================================ export file
 
-def integer_arrays(im: IntegerModel) -> tuple[dict[str, np.ndarray], dict]:
-    """The payload arrays and per-layer metadata of an integer model."""
+def integer_arrays(im: IntegerModel, nm: tuple[int, int] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The payload arrays and per-layer metadata of an integer model (``nm``: see :func:`encode_kernel`)."""
     arrays: dict[str, np.ndarray] = {}
     layers: dict[str, dict] = {}
     for name, L in im.layers.items():
-        enc, meta = encode_kernel(L.q, L.zero_point, L.bits, L.scheme)
+        enc, meta = encode_kernel(L.q, L.zero_point, L.bits, L.scheme, nm=nm)
         for k, a in enc.items():
             arrays[f"{name}/{k}"] = a
         arrays[f"{name}/scale"] = np.asarray(L.scale, np.float32).reshape(-1)
@@ -267,9 +335,9 @@ def integer_arrays(im: IntegerModel) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, layers
 
 
-def export_bytes(im: IntegerModel, info: dict | None = None) -> bytes:
+def export_bytes(im: IntegerModel, info: dict | None = None, nm: tuple[int, int] | None = None) -> bytes:
     """The export file's bytes: magic, header length, JSON header, payload."""
-    arrays, layers = integer_arrays(im)
+    arrays, layers = integer_arrays(im, nm)
     table, chunks, offset = {}, [], 0
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
@@ -286,9 +354,10 @@ def export_bytes(im: IntegerModel, info: dict | None = None) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def write_export(path: str | Path, im: IntegerModel, info: dict | None = None) -> int:
+def write_export(path: str | Path, im: IntegerModel, info: dict | None = None,
+                 nm: tuple[int, int] | None = None) -> int:
     """Write the export file atomically; returns its size in bytes."""
-    data = export_bytes(im, info)
+    data = export_bytes(im, info, nm)
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -354,9 +423,9 @@ def _decode_export(payload: bytes, header: dict) -> tuple[IntegerModel, dict]:
     return im, header
 
 
-def payload_bytes(im: IntegerModel) -> int:
+def payload_bytes(im: IntegerModel, nm: tuple[int, int] | None = None) -> int:
     """Bytes of the export payload (every array) of an integer model."""
-    return int(sum(a.nbytes for a in integer_arrays(im)[0].values()))
+    return int(sum(a.nbytes for a in integer_arrays(im, nm)[0].values()))
 
 
 def eval_export(path: str | Path, split: str = "test") -> dict[str, Any]:
@@ -370,7 +439,8 @@ def eval_export(path: str | Path, split: str = "test") -> dict[str, Any]:
         raise ExportError(f"{path}: model input shape {im.input_shape} does not match data set "
                           f"{data.name} {data.input_shape}")
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
-    size = payload_bytes(im)
+    nms = {(int(v["n"]), int(v["m"])) for v in header["layers"].values() if v.get("encoding") == NM}
+    size = payload_bytes(im, nms.pop() if nms else None)
     return {"path": str(path), "split": split, "n": int(len(y)), "accuracy": im.accuracy(x, y),
             "file_bytes": Path(path).stat().st_size, "size_bytes": size,
             "compression": info.get("fp32_dense_bytes", float("nan")) / size,

@@ -37,7 +37,7 @@ from ..pruning import density, prunable
 from ..store import StoreError, atomic_write_bytes, atomic_write_json, failpoint, parquet_bytes, read_json, sha256
 from ..stored import Population, StoredRun
 from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
-from .export import float_size_report, size_report, write_export
+from .export import float_size_report, nm_of, size_report, write_export
 from .intinfer import from_quantized
 from .numerics import QuantSpec
 from .ptq import QuantizedTicket, ptq_population
@@ -282,7 +282,7 @@ class QuantStage:
             acc = self.ev.quantized(model, qts)
         rows = []
         for k, (arm, seed) in enumerate(pop.members):
-            sizes = size_report(qts[k])
+            sizes = size_report(qts[k], nm_of(self.run.cfg.prune))  # N:M kernels in the nm encoding
             rows.append({
                 "run_id": self.run.run_id, "level": level, "arm": arm, "seed": seed,
                 "bits": spec.bits, "method": setting.method, "scheme": spec.scheme_name,
@@ -461,13 +461,14 @@ def export_level(run_dir: str | Path, level: int, bits: int, path: str | Path, *
     spec = QuantSpec(bits, scheme, granularity, calibration, act_bits, act_scheme, None, qc.percentile)
     qt, who = quantize_member(run, level, spec, member=member, method=method, qc=qc)
     im = from_quantized(run.model, qt, run.data.input_shape, run.data.num_classes)
-    sizes = size_report(qt)
+    nm = nm_of(run.cfg.prune)  # N:M tickets store their kernels as N:M
+    sizes = size_report(qt, nm)
     info = {"run_id": run.run_id, "level": level, "member": who, "method": method, "bits": bits,
             "scheme": spec.scheme_name, "granularity": granularity, "calibration": qt.calibration,
             "act_bits": act_bits, "act_scheme": act_scheme, "data": dataclasses.asdict(run.cfg.data),
             "model": run.cfg.model.name, "size_bytes": sizes["size_bytes"],
             "fp32_dense_bytes": sizes["fp32_dense_bytes"], "compression": sizes["compression"]}
-    file_bytes = write_export(path, im, info)
+    file_bytes = write_export(path, im, info, nm)
     x, y = run.data.x_test, run.data.y_test
     pred_int = im.predict(x)
     pred_fq = fake_quant_predict(run.model, qt, x)

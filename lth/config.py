@@ -247,7 +247,7 @@ class QuantConfig:
     levels: Literal["all", "last"] | tuple[int, ...] = _f(
         "all", check=lambda v: isinstance(v, str) or (len(v) >= 1 and all(x >= 0 for x in v) and _unique(v)),
         allowed="'all', 'last' or a non-empty list of distinct levels >= 0",
-        doc="levels whose members are quantized")
+        doc="levels whose members are quantized (listed levels past prune.levels are skipped)")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] | None = _f(
         None, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct arms",
         doc="arms quantized; default every arm of the run (the dense level 0 is the ticket arm's level 0)")
@@ -353,9 +353,11 @@ def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     if qc.arms is not None and set(qc.arms) - set(cfg.arms):
         raise ConfigError(f"{where}: quant.arms = {list(qc.arms)} names arms the run does not train; its arms: "
                           f"{', '.join(cfg.arms)}")
-    if not isinstance(qc.levels, str) and max(qc.levels) > cfg.prune.levels:
-        raise ConfigError(f"{where}: quant.levels = {list(qc.levels)} goes past the last level "
-                          f"(prune.levels = {cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
+    # levels past the end are skipped (a quick trial with fewer prune.levels keeps its [quant]); a list
+    # with no level of the run is a mistake
+    if not isinstance(qc.levels, str) and min(qc.levels) > cfg.prune.levels:
+        raise ConfigError(f"{where}: quant.levels = {list(qc.levels)} names no level of the run (prune.levels = "
+                          f"{cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
 
 
 def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps: int) -> None:

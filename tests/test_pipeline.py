@@ -15,6 +15,7 @@ from analysis import load_quant, load_runs
 from lth.config import ConfigError, ExperimentConfig
 from lth.pipeline import run_experiment, run_status
 from lth.quant import read_cells
+from lth.quant.stage import quant_levels
 from lth.sweep import expand, groups_of, status_of
 from test_lottery import TINY, _toml
 
@@ -47,8 +48,9 @@ def test_quant_settings_are_not_part_of_the_run_id_and_are_checked_against_the_r
     assert _cfg().quant.bits == (8, 2) and plain.quant is None
     with pytest.raises(ConfigError, match=r"quant.arms = \['reinit'\].*its arms: ticket, random_prune, small_dense"):
         _cfg(arms=["reinit"])
-    with pytest.raises(ConfigError, match=r"quant.levels = \[5\] goes past the last level \(prune.levels = 1\)"):
+    with pytest.raises(ConfigError, match=r"quant.levels = \[5\] names no level of the run \(prune.levels = 1\)"):
         _cfg(levels=[5])
+    assert quant_levels(_cfg(levels=[1, 5]), _cfg(levels=[1, 5]).quant) == [1]  # past the end: skipped
     with pytest.raises(ConfigError, match=r"quant.bits = \[5\]"):
         _cfg(bits=[5])
 

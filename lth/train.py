@@ -285,7 +285,10 @@ def segment_strategy(cfg: TrainConfig, model, input_shape: Sequence[int]) -> str
 @functools.lru_cache(maxsize=64)
 def has_loop_slow_conv(model, input_shape: tuple[int, ...]) -> bool:
     """Whether the train step (forward and gradient) of ``model`` has a convolution that is not in
-    the layout XLA's CPU backend runs fast inside a loop body. Traced abstractly, nothing runs."""
+    the layout XLA's CPU backend runs fast inside a loop body. Traced abstractly, nothing runs.
+    A model without ``init`` (a wrapper that only applies, such as QAT's) counts as loop-fast."""
+    if not hasattr(model, "init"):
+        return False
     x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})

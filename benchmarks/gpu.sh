@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Throughput benchmark on a GPU machine: LeNet-300-100 populations of K = 1, 8, 64 on the GPU
-# (the PyTorch reference and the numpy peak stay on the CPU, as on a laptop).
+# Throughput benchmark on a GPU machine: LeNet-300-100 populations of K = 1, 8, 64 on the GPU, and
+# the convnet rows (Conv-2, ResNet-20; lth against a bare jitted step, with the segment strategy
+# auto picks and the other one, so the check shows whether "scan" is right on the GPU too). The
+# PyTorch reference and the numpy peak stay on the CPU, as on a laptop.
 #
 #   bash benchmarks/gpu.sh                 # extra arguments go to throughput.py, e.g. --quick
 #
@@ -25,7 +27,7 @@ if ! has_gpu; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 python -c 'import jax; print("jax", jax.__version__, jax.devices())'
-python benchmarks/throughput.py --population 1,8,64 "$@"
+python benchmarks/throughput.py --population 1,8,64 --conv --conv-steps 40 "$@"
 
 [ "${SPEED:-1}" = 0 ] && exit 0
 out=${SPEED_OUT:-/tmp/lth_speed_gpu}

@@ -41,11 +41,24 @@ one network at a time):
 ``--population 1,8,64`` measures several K (benchmarks/gpu.sh); the ratio lines then use the
 largest K. Populations larger than 8 run proportionally fewer steps per segment (at least 250).
 torch is optional (the ``bench`` extra): ``pip install torch==2.13.0`` installs the CPU build.
+
+Convnet rows (``--conv``, or ``--conv-only``): Conv-2 (Frankle & Carbin 2019; Adam 2e-4) at batch 60
+and 128, ResNet-20 (batch norm; SGD 0.1, momentum 0.9) at batch 128, on 10,000 CIFAR-shaped
+(32 x 32 x 3) random float32 images with random labels, dense masks. Per workload: (a) lth, one
+network, with the segment strategy ``train.segment = auto`` picks (printed), (a') lth with the other
+strategy, (b) lth, a population of 4 (own data orders), (e) a bare jitted Flax step of the same
+model (a Python loop over one ``jax.jit`` step, state donated, batch gathered on the device), (c) a
+PyTorch loop of the same model (NCHW, 2 threads). ``--conv-steps`` per timed segment (half for
+ResNet-20), best of ``--repeats`` interleaved rounds after a warm-up segment, as above:
+
+    conv_vs_bare_jit  = (a) steps/s / (e) steps/s
+    ratio_conv_single = (a) steps/s / (c) steps/s   (ratio_conv_population: (b) network-steps/s / (c))
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -95,10 +108,12 @@ def load_engine_module(spec: str):
 # ----------------------------------------------------------------------------- (a), (b): lth
 
 class LthRunner:
-    """A population of k LeNet-300-100s in the lth engine; ``segment()`` times one ``engine.run``."""
+    """A population of k networks (LeNet-300-100 unless ``model`` is given) in the lth engine;
+    ``segment()`` times one ``engine.run``."""
 
     def __init__(self, x, y, k: int, steps: int, rounds: int, engine_mod, knobs: dict,
-                 member_batch: int | None = None):
+                 member_batch: int | None = None, model: str = "lenet_300_100", density: float = DENSITY,
+                 **train):
         import jax
         import jax.numpy as jnp
 
@@ -107,17 +122,18 @@ class LthRunner:
         from lth.train import init_population
 
         self.jax, self.k, self.steps = jax, k, steps
-        model = build_model(ModelConfig(name="lenet_300_100"), CLASSES, (DIM,))
-        ex, ey = np.zeros((0, DIM), np.float32), np.zeros((0,), np.int32)
+        shape = x.shape[1:]
+        model = build_model(ModelConfig(name=model), CLASSES, shape)
+        ex, ey = np.zeros((0, *shape), np.float32), np.zeros((0,), np.int32)
         data = SimpleNamespace(x_train=x, y_train=y, x_val=ex, y_val=ey, x_test=ex, y_test=ey)
         total = steps * (rounds + 1)
-        cfg = TrainConfig(optimizer="adam", lr=LR, batch_size=BATCH, steps=total, eval_every=10 * total,
-                          member_batch=member_batch)
+        train = {"optimizer": "adam", "lr": LR, "batch_size": BATCH, **train}
+        cfg = TrainConfig(steps=total, eval_every=10 * total, member_batch=member_batch, **train)
         self.engine = engine_mod.Engine(model, data, cfg, **knobs)
-        params, bs = init_population(model, jax.random.split(jax.random.key(0), k), (DIM,))
+        params, bs = init_population(model, jax.random.split(jax.random.key(0), k), shape)
         rng = np.random.default_rng(1)
-        masks = jax.tree.map(  # kernels (ndim 3 with the population axis) at 50%, biases kept
-            lambda p: jnp.asarray(rng.random(p.shape) < DENSITY if p.ndim >= 3 else np.ones(p.shape, bool)),
+        masks = jax.tree.map(  # kernels (ndim >= 3 with the population axis) at `density`, biases kept
+            lambda p: jnp.asarray(rng.random(p.shape) < density if p.ndim >= 3 else np.ones(p.shape, bool)),
             params)
         self.state = self.engine.init(params, bs, masks, jax.random.split(jax.random.key(2), k))
         self.seeds = list(range(k))
@@ -205,6 +221,200 @@ class TorchRunner:
         return dt
 
 
+# ----------------------------------------------------------------------------- convnet rows
+
+# name -> (lth model, batch, train settings): Frankle & Carbin 2019 Conv-2 (Adam 2e-4, batch 60; and
+# batch 128), Frankle et al. 2020 ResNet-20 (SGD 0.1, momentum 0.9, batch 128, batch norm).
+CONV_WORKLOADS = {
+    "conv2_b60": ("conv2", 60, dict(optimizer="adam", lr=2e-4)),
+    "conv2_b128": ("conv2", 128, dict(optimizer="adam", lr=2e-4)),
+    "resnet20_b128": ("resnet20", 128, dict(optimizer="sgd", lr=0.1, momentum=0.9)),
+}
+CONV_N, CONV_SHAPE, CONV_K = 10_000, (32, 32, 3), 4
+
+
+def make_images(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((CONV_N, *CONV_SHAPE), dtype=np.float32)
+    return x, rng.integers(0, CLASSES, CONV_N).astype(np.int32)
+
+
+class BareJitRunner:
+    """The same Flax model trained by a plain loop over one ``jax.jit`` step (state donated, data
+    resident, the batch gathered on the device by indices from a host permutation): what a user
+    writes without lth, and the speed an lth segment should reach."""
+
+    def __init__(self, x, y, model_name: str, batch: int, steps: int, train: dict):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        from lth.config import ModelConfig
+        from lth.models import build_model
+
+        self.jax, self.steps, self.batch, self.n = jax, steps, batch, len(x)
+        model = build_model(ModelConfig(name=model_name), CLASSES, x.shape[1:])
+        variables = model.init(jax.random.key(0), jnp.zeros((1, *x.shape[1:])), train=False)
+        params, bs = variables["params"], variables.get("batch_stats", {})
+        tx = (optax.adam(train["lr"]) if train["optimizer"] == "adam"
+              else optax.sgd(train["lr"], momentum=train.get("momentum") or None))
+        xd, yd = jax.device_put(x), jax.device_put(y)
+
+        @functools.partial(jax.jit, donate_argnums=(0,))
+        def step(carry, idx):
+            params, bs, opt = carry
+
+            def loss_fn(p):
+                if bs:
+                    logits, upd = model.apply({"params": p, "batch_stats": bs}, xd[idx], train=True,
+                                              mutable=["batch_stats"])
+                    new_bs = upd["batch_stats"]
+                else:
+                    logits, new_bs = model.apply({"params": p}, xd[idx], train=True), bs
+                return optax.softmax_cross_entropy_with_integer_labels(logits, yd[idx]).mean(), new_bs
+
+            (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt = tx.update(grads, opt, params)
+            return (optax.apply_updates(params, updates), new_bs, opt), loss
+
+        self.step, self.carry = step, (params, bs, tx.init(params))
+        self.rng, self.perm, self.pos = np.random.default_rng(0), None, 0
+        t0 = time.perf_counter()
+        self.segment()  # compiles the step
+        self.first_s = time.perf_counter() - t0
+
+    def _indices(self):
+        if self.perm is None or self.pos + self.batch > self.n:
+            self.perm, self.pos = self.rng.permutation(self.n).astype(np.int32), 0
+        self.pos += self.batch
+        return self.perm[self.pos - self.batch:self.pos]
+
+    def segment(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            self.carry, loss = self.step(self.carry, self._indices())
+        value = float(loss)
+        dt = time.perf_counter() - t0
+        if not np.isfinite(value):
+            raise RuntimeError("bare jit: non-finite loss")
+        return dt
+
+
+def torch_model(model_name: str):
+    """Conv-2 or ResNet-20 in PyTorch, layer for layer as lth.models builds them."""
+    import torch.nn as nn
+
+    if model_name == "conv2":
+        return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 16 * 64, 256), nn.ReLU(),
+                             nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, CLASSES))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                      nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return (self.body(x) + self.short(x)).relu()
+
+    layers, cin = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for s, cout in enumerate((16, 32, 64)):
+        for b in range(3):
+            layers.append(Block(cin, cout, 2 if s > 0 and b == 0 else 1))
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, CLASSES))
+
+
+class TorchConvRunner:
+    """The PyTorch loop of the same model: batches by indexing a random permutation (NCHW tensors),
+    forward, ``backward()``, optimizer step; 2 threads."""
+
+    def __init__(self, x, y, model_name: str, batch: int, steps: int, train: dict):
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        self.torch, self.steps, self.batch = torch, steps, batch
+        model = torch_model(model_name)
+        opt = (torch.optim.Adam(model.parameters(), lr=train["lr"]) if train["optimizer"] == "adam"
+               else torch.optim.SGD(model.parameters(), lr=train["lr"], momentum=train.get("momentum", 0.0)))
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        yt = torch.from_numpy(y).long()
+        model.train()
+
+        def train_step(xb, yb):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            return loss
+
+        def batches():
+            while True:
+                perm = torch.randperm(len(xt))
+                for i in range(len(xt) // batch):
+                    j = perm[i * batch:(i + 1) * batch]
+                    yield xt[j], yt[j]
+
+        self.train_step, self.batches = train_step, batches()
+        t0 = time.perf_counter()
+        self.segment()  # warm-up
+        self.first_s = time.perf_counter() - t0
+
+    def segment(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            loss = self.train_step(*next(self.batches))
+        value = loss.item()
+        dt = time.perf_counter() - t0
+        if not np.isfinite(value):
+            raise RuntimeError("torch: non-finite loss")
+        return dt
+
+
+def conv_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: int | None) -> None:
+    """Every convnet workload: lth one network (the auto segment strategy, and "step" for
+    comparison), lth population of CONV_K, bare jitted step, PyTorch; best of ``rounds`` interleaved."""
+    x, y = make_images()
+    log(f"convnets: CIFAR-shaped random data {CONV_N} x {'x'.join(map(str, CONV_SHAPE))} float32, dense masks, "
+        f"{steps} steps per segment ({max(1, steps // 2)} for ResNet-20), best of {rounds} interleaved rounds "
+        f"after a warm-up segment; population K = {CONV_K}")
+    ratio_torch, ratio_bare = {}, {}
+    for name, (model, batch, train) in CONV_WORKLOADS.items():
+        n = steps if model != "resnet20" else max(1, steps // 2)
+        kw = dict(model=model, density=1.0, batch_size=batch, **train)
+        runners: dict[str, object] = {}
+        runners["lth"] = r = LthRunner(x, y, 1, n, rounds, engine_mod, knobs, mb, **kw)
+        log(f"  {name}: lth segment = {r.engine.segment} (auto); compile + first segment {r.first_s:.1f} s")
+        other = "step" if r.engine.segment == "scan" else "scan"
+        runners[f"lth_{other}"] = LthRunner(x, y, 1, n, rounds, engine_mod, knobs, mb, segment=other, **kw)
+        runners["pop"] = LthRunner(x, y, CONV_K, n, rounds, engine_mod, knobs, mb, **kw)
+        runners["bare"] = BareJitRunner(x, y, model, batch, n, train)
+        if torch_mod is not None:
+            runners["torch"] = TorchConvRunner(x, y, model, batch, n, train)
+        best = {k: float("inf") for k in runners}
+        for _ in range(rounds):
+            for k, r in runners.items():
+                best[k] = min(best[k], r.segment())
+        sps = {k: n / dt for k, dt in best.items()}
+        log(f"  {name}: (a) lth single {sps['lth']:7.2f} steps/s | (a') lth segment={other} {sps[f'lth_{other}']:7.2f} "
+            f"| (b) lth K={CONV_K} {sps['pop']:6.2f} x {CONV_K} = {sps['pop'] * CONV_K:7.2f} network-steps/s "
+            f"| (e) bare jit {sps['bare']:7.2f}"
+            + (f" | (c) torch {sps['torch']:7.2f}" if "torch" in sps else "") + " steps/s")
+        ratio_bare[name] = sps["lth"] / sps["bare"]
+        if "torch" in sps:
+            ratio_torch[name] = (sps["lth"] / sps["torch"], sps["pop"] * CONV_K / sps["torch"])
+    log("conv_vs_bare_jit: " + "  ".join(f"{k} {v:.2f}" for k, v in ratio_bare.items()))
+    if ratio_torch:
+        log("ratio_conv_single: " + "  ".join(f"{k} {v[0]:.2f}" for k, v in ratio_torch.items()))
+        log(f"ratio_conv_population: " + "  ".join(f"{k} {v[1]:.2f}" for k, v in ratio_torch.items())
+            + f"  (K={CONV_K} network-steps/s against (c))")
+
+
 # ----------------------------------------------------------------------------- (d): peak
 
 class PeakRunner:
@@ -272,6 +482,11 @@ def main(argv=None) -> int:
                          "'all' vmaps the whole population)")
     ap.add_argument("--quick", action="store_true", help="short segments: a smoke run, noisier figures")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--conv", action="store_true",
+                    help="also the convnet rows (Conv-2 batch 60 and 128, ResNet-20 batch 128)")
+    ap.add_argument("--conv-only", action="store_true", help="only the convnet rows")
+    ap.add_argument("--conv-steps", type=int, default=6,
+                    help="steps per timed convnet segment (half for ResNet-20; default 6)")
     ap.add_argument("--engine", default="lth.train",
                     help="module or .py file providing Engine (default lth.train; for profiling copies)")
     ap.add_argument("--knobs", default="{}", help="JSON keyword arguments for Engine (experimental copies only)")
@@ -295,20 +510,26 @@ def main(argv=None) -> int:
     import jax
 
     engine_mod = load_engine_module(args.engine)
-    log(f"workload: LeNet-300-100, batch {BATCH}, Adam lr {LR}, {N_TRAIN} x {DIM} float32 random data, "
-        f"kernel masks {DENSITY:.0%} dense; {FLOPS_PER_STEP / 1e6:.1f} MFLOP per network-step (3 x forward)")
     log(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} x {jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPUs, member_batch {args.member_batch}, engine {args.engine}{' ' + json.dumps(knobs) if knobs else ''}")
-    log(f"timing: {steps} steps per segment, best of {rounds} interleaved rounds after an untimed "
-        f"warm-up (compile) segment")
-
     torch_mod = None
     if not args.no_torch:
         try:
             import torch as torch_mod
         except ImportError:
             log(f"note: {TORCH_HINT}")
+    if torch_mod is not None:
+        log(f"torch {torch_mod.__version__}, {torch_mod.get_num_threads()} threads")
 
+    if args.conv or args.conv_only:
+        conv_rows(args.conv_steps, rounds, torch_mod, engine_mod, knobs, mb)
+        if args.conv_only:
+            return 0
+
+    log(f"workload: LeNet-300-100, batch {BATCH}, Adam lr {LR}, {N_TRAIN} x {DIM} float32 random data, "
+        f"kernel masks {DENSITY:.0%} dense; {FLOPS_PER_STEP / 1e6:.1f} MFLOP per network-step (3 x forward)")
+    log(f"timing: {steps} steps per segment, best of {rounds} interleaved rounds after an untimed "
+        f"warm-up (compile) segment")
     x, y = make_data()
     runners: dict[str, object] = {}
     k_steps = {}

@@ -116,6 +116,12 @@ class TrainConfig:
             "run one after another in the same compiled program. none = auto: 1 on CPU (each member's "
             "weights and optimizer state stay in cache; batched small matmuls are slow there), the "
             "whole population on GPU/TPU. Speed only: results agree to float rounding")
+    segment: Literal["auto", "scan", "step"] = _f(
+        "auto", result=False,
+        doc="how a segment between evaluations runs: scan = one compiled lax.scan over its steps; step = "
+            "one compiled step at a time, dispatched from the host (for XLA CPU, which runs convolutions "
+            "other than NHWC x HWIO far slower inside a loop). auto: step on CPU for models with such "
+            "convolutions, else scan. Speed only: both run the same steps in the same order")
 
     def __post_init__(self):
         if self.epochs is not None and self.steps is not None:

@@ -4,7 +4,9 @@ One network's train step is a pure function ``(state, x, y) -> (state, metrics)`
 between evaluations is one ``lax.scan`` over index batches with the data set resident on the device;
 the segment runs over the population axis K (seeds and controls): vmapped, or on CPU member after
 member inside the same program (``train.member_batch``, :func:`population_program`). K = 1 is the
-same code.
+same code. Where XLA runs a model's step far slower inside a loop (convolutions on CPU,
+:func:`segment_strategy`), the same step is dispatched from the host one compiled step at a time
+instead, with bitwise-identical results.
 
 Masks are pytrees of bools shaped like ``params``. A pruned weight starts at exactly +0.0 (the
 state is built with the mask applied) and its gradient is zeroed before the optimizer, so its
@@ -210,13 +212,16 @@ def member_batch_size(cfg: TrainConfig) -> int | None:
     return 1 if jax.default_backend() == "cpu" else None
 
 
-def population_program(member: Callable, in_axes: tuple, member_batch: int | None) -> Callable:
+def population_program(member: Callable, in_axes: tuple, member_batch: int | None,
+                       unroll: bool = False) -> Callable:
     """Run ``member`` over a population: the leading axis of every argument whose ``in_axes`` is 0.
 
     ``member_batch`` members at a time are vmapped; the groups run one after another (``lax.map``)
-    in the same program. None vmaps the whole population. With several local devices the population
-    is split between them (``shard_map``; see :func:`population_sharding`) and each device runs its
-    share this way, so no device waits for another's members.
+    in the same program. None vmaps the whole population. ``unroll`` writes the groups out one after
+    another instead of looping over them (no loop body: see :func:`segment_strategy`). With several
+    local devices the population is split between them (``shard_map``; see
+    :func:`population_sharding`) and each device runs its share this way, so no device waits for
+    another's members.
     """
     def pop(*args):
         k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)
@@ -230,7 +235,13 @@ def population_program(member: Callable, in_axes: tuple, member_batch: int | Non
             return member(*(next(it) if ax == 0 else a for a, ax in zip(args, in_axes)))
 
         batch = member_batch if member_batch is not None and 1 < member_batch < k else None
-        return jax.lax.map(one, mapped, batch_size=batch)
+        if not unroll:
+            return jax.lax.map(one, mapped, batch_size=batch)
+        g = batch or 1
+        groups = [jax.tree.map(lambda x: x[i:i + g], mapped) for i in range(0, k, g)]
+        outs = [jax.vmap(one)(xs) if g > 1 else jax.tree.map(lambda y: y[None], one(jax.tree.map(lambda x: x[0], xs)))
+                for xs in groups]
+        return jax.tree.map(lambda *ys: jnp.concatenate(ys), *outs)
 
     def sharded(*args):
         k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)
@@ -242,6 +253,66 @@ def population_program(member: Callable, in_axes: tuple, member_batch: int | Non
         return jax.shard_map(pop, mesh=mesh, in_specs=specs, out_specs=P("population"), check_vma=False)(*args)
 
     return sharded
+
+
+SEGMENTS = ("scan", "step")
+# The layout XLA's CPU backend runs convolutions in on its fast kernel, also inside a loop body
+# (lhs, rhs, out specs of lax.ConvDimensionNumbers: NHWC, HWIO, NHWC).
+_LOOP_FAST_CONV = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def segment_strategy(cfg: TrainConfig, model, input_shape: Sequence[int]) -> str:
+    """How a segment runs (``train.segment``): "scan" or "step"; both give bitwise-identical results.
+
+    "scan": the whole segment is one compiled ``lax.scan`` (:func:`make_segment_fn`), Python touches
+    nothing between evaluations. "step": one compiled step per call, dispatched from the host
+    (:func:`make_step_fn`). Auto: "step" on CPU for a model whose train step has a convolution that
+    XLA's CPU backend runs far slower inside a loop body (any layout but NHWC x HWIO -> NHWC, or
+    grouped: jax-ml/jax#12868; stock ``nn.Conv`` gradients), else "scan". lth's own conv layers
+    write their gradients in that layout (:func:`lth.models.loop_friendly_conv`), so every built-in
+    model scans: measured on 2 cores (benchmarks/throughput.py --conv-only), steps/s scan vs step:
+    Conv-2 batch 60 8.6 vs 6.0, batch 128 2.5 vs 2.0, ResNet-20 batch 128 3.0 vs 2.6; with stock
+    ``nn.Conv`` gradients a Conv-2 batch-60 step takes 12 s in a scan against 0.16 s at the top level.
+    Accelerators scan (loops do not hide kernels there; unmeasured so far: benchmarks/gpu.sh).
+    """
+    if cfg.segment != "auto":
+        return cfg.segment
+    if jax.default_backend() != "cpu":
+        return "scan"
+    return "step" if has_loop_slow_conv(model, tuple(int(d) for d in input_shape)) else "scan"
+
+
+@functools.lru_cache(maxsize=64)
+def has_loop_slow_conv(model, input_shape: tuple[int, ...]) -> bool:
+    """Whether the train step (forward and gradient) of ``model`` has a convolution that is not in
+    the layout XLA's CPU backend runs fast inside a loop body. Traced abstractly, nothing runs.
+    A model without ``init`` (a wrapper that only applies, such as QAT's) counts as loop-fast."""
+    if not hasattr(model, "init"):
+        return False
+    x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+
+    def loss(p, bs, x):
+        logits, _ = _forward(model, p, bs, x, train=True)
+        return jnp.sum(logits)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params, batch_stats, x).jaxpr
+    return any(not (tuple(map(tuple, p["dimension_numbers"])) == _LOOP_FAST_CONV
+                    and p["feature_group_count"] == 1 and p["batch_group_count"] == 1)
+               for p in _conv_params(jaxpr))
+
+
+def _conv_params(jaxpr) -> Iterable[dict]:
+    """Params of every ``conv_general_dilated`` in ``jaxpr`` and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            yield eqn.params
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _conv_params(sub)
 
 
 def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
@@ -264,22 +335,73 @@ def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
     return jax.jit(pop, donate_argnums=(0,))
 
 
-def make_eval_fn(model, member_batch: int | None = None) -> Callable:
-    """Compiled ``(params [K], batch_stats [K], xs [C, n, ...], ys [C, n], valid [C, n]) -> (loss [K], acc [K])``."""
+def make_step_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
+                 member_batch: int | None = None) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K])``: one step.
 
-    def member(params, batch_stats, xs, ys, valid):
-        def chunk(carry, inp):
-            x, y, v = inp
-            logits, _ = _forward(model, params, batch_stats, x, train=False)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-            return (carry[0] + jnp.sum(loss * v), carry[1] + jnp.sum(correct * v)), None
+    The "step" segment strategy (:func:`segment_strategy`): the same step as :func:`make_segment_fn`'s
+    scan body with no loop around it; ``idx`` ``[B]`` (shared) or ``[K, B]`` is already on the device,
+    the batch is gathered there, the state's buffers are donated. Member groups are unrolled.
+    """
+    step = make_train_step(model, tx, lr_fn)
 
-        (loss_sum, correct_sum), _ = jax.lax.scan(chunk, (jnp.float32(0), jnp.float32(0)), (xs, ys, valid))
+    def member(state, x_train, y_train, idx):
+        return step(state, x_train[idx], y_train[idx])
+
+    pop = population_program(member, (0, None, None, None if shared_order else 0), member_batch, unroll=True)
+    return jax.jit(pop, donate_argnums=(0,))
+
+
+def _eval_chunk(model, params, batch_stats, x, y, v):
+    """(sum of losses, number correct) over the valid examples of one chunk."""
+    logits, _ = _forward(model, params, batch_stats, x, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return jnp.sum(loss * v), jnp.sum(correct * v)
+
+
+def make_eval_fn(model, member_batch: int | None = None, segment: str = "scan") -> Callable:
+    """``(params [K], batch_stats [K], xs [C, n, ...], ys [C, n], valid [C, n]) -> (loss [K], acc [K])``.
+
+    "scan": one compiled program scans the C chunks. "step" (:func:`segment_strategy`): one compiled
+    program per chunk, dispatched from the host, adding to the running sums in the same order.
+    """
+    def finish(loss_sum, correct_sum, valid):
         n = jnp.sum(valid)
         return loss_sum / n, correct_sum / n
 
-    return jax.jit(population_program(member, (0, 0, None, None, None), member_batch))
+    if segment == "scan":
+        def member(params, batch_stats, xs, ys, valid):
+            def chunk(carry, inp):
+                loss, correct = _eval_chunk(model, params, batch_stats, *inp)
+                return (carry[0] + loss, carry[1] + correct), None
+
+            (loss_sum, correct_sum), _ = jax.lax.scan(chunk, (jnp.float32(0), jnp.float32(0)), (xs, ys, valid))
+            return finish(loss_sum, correct_sum, valid)
+
+        return jax.jit(population_program(member, (0, 0, None, None, None), member_batch))
+
+    def member_chunk(params, batch_stats, x, y, v, loss_sum, correct_sum):
+        loss, correct = _eval_chunk(model, params, batch_stats, x, y, v)
+        return loss_sum + loss, correct_sum + correct
+
+    pop = population_program(member_chunk, (0, 0, None, None, None, 0, 0), member_batch, unroll=True)
+
+    @functools.partial(jax.jit, donate_argnums=(6, 7))
+    def chunk(params, batch_stats, xs, ys, valid, c, loss_sum, correct_sum):
+        at = functools.partial(jax.lax.dynamic_index_in_dim, index=c, keepdims=False)
+        return pop(params, batch_stats, at(xs), at(ys), at(valid), loss_sum, correct_sum)
+
+    done = jax.jit(finish)
+
+    def evaluate(params, batch_stats, xs, ys, valid):
+        leaf = jax.tree.leaves(params)[0]
+        sums = jax.device_put((np.zeros(leaf.shape[0], np.float32),) * 2, leaf.sharding)
+        for c in range(xs.shape[0]):
+            sums = chunk(params, batch_stats, xs, ys, valid, np.int32(c), *sums)
+        return done(*sums, valid)
+
+    return evaluate
 
 
 def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int, chunks: int | None = None):
@@ -392,7 +514,8 @@ class Engine:
     """Compiled programs for one (model, optimizer, data set); reused across levels and arms.
 
     Python only walks the segment boundaries (evaluations and snapshot steps); each segment runs as
-    one compiled scan.
+    one compiled scan, or one compiled step after another where that is faster (``train.segment``,
+    :func:`segment_strategy`).
     """
 
     def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None):
@@ -408,8 +531,10 @@ class Engine:
                           for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
                           if len(x)}
         self.member_batch = mb = member_batch_size(cfg)
-        self._segment = {shared: make_segment_fn(model, tx, lr_fn, shared, mb) for shared in (True, False)}
-        self._eval = make_eval_fn(model, mb)
+        self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
+        make = make_segment_fn if self.segment == "scan" else make_step_fn
+        self._segment = {shared: make(model, tx, lr_fn, shared, mb) for shared in (True, False)}
+        self._eval = make_eval_fn(model, mb, self.segment)
         self._remask = None
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:
@@ -437,6 +562,22 @@ class Engine:
             loss, acc = self._eval(state.params, state.batch_stats, xs, ys, valid)
             out[name] = (np.asarray(loss), np.asarray(acc))
         return out
+
+    def _train_segment(self, state: TrainState, idx: np.ndarray, shared: bool) -> tuple[TrainState, dict]:
+        """Train over the example indices ``idx`` (``[S, B]`` shared or ``[K, S, B]``), the configured
+        way (:func:`segment_strategy`): ``(state, {loss, accuracy} [K, S] on the host)``."""
+        where = None if shared else population_sharding(idx.shape[0])
+        if self.segment == "scan":
+            state, m = self._segment[shared](state, self.x_train, self.y_train, jax.device_put(idx, where))
+            return state, jax.device_get(m)
+        # every step's indices go to the device in one transfer; the steps are queued without waiting
+        rows = jax.device_put(list(idx) if shared else list(idx.swapaxes(0, 1)), where)
+        ms = []
+        for i in rows:
+            state, m = self._segment[shared](state, self.x_train, self.y_train, i)
+            ms.append(m)
+        ms = jax.device_get(ms)
+        return state, {key: np.stack([m[key] for m in ms], 1) for key in ms[0]}
 
     @staticmethod
     def _snapshot(state: TrainState) -> PyTree:
@@ -472,8 +613,7 @@ class Engine:
                 idx = self.order.indices(seeds[0], pos, b)
             else:
                 idx = np.stack([self.order.indices(s, pos, b) for s in seeds])
-            idx = jax.device_put(idx) if shared else jax.device_put(idx, population_sharding(K))
-            state, m = self._segment[shared](state, self.x_train, self.y_train, idx)
+            state, m = self._train_segment(state, idx, shared)
             loss = np.asarray(m["loss"], np.float64)
             acc = np.asarray(m["accuracy"], np.float64)
             if first_loss is None:

@@ -12,7 +12,7 @@ from jax.tree_util import DictKey
 from lth import config
 from lth.config import ModelConfig
 from lth.models import (MODELS, OUTPUT, build_model, is_conv_kernel, layer_kind, layer_kinds,
-                        output_layer_name, param_count, register, scale_width)
+                        loop_friendly_conv, output_layer_name, param_count, register, scale_width)
 
 CIFAR = (32, 32, 3)
 NATURAL = [("mlp", (40,)), ("mlp", (28, 28, 1)), ("lenet_300_100", (28, 28, 1)),
@@ -311,3 +311,38 @@ def test_layer_kind_uses_names_so_stacked_population_trees_work():
 def test_output_layer_name_missing_is_an_error():
     with pytest.raises(KeyError, match="no 'output' layer"):
         output_layer_name({"dense_0": {}})
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("kernel, strides, padding, size", [
+    (3, 1, "SAME", 6), (3, 2, "SAME", 6), (3, 2, "SAME", 7), (1, 2, "SAME", 6), (3, 1, "VALID", 5),
+    (3, 2, ((2, 0), (1, 1)), 7)])
+def test_loop_friendly_conv_has_the_gradients_of_lax_conv(kernel, strides, padding, size):
+    """lth's conv layers write the input and weight gradients themselves (NHWC x HWIO convolutions,
+    which XLA's CPU backend runs fast inside a scan): the same values as jax's own gradients."""
+    rng = np.random.default_rng(kernel + strides + size)
+    x = jnp.asarray(rng.normal(size=(3, size, size, 2)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 2, 5)), jnp.float32)
+    st = (strides, strides)
+
+    def loss(conv, x, w):  # a non-linear function of the output, so dy differs per position
+        return jnp.sum(jnp.sin(conv(x, w, st, padding, dimension_numbers=NHWC)))
+
+    ours = jax.value_and_grad(functools.partial(loss, loop_friendly_conv), (0, 1))(x, w)
+    ref = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_friendly_conv_gradient_is_the_same_in_a_scan_and_at_top_level():
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(2, 4, 8, 8, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    grad = jax.grad(lambda w, x: jnp.sum(jnp.sin(loop_friendly_conv(x, w, (2, 2), "SAME", dimension_numbers=NHWC))))
+    top = [jax.jit(grad)(w, x) for x in xs]
+    scanned = jax.jit(lambda w, xs: jax.lax.scan(lambda c, x: (c, grad(w, x)), 0, xs)[1])(w, xs)
+    for t, s in zip(top, scanned):
+        np.testing.assert_array_equal(t, s)

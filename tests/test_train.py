@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lth.config import TrainConfig
-from lth.train import DataOrder, Engine, early_stop_steps, make_schedule, stack, unstack
+from lth.models import loop_friendly_conv
+from lth.train import DataOrder, Engine, early_stop_steps, make_schedule, segment_strategy, stack, unstack
 
 
 class TinyMLP(nn.Module):
@@ -236,3 +237,75 @@ def test_divergence_is_a_non_finite_loss_or_one_above_100x_its_first_step_value(
                      [0.01, 50.0, 99.0, 0.5]])  # starts near 0: the limit is 100 x max(first, 1) = 100
     assert DIVERGENCE_FACTOR == 100
     assert diverged_steps(loss, loss[:, 0], pos=10) == {0: 13, 2: 12}
+
+# ---------------------------------------------------------------------------- segment strategies
+
+class TinyConv(nn.Module):
+    """Conv, strided conv, dense: lth's conv layers (gradients in the layout XLA runs fast in a loop)."""
+
+    stock: bool = False  # plain nn.Conv: jax's gradient convolutions, slow inside a loop on CPU
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = {} if self.stock else {"conv_general_dilated": loop_friendly_conv}
+        x = nn.relu(nn.Conv(4, (3, 3), name="conv_0", **kw)(x))
+        x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2), name="conv_1", **kw)(x))
+        return nn.Dense(3, name="output")(x.reshape((x.shape[0], -1)))
+
+
+def tiny_images(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + 60, 6, 6, 3)).astype(np.float32)
+    y = (x[:, :3].mean((1, 2, 3)) > x[:, 3:].mean((1, 2, 3))).astype(np.int32) + (x[..., 0].mean((1, 2)) > 0)
+    return SimpleNamespace(x_train=x[:n], y_train=y[:n], x_val=x[n:n + 30], y_val=y[n:n + 30],
+                           x_test=x[n + 30:], y_test=y[n + 30:], num_classes=3, input_shape=(6, 6, 3))
+
+
+def test_auto_segment_scans_unless_a_conv_is_slow_in_a_loop_on_cpu():
+    cfg = TrainConfig(batch_size=8, steps=4)
+    assert segment_strategy(cfg, TinyMLP(), (8,)) == "scan"
+    assert segment_strategy(cfg, TinyConv(), (6, 6, 3)) == "scan"
+    assert segment_strategy(cfg, TinyConv(stock=True), (6, 6, 3)) == ("step" if jax.default_backend() == "cpu" else "scan")
+    assert segment_strategy(TrainConfig(segment="step"), TinyMLP(), (8,)) == "step"
+    assert Engine(TinyConv(), tiny_images(), TrainConfig(batch_size=8, steps=4, segment="step")).segment == "step"
+
+
+def test_scan_and_step_segments_are_bitwise_identical_with_a_resume_between():
+    """Two members with their own data orders, masks, several segments (evals every 5 steps, a
+    snapshot at 7, eval chunks with padding), then the same run stopped at 10 and resumed by the
+    other strategy: weights, optimizer moments and every metric agree to the bit; pruned weights
+    are +0.0 throughout."""
+    data = tiny_images()
+    common = dict(optimizer="adam", lr=1e-2, batch_size=8, steps=15, eval_every=5, eval_batch_size=16)
+    engines = {seg: Engine(TinyConv(), data, TrainConfig(segment=seg, **common)) for seg in ("scan", "step")}
+    assert {e.segment for e in engines.values()} == {"scan", "step"}
+    runs = {seg: e.run(population(e, [0, 1])[0], [0, 1], snapshot_steps=[7]) for seg, e in engines.items()}
+    first = engines["step"].run(population(engines["step"], [0, 1])[0], [0, 1], stop=10)
+    resumed = engines["scan"].run(first.state, [0, 1], start=10)
+    runs["step then scan"] = SimpleNamespace(state=resumed.state, records=first.records + resumed.records,
+                                             snapshots=runs["scan"].snapshots)
+    ref = runs["scan"]
+    assert len(ref.records) == 3 * 3 * 2  # 3 evaluations x (train, val, test) x 2 members
+    _, masks = population(engines["scan"], [0, 1])
+    for name, run in runs.items():
+        assert run.records == ref.records, name
+        for a, b in zip(jax.tree.leaves((ref.state.params, ref.state.opt_state, ref.snapshots)),
+                        jax.tree.leaves((run.state.params, run.state.opt_state, run.snapshots))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        for k in range(2):
+            for p, m in zip(jax.tree.leaves(unstack(run.state.params, k)), jax.tree.leaves(masks[k])):
+                p = np.asarray(p)
+                assert np.all(p[~m] == 0.0) and not np.any(np.signbit(p[~m])) and np.all(p[m] != 0.0)
+    assert int(runs["step then scan"].state.step[0]) == 15
+
+
+def test_step_segments_population_equals_separate_runs():
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=8, steps=6, eval_every=3, segment="step")
+    engine = Engine(TinyConv(), tiny_images(), cfg)
+    together = engine.run(population(engine, [0, 1])[0], [0, 1])
+    for k in range(2):
+        single = engine.run(jax.tree.map(lambda x: x[k:k + 1], population(engine, [0, 1])[0]), [k])
+        for a, b in zip(jax.tree.leaves(unstack(together.state.params, k)), jax.tree.leaves(unstack(single.state.params, 0))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([r["loss"] for r in together.records if r["member"] == k],
+                                   [r["loss"] for r in single.records], rtol=1e-5)

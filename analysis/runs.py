@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -168,16 +166,10 @@ def load_sparsity(root: str | Path) -> pd.DataFrame:
 def _intact_cells(level_dir: Path) -> list[Path]:
     """The quant cells of a level whose table matches the checksum in its marker (``<cell>.json``,
     written after the table by the quant stage); a damaged or half-written cell is left out."""
-    out = []
-    for meta in sorted((level_dir / "quant").glob("*.json")):
-        table = meta.with_suffix(".parquet")
-        try:
-            expected = json.loads(meta.read_text())["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if table.is_file() and hashlib.sha256(table.read_bytes()).hexdigest() == expected:
-            out.append(table)
-    return out
+    from lth.store import marked_file_problem
+
+    return [meta.with_suffix(".parquet") for meta in sorted((level_dir / "quant").glob("*.json"))
+            if marked_file_problem(meta.with_suffix(".parquet"), meta) is None]
 
 
 def load_quant(root: str | Path) -> pd.DataFrame:

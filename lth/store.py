@@ -175,6 +175,23 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def marked_file_problem(path: str | Path, marker: str | Path) -> str | None:
+    """None when ``marker`` (JSON ``{"sha256": ...}``, written after ``path``) exists and ``path``
+    matches its checksum; else why not (missing, unreadable marker, damaged file)."""
+    path, marker = Path(path), Path(marker)
+    if not marker.is_file():
+        return f"{marker} is missing"
+    try:
+        expected = read_json(marker)["sha256"]
+    except (StoreError, KeyError, TypeError):
+        return f"{marker} is unreadable"
+    if not path.is_file():
+        return f"{path} is missing"
+    if sha256(path) != expected:
+        return f"{path} does not match its checksum"
+    return None
+
+
 def prepare_root(root: str | Path) -> Path:
     """Create the store root, or fail clearly when it is a file or not writable."""
     root = Path(root)

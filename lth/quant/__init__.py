@@ -8,19 +8,7 @@
 - :mod:`~lth.quant.export`: compressed size accounting and the export file format;
 - :mod:`~lth.quant.stage`: the store-facing quant stage of an experiment (cells keyed by run id + setting).
 
-The quantizer (Jacob et al. 2018, Eq. 1: ``r = S (q - Z)``)::
-
-    q = clip(round(r / S) + Z, qmin, qmax)        r_hat = S (q - Z)
-
-- ``sym``: signed integers ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (narrow range), ``Z = 0``,
-  ``S = max(|lo|, |hi|) / qmax``; 2 bits is ternary {-1, 0, 1}.
-- ``asym``: unsigned integers ``[0, 2^b - 1]``, ``S = (hi - lo) / (2^b - 1)``, ``Z = round(-lo / S)``.
-  The range is first widened to contain 0 and Z is an integer, so real 0 is exactly ``q = Z``.
-- 1 bit is binary: ``r_hat = S sign(r)`` (``sign(0) = 0``), ``S = mean |r|`` of the non-zero entries
-  (the L2-optimal binary scale, Rastegari et al. 2016), whatever the scheme.
-
-So a pruned weight (exact 0.0) stays exactly 0.0 after quantize -> dequantize, for every bit width,
-scheme and granularity: the mask survives PTQ and QAT without special cases.
+The quantizer and why a pruned weight stays exactly 0.0 through PTQ and QAT: :mod:`lth.quant.numerics`.
 
 Weights are quantized per tensor or per output channel (the last axis of a Dense/Conv kernel);
 activations per tensor at the input of every ``nn.Dense``/``nn.Conv`` (via

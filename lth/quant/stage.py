@@ -34,7 +34,8 @@ import pandas as pd
 from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
 from ..lottery import kept_count, reinit_weights, seed_keys
 from ..pruning import density, prunable
-from ..store import StoreError, atomic_write_bytes, atomic_write_json, failpoint, parquet_bytes, read_json, sha256
+from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
+                     parquet_bytes)
 from ..stored import Population, StoredRun
 from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
 from .export import float_size_report, nm_of, size_report, write_export
@@ -126,19 +127,8 @@ def quant_arms(cfg: ExperimentConfig, qc: QuantConfig, level: int) -> list[str]:
 
 def cell_problem(level_dir: Path, cid: str) -> str | None:
     """None when the cell is done and intact; else why not."""
-    level_dir = Path(level_dir)
-    meta, table = level_dir / QUANT_DIR / f"{cid}.json", level_dir / QUANT_DIR / f"{cid}.parquet"
-    if not meta.is_file():
-        return f"{meta} is missing"
-    try:
-        expected = read_json(meta)["sha256"]
-    except (StoreError, KeyError, TypeError):
-        return f"{meta} is unreadable"
-    if not table.is_file():
-        return f"{table} is missing"
-    if sha256(table) != expected:
-        return f"{table} does not match its checksum"
-    return None
+    qdir = Path(level_dir) / QUANT_DIR
+    return marked_file_problem(qdir / f"{cid}.parquet", qdir / f"{cid}.json")
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,9 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
         hp = df.drop_duplicates("run_id").set_index("run_id")
         extra = [c for c in df.columns if "." in c]  # the flattened hparams
         q = q.drop(columns=[c for c in extra if c in q]).join(hp[extra], on="run_id")
+        if "diverged_step" in df:  # a member that diverged in training is marked on its quantized rows too
+            div = df.drop_duplicates(keys).set_index(keys)["diverged_step"]
+            q["diverged_step"] = div.reindex(pd.MultiIndex.from_frame(q[keys])).fillna(-1).astype(int).to_numpy()
         df = pd.concat([df, q], ignore_index=True)
     return df
 

@@ -75,8 +75,9 @@ def test_every_arm_and_seed_of_the_chosen_levels_is_quantized(reference):
     dense_bytes = f[f.level == 0].size_bytes.iloc[0]
     assert dense_bytes == f[f.level == 0].param_count.iloc[0] * 4  # the dense float32 network
     assert (f[(f.level == 1) & (f.arm == "ticket")].size_bytes < dense_bytes).all()  # stored sparse
+    assert (df[df.method != "float"].diverged_step == -1).all()  # training divergence carried to quant rows
     for col in ("run_id", "arm", "seed", "level", "density", "param_count", "bits", "method", "scheme",
-                "granularity", "calibration", "act_bits", "size_bytes", "compression"):
+                "granularity", "calibration", "act_bits", "size_bytes", "compression", "diverged_step"):
         assert df[col].notna().all(), col
 
 

@@ -343,7 +343,7 @@ def _ints(values) -> list[int]:
 
 def _cmd_sensitivity(args) -> int:
     from .config import ConfigError
-    from .sensitivity import load_run_config, rates_for, sensitivity
+    from .prune.sensitivity import load_run_config, rates_for, sensitivity
     from .store import check_writable
 
     try:
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sensitivity":
             return _cmd_sensitivity(args)
         if args.command == "compact":
-            from .structured import compact_run
+            from .prune.structured import compact_run
             try:
                 r = compact_run(args.run_dir, args.level, batch=args.batch)
             except ValueError as e:

@@ -34,23 +34,24 @@ import pandas as pd
 from . import __version__
 from .config import ConfigError, ExperimentConfig, check_against_model
 from .data import load_dataset
-from .baselines import match_width
 from .models import build_model
-from .pruning import (agp_density, density, magnitude_scores, obd_scores, oneshot_config, prunable, prune_by_score,
-                      prune_to_density, random_mask_like, random_scores, saliency_scores, shuffle_mask,
-                      sparsity_rows, layer_table)
-from .structured import STRUCTURED_MODELS, structured_prune
-from .signals import activation_sparsity, hessian_diagonal, mean_gradient
+from .prune.baselines import match_width
+from .prune.criteria import Signals, magnitude_scores
+from .prune.criteria import scores as criterion_scores
+from .prune.masks import (density, layer_table, prunable, prune_by_score, prune_to_density, random_mask_like,
+                          shuffle_mask, sparsity_rows)
+from .prune.schedules import agp_density, oneshot_config
+from .prune.signals import activation_sparsity
+from .prune.structured import STRUCTURED_MODELS, structured_prune
 from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
 from .train import Engine, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
+from .trees import kept_count, seed_keys, to_device, to_numpy
 from .wandb_log import WandbSink, flatten
 
 # Offsets that separate the rng streams of different uses of one seed.
 _REINIT_KEY = 1_000_003
 _RANDOM_MASK = 1
 _SHUFFLE_MASK = 2
-_RANDOM_SCORES = 3
-_HESSIAN_KEY = 2_000_003
 
 
 @dataclass(frozen=True)
@@ -59,26 +60,11 @@ class Member:
     seed: int
 
 
-def to_numpy(tree):
-    """Host (numpy) copy of a pytree."""
-    return jax.tree.map(np.asarray, tree)
-
-
-def seed_keys(seeds, fold: int | None = None) -> jax.Array:
-    """Stacked PRNG keys ``[K]``: key(seed), optionally folded with ``fold``."""
-    make = (lambda s: jax.random.key(s)) if fold is None else (lambda s: jax.random.fold_in(jax.random.key(s), fold))
-    return jax.vmap(make)(np.asarray(seeds))
-
-
 def reinit_weights(model, seed: int, level: int, input_shape) -> dict:
     """The fresh init of the ``reinit`` control of ``seed`` at ``level``: ``{'params', 'batch_stats'}``."""
     key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
     params, bs = to_numpy(init_population(model, key[None], input_shape))
     return {"params": unstack(params, 0), "batch_stats": unstack(bs, 0)}
-
-
-def _to_jax(tree):
-    return jax.device_put(tree)  # host copies; jnp.asarray would compile a program per shape
 
 
 def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
@@ -242,19 +228,13 @@ class Lottery:
     def scores(self, member: dict, seed: int, level: int):
         """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
         pc = self.cfg.prune
-        params, bs = member["params"], member["batch_stats"]
-        if pc.criterion == "magnitude":
-            return magnitude_scores(params)
-        if pc.criterion == "random":
-            return random_scores(params, np.random.default_rng([seed, level, _RANDOM_SCORES]))
-        idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
-        batches = [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
-        p, b = _to_jax(params), _to_jax(bs)
-        if pc.criterion == "saliency":
-            return saliency_scores(params, to_numpy(mean_gradient(self.model, p, b, batches)))
-        key = jax.random.fold_in(jax.random.key(seed + _HESSIAN_KEY), level)
-        hdiag = hessian_diagonal(self.model, p, b, batches, key, pc.hessian_samples, pc.hessian)
-        return obd_scores(params, to_numpy(hdiag))
+
+        def batches():  # the seed's first criterion_batches training batches
+            idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
+            return [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
+
+        signals = Signals(self.model, member["params"], member["batch_stats"], seed, level, pc, batches)
+        return criterion_scores(member["params"], signals)
 
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
@@ -336,7 +316,7 @@ class Lottery:
             params = to_numpy(state.params)
             masks = [prune_to_density(magnitude_scores(unstack(params, k)), unstack(to_numpy(state.mask), k),
                                       can_prune, target) for k in range(len(members))]
-            mask_pop = _to_jax(stack(masks))
+            mask_pop = to_device(stack(masks))
             state = engine.remask(state, mask_pop)
             rows.append({"step": u, "target_density": target, "density": density(masks[0], can_prune)})
         from .train import TrainResult
@@ -453,11 +433,6 @@ def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
         yield update
     finally:
         bar.close()
-
-
-def kept_count(mask) -> int:
-    """Parameters a mask keeps (weights and unpruned biases/norm parameters)."""
-    return int(sum(np.asarray(m).sum() for m in jax.tree.leaves(mask)))
 
 
 def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:

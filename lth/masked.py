@@ -42,10 +42,11 @@ from . import __version__
 from .config import ConfigError, ExperimentConfig
 from .data import load_dataset
 from .models import build_model
-from .pruning import density, prunable
+from .prune.masks import density, prunable
 from .store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
-from .lottery import Member, seed_keys, kept_count, metrics_table, to_numpy, progress_bar, sparsity_table, stored_init
+from .lottery import Member, metrics_table, progress_bar, sparsity_table, stored_init
 from .train import Engine, init_variables, stack, unstack
+from .trees import kept_count, seed_keys, to_numpy
 
 MASKS_FILE = "masks.msgpack"
 MEMBERS_FILE = "members.json"

@@ -48,10 +48,10 @@ import pandas as pd
 from jax import lax
 
 from .config import ConfigError
-from .nm import as_matrix, group_counts, groupable, nm_bytes, nm_compress
-from .pruning import prunable
+from .prune.masks import prunable
+from .prune.nm import as_matrix, group_counts, groupable, nm_bytes, nm_compress
 from .store import StoreError, atomic_write_bytes, load_tree, parquet_bytes, read_json
-from .structured import SEQUENTIAL, compact, is_structured, layer_order
+from .prune.structured import SEQUENTIAL, compact, is_structured, layer_order
 from .train import apply_mask, unstack
 
 CHECK_BATCH = 64
@@ -483,7 +483,7 @@ def measure_ticket(t: Ticket, x: np.ndarray, batches: Sequence[int], formats: Se
 def open_ticket(run_dir: str | Path, level: int, member: int = 0, calib_examples: int = 512):
     """(Ticket, test inputs, run info) of member ``member`` of a stored level."""
     from .quant import layer_program
-    from .sensitivity import open_level
+    from .prune.sensitivity import open_level
 
     run_dir = Path(run_dir)
     if not (run_dir / "hparams.json").is_file():

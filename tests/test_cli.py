@@ -142,7 +142,7 @@ def test_former_tracebacks_are_one_line_with_exit_2(tiny_run, tmp_path, capsys, 
             monkeypatch.setattr("lth.quant.quantize_run", computed)
             code = main(["quantize", str(run), "--bits", "8"])
         else:
-            monkeypatch.setattr("lth.sensitivity.sensitivity", computed)
+            monkeypatch.setattr("lth.prune.sensitivity.sensitivity", computed)
             code = main(["sensitivity", str(run), "--level", "0"])
         _one_error_line(capsys, code, "level_000 is not writable")
     elif case == "sparsity_missing_seed":

@@ -225,7 +225,7 @@ def test_cli_export_and_eval_export(stored_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("bits, scheme", [(8, "sym"), (4, "asym")])
 def test_nm_encoding_round_trips_and_matches_hand_computed_bytes(bits, scheme):
-    from lth.nm import keep_per_group
+    from lth.prune.nm import keep_per_group
     rng = np.random.default_rng(bits)
     zp = rng.integers(0, 2 ** bits, 6) if scheme == "asym" else np.zeros(6, np.int64)
     lo, hi = qrange(bits, scheme)
@@ -244,7 +244,7 @@ def test_nm_encoding_round_trips_and_matches_hand_computed_bytes(bits, scheme):
 
 
 def test_nm_ticket_size_report_and_export_use_the_nm_encoding(tmp_path):
-    from lth.nm import keep_per_group
+    from lth.prune.nm import keep_per_group
     model = MLP((8,), 4)
     rng = np.random.default_rng(0)
     params = {}

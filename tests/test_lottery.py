@@ -14,7 +14,7 @@ import pytest
 from analysis import NotAStoreError, load_runs
 from lth.config import ExperimentConfig
 from lth.lottery import Lottery, run_lottery
-from lth.pruning import expected_counts
+from lth.prune.masks import expected_counts
 from lth.store import load_tree
 from lth.train import unstack
 
@@ -288,7 +288,7 @@ def test_sparsity_cli_reports_exact_counts(finished, capsys):
 def test_sensitivity_table_has_one_row_per_layer_and_density(finished, capsys):
     from lth.cli import main
     from lth.config import load_experiment
-    from lth.sensitivity import rates_for, sensitivity
+    from lth.prune.sensitivity import rates_for, sensitivity
     cfg, out, store = finished
     table = sensitivity(store.path, 1, [0.5, 0.2])
     test = table[table.split == "test"]

@@ -7,9 +7,9 @@ import pytest
 
 from lth.config import ConfigError, ExperimentConfig, ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.nm import (group_counts, group_schedule, groupable, keep_per_group, nm_bytes, nm_compress,
+from lth.prune.nm import (group_counts, group_schedule, groupable, keep_per_group, nm_bytes, nm_compress,
                     nm_decompress, nm_prune)
-from lth.structured import structured_prune
+from lth.prune.structured import structured_prune
 
 
 def init(cfg, shape):

@@ -7,10 +7,10 @@ import pytest
 
 from lth.config import ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.nm import nm_prune
+from lth.prune.nm import nm_prune
 from lth.quant import layer_program
 from lth.speed import FORMATS, Built, SpeedCheckError, Ticket, check_outputs, measure_ticket, time_call
-from lth.structured import structured_prune
+from lth.prune.structured import structured_prune
 from lth.train import apply_mask
 
 FAST = {"repeats": 1, "min_time": 0.0, "warmup": 1}

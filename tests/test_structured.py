@@ -9,7 +9,7 @@ import pytest
 
 from lth.config import ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.structured import (compact, droppable_blocks, drop_block, dropped_blocks, is_structured, layer_order,
+from lth.prune.structured import (compact, droppable_blocks, drop_block, dropped_blocks, is_structured, layer_order,
                             residual_blocks, structured_prune)
 from lth.train import apply_mask
 

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from .config import STRUCTURED_MODELS, ConfigError, ModelConfig, PruneConfig
-from .models import POOL, ConvNet, MLP, build_model
+from ..config import STRUCTURED_MODELS, ConfigError, ModelConfig, PruneConfig
+from ..models import POOL, ConvNet, MLP, build_model
 
 PyTree = Any
 SEQUENTIAL = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6")  # the models compact supports
@@ -262,8 +262,8 @@ def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats
     from pathlib import Path
 
     from .sensitivity import open_level
-    from .store import load_tree
-    from .train import apply_mask, unstack
+    from ..store import load_tree
+    from ..train import apply_mask, unstack
 
     run_dir = Path(run_dir)
     cfg, store, data, model = open_level(run_dir, level)

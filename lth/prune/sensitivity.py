@@ -14,11 +14,12 @@ import jax
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ExperimentConfig
-from .pruning import leaf_name, magnitude_scores, prunable, prune_to_density
-from .store import atomic_write_bytes, load_tree, parquet_bytes
-from .stored import StoredRun, run_config
-from .train import apply_mask, chunk_split, make_eval_fn, stack, unstack
+from ..config import ConfigError, ExperimentConfig
+from .criteria import magnitude_scores
+from .masks import leaf_name, prunable, prune_to_density
+from ..store import atomic_write_bytes, load_tree, parquet_bytes
+from ..stored import StoredRun, run_config
+from ..train import apply_mask, chunk_split, make_eval_fn, stack, unstack
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config of a stored run (hparams.json checked against its run id)."""

@@ -167,7 +167,7 @@ def _cmd_experiment(args, train_only: bool) -> int:
     if mask_arm is not None and mask is None:
         return _error("--mask-arm needs --mask (the mask file or stored level to train)")
     if mask is not None:
-        from .masked import train_masked
+        from .lottery.masked import train_masked
         t0 = time.time()
         store = train_masked(cfg, args.out, mask, mask_arm or "ticket",
                              progress=not args.no_progress and cfg.log.progress)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .config import ExperimentConfig, QuantConfig
-from .lottery import Lottery, run_group
+from .lottery.groups import run_group
+from .lottery.runner import Lottery
 from .quant.stage import QuantStage, pending, quant_levels
 from .store import RunStore, prepare_root
 from .stored import StoredRun

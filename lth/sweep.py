@@ -92,11 +92,11 @@ class Outcome:
 def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
     """Indices of the points that train together, in grid order.
 
-    Points with equal :func:`lth.lottery.population_key` (same data, model, training, rewinding and
+    Points with equal :func:`lth.lottery.groups.population_key` (same data, model, training, rewinding and
     number of levels) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
     population holds every member of its runs); ``max_runs = 1`` trains every run alone.
     """
-    from .lottery import population_key
+    from .lottery.groups import population_key
 
     if max_runs < 1:
         raise ConfigError(f"--group {max_runs} is not allowed; expected an integer >= 1")

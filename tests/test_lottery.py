@@ -306,3 +306,9 @@ def test_sensitivity_table_has_one_row_per_layer_and_density(finished, capsys):
     exp.write_text("")
     cfg2 = load_experiment(exp, [line.split(" ", 1)[1].strip("'")])
     assert set(cfg2.prune.rates) == {"dense_0", "dense_1", "output"}
+
+
+def test_every_configurable_arm_is_a_registry_entry_or_small_dense():
+    from lth.config import ARMS as CONFIG_ARMS
+    from lth.lottery import ARMS
+    assert set(ARMS) | {"small_dense"} == set(CONFIG_ARMS)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
-from ..lottery import reinit_weights
+from ..lottery.arms import reinit_weights
 from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes)

@@ -235,7 +235,7 @@ def test_sweep_waits_for_a_run_busy_in_another_process(tmp_path):
 def test_divergence_is_printed_in_the_run_summary_and_marked_in_the_report(tiny_run, tmp_path, capsys):
     import shutil
     import pandas as pd
-    from lth.cli import _print_summary
+    from lth.cli.common import print_summary
     from lth.store import RunStore, parquet_bytes
     cfg, out = tiny_run
     copy = tmp_path / "store"
@@ -246,7 +246,7 @@ def test_divergence_is_printed_in_the_run_summary_and_marked_in_the_report(tiny_
     m = pd.read_parquet(d / "metrics.parquet")
     m["diverged_step"] = 23  # as if the member's loss had exploded at step 23
     store.write_level(1, {**files, "metrics.parquet": parquet_bytes(m)})
-    _print_summary(store.path, 1.0)
+    print_summary(store.path, 1.0)
     assert "diverged: level 1 ticket seed 0 at step 23" in capsys.readouterr().out
     assert main(["report", str(copy), "--out", str(tmp_path / "figs")]) == 0
     s = pd.read_csv(tmp_path / "figs" / "summary.csv").set_index("level")

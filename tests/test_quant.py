@@ -373,21 +373,24 @@ def test_bad_quant_settings_fail_with_the_key_and_allowed_values(stored_run):
 
 
 def test_cli_quantize_prints_the_table(stored_run, capsys):
-    import argparse
+    from lth.cli import build_parser
 
-    from lth import quant_cmd
-
-    parser = argparse.ArgumentParser(prog="lth")
-    quant_cmd.add_parsers(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--bits", "4", "--no-write",
                               "--arms", "ticket"])
-    assert quant_cmd.run(args) == 0
+    assert _run(args) == 0
     out = capsys.readouterr().out
     assert "compression" in out and "1 rows" in out
     args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--no-write", "--set", "quant.bits=[8, 4]",
                               "--set", 'quant.arms=["ticket"]'])
-    assert quant_cmd.run(args) == 0 and "2 rows" in capsys.readouterr().out
-    assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--set", "train.lr=1"])) == 2
+    assert _run(args) == 0 and "2 rows" in capsys.readouterr().out
+    assert _run(parser.parse_args(["quantize", str(stored_run), "--set", "train.lr=1"])) == 2
     assert "quant.* settings only" in capsys.readouterr().err
-    assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--scheme", "sym,nope"])) == 2
+    assert _run(parser.parse_args(["quantize", str(stored_run), "--scheme", "sym,nope"])) == 2
     assert "quant.scheme" in capsys.readouterr().err
+
+
+def _run(args) -> int:
+    """A command of the ``lth`` table without main's error handling (so a test sees the exception)."""
+    from lth.cli import COMMANDS
+    return COMMANDS[args.command].run(args)

@@ -120,8 +120,8 @@ def test_run_id_hparams_and_metrics_record_the_mask(masked):
     assert df["mask.sha256"].unique().tolist() == [hp["mask"]["sha256"]]
     assert (df["mask_seed"] == df["seed"]).all()
     # the run folder reads like any other: its config loads, `lth sparsity` reports it
-    from lth.prune.sensitivity import load_run_config
-    assert load_run_config(run).model.widths == (24, 16)
+    from lth.stored import run_config
+    assert run_config(run)[0].model.widths == (24, 16)
     assert main(["sparsity", str(run)]) == 0
 
 

@@ -24,7 +24,7 @@ def add_sensitivity(sub) -> None:
 
 def run_sensitivity(args) -> int:
     from ..config import ConfigError
-    from ..prune.sensitivity import load_run_config, rates_for, sensitivity
+    from ..prune.sensitivity import rates_for, sensitivity
     from ..store import check_writable
 
     try:
@@ -52,7 +52,8 @@ def run_sensitivity(args) -> int:
     print(f"table: {Path(args.run_dir) / f'level_{args.level:03d}' / 'sensitivity.parquet'}; "
           f"figure: {out / 'sensitivity.pdf'}")
     if args.to_rates is not None:
-        levels = load_run_config(args.run_dir).prune.levels
+        from ..stored import run_config
+        levels = run_config(args.run_dir)[0].prune.levels
         rates = rates_for(table, args.to_rates, levels)
         inline = ", ".join(f'"{k}" = {v}' for k, v in rates.items())
         print(f"# per-layer rates for {levels} levels, val drop <= {args.to_rates}:")

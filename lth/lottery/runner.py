@@ -41,7 +41,7 @@ from ..prune.criteria import scores as criterion_scores
 from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_to_density, sparsity_rows
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
-from ..prune.structured import STRUCTURED_MODELS, structured_prune
+from ..prune.structured import structured_prune
 from ..store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
@@ -102,9 +102,6 @@ class Lottery:
         if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
             raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
                               f"(got {pc.levels})")
-        if pc.granularity != "weight" and cfg.model.name not in STRUCTURED_MODELS[pc.granularity]:
-            raise ConfigError(f"prune.granularity = {pc.granularity!r} supports models "
-                              f"{', '.join(STRUCTURED_MODELS[pc.granularity])}; not {cfg.model.name}")
         if pc.schedule == "gradual":
             end = pc.agp_start_step + pc.agp_updates * pc.agp_frequency
             if end > self.engine.num_steps:

@@ -17,15 +17,10 @@ import jax
 import numpy as np
 
 from ..config import PruneConfig
-from ..models import path_names, layer_kind
+from ..models import layer_key, layer_kind, path_names
 from .criteria import magnitude_scores
 
 PyTree = Any
-
-
-def layer_name(path) -> str:
-    """'dense_0' for the path of dense_0/kernel; nested modules joined with '/'."""
-    return "/".join(path_names(path)[:-1])
 
 
 def layer_table(params: PyTree) -> dict[str, str]:
@@ -33,8 +28,8 @@ def layer_table(params: PyTree) -> dict[str, str]:
     out: dict[str, str] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         kind = layer_kind(path, leaf)
-        if kind in ("dense", "conv", "output") or layer_name(path) not in out:
-            out[layer_name(path)] = kind if kind in ("dense", "conv", "output") else "other"
+        if kind in ("dense", "conv", "output") or layer_key(path) not in out:
+            out[layer_key(path)] = kind if kind in ("dense", "conv", "output") else "other"
     return out
 
 

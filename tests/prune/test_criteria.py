@@ -14,7 +14,7 @@ from lth.prune.criteria import obd_scores, saliency_scores
 from lth.prune.schedules import agp_density
 from lth.prune.signals import _loss, activation_sparsity, hessian_diagonal, mean_gradient
 from lth.store import load_tree, read_parquet
-from test_lottery import tiny
+from helpers import tiny
 
 
 class Tiny(nn.Module):

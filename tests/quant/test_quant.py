@@ -16,23 +16,7 @@ from lth.quant import (QuantConfig, QuantSpec, bias_correct, calibrate, equalize
 from lth.stored import StoredRun
 from lth.store import RunStore, tree_bytes
 
-
-def random_params(model, input_shape, seed=0, density=1.0):
-    """Glorot-scaled normal params with the model's tree structure (numpy: no RNG compile); kernels
-    pruned at random to ``density`` when it is below 1."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) == 1:
-            return jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * 0.1)
-        fan = np.prod(s.shape[:-1]) + s.shape[-1]
-        w = rng.normal(size=s.shape) * np.sqrt(2 / fan)
-        if density < 1:
-            w = w * (rng.random(s.shape) < density)
-        return jnp.asarray(w.astype(np.float32))
-
-    return jax.tree.map(draw, shapes)
+from helpers import random_params
 
 
 def sparse_kernel(rng, shape, density=0.4):

@@ -11,7 +11,7 @@ def _use_persistent_compile_cache() -> None:
 
     Every level, arm group and run builds a fresh ``Engine`` whose programs have the same HLO as the
     last one's, and every sweep worker or resumed process compiles them again: the cache turns those
-    compiles into file reads (measured: ``tests/test_lottery.py`` 4m40 -> 2m16 cold, 1m12 warm on
+    compiles into file reads (measured: ``tests/lottery/test_lottery.py`` 4m40 -> 2m16 cold, 1m12 warm on
     2 cores). Results are unchanged (the cached executable is the one that would be compiled).
     ``LTH_COMPILE_CACHE=off`` disables it; a cache directory configured for jax itself wins.
     Set through jax's environment variables, so importing lth does not import jax, and sweep

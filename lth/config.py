@@ -276,7 +276,7 @@ SECTIONS: dict[str, type] = {
 
 
 # PRNG keys take 32-bit seeds (2**32 would give seed 0's key again) and lth offsets a seed by up to
-# 2_000_003 for its other random streams (lth.lottery._HESSIAN_KEY); numpy seeds must be >= 0.
+# 2_000_003 for its other random streams (lth.prune.criteria.HESSIAN_KEY); numpy seeds must be >= 0.
 SEED_LIMIT = 2**32 - 2_000_003
 
 
@@ -394,7 +394,7 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
 
 def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json") -> str:
     """The run id that a stored ``hparams.json`` hashes to (its settings; for a ``train --mask`` run
-    also its ``mask`` entry, as :func:`lth.masked.run_id` does). ConfigError if they do not validate."""
+    also its ``mask`` entry, as :func:`lth.lottery.masked.run_id` does). ConfigError if they do not validate."""
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
     mask = hparams.get("mask")

@@ -373,6 +373,11 @@ def path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
+def layer_key(path) -> str:
+    """Module path of a params leaf: ``"dense_0"``, ``"stage1_block0/conv_0"``."""
+    return "/".join(path_names(path)[:-1])
+
+
 def layer_kind(path, leaf) -> str:
     """What a params (or batch_stats) leaf is: "conv" | "dense" | "output" | "bias" | "norm".
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .config import ExperimentConfig, QuantConfig
-from .lottery import Lottery, run_group
+from .lottery.groups import run_group
+from .lottery.runner import Lottery
 from .quant.stage import QuantStage, pending, quant_levels
-from .store import RunStore, prepare_root
+from .store import RunBusyError, RunStore, prepare_root
 from .stored import StoredRun
 
 
@@ -89,8 +90,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool | N
     A finished run with every quant cell done returns at once, without loading data.
     Raises RunBusyError when another process is computing the run.
     """
-    from .store import RunBusyError
-
     status = run_experiments([cfg], out, progress=progress, log=log)
     s = status[cfg.run_id]
     if s.startswith("busy"):

@@ -48,10 +48,12 @@ import pandas as pd
 from jax import lax
 
 from .config import ConfigError
-from .nm import as_matrix, group_counts, groupable, nm_bytes, nm_compress
-from .pruning import prunable
-from .store import StoreError, atomic_write_bytes, load_tree, parquet_bytes, read_json
-from .structured import SEQUENTIAL, compact, is_structured, layer_order
+from .prune.masks import prunable
+from .prune.nm import as_matrix, group_counts, groupable, nm_bytes, nm_compress
+from .quant import QuantSpec, fake_quant_model, from_quantized, layer_program, ptq, size_report
+from .store import RunStore, StoreError, atomic_write_bytes, load_tree, parquet_bytes, read_json
+from .stored import StoredRun
+from .prune.structured import SEQUENTIAL, compact, is_structured, layer_order
 from .train import apply_mask, unstack
 
 CHECK_BATCH = 64
@@ -328,8 +330,6 @@ def build_compact(t: Ticket) -> Built | None:
 def build_int8(t: Ticket) -> Built | None:
     if not t.program or t.calib_x is None:
         return None
-    from .quant import QuantSpec, fake_quant_model, from_quantized, ptq, size_report
-
     spec = QuantSpec(8, "sym", "channel", "minmax", act_bits=8, act_scheme="asym")
     qt = ptq(t.model, t.params, t.batch_stats, spec, t.calib_x)
     im = from_quantized(t.model, qt, t.input_shape, t.num_classes)
@@ -482,13 +482,12 @@ def measure_ticket(t: Ticket, x: np.ndarray, batches: Sequence[int], formats: Se
 
 def open_ticket(run_dir: str | Path, level: int, member: int = 0, calib_examples: int = 512):
     """(Ticket, test inputs, run info) of member ``member`` of a stored level."""
-    from .quant import layer_program
-    from .sensitivity import open_level
-
     run_dir = Path(run_dir)
     if not (run_dir / "hparams.json").is_file():
         raise StoreError(f"{run_dir} is not a run folder (no hparams.json); pass OUT/<run_id>")
-    cfg, store, data, model = open_level(run_dir, level)
+    run = StoredRun.open(run_dir)
+    run.check_level(level)
+    cfg, store, data, model = run.cfg, run.store, run.data, run.model
     d = store.level_dir(level)
     members = read_json(d / "members.json")
     if not 0 <= member < len(members):
@@ -521,8 +520,6 @@ def measure_run(run_dir: str | Path, levels: Sequence[int] | None = None, batche
     speedup (dense latency / latency, same level and batch), max_abs_diff, check, repeats, number,
     and the machine and library versions (:func:`machine_info`).
     """
-    from .store import RunStore
-
     run_dir = Path(run_dir)
     if not (run_dir / "hparams.json").is_file():
         raise StoreError(f"{run_dir} is not a run folder (no hparams.json); pass OUT/<run_id>")

@@ -383,10 +383,3 @@ class RunStore:
     def is_complete(self, level: int) -> bool:
         return self.level_problem(level) is None
 
-    def completed_levels(self) -> list[int]:
-        out = []
-        level = 0
-        while self.is_complete(level):
-            out.append(level)
-            level += 1
-        return out

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw, parse_override
+from .lottery.groups import population_key
+from .pipeline import run_experiments, run_status
 from .store import prepare_root
 from .wandb_log import flatten
 
@@ -92,12 +94,10 @@ class Outcome:
 def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
     """Indices of the points that train together, in grid order.
 
-    Points with equal :func:`lth.lottery.population_key` (same data, model, training, rewinding and
+    Points with equal :func:`lth.lottery.groups.population_key` (same data, model, training, rewinding and
     number of levels) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
     population holds every member of its runs); ``max_runs = 1`` trains every run alone.
     """
-    from .lottery import population_key
-
     if max_runs < 1:
         raise ConfigError(f"--group {max_runs} is not allowed; expected an integer >= 1")
     # points of one training run (they differ only in quant.*) always go together: the run trains once
@@ -118,8 +118,6 @@ def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
 
 def run_group_point(cfg_jsons: list[str], out: str, progress: bool = False) -> list[dict]:
     """Run one group of sweep points in this process (the unit of work of every executor)."""
-    from .pipeline import run_experiments
-
     cfgs = [ExperimentConfig.from_json(c) for c in cfg_jsons]
     t0 = time.time()
     status = run_experiments(cfgs, out, progress=progress)
@@ -213,8 +211,6 @@ def wandb_sweep_config(path: str | Path, points: list[SweepPoint], out: str) -> 
 def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoint, str]]:
     """(point, what it still needs) for a dry run: 'complete', 'quantize only (N cells)', 'train
     (k/n levels done)' or 'new', each training status followed by its quant cells, if any."""
-    from .pipeline import run_status
-
     rows = []
     for p in points:
         s = run_status(p.cfg, out)

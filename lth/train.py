@@ -112,10 +112,6 @@ def apply_mask(tree: PyTree, mask: PyTree) -> PyTree:
     return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), tree, mask)
 
 
-def ones_mask(params: PyTree) -> PyTree:
-    return jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
-
-
 def init_variables(model, key: jax.Array, input_shape: Sequence[int]) -> tuple[PyTree, PyTree]:
     """(params, batch_stats) of one member; batch_stats is {} for models without batch norm."""
     variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)

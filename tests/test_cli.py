@@ -83,7 +83,7 @@ def test_report_on_a_folder_that_is_not_a_store(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from lth.lottery import run_lottery
-    from test_lottery import tiny
+    from helpers import tiny
     out = tmp_path_factory.mktemp("runs")
     cfg = tiny(prune={"levels": 1}, arms=["ticket"], seeds=[0])
     run_lottery(cfg, out)
@@ -142,7 +142,7 @@ def test_former_tracebacks_are_one_line_with_exit_2(tiny_run, tmp_path, capsys, 
             monkeypatch.setattr("lth.quant.quantize_run", computed)
             code = main(["quantize", str(run), "--bits", "8"])
         else:
-            monkeypatch.setattr("lth.sensitivity.sensitivity", computed)
+            monkeypatch.setattr("lth.prune.sensitivity.sensitivity", computed)
             code = main(["sensitivity", str(run), "--level", "0"])
         _one_error_line(capsys, code, "level_000 is not writable")
     elif case == "sparsity_missing_seed":
@@ -159,9 +159,9 @@ def test_former_tracebacks_are_one_line_with_exit_2(tiny_run, tmp_path, capsys, 
     ("model.widths=[8]", None),  # mlp uses widths: fine (checked below with another model)
 ])
 def test_settings_checked_against_the_model_fail_before_any_level_trains(tmp_path, capsys, setting, fragment):
-    from test_lottery import TINY, _toml
+    from helpers import TINY, toml_text
     exp = tmp_path / "e.toml"
-    exp.write_text(_toml({**TINY, "prune": {**TINY["prune"], "levels": 1}, "arms": ["ticket"]}))
+    exp.write_text(toml_text({**TINY, "prune": {**TINY["prune"], "levels": 1}, "arms": ["ticket"]}))
     out = tmp_path / "out"
     if fragment is None:
         from lth.config import ConfigError, ExperimentConfig, ModelConfig, check_against_model
@@ -202,14 +202,15 @@ def test_readme_names_exactly_the_commands_that_take_set():
     assert "`lth quantize`\nalso takes `--set quant.KEY=VALUE`" in text  # its quant settings only
 
 
+@pytest.mark.slow
 def test_sweep_waits_for_a_run_busy_in_another_process(tmp_path):
     import os
     from analysis import load_runs
     from lth.store import RunStore
     from lth.sweep import expand
-    from test_lottery import TINY, _toml
+    from helpers import TINY, toml_text
     exp = tmp_path / "s.toml"
-    exp.write_text(_toml({**TINY, "seeds": [0], "arms": ["ticket"], "prune": {**TINY["prune"], "levels": 0}}))
+    exp.write_text(toml_text({**TINY, "seeds": [0], "arms": ["ticket"], "prune": {**TINY["prune"], "levels": 0}}))
     (point,) = expand(exp)
     out = tmp_path / "o"
     held = RunStore(out, point.run_id).lock()
@@ -235,7 +236,7 @@ def test_sweep_waits_for_a_run_busy_in_another_process(tmp_path):
 def test_divergence_is_printed_in_the_run_summary_and_marked_in_the_report(tiny_run, tmp_path, capsys):
     import shutil
     import pandas as pd
-    from lth.cli import _print_summary
+    from lth.cli.common import print_summary
     from lth.store import RunStore, parquet_bytes
     cfg, out = tiny_run
     copy = tmp_path / "store"
@@ -246,7 +247,7 @@ def test_divergence_is_printed_in_the_run_summary_and_marked_in_the_report(tiny_
     m = pd.read_parquet(d / "metrics.parquet")
     m["diverged_step"] = 23  # as if the member's loss had exploded at step 23
     store.write_level(1, {**files, "metrics.parquet": parquet_bytes(m)})
-    _print_summary(store.path, 1.0)
+    print_summary(store.path, 1.0)
     assert "diverged: level 1 ticket seed 0 at step 23" in capsys.readouterr().out
     assert main(["report", str(copy), "--out", str(tmp_path / "figs")]) == 0
     s = pd.read_csv(tmp_path / "figs" / "summary.csv").set_index("level")

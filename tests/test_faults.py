@@ -12,7 +12,7 @@ import pytest
 from analysis import load_runs
 from lth.lottery import run_lottery
 from lth.store import StoreError, prepare_root
-from test_lottery import TINY, _toml, tiny
+from helpers import TINY, toml_text, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {**TINY, "prune": {**TINY["prune"], "levels": 2}, "arms": ["ticket", "random_prune"]}
@@ -39,10 +39,11 @@ def _cli(exp, out, failpoint=None):
     "write:level_001/final.msgpack",  # killed half-way through writing a weights file
     "after:level_001/masks.msgpack",  # killed between two files of a level
 ])
+@pytest.mark.slow
 def test_sigkill_during_a_store_write_then_rerun_equals_uninterrupted(reference, tmp_path, failpoint):
     cfg, ref = reference
     exp = tmp_path / "small.toml"
-    exp.write_text(_toml(SMALL))
+    exp.write_text(toml_text(SMALL))
     out = tmp_path / "out"
     r = _cli(exp, out, failpoint)
     assert r.returncode == -9, r.stderr  # really killed by SIGKILL
@@ -54,6 +55,7 @@ def test_sigkill_during_a_store_write_then_rerun_equals_uninterrupted(reference,
     assert not list(out.rglob("*.tmp"))  # the half-written temp file was cleaned up
 
 
+@pytest.mark.slow
 def test_corrupt_metrics_file_is_named_by_the_loader_and_recomputed_by_the_rerun(reference, tmp_path):
     import shutil
     cfg, ref = reference
@@ -65,15 +67,16 @@ def test_corrupt_metrics_file_is_named_by_the_loader_and_recomputed_by_the_rerun
     assert 2 not in set(load_runs(out, say=said.append)["level"])  # skipped, and said so naming the file
     assert len(said) == 1 and "level_002/metrics.parquet does not match its checksum" in said[0]
     exp = tmp_path / "small.toml"
-    exp.write_text(_toml(SMALL))
+    exp.write_text(toml_text(SMALL))
     assert _cli(exp, out).returncode == 0
     pd.testing.assert_frame_equal(load_runs(ref).drop(columns="wall_s"), load_runs(out).drop(columns="wall_s"))
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_sweep_continues(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep.toml"
     d = {**SMALL, "prune": {**SMALL["prune"], "levels": 1}}
-    sweep.write_text(_toml(d) + '[sweep]\n"data.name" = ["mnist", "mnist1d"]\n')
+    sweep.write_text(toml_text(d) + '[sweep]\n"data.name" = ["mnist", "mnist1d"]\n')
     env = {**os.environ, "LTH_DATA_DIR": str(tmp_path / "no_data")}
     r = subprocess.run([sys.executable, "-m", "lth.cli", "sweep", str(sweep), "--out", str(tmp_path / "o"),
                         "--no-progress"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -100,6 +103,7 @@ def _copy(ref, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_damaged_init_is_recomputed_and_a_damaged_rewind_point_is_refused(reference, tmp_path):
     from lth.store import RunStore
     cfg, ref = reference
@@ -112,7 +116,7 @@ def test_damaged_init_is_recomputed_and_a_damaged_rewind_point_is_refused(refere
     import shutil
     shutil.rmtree(run / "level_002")
     exp = tmp_path / "small.toml"
-    exp.write_text(_toml(SMALL))
+    exp.write_text(toml_text(SMALL))
     r = _cli(exp, out)
     assert r.returncode == 0, r.stderr
     assert "init.msgpack does not match its checksum" in r.stderr
@@ -139,7 +143,7 @@ def test_edited_hparams_is_an_error_for_report_and_rerun(reference, tmp_path):
     import shutil
     shutil.rmtree(out / cfg.run_id / "level_002")
     exp = tmp_path / "small.toml"
-    exp.write_text(_toml(SMALL))
+    exp.write_text(toml_text(SMALL))
     r = _cli(exp, out)
     assert r.returncode == 2 and "hparams.json: its settings hash to run id" in r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
@@ -170,6 +174,7 @@ def test_disk_full_is_a_store_error_naming_the_file_and_leaves_the_old_file(tmp_
     assert target.read_bytes() == b"old" and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_report_verifies_checksums_and_says_what_it_skipped(reference, tmp_path):
     cfg, ref = reference
     out = _copy(ref, tmp_path)

@@ -17,7 +17,7 @@ from lth.pipeline import run_experiment, run_status
 from lth.quant import read_cells
 from lth.quant.stage import quant_levels
 from lth.sweep import expand, groups_of, status_of
-from test_lottery import TINY, _toml
+from helpers import TINY, toml_text
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"bits": [8, 2], "method": ["ptq", "qat"], "qat_steps": 4, "levels": [0, 1]}
@@ -81,6 +81,7 @@ def test_every_arm_and_seed_of_the_chosen_levels_is_quantized(reference):
         assert df[col].notna().all(), col
 
 
+@pytest.mark.slow
 def test_changing_only_quant_settings_trains_nothing_and_computes_only_new_cells(reference, tmp_path):
     import shutil
     out = tmp_path / "store"
@@ -92,7 +93,7 @@ def test_changing_only_quant_settings_trains_nothing_and_computes_only_new_cells
     hparams = (run / "hparams.json").read_text()
     before = _table(out)
     exp = tmp_path / "exp.toml"
-    exp.write_text(_toml({**EXP, "quant": {**QUANT, "bits": [8, 4, 2]}, "sweep": {"quant.method": [["ptq"], ["qat"]]}}))
+    exp.write_text(toml_text({**EXP, "quant": {**QUANT, "bits": [8, 4, 2]}, "sweep": {"quant.method": [["ptq"], ["qat"]]}}))
     points = expand(exp)
     assert len(points) == 2 and len({p.run_id for p in points}) == 1 and len(groups_of(points)) == 1
     assert [s for _, s in status_of(points, out)] == ["quantize only (4 cells)", "quantize only (4 cells)"]
@@ -108,9 +109,10 @@ def test_changing_only_quant_settings_trains_nothing_and_computes_only_new_cells
     assert [s for _, s in status_of(points, out)] == ["complete", "complete"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_the_quant_stage_then_rerun_equals_uninterrupted(reference, tmp_path):
     exp = tmp_path / "exp.toml"
-    exp.write_text(_toml(EXP))
+    exp.write_text(toml_text(EXP))
     out = tmp_path / "out"
     env = {**os.environ, "LTH_FAILPOINT": "quant-cell:1:random_prune"}
     cmd = [sys.executable, "-m", "lth.cli", "lottery", str(exp), "--out", str(out), "--no-progress"]

@@ -7,10 +7,10 @@ import pytest
 
 from lth.config import ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.nm import nm_prune
+from lth.prune.nm import nm_prune
 from lth.quant import layer_program
 from lth.speed import FORMATS, Built, SpeedCheckError, Ticket, check_outputs, measure_ticket, time_call
-from lth.structured import structured_prune
+from lth.prune.structured import structured_prune
 from lth.train import apply_mask
 
 FAST = {"repeats": 1, "min_time": 0.0, "warmup": 1}
@@ -95,12 +95,13 @@ def test_measure_ticket_rows_and_timing():
     assert r["repeats"] == 3 and r["number"] >= 1 and r["latency_s"] <= r["median_s"]
 
 
+@pytest.mark.slow
 def test_speed_cli_writes_rows_the_analysis_and_report_read(tmp_path, capsys):
     from analysis import crossover, load_speed
     from analysis.report import write_report
     from lth.cli import main
     from lth.lottery import run_lottery
-    from test_lottery import tiny
+    from helpers import tiny
     cfg = tiny(arms=["ticket"], seeds=[0], train={"steps": 20, "eval_every": 20},
                prune={"levels": 2, "granularity": "n:m", "rate": 0.3})
     store = run_lottery(cfg, tmp_path / "runs")

@@ -73,6 +73,7 @@ def test_wandb_sweep_config(sweep_file):
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg
 
 
+@pytest.mark.slow
 def test_local_sweep_skips_finished_runs_and_ray_gives_the_same_dataframe(sweep_file, tmp_path):
     points = expand(sweep_file)[:2]
     local = run_sweep(points, tmp_path / "local")
@@ -93,6 +94,7 @@ def test_local_sweep_skips_finished_runs_and_ray_gives_the_same_dataframe(sweep_
     pd.testing.assert_frame_equal(a, b)
 
 
+@pytest.mark.slow
 def test_two_sweep_processes_on_one_store_run_each_run_once(sweep_file, tmp_path):
     out = tmp_path / "shared"
     cmd = [sys.executable, "-m", "lth.cli", "sweep", str(sweep_file), "--out", str(out), "--no-progress"]

@@ -54,7 +54,7 @@ from .wiring import is_weight
 from ..config import ExperimentConfig
 from ..data import load_dataset
 from ..store import StoreError, atomic_write_bytes
-from ..nm import groupable, index_bits
+from ..prune.nm import groupable, index_bits
 
 MAGIC = b"LTHQEXP1"
 VERSION = 2  # 2: a sha256 of the whole file (header included) ends it

@@ -32,12 +32,13 @@ import numpy as np
 import pandas as pd
 
 from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
-from ..lottery import kept_count, reinit_weights, seed_keys
-from ..pruning import density, prunable
+from ..lottery.arms import reinit_weights
+from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes)
 from ..stored import Population, StoredRun
 from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
+from ..trees import kept_count, seed_keys
 from .export import float_size_report, nm_of, size_report, write_export
 from .intinfer import from_quantized
 from .numerics import QuantSpec

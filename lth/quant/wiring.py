@@ -17,7 +17,7 @@ import numpy as np
 PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}
 
-from ..models import layer_kind, path_names
+from ..models import layer_key, layer_kind
 from ..train import chunk_split, make_eval_fn, population_program, stack
 from .numerics import QuantSpec, calibrate, fake_quant, lsq_fake_quant, qrange, quantize, scale_zero_point
 
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 QUANT_LAYERS = (nn.Dense, nn.Conv)
 
 # ============================================================================ params helpers
-
-def layer_key(path) -> str:
-    """Module path of a params leaf: ``"dense_0"``, ``"stage1_block0/conv_0"``."""
-    return "/".join(path_names(path)[:-1])
 
 
 def is_weight(path, leaf) -> bool:

@@ -10,7 +10,7 @@ from lth.config import ExperimentConfig
 from lth.quant.intinfer import _compiled, _device_arrays, from_quantized
 from lth.models import MLP, build_model
 from lth.quant import QuantSpec, fake_quant_predict, layer_program, ptq
-from test_quant import random_params as _random_params
+from helpers import random_params as _random_params
 
 
 # Glorot-scaled params with kernels pruned at random to half density (shared with the quant tests)

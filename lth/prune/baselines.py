@@ -14,8 +14,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
-from .models import build_model, param_count
+from ..config import ModelConfig
+from ..models import build_model, param_count
 
 
 @lru_cache(maxsize=4096)

@@ -7,9 +7,9 @@ import pytest
 
 from lth.config import ConfigError, ExperimentConfig, ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.nm import (group_counts, group_schedule, groupable, keep_per_group, nm_bytes, nm_compress,
+from lth.prune.nm import (group_counts, group_schedule, groupable, keep_per_group, nm_bytes, nm_compress,
                     nm_decompress, nm_prune)
-from lth.structured import structured_prune
+from lth.prune.structured import structured_prune
 
 
 def init(cfg, shape):
@@ -95,7 +95,7 @@ def test_nm_imp_run_stores_2_of_4_masks(tmp_path):
     from lth.lottery import run_lottery
     from lth.store import load_tree
     from lth.train import unstack
-    from test_lottery import tiny
+    from helpers import tiny
     cfg = tiny(arms=["ticket"], seeds=[0], train={"steps": 20, "eval_every": 20},
                prune={"levels": 2, "granularity": "n:m", "rate": 0.2})
     store = run_lottery(cfg, tmp_path)

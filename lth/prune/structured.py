@@ -26,14 +26,20 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from .config import STRUCTURED_MODELS, ConfigError, ModelConfig, PruneConfig
-from .models import POOL, ConvNet, MLP, build_model
+from ..config import STRUCTURED_MODELS, ConfigError, ModelConfig, PruneConfig
+from ..models import POOL, ConvNet, MLP, build_model
+from ..store import load_tree
+from ..stored import StoredRun
+from ..train import apply_mask, unstack
+from .nm import nm_prune
 
 PyTree = Any
 SEQUENTIAL = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6")  # the models compact supports
@@ -79,7 +85,6 @@ def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model_name:
     if cfg.granularity == "layer":
         return block_prune(params, mask, cfg)
     if cfg.granularity == "n:m":
-        from .nm import nm_prune
         return nm_prune(params, mask, cfg)
     new = _copy(mask)
     order = layer_order(params)
@@ -258,15 +263,10 @@ def compact(params: PyTree, mask: PyTree, cfg: ModelConfig, num_classes: int, in
 
 def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats: int = 20) -> dict:
     """Compact a stored structurally pruned member; check outputs, time masked vs compact inference."""
-    import time
-    from pathlib import Path
-
-    from .sensitivity import open_level
-    from .store import load_tree
-    from .train import apply_mask, unstack
-
     run_dir = Path(run_dir)
-    cfg, store, data, model = open_level(run_dir, level)
+    run = StoredRun.open(run_dir)
+    run.check_level(level)
+    cfg, store, data, model = run.cfg, run.store, run.data, run.model
     if cfg.model.name not in SEQUENTIAL:
         raise ConfigError(f"compact supports models {', '.join(SEQUENTIAL)}; {run_dir} is a {cfg.model.name} "
                           f"(prune.granularity = {cfg.prune.granularity!r}), whose pruned network stays masked")

@@ -9,7 +9,7 @@ import pytest
 
 from lth.config import ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.structured import (compact, droppable_blocks, drop_block, dropped_blocks, is_structured, layer_order,
+from lth.prune.structured import (compact, droppable_blocks, drop_block, dropped_blocks, is_structured, layer_order,
                             residual_blocks, structured_prune)
 from lth.train import apply_mask
 
@@ -90,7 +90,7 @@ def test_neuron_imp_run_and_compact_cli(tmp_path, capsys):
     from lth.lottery import run_lottery
     from lth.store import load_tree
     from lth.train import unstack
-    from test_lottery import tiny
+    from helpers import tiny
     cfg = tiny(arms=["ticket"], seeds=[0], train={"steps": 20, "eval_every": 20},
                prune={"levels": 2, "granularity": "neuron", "rate": 0.5})
     store = run_lottery(cfg, tmp_path)

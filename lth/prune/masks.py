@@ -16,15 +16,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from .config import PruneConfig
-from .models import path_names, layer_kind
+from ..config import PruneConfig
+from ..models import layer_key, layer_kind, path_names
+from .criteria import magnitude_scores
 
 PyTree = Any
-
-
-def layer_name(path) -> str:
-    """'dense_0' for the path of dense_0/kernel; nested modules joined with '/'."""
-    return "/".join(path_names(path)[:-1])
 
 
 def layer_table(params: PyTree) -> dict[str, str]:
@@ -32,8 +28,8 @@ def layer_table(params: PyTree) -> dict[str, str]:
     out: dict[str, str] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         kind = layer_kind(path, leaf)
-        if kind in ("dense", "conv", "output") or layer_name(path) not in out:
-            out[layer_name(path)] = kind if kind in ("dense", "conv", "output") else "other"
+        if kind in ("dense", "conv", "output") or layer_key(path) not in out:
+            out[layer_key(path)] = kind if kind in ("dense", "conv", "output") else "other"
     return out
 
 
@@ -121,40 +117,9 @@ def prune_by_score(scores: PyTree, mask: PyTree, params_like: PyTree, cfg: Prune
     return jax.tree.unflatten(treedef, new)
 
 
-def magnitude_scores(params: PyTree) -> PyTree:
-    return jax.tree.map(lambda p: np.abs(np.asarray(p)), params)
-
-
-def saliency_scores(params: PyTree, grads: PyTree) -> PyTree:
-    """|w * dL/dw|: the first-order loss change of removing each weight (SNIP, Lee et al. 2019)."""
-    return jax.tree.map(lambda p, g: np.abs(np.asarray(p) * np.asarray(g)), params, grads)
-
-
-def obd_scores(params: PyTree, hessian_diag: PyTree) -> PyTree:
-    """w^2 * H_ii / 2: Optimal Brain Damage saliency (LeCun et al. 1990, eq. 7) at a minimum."""
-    return jax.tree.map(lambda p, h: np.square(np.asarray(p)) * np.asarray(h) / 2, params, hessian_diag)
-
-
-def random_scores(params: PyTree, rng: np.random.Generator) -> PyTree:
-    """Uniform random scores: pruning by them is random pruning with the configured rates."""
-    return jax.tree.map(lambda p: rng.random(np.shape(p)), params)
-
-
 def magnitude_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:
     """IMP step: prune a fraction of the *remaining* weights with the smallest |w|."""
     return prune_by_score(magnitude_scores(params), mask, params, cfg)
-
-
-def agp_density(step: int, cfg: PruneConfig) -> float:
-    """Target density of the gradual schedule at ``step`` (Zhu & Gupta 2017, eq. 1).
-
-    s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3 with s_i = 0 and s_f = 1 - target_density,
-    held constant before t0 and after t0 + n dt.
-    """
-    s_f = 1.0 - cfg.target_density
-    t = min(max(step - cfg.agp_start_step, 0), cfg.agp_updates * cfg.agp_frequency)
-    sparsity = s_f + (0.0 - s_f) * (1.0 - t / (cfg.agp_updates * cfg.agp_frequency)) ** 3
-    return 1.0 - sparsity
 
 
 def prune_to_density(scores: PyTree, mask: PyTree, can_prune: PyTree, target: float) -> PyTree:
@@ -168,13 +133,6 @@ def prune_to_density(scores: PyTree, mask: PyTree, can_prune: PyTree, target: fl
         return _keep_top(np.asarray(s), m, keep)
 
     return jax.tree.map(one, scores, mask, can_prune)
-
-
-def oneshot_config(cfg: PruneConfig) -> PruneConfig:
-    """The rates that take every prunable layer from dense to ``target_density`` in one step."""
-    import dataclasses
-    r = 1.0 - cfg.target_density
-    return dataclasses.replace(cfg, rate=r, conv_rate=r, output_rate=r, rates=None)
 
 
 def random_mask_like(mask: PyTree, can_prune: PyTree, rng: np.random.Generator) -> PyTree:

@@ -31,54 +31,27 @@ import numpy as np
 import optax
 import pandas as pd
 
-from . import __version__
-from .config import ConfigError, ExperimentConfig, check_against_model
-from .data import load_dataset
-from .baselines import match_width
-from .models import build_model
-from .pruning import (agp_density, density, magnitude_scores, obd_scores, oneshot_config, prunable, prune_by_score,
-                      prune_to_density, random_mask_like, random_scores, saliency_scores, shuffle_mask,
-                      sparsity_rows, layer_table)
-from .structured import STRUCTURED_MODELS, structured_prune
-from .signals import activation_sparsity, hessian_diagonal, mean_gradient
-from .store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
-from .train import Engine, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
-from .wandb_log import WandbSink, flatten
-
-# Offsets that separate the rng streams of different uses of one seed.
-_REINIT_KEY = 1_000_003
-_RANDOM_MASK = 1
-_SHUFFLE_MASK = 2
-_RANDOM_SCORES = 3
-_HESSIAN_KEY = 2_000_003
-
+from .. import __version__
+from ..config import ConfigError, ExperimentConfig, check_against_model
+from ..data import load_dataset
+from ..models import build_model
+from ..prune.baselines import match_width
+from ..prune.criteria import Signals, magnitude_scores
+from ..prune.criteria import scores as criterion_scores
+from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_to_density, sparsity_rows
+from ..prune.schedules import agp_density, oneshot_config
+from ..prune.signals import activation_sparsity
+from ..prune.structured import structured_prune
+from ..store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
+from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
+from ..trees import kept_count, seed_keys, to_device, to_numpy
+from ..wandb_log import WandbSink, flatten
+from .arms import ARMS, ArmStart
 
 @dataclass(frozen=True)
 class Member:
     arm: str
     seed: int
-
-
-def to_numpy(tree):
-    """Host (numpy) copy of a pytree."""
-    return jax.tree.map(np.asarray, tree)
-
-
-def seed_keys(seeds, fold: int | None = None) -> jax.Array:
-    """Stacked PRNG keys ``[K]``: key(seed), optionally folded with ``fold``."""
-    make = (lambda s: jax.random.key(s)) if fold is None else (lambda s: jax.random.fold_in(jax.random.key(s), fold))
-    return jax.vmap(make)(np.asarray(seeds))
-
-
-def reinit_weights(model, seed: int, level: int, input_shape) -> dict:
-    """The fresh init of the ``reinit`` control of ``seed`` at ``level``: ``{'params', 'batch_stats'}``."""
-    key = jax.random.fold_in(jax.random.key(seed + _REINIT_KEY), level)
-    params, bs = to_numpy(init_population(model, key[None], input_shape))
-    return {"params": unstack(params, 0), "batch_stats": unstack(bs, 0)}
-
-
-def _to_jax(tree):
-    return jax.device_put(tree)  # host copies; jnp.asarray would compile a program per shape
 
 
 def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
@@ -108,15 +81,14 @@ class Lottery:
 
     def __init__(self, cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None,
                  share: "Lottery | None" = None):
-        """``share``: a Lottery of the same population group (:func:`population_key`) whose data set,
-        model and compiled engines this one reuses."""
+        """``share``: a Lottery of the same population group (:func:`lth.lottery.groups.population_key`,
+        checked by :func:`~lth.lottery.groups.run_group`) whose data set, model and compiled engines
+        this one reuses."""
         self.cfg = cfg
         self.store = RunStore(prepare_root(out), cfg.run_id)
         self.progress = cfg.log.progress if progress is None else progress
         self._share = share
         if share is not None:
-            if population_key(share.cfg) != population_key(cfg):
-                raise ValueError(f"runs {share.cfg.run_id} and {cfg.run_id} cannot share a population")
             self.data, self.model, self.engine = share.data, share.model, share.engine
         else:
             self.data = load_dataset(cfg.data)
@@ -130,9 +102,6 @@ class Lottery:
         if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
             raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
                               f"(got {pc.levels})")
-        if pc.granularity != "weight" and cfg.model.name not in STRUCTURED_MODELS[pc.granularity]:
-            raise ConfigError(f"prune.granularity = {pc.granularity!r} supports models "
-                              f"{', '.join(STRUCTURED_MODELS[pc.granularity])}; not {cfg.model.name}")
         if pc.schedule == "gradual":
             end = pc.agp_start_step + pc.agp_updates * pc.agp_frequency
             if end > self.engine.num_steps:
@@ -155,9 +124,6 @@ class Lottery:
     def init_weights(self) -> dict:
         """{'params', 'batch_stats'} stacked over seeds; created once and stored."""
         return stored_init(self.store, self.model, self.cfg.seeds, self.data.input_shape)
-
-    def reinit_weights(self, seed: int, level: int) -> dict:
-        return reinit_weights(self.model, seed, level, self.data.input_shape)
 
     # ------------------------------------------------------------------ levels
     def members(self, level: int) -> list[Member]:
@@ -228,13 +194,9 @@ class Lottery:
         weights, masks = [], []
         for m in members:
             i = seeds.index(m.seed)
-            w, mask = start_weights[i], tickets[i]
-            if m.arm == "reinit":
-                w = self.reinit_weights(m.seed, level)
-            elif m.arm == "random_prune":
-                mask = random_mask_like(mask, can_prune, np.random.default_rng([m.seed, level, _RANDOM_MASK]))
-            elif m.arm == "shuffle":
-                mask = shuffle_mask(mask, can_prune, np.random.default_rng([m.seed, level, _SHUFFLE_MASK]))
+            ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
+                              self.data.input_shape)
+            w, mask = ARMS[m.arm](ticket)
             weights.append(w)
             masks.append(mask)
         return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
@@ -242,19 +204,13 @@ class Lottery:
     def scores(self, member: dict, seed: int, level: int):
         """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
         pc = self.cfg.prune
-        params, bs = member["params"], member["batch_stats"]
-        if pc.criterion == "magnitude":
-            return magnitude_scores(params)
-        if pc.criterion == "random":
-            return random_scores(params, np.random.default_rng([seed, level, _RANDOM_SCORES]))
-        idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
-        batches = [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
-        p, b = _to_jax(params), _to_jax(bs)
-        if pc.criterion == "saliency":
-            return saliency_scores(params, to_numpy(mean_gradient(self.model, p, b, batches)))
-        key = jax.random.fold_in(jax.random.key(seed + _HESSIAN_KEY), level)
-        hdiag = hessian_diagonal(self.model, p, b, batches, key, pc.hessian_samples, pc.hessian)
-        return obd_scores(params, to_numpy(hdiag))
+
+        def batches():  # the seed's first criterion_batches training batches
+            idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
+            return [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
+
+        signals = Signals(self.model, member["params"], member["batch_stats"], seed, level, pc, batches)
+        return criterion_scores(member["params"], signals)
 
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
@@ -268,7 +224,7 @@ class Lottery:
         plan = self.prepare_level(level, init)
         state = self.initial_state(level, plan)
         t0 = time.time()
-        with self._bar(level, plan.engine.num_steps - plan.start) as bar:
+        with self.level_bar(level, plan.engine.num_steps - plan.start) as bar:
             result, masks, files = self.run_plan(level, plan, state, bar)
         self.finish_level(level, plan, result, masks, time.time() - t0, files, log)
 
@@ -336,10 +292,9 @@ class Lottery:
             params = to_numpy(state.params)
             masks = [prune_to_density(magnitude_scores(unstack(params, k)), unstack(to_numpy(state.mask), k),
                                       can_prune, target) for k in range(len(members))]
-            mask_pop = _to_jax(stack(masks))
+            mask_pop = to_device(stack(masks))
             state = engine.remask(state, mask_pop)
             rows.append({"step": u, "target_density": target, "density": density(masks[0], can_prune)})
-        from .train import TrainResult
         final_masks = [unstack(to_numpy(state.mask), k) for k in range(len(members))]
         return TrainResult(state=state, records=records, diverged=diverged), final_masks, pd.DataFrame(rows)
 
@@ -370,7 +325,7 @@ class Lottery:
         params, bs = init_population(model, keys, self.data.input_shape)
         state = engine.init(params, bs, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params), keys)
         t0 = time.time()
-        with self._bar(level, engine.num_steps, "small-dense") as bar:
+        with self.level_bar(level, engine.num_steps, "small-dense") as bar:
             result = engine.run(state, seeds, progress=bar)
         members = [Member("small_dense", s) for s in seeds]
         ticket_density = float(ticket_metrics.loc[ticket_metrics["arm"] == "ticket", "density"].iloc[0])
@@ -395,7 +350,7 @@ class Lottery:
     def _sparsity_table(self, level, members, final_params, masks, can_prune) -> pd.DataFrame:
         return sparsity_table(level, members, final_params, masks, can_prune)
 
-    def _bar(self, level: int, total: int, what: str = "", start: int | None = None):
+    def level_bar(self, level: int, total: int, what: str = "", start: int | None = None):
         """Progress of one level's ``total`` steps; level L > 0 starts at the rewind step unless ``start``."""
         if start is None:
             start = 0 if level == 0 or what else self.cfg.rewind.step
@@ -455,11 +410,6 @@ def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
         bar.close()
 
 
-def kept_count(mask) -> int:
-    """Parameters a mask keeps (weights and unpruned biases/norm parameters)."""
-    return int(sum(np.asarray(m).sum() for m in jax.tree.leaves(mask)))
-
-
 def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:
     """Run or resume the IMP experiment ``cfg`` into ``out``; returns its store.
 
@@ -469,7 +419,7 @@ def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None
     if store.is_finished(cfg.prune.levels):
         return store
     lottery = Lottery(cfg, out, progress=progress)
-    sink = _open_sink(lottery)
+    sink = open_sink(lottery)
     try:
         return lottery.run(sink)
     finally:
@@ -477,116 +427,7 @@ def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None
             sink.close()
 
 
-# ---------------------------------------------------------------------------- population groups
-
-def population_key(cfg: ExperimentConfig) -> str | None:
-    """Runs with equal keys can train each level together as one population; None: the run trains alone.
-
-    Such runs share the data set, model, training and rewinding (so one compiled engine, one start
-    step and one batch order per seed) and the number of levels; they may differ in seeds, arms and
-    in how they prune (rate, scope, criterion, granularity, ...). AGP (``prune.schedule = 'gradual'``)
-    updates masks during training and always trains alone.
-    """
-    if cfg.prune.schedule == "gradual":
-        return None
-    d = cfg.to_dict()
-    for key in ("name", "seeds", "arms", "log", "quant"):
-        d.pop(key, None)
-    d["prune"] = {"levels": cfg.prune.levels}
-    return json.dumps(d, sort_keys=True)
-
-
-def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
-              finished: Callable[[ExperimentConfig], bool] | None = None,
-              after_level: Callable[["Lottery", int], None] | None = None) -> dict[str, str]:
-    """Run or resume several runs of one population group (equal :func:`population_key`).
-
-    Level by level, the members of every run that still needs the level train as one vmapped
-    population; each run's share of the result is stored in its own folder, exactly as a run alone
-    would store it. The dense level depends only on the seed within a group, so each seed's dense
-    network is trained once and stored in every run that has the seed. A member's numbers equal
-    those of the run trained alone to float tolerance (the batched matmuls may round differently).
-
-    ``finished(cfg)`` says a run needs nothing (default: every level complete); ``after_level(lottery,
-    level)`` runs once a level of a run is complete (the pipeline's later stages), under the run's lock.
-    Returns run_id -> 'trained' | 'complete' | 'busy: <why>' (another process holds the run).
-    """
-    from .store import RunBusyError
-
-    cfgs = list(cfgs)
-    root = prepare_root(out)
-    finished = finished or (lambda c: RunStore(root, c.run_id).is_finished(c.prune.levels))
-    status: dict[str, str] = {}
-    todo = []
-    for cfg in cfgs:
-        if finished(cfg):
-            status[cfg.run_id] = "complete"
-        else:
-            todo.append(cfg)
-    keys = {population_key(c) for c in todo}
-    if len(todo) > 1 and (None in keys or len(keys) > 1):
-        raise ValueError(f"runs {[c.run_id for c in todo]} do not share a population_key; group them first")
-    with contextlib.ExitStack() as stack_:
-        lots: list[Lottery] = []
-        for cfg in todo:
-            try:
-                stack_.enter_context(RunStore(root, cfg.run_id).lock())
-            except RunBusyError as e:
-                status[cfg.run_id] = f"busy: {e}"
-                continue
-            lots.append(Lottery(cfg, root, progress=progress, share=lots[0] if lots else None))
-        sinks: dict[str, WandbSink | None] = {}
-        for lot in lots:
-            sinks[lot.cfg.run_id] = sink = _open_sink(lot)
-            if sink is not None:
-                stack_.callback(sink.close)
-            lot.store.write_hparams(lot.hparams())
-        inits = {lot.cfg.run_id: lot.init_weights() for lot in lots}
-        for level in range(max((lot.cfg.prune.levels for lot in lots), default=-1) + 1):
-            active = [lot for lot in lots if level <= lot.cfg.prune.levels and not lot.store.is_complete(level)]
-            if len(active) == 1:
-                active[0].train_level(level, inits[active[0].cfg.run_id], sinks[active[0].cfg.run_id])
-            elif active:
-                _train_level_together(level, active, inits, sinks)
-            if after_level is not None:
-                for lot in lots:
-                    if level <= lot.cfg.prune.levels:
-                        after_level(lot, level)
-        for lot in lots:
-            status[lot.cfg.run_id] = "trained"
-    return status
-
-
-def _train_level_together(level: int, lots: list[Lottery], inits: dict, sinks: dict) -> None:
-    plans = [lot.prepare_level(level, inits[lot.cfg.run_id]) for lot in lots]
-    members, weights, masks, index = [], [], [], []
-    slot: dict[int, int] = {}  # dense level: seed -> its one member
-    for plan in plans:
-        idx = []
-        for m, w, mask in zip(plan.members, plan.weights, plan.masks):
-            if level == 0 and m.seed in slot:
-                idx.append(slot[m.seed])
-                continue
-            if level == 0:
-                slot[m.seed] = len(members)
-            idx.append(len(members))
-            members.append(m)
-            weights.append(w)
-            masks.append(mask)
-        index.append(idx)
-    lead = lots[0]
-    together = LevelPlan(members, weights, masks, plans[0].can_prune, plans[0].start, plans[0].engine)
-    state = lead.initial_state(level, together)
-    t0 = time.time()
-    with lead._bar(level, together.engine.num_steps - together.start, f"({len(lots)} runs)",
-                   start=together.start) as bar:
-        result, _, _ = lead.run_plan(level, together, state, bar)
-    wall_s = time.time() - t0
-    for lot, plan, idx in zip(lots, plans, index):
-        lot.finish_level(level, plan, result.select(idx), plan.masks, wall_s, {}, sinks[lot.cfg.run_id])
-
-
-def _open_sink(lottery: Lottery) -> WandbSink | None:
+def open_sink(lottery: Lottery) -> WandbSink | None:
     cfg = lottery.cfg
     if cfg.log.wandb == "disabled":
         return None

@@ -1,7 +1,8 @@
-"""Command line for quantization: ``lth quantize``, ``lth export`` and ``lth eval-export``.
+"""``lth quantize``, ``lth export`` and ``lth eval-export``: the quantization commands.
 
 Thin edges over :func:`lth.quant.quantize_run` (the quant stage's code path on a stored run),
-:func:`lth.quant.export_level` and :func:`lth.quant.eval_export`. ``cli.py`` wires them in with :func:`add_parsers` and :func:`run`.
+:func:`lth.quant.export_level` and :func:`lth.quant.eval_export`; :data:`COMMANDS` puts them in
+``lth``'s command table. A ValueError (a bad setting, an unsupported model) exits with code 2.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import wraps
 from pathlib import Path
 
-COMMANDS = ("quantize", "export", "eval-export")
-
+from .common import Command, error
 
 def _csv(kind):
     def parse(text: str):
@@ -69,8 +70,7 @@ def _add_common(p: argparse.ArgumentParser, many: bool) -> None:
                    help="QAT learning rate, constant (default: train.lr / 10)")
 
 
-def add_parsers(sub) -> None:
-    """Add the ``quantize``, ``export`` and ``eval-export`` subcommands to an argparse subparsers object."""
+def add_quantize(sub) -> None:
     p = sub.add_parser(
         "quantize", help="PTQ/QAT sweep over the tickets of a stored run",
         description="Add quant cells to a stored run: the members of every arm (or quant.arms) of its "
@@ -106,6 +106,8 @@ def add_parsers(sub) -> None:
                    help="QAT starts from the trained ticket (default) or from the rewind point")
     p.add_argument("--no-write", action="store_true", help="print the table only; do not write cells")
 
+
+def add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="write one quantized ticket as a compressed integer file",
         description="Quantize one ticket member of a level (weights to --bits, activations to --act-bits) and "
@@ -120,6 +122,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", choices=["ptq", "qat"], default="ptq", help="ptq (default) or qat")
     _add_common(p, many=False)
 
+
+def add_eval_export(sub) -> None:
     p = sub.add_parser(
         "eval-export", help="reload an exported file and report its accuracy",
         description="Read a file written by `lth export`, check its checksum, run its integer model "
@@ -147,7 +151,7 @@ def _settings(args) -> dict:
 
 def _quant_base(args):
     """The quant settings before the options: the defaults, then --config's [quant], then --set quant.*."""
-    from .config import ConfigError, QuantConfig, apply_overrides, load_raw
+    from ..config import ConfigError, QuantConfig, apply_overrides, load_raw
 
     raw: dict = {"quant": {}}
     if args.config:
@@ -167,7 +171,7 @@ def _log(msg: str) -> None:
 
 def _check_levels_writable(run_dir, levels) -> None:
     """StoreError before any quantization when a level folder that gets quant cells is read-only."""
-    from .store import check_writable
+    from ..store import check_writable
 
     run = Path(run_dir)
     dirs = sorted(run.glob("level_[0-9][0-9][0-9]")) if levels is None else [run / f"level_{L:03d}" for L in levels]
@@ -176,57 +180,66 @@ def _check_levels_writable(run_dir, levels) -> None:
             check_writable(d)
 
 
-def run(args) -> int:
-    """Dispatch ``args.command`` (one of :data:`COMMANDS`); returns the exit code (2: bad setting)."""
-    try:
-        return _run(args)
-    except ValueError as e:  # includes ConfigError: a bad setting or an unsupported model
-        print(f"lth: error: {e}", file=sys.stderr)
-        return 2
+def _bad_setting_exits_2(run):
+    @wraps(run)
+    def checked(args) -> int:
+        try:
+            return run(args)
+        except ValueError as e:  # includes ConfigError: a bad setting or an unsupported model
+            return error(str(e))
+    return checked
 
 
-def _run(args) -> int:
-    if args.command == "quantize":
-        from .quant import quantize_run
+@_bad_setting_exits_2
+def run_quantize(args) -> int:
+    from ..quant import quantize_run
 
-        t0 = time.time()
-        if not args.no_write:
-            _check_levels_writable(args.run_dir, args.levels)
-        df = quantize_run(args.run_dir, args.levels, args.bits, args.method, config=_quant_base(args),
-                          write=not args.no_write, recompute=args.recompute, log=_log, **_settings(args))
-        cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
-                "accuracy", "float_accuracy", "size_bytes", "compression"]
-        print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(df) else
-              "nothing to compute: every cell is done (--recompute redoes them)")
-        where = "" if args.no_write else " -> level_NNN/quant/"
-        print(f"{len(df)} rows in {time.time() - t0:.1f} s{where}")
-        return 0
-    if args.command == "export":
-        from .quant import export_level
+    t0 = time.time()
+    if not args.no_write:
+        _check_levels_writable(args.run_dir, args.levels)
+    df = quantize_run(args.run_dir, args.levels, args.bits, args.method, config=_quant_base(args),
+                      write=not args.no_write, recompute=args.recompute, log=_log, **_settings(args))
+    cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
+            "accuracy", "float_accuracy", "size_bytes", "compression"]
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(df) else
+          "nothing to compute: every cell is done (--recompute redoes them)")
+    where = "" if args.no_write else " -> level_NNN/quant/"
+    print(f"{len(df)} rows in {time.time() - t0:.1f} s{where}")
+    return 0
 
-        from .store import StoreError
 
-        out = Path(args.out)
-        if out.is_dir():
-            raise StoreError(f"--out {out} is a folder; give the file to write, e.g. {out / 'ticket.lthq'}")
-        s = _settings(args)
-        kw = {k: (v[0] if isinstance(v, list) else v) for k, v in s.items()
-              if k in ("scheme", "granularity", "calibration", "act_bits")}
-        rest = {k: v for k, v in s.items() if k not in kw and k != "activations"}
-        r = export_level(args.run_dir, args.level, args.bits, args.out, member=args.member, method=args.method,
-                         **kw, **rest)
-        print(f"wrote {r['path']}: {r['file_bytes']} bytes on disk, payload {r['size_bytes']} bytes, "
-              f"{r['compression']:.1f}x smaller than fp32 dense ({r['fp32_dense_bytes']} bytes)")
-        print(f"test accuracy: integer {r['integer_accuracy']:.4f}, fake-quant {r['fake_quant_accuracy']:.4f}, "
-              f"prediction agreement {r['agreement']:.4f}")
-        return 0
-    if args.command == "eval-export":
-        from .quant import eval_export
+@_bad_setting_exits_2
+def run_export(args) -> int:
+    from ..quant import export_level
+    from ..store import StoreError
 
-        r = eval_export(args.file, args.split)
-        print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "
-              f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} examples")
-        print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), "
-              f"file {r['file_bytes']} bytes")
-        return 0
-    raise ValueError(f"not a quantization command: {args.command!r}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise StoreError(f"--out {out} is a folder; give the file to write, e.g. {out / 'ticket.lthq'}")
+    s = _settings(args)
+    kw = {k: (v[0] if isinstance(v, list) else v) for k, v in s.items()
+          if k in ("scheme", "granularity", "calibration", "act_bits")}
+    rest = {k: v for k, v in s.items() if k not in kw and k != "activations"}
+    r = export_level(args.run_dir, args.level, args.bits, args.out, member=args.member, method=args.method,
+                     **kw, **rest)
+    print(f"wrote {r['path']}: {r['file_bytes']} bytes on disk, payload {r['size_bytes']} bytes, "
+          f"{r['compression']:.1f}x smaller than fp32 dense ({r['fp32_dense_bytes']} bytes)")
+    print(f"test accuracy: integer {r['integer_accuracy']:.4f}, fake-quant {r['fake_quant_accuracy']:.4f}, "
+          f"prediction agreement {r['agreement']:.4f}")
+    return 0
+
+
+@_bad_setting_exits_2
+def run_eval_export(args) -> int:
+    from ..quant import eval_export
+
+    r = eval_export(args.file, args.split)
+    print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "
+          f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} examples")
+    print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), "
+          f"file {r['file_bytes']} bytes")
+    return 0
+
+
+COMMANDS = [Command("quantize", add_quantize, run_quantize), Command("export", add_export, run_export),
+            Command("eval-export", add_eval_export, run_eval_export)]

@@ -12,31 +12,12 @@ import pandas as pd
 import pytest
 
 from analysis import NotAStoreError, load_runs
-from lth.config import ExperimentConfig
 from lth.lottery import Lottery, run_lottery
-from lth.pruning import expected_counts
+from lth.prune.masks import expected_counts
 from lth.store import load_tree
 from lth.train import unstack
 
-TINY = {
-    "name": "tiny", "seeds": [0, 1], "arms": ["ticket", "reinit", "random_prune", "shuffle"],
-    "data": {"name": "mnist1d", "mnist1d_samples": 1000, "val_size": 100},
-    "model": {"name": "mlp", "widths": [24, 16]},
-    "train": {"optimizer": "adam", "lr": 3e-3, "batch_size": 50, "steps": 40, "eval_every": 20},
-    "prune": {"levels": 3, "rate": 0.3, "output_rate": 0.15},
-    "log": {"wandb": "disabled", "progress": False},
-}
-
-
-def tiny(**sections) -> ExperimentConfig:
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
-    for k, v in sections.items():
-        if isinstance(v, dict):
-            raw[k] = {**raw.get(k, {}), **v}
-        else:
-            raw[k] = v
-    return ExperimentConfig.from_dict(raw)
-
+from helpers import TINY, tiny, toml_text
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -178,11 +159,12 @@ def test_same_config_twice_gives_identical_metrics(finished, tmp_path):
     pd.testing.assert_frame_equal(a, b[cols].reset_index(drop=True))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_results(finished, tmp_path):
     """SIGKILL the CLI in the middle of a level, rerun the same command, compare with an uninterrupted run."""
     cfg, out, _ = finished
     exp = tmp_path / "tiny.toml"
-    exp.write_text(_toml(TINY))
+    exp.write_text(toml_text(TINY))
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "lth.cli", "lottery", str(exp), "--out", str(killed), "--no-progress"]
@@ -222,6 +204,7 @@ def test_load_runs_columns_and_errors(finished, tmp_path):
         load_runs(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_and_a_wandb_failure_is_not_fatal(tmp_path, monkeypatch):
     cfg = tiny(prune={"levels": 1}, arms=["ticket", "reinit"], log={"wandb": "offline", "progress": False})
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -237,14 +220,6 @@ def test_wandb_offline_logs_and_a_wandb_failure_is_not_fatal(tmp_path, monkeypat
     with pytest.warns(RuntimeWarning, match="W&B logging disabled"):
         store = run_lottery(cfg, tmp_path / "broken")
     assert store.is_complete(1)
-
-
-def _toml(d: dict) -> str:
-    import json
-    top = [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
-              for k, v in d.items() if isinstance(v, dict)]
-    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
 
 
 def test_small_dense_baseline_matches_the_tickets_parameter_count(tmp_path):
@@ -288,7 +263,7 @@ def test_sparsity_cli_reports_exact_counts(finished, capsys):
 def test_sensitivity_table_has_one_row_per_layer_and_density(finished, capsys):
     from lth.cli import main
     from lth.config import load_experiment
-    from lth.sensitivity import rates_for, sensitivity
+    from lth.prune.sensitivity import rates_for, sensitivity
     cfg, out, store = finished
     table = sensitivity(store.path, 1, [0.5, 0.2])
     test = table[table.split == "test"]
@@ -306,3 +281,9 @@ def test_sensitivity_table_has_one_row_per_layer_and_density(finished, capsys):
     exp.write_text("")
     cfg2 = load_experiment(exp, [line.split(" ", 1)[1].strip("'")])
     assert set(cfg2.prune.rates) == {"dense_0", "dense_1", "output"}
+
+
+def test_every_configurable_arm_is_a_registry_entry_or_small_dense():
+    from lth.config import ARMS as CONFIG_ARMS
+    from lth.lottery import ARMS
+    assert set(ARMS) | {"small_dense"} == set(CONFIG_ARMS)

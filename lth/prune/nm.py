@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .pruning import layer_rates, prunable
+from .masks import layer_rates, prunable
 
 PyTree = Any
 

@@ -6,7 +6,7 @@ import pytest
 
 from lth.config import ModelConfig, PruneConfig
 from lth.models import build_model
-from lth.pruning import (density, expected_counts, layer_rates, magnitude_prune, prunable, random_mask_like,
+from lth.prune.masks import (density, expected_counts, layer_rates, magnitude_prune, prunable, random_mask_like,
                          shuffle_mask, sparsity_rows)
 
 

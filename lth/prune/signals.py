@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .models import ACTIVATIONS
+from ..models import ACTIVATIONS
 
 PyTree = Any
 

@@ -10,10 +10,11 @@ import pytest
 from analysis import load_runs
 from lth.config import PruneConfig
 from lth.lottery import run_lottery
-from lth.pruning import agp_density, obd_scores, saliency_scores
-from lth.signals import _loss, activation_sparsity, hessian_diagonal, mean_gradient
+from lth.prune.criteria import obd_scores, saliency_scores
+from lth.prune.schedules import agp_density
+from lth.prune.signals import _loss, activation_sparsity, hessian_diagonal, mean_gradient
 from lth.store import load_tree, read_parquet
-from test_lottery import tiny
+from helpers import tiny
 
 
 class Tiny(nn.Module):
@@ -127,3 +128,10 @@ def test_activation_sparsity_counts_exact_zero_relu_outputs():
     assert activation_sparsity(mlp, p, {}, x) == {"dense_0": 1.0}
     p["dense_0"]["bias"] = jnp.full(8, 1e3)
     assert activation_sparsity(mlp, p, {}, x) == {"dense_0": 0.0}
+
+
+def test_every_configurable_criterion_is_a_registry_entry():
+    import typing
+    from lth.prune.criteria import CRITERIA
+    allowed = typing.get_args(typing.get_type_hints(PruneConfig)["criterion"])
+    assert set(allowed) == set(CRITERIA)

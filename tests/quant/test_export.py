@@ -1,6 +1,5 @@
 """Size accounting (hand-computed bytes), bit packing, and the export file round trip."""
 
-import argparse
 import json
 import math
 
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lth import quant_cmd
+from lth.cli import COMMANDS, build_parser
 from lth.quant import export_level
 from lth.quant.export import (ExportError, decode_kernel, encode_kernel, encoded_sizes, eval_export, export_bytes,
                               pack_bits, payload_bytes, read_export, size_report, unpack_bits, write_export)
@@ -208,24 +207,23 @@ def test_export_level_then_eval_export_reports_the_same_accuracy(stored_run, tmp
 
 
 def test_cli_export_and_eval_export(stored_run, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="lth")
-    quant_cmd.add_parsers(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "l0_8bit.lthq"
-    rc = quant_cmd.run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out)]))
+    rc = _run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out)]))
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file() and "smaller than fp32 dense" in text and "agreement" in text
-    assert quant_cmd.run(parser.parse_args(["eval-export", str(out)])) == 0
+    assert _run(parser.parse_args(["eval-export", str(out)])) == 0
     assert "test accuracy" in capsys.readouterr().out
     with pytest.raises(StoreError, match="level 3 is not complete"):  # cli.main prints it, exit code 2
-        quant_cmd.run(parser.parse_args(["export", str(stored_run), "--level", "3", "--bits", "8", "--out", str(out)]))
-    assert quant_cmd.run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out),
+        _run(parser.parse_args(["export", str(stored_run), "--level", "3", "--bits", "8", "--out", str(out)]))
+    assert _run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out),
                                             "--act-bits", "1"])) == 2
     assert "act_bits" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bits, scheme", [(8, "sym"), (4, "asym")])
 def test_nm_encoding_round_trips_and_matches_hand_computed_bytes(bits, scheme):
-    from lth.nm import keep_per_group
+    from lth.prune.nm import keep_per_group
     rng = np.random.default_rng(bits)
     zp = rng.integers(0, 2 ** bits, 6) if scheme == "asym" else np.zeros(6, np.int64)
     lo, hi = qrange(bits, scheme)
@@ -244,7 +242,7 @@ def test_nm_encoding_round_trips_and_matches_hand_computed_bytes(bits, scheme):
 
 
 def test_nm_ticket_size_report_and_export_use_the_nm_encoding(tmp_path):
-    from lth.nm import keep_per_group
+    from lth.prune.nm import keep_per_group
     model = MLP((8,), 4)
     rng = np.random.default_rng(0)
     params = {}
@@ -270,3 +268,8 @@ def test_nm_ticket_size_report_and_export_use_the_nm_encoding(tmp_path):
     back, header = read_export(path)
     assert {v["encoding"] for v in header["layers"].values()} == {"nm"}
     np.testing.assert_array_equal(back.predict(x), im.predict(x))
+
+
+def _run(args) -> int:
+    """A command of the ``lth`` table without main's error handling (so a test sees the exception)."""
+    return COMMANDS[args.command].run(args)

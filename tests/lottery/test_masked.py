@@ -16,6 +16,8 @@ from lth.lottery import run_lottery
 from lth.store import load_tree, tree_bytes
 from lth.train import unstack
 
+from helpers import toml_text
+
 # A tiny IMP run (2 levels, ticket + random_prune) whose stored masks the tests train again.
 TINY = {
     "name": "tiny_masked", "seeds": [0, 1], "arms": ["ticket", "random_prune"],
@@ -27,28 +29,12 @@ TINY = {
 }
 
 
-def _toml(d: dict) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-
-    top = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {val(vv)}" for kk, vv in v.items())
-              for k, v in d.items() if isinstance(v, dict)]
-    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
-
-
 @pytest.fixture(scope="module")
 def lottery(tmp_path_factory):
     """(experiment file, lottery store) of the tiny IMP run."""
     root = tmp_path_factory.mktemp("masked")
     exp = root / "tiny.toml"
-    exp.write_text(_toml(TINY))
+    exp.write_text(toml_text(TINY))
     store = run_lottery(ExperimentConfig.from_dict(TINY), root / "lottery")
     return exp, store
 
@@ -120,8 +106,8 @@ def test_run_id_hparams_and_metrics_record_the_mask(masked):
     assert df["mask.sha256"].unique().tolist() == [hp["mask"]["sha256"]]
     assert (df["mask_seed"] == df["seed"]).all()
     # the run folder reads like any other: its config loads, `lth sparsity` reports it
-    from lth.sensitivity import load_run_config
-    assert load_run_config(run).model.widths == (24, 16)
+    from lth.stored import run_config
+    assert run_config(run)[0].model.widths == (24, 16)
     assert main(["sparsity", str(run)]) == 0
 
 

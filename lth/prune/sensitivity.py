@@ -14,30 +14,21 @@ import jax
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ExperimentConfig
-from .pruning import leaf_name, magnitude_scores, prunable, prune_to_density
-from .store import atomic_write_bytes, load_tree, parquet_bytes
-from .stored import StoredRun, run_config
-from .train import apply_mask, chunk_split, make_eval_fn, stack, unstack
-
-def load_run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The config of a stored run (hparams.json checked against its run id)."""
-    return run_config(run_dir)[0]
-
-
-def open_level(run_dir: Path, level: int):
-    """(cfg, store, data, model) of a finished level of a stored run; ConfigError if it is not usable."""
-    run = StoredRun.open(run_dir)
-    run.check_level(level)
-    return run.cfg, run.store, run.data, run.model
-
+from ..config import ConfigError
+from .criteria import magnitude_scores
+from .masks import leaf_name, prunable, prune_to_density
+from ..store import atomic_write_bytes, load_tree, parquet_bytes
+from ..stored import StoredRun
+from ..train import apply_mask, chunk_split, make_eval_fn, stack, unstack
 
 def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0) -> pd.DataFrame:
     """Tidy table: layer, density, split, accuracy, loss, drop (vs the unpruned level-L network)."""
     if not all(0 < d <= 1 for d in densities):
         raise ConfigError(f"--densities {list(densities)} is not allowed; expected fractions in (0, 1]")
     run_dir = Path(run_dir)
-    cfg, store, data, model = open_level(run_dir, level)
+    run = StoredRun.open(run_dir)
+    run.check_level(level)
+    cfg, store, data, model = run.cfg, run.store, run.data, run.model
     final = load_tree(store.level_dir(level) / "final.msgpack")
     masks = load_tree(store.level_dir(level) / "masks.msgpack")
     params, bs, mask = unstack(final["params"], member), unstack(final["batch_stats"], member), unstack(masks, member)

@@ -38,14 +38,16 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from . import __version__
-from .config import ConfigError, ExperimentConfig
-from .data import load_dataset
-from .models import build_model
-from .pruning import density, prunable
-from .store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
-from .lottery import Member, seed_keys, kept_count, metrics_table, to_numpy, progress_bar, sparsity_table, stored_init
-from .train import Engine, init_variables, stack, unstack
+from .. import __version__
+from ..config import ConfigError, ExperimentConfig
+from ..data import load_dataset
+from ..models import build_model
+from ..prune.masks import density, prunable
+from ..store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
+from .runner import Member, metrics_table, progress_bar, sparsity_table, stored_init
+from ..train import Engine, init_variables, stack, unstack
+from ..trees import kept_count, seed_keys, to_numpy
+from ..wandb_log import WandbSink, flatten
 
 MASKS_FILE = "masks.msgpack"
 MEMBERS_FILE = "members.json"
@@ -275,7 +277,6 @@ class MaskedRun:
             "sparsity.parquet": parquet_bytes(sparsity_table(0, members, final["params"], masks, can_prune)),
         })
         if cfg.log.wandb != "disabled":
-            from .wandb_log import WandbSink, flatten
             sink = WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, self.run_id, flatten(self.hparams()),
                              store.path / "wandb")
             try:

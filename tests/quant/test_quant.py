@@ -16,23 +16,7 @@ from lth.quant import (QuantConfig, QuantSpec, bias_correct, calibrate, equalize
 from lth.stored import StoredRun
 from lth.store import RunStore, tree_bytes
 
-
-def random_params(model, input_shape, seed=0, density=1.0):
-    """Glorot-scaled normal params with the model's tree structure (numpy: no RNG compile); kernels
-    pruned at random to ``density`` when it is below 1."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) == 1:
-            return jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * 0.1)
-        fan = np.prod(s.shape[:-1]) + s.shape[-1]
-        w = rng.normal(size=s.shape) * np.sqrt(2 / fan)
-        if density < 1:
-            w = w * (rng.random(s.shape) < density)
-        return jnp.asarray(w.astype(np.float32))
-
-    return jax.tree.map(draw, shapes)
+from helpers import random_params
 
 
 def sparse_kernel(rng, shape, density=0.4):
@@ -373,21 +357,24 @@ def test_bad_quant_settings_fail_with_the_key_and_allowed_values(stored_run):
 
 
 def test_cli_quantize_prints_the_table(stored_run, capsys):
-    import argparse
+    from lth.cli import build_parser
 
-    from lth import quant_cmd
-
-    parser = argparse.ArgumentParser(prog="lth")
-    quant_cmd.add_parsers(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--bits", "4", "--no-write",
                               "--arms", "ticket"])
-    assert quant_cmd.run(args) == 0
+    assert _run(args) == 0
     out = capsys.readouterr().out
     assert "compression" in out and "1 rows" in out
     args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--no-write", "--set", "quant.bits=[8, 4]",
                               "--set", 'quant.arms=["ticket"]'])
-    assert quant_cmd.run(args) == 0 and "2 rows" in capsys.readouterr().out
-    assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--set", "train.lr=1"])) == 2
+    assert _run(args) == 0 and "2 rows" in capsys.readouterr().out
+    assert _run(parser.parse_args(["quantize", str(stored_run), "--set", "train.lr=1"])) == 2
     assert "quant.* settings only" in capsys.readouterr().err
-    assert quant_cmd.run(parser.parse_args(["quantize", str(stored_run), "--scheme", "sym,nope"])) == 2
+    assert _run(parser.parse_args(["quantize", str(stored_run), "--scheme", "sym,nope"])) == 2
     assert "quant.scheme" in capsys.readouterr().err
+
+
+def _run(args) -> int:
+    """A command of the ``lth`` table without main's error handling (so a test sees the exception)."""
+    from lth.cli import COMMANDS
+    return COMMANDS[args.command].run(args)

@@ -1,0 +1,54 @@
+"""Command line: thin edges over library calls. ``lth --help`` lists the commands.
+
+The commands form one table, :data:`COMMANDS` (name -> :class:`~lth.cli.common.Command`: its parser
+and its function), in the manner of open_lth's ``cli/runner_registry.py``; each module of this
+package contributes its entries. Heavy imports (jax, pandas, the library) happen inside the command
+functions, so ``lth --help`` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import experiment, prune, quant, report, speed, sweep, tools
+from .common import EXIT_USAGE, Command, error
+
+# In the order ``lth --help`` lists them (pipeline order).
+COMMANDS: dict[str, Command] = {c.name: c for module in (experiment, sweep, report, prune, speed, quant, tools)
+                                for c in module.COMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lth", description="Lottery Ticket Hypothesis and model compression experiments in JAX.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `lth COMMAND --help` for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..store import StoreError
+
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ConfigError, DataError, StoreError) as e:
+        return error(str(e))
+    except OSError as e:  # a full disk, a read-only folder, a path that is a folder: name it, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        return error(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print("lth: interrupted; completed levels are kept and a rerun resumes", file=sys.stderr)
+        return 130

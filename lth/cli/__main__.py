@@ -1,0 +1,7 @@
+"""``python -m lth.cli``: the ``lth`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""``lth settings`` and ``lth data``: the settings reference and data set downloads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import Command
+
+
+def add_settings(sub) -> None:
+    sub.add_parser("settings", help="list every experiment setting with its default and meaning")
+
+
+def run_settings(args) -> int:
+    from ..config import describe_fields
+    print(describe_fields())
+    return 0
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="data set utilities")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    d = dsub.add_parser("download", help="download a data set (needs the internet), checking sha256",
+                        description="Fetch the official archives of mnist or cifar10 into "
+                                    "$LTH_DATA_DIR/<name> (default ~/.cache/lth/data), verify their "
+                                    "sha256 and write them atomically.")
+    d.add_argument("name", choices=["mnist", "cifar10"], help="data set to fetch")
+    d.add_argument("--dest", default=None, help="data root (default: $LTH_DATA_DIR or ~/.cache/lth/data)")
+    p.set_defaults(data_parser=p)
+
+
+def run_data(args) -> int:
+    if args.data_command != "download":  # `lth data` alone: its help, as `lth data --help` prints it
+        args.data_parser.print_help()
+        sys.exit(0)
+    from ..download import download
+    path = download(args.name, Path(args.dest) if args.dest else None)
+    print(f"{args.name}: ready in {path}")
+    return 0
+
+
+COMMANDS = [Command("settings", add_settings, run_settings), Command("data", add_data, run_data)]

@@ -1,13 +1,12 @@
 """Population groups: several runs that train each level together as one vmapped population.
 
-Runs with equal :func:`population_key` share the data set, model, training and rewinding, so one
+Runs with equal :func:`~lth.lottery.runner.population_key` share the data set, model, training and rewinding, so one
 compiled engine trains the members of all of them; each run's share is stored in its own folder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,24 +14,7 @@ from typing import Callable
 from ..config import ExperimentConfig
 from ..store import RunBusyError, RunStore, prepare_root
 from ..wandb_log import WandbSink
-from .runner import LevelPlan, Lottery, open_sink
-
-
-def population_key(cfg: ExperimentConfig) -> str | None:
-    """Runs with equal keys can train each level together as one population; None: the run trains alone.
-
-    Such runs share the data set, model, training and rewinding (so one compiled engine, one start
-    step and one batch order per seed) and the number of levels; they may differ in seeds, arms and
-    in how they prune (rate, scope, criterion, granularity, ...). AGP (``prune.schedule = 'gradual'``)
-    updates masks during training and always trains alone.
-    """
-    if cfg.prune.schedule == "gradual":
-        return None
-    d = cfg.to_dict()
-    for key in ("name", "seeds", "arms", "log", "quant"):
-        d.pop(key, None)
-    d["prune"] = {"levels": cfg.prune.levels}
-    return json.dumps(d, sort_keys=True)
+from .runner import LevelPlan, Lottery, open_sink, population_key
 
 
 def run_group(cfgs, out: str | Path, *, progress: bool | None = None,

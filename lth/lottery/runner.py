@@ -76,19 +76,37 @@ class LevelPlan:
     engine: Engine
 
 
+def population_key(cfg: ExperimentConfig) -> str | None:
+    """Runs with equal keys can train each level together as one population; None: the run trains alone.
+
+    Such runs share the data set, model, training and rewinding (so one compiled engine, one start
+    step and one batch order per seed) and the number of levels; they may differ in seeds, arms and
+    in how they prune (rate, scope, criterion, granularity, ...). AGP (``prune.schedule = 'gradual'``)
+    updates masks during training and always trains alone.
+    """
+    if cfg.prune.schedule == "gradual":
+        return None
+    d = cfg.to_dict()
+    for key in ("name", "seeds", "arms", "log", "quant"):
+        d.pop(key, None)
+    d["prune"] = {"levels": cfg.prune.levels}
+    return json.dumps(d, sort_keys=True)
+
+
 class Lottery:
     """Runs (and resumes) one IMP experiment into ``out/<run_id>``."""
 
     def __init__(self, cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None,
                  share: "Lottery | None" = None):
-        """``share``: a Lottery of the same population group (:func:`lth.lottery.groups.population_key`,
-        checked by :func:`~lth.lottery.groups.run_group`) whose data set, model and compiled engines
-        this one reuses."""
+        """``share``: a Lottery of the same population group (:func:`population_key`) whose data set,
+        model and compiled engines this one reuses."""
         self.cfg = cfg
         self.store = RunStore(prepare_root(out), cfg.run_id)
         self.progress = cfg.log.progress if progress is None else progress
         self._share = share
         if share is not None:
+            if population_key(share.cfg) != population_key(cfg):
+                raise ValueError(f"runs {share.cfg.run_id} and {cfg.run_id} cannot share a population")
             self.data, self.model, self.engine = share.data, share.model, share.engine
         else:
             self.data = load_dataset(cfg.data)

@@ -8,9 +8,8 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
 
-from .summary import summarize  # noqa: E402
+from .summary import seed_spread, spread_rule, summarize  # noqa: E402,F401 - seed_spread: public here too
 
 ARM_STYLE = {
     "ticket": dict(color="#1f77b4", marker="o", label="winning ticket"),
@@ -50,7 +49,7 @@ def _arm_lines(ax, summary: pd.DataFrame, y: str, scale: float = 1.0) -> None:
         g = g.sort_values("density", ascending=False)
         st = ARM_STYLE.get(arm, dict(label=arm))
         mean = g[f"{y}_mean"].to_numpy() * scale
-        lo, hi = g[f"{y}_ci_low"].to_numpy() * scale, g[f"{y}_ci_high"].to_numpy() * scale
+        lo, hi = g[f"{y}_spread_low"].to_numpy() * scale, g[f"{y}_spread_high"].to_numpy() * scale
         ax.plot(g["density"], mean, markersize=4, **st)
         ax.fill_between(g["density"], lo, hi, color=st.get("color"), alpha=0.2, linewidth=0)
         if "diverged" in g and (g["diverged"] > 0).any():  # a seed whose loss diverged: a black cross
@@ -62,7 +61,10 @@ def _arm_lines(ax, summary: pd.DataFrame, y: str, scale: float = 1.0) -> None:
 
 def _seeds_note(summary: pd.DataFrame) -> str:
     n = sorted(set(summary["seeds"].astype(int)))
-    return f"mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds"
+    if len(n) == 1 or n[-1] < 3 or n[0] >= 3:
+        rule = spread_rule(n[-1]) if len(n) == 1 else spread_rule(n[-1]).replace(str(n[-1]), f"{n[0]}-{n[-1]}", 1)
+        return f"mean and {rule}"
+    return f"mean and min-max (below 3 seeds) or 95% CI ({n[0]}-{n[-1]} seeds)"
 
 
 def accuracy_vs_density(df: pd.DataFrame, split: str = "test", metric: str = "final") -> plt.Figure:
@@ -200,20 +202,6 @@ def quant_heatmap(quant: pd.DataFrame, method: str | None = None) -> plt.Figure:
         fig.colorbar(im, ax=ax, label="test accuracy (%)")
     fig.heatmap_table = table  # the plotted values, for checks and tables
     return fig
-
-
-def seed_spread(values) -> tuple[float, float, float, str]:
-    """(mean, low, high, rule) over seeds: min-max below 3 seeds (a t-interval over 2 seeds is 12.7
-    standard errors wide), the 95% t-interval from 3 seeds on."""
-    x = np.asarray(values, float)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return np.nan, np.nan, np.nan, "no data"
-    m = float(x.mean())
-    if len(x) < 3:
-        return m, float(x.min()), float(x.max()), f"min-max over {len(x)} seed{'s' if len(x) > 1 else ''}"
-    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return m, m - half, m + half, f"95% CI over {len(x)} seeds"
 
 
 POINT_KEYS = ["run_id", "arm", "level", "bits", "method", "scheme", "granularity", "calibration", "act_bits"]

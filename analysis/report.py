@@ -9,7 +9,7 @@ import pandas as pd
 
 from . import figures
 from .runs import float_rows, load_runs, load_sparsity, quant_rows
-from .summary import summarize
+from .summary import spread_rule, summarize
 
 TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "diverged", "final_accuracy_mean",
                  "final_accuracy_std", "best_accuracy_mean", "early_stop_step_mean"]
@@ -43,9 +43,9 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     made: dict[str, str] = {}
     plans = [
         ("accuracy_vs_density", lambda: figures.accuracy_vs_density(df),
-         f"Final test accuracy vs weights remaining per arm (mean, 95% CI over {n_seeds} seeds)."),
+         f"Final test accuracy vs weights remaining per arm (mean, {spread_rule(n_seeds)})."),
         ("best_accuracy_vs_density", lambda: figures.accuracy_vs_density(df, metric="best"),
-         f"Best test accuracy during training vs weights remaining (mean, 95% CI over {n_seeds} seeds)."),
+         f"Best test accuracy during training vs weights remaining (mean, {spread_rule(n_seeds)})."),
         ("early_stop_vs_density", lambda: figures.early_stop_vs_density(df),
          f"Early-stopping step (minimum validation loss) vs weights remaining ({n_seeds} seeds)."),
         ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket"),

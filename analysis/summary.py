@@ -29,9 +29,29 @@ def _ci(x: pd.Series) -> tuple[float, float]:
     return float(x.mean() - half), float(x.mean() + half)
 
 
+def seed_spread(values) -> tuple[float, float, float, str]:
+    """(mean, low, high, rule) over seeds: min-max below 3 seeds (a t-interval over 2 seeds is 12.7
+    standard errors wide and hides the curves), the 95% t-interval from 3 seeds on."""
+    x = np.asarray(values, float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return np.nan, np.nan, np.nan, "no data"
+    m = float(x.mean())
+    if len(x) < 3:
+        return m, float(x.min()), float(x.max()), f"min-max over {len(x)} seed{'s' if len(x) > 1 else ''}"
+    lo, hi = _ci(pd.Series(x))
+    return m, lo, hi, f"95% CI over {len(x)} seeds"
+
+
+def spread_rule(seeds: int) -> str:
+    """How figures show the spread over ``seeds`` seeds (see :func:`seed_spread`)."""
+    return f"min-max over {seeds} seed{'s' if seeds != 1 else ''}" if seeds < 3 else f"95% CI over {seeds} seeds"
+
+
 def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """One row per (run, arm, level): density, seeds, diverged (how many of the seeds diverged), and
-    mean/std/95% CI over seeds of the final and best ``split`` accuracy and of the early-stop step."""
+    mean/std/95% CI over seeds of the final and best ``split`` accuracy and of the early-stop step, and
+    the spread the figures draw (``*_spread_low/high``: min-max below 3 seeds, else the 95% CI)."""
     d = df[(df["split"] == split) & _float(df)]
     per_seed = (d.groupby(["run_id", "experiment", "arm", "level", "seed"], sort=False)
                 .apply(_per_seed, include_groups=False).reset_index())
@@ -45,6 +65,7 @@ def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
             row[f"{col}_mean"] = float(g[col].mean())
             row[f"{col}_std"] = float(g[col].std(ddof=1)) if len(g) > 1 else 0.0
             row[f"{col}_ci_low"], row[f"{col}_ci_high"] = _ci(g[col])
+            row[f"{col}_spread_low"], row[f"{col}_spread_high"] = seed_spread(g[col])[1:3]
         rows.append(row)
     out = pd.DataFrame(rows)
     return out.sort_values(["run_id", "arm", "level"], ignore_index=True)

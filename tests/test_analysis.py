@@ -144,5 +144,9 @@ def test_quant_figures_plot_the_group_means_and_the_pareto_front(store_root, tmp
     assert p.low == pytest.approx(0.69 - 4.302653 * 0.01 / np.sqrt(3), abs=1e-6)
     # below 3 seeds the spread is min-max (a 2-seed t-interval is 12.7 standard errors wide)
     assert figures.seed_spread([0.5, 0.7]) == (pytest.approx(0.6), 0.5, 0.7, "min-max over 2 seeds")
+    s = summarize(load_runs(root))  # 3 seeds: the figures' spread is the 95% CI; with 2 seeds, min-max
+    assert np.allclose(s.final_accuracy_spread_low, s.final_accuracy_ci_low)
+    two = summarize(load_runs(root).query("seed < 2"))
+    assert np.allclose(two.final_accuracy_spread_low, two.final_accuracy_mean - two.final_accuracy_std / np.sqrt(2))
     made = write_report(root, tmp_path / "figs")
     assert {"quant_heatmap", "accuracy_vs_size"} <= set(made)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Sequence
 
@@ -20,7 +21,11 @@ from .wiring import fake_quant_model, quantize_weights, weight_qparams
 
 # ============================================================================ QAT
 
-_ENGINES: dict = {}  # compiled QAT engines, see qat()
+# Compiled QAT engines, most recent last, keyed by what they compute: (base model, quant spec, weights
+# mode, data fingerprint, train config, lr). Each holds the train split on the device, so the cache
+# keeps engines while their train splits total at most ENGINE_BYTES (at least the newest one).
+_ENGINES: "collections.OrderedDict" = collections.OrderedDict()
+ENGINE_BYTES = 1 << 30
 
 
 def qat_variables(qt: QuantizedTicket, float_params: PyTree, learned_scale: bool) -> tuple[dict, dict]:
@@ -78,11 +83,12 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
     if lr_fn is None:
         # one engine (compiled programs) per (model, setting, data, steps, lr): levels of a sweep share it
         lr = float(lr if lr is not None else train_cfg.lr)
-        key = (id(fq), id(data), cfg, lr)  # the cached engine keeps fq and data alive: ids stay unique
+        key = (fq.base, fq.spec, fq.weights, data.fingerprint["sha256"], cfg, lr)
         if key not in _ENGINES:
-            if len(_ENGINES) >= 2:  # each engine holds the train split on the device
-                _ENGINES.clear()
             _ENGINES[key] = Engine(fq, data, cfg, lr_fn=optax.constant_schedule(lr))
+            while len(_ENGINES) > 1 and sum(e.x_train.nbytes for e in _ENGINES.values()) > ENGINE_BYTES:
+                _ENGINES.popitem(last=False)
+        _ENGINES.move_to_end(key)
         engine = _ENGINES[key]
     else:
         engine = Engine(fq, data, cfg, lr_fn=lr_fn)

@@ -189,6 +189,7 @@ class QuantStage:
         self.member_batch = member_batch_size(run.cfg.train)
         self.ev = Evaluator(run.data, run.cfg.train.eval_batch_size, self.member_batch)
         self._calib: np.ndarray | None = None
+        self._float: dict = {}  # (level, members) -> float accuracy and size, the same for every setting
 
     @property
     def calib_x(self) -> np.ndarray:
@@ -259,7 +260,7 @@ class QuantStage:
 
     def _quantize_batch(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
         qc, spec, model = self.qc, setting.spec, pop.model
-        float_acc = self.ev.accuracy(model, pop.params, pop.batch_stats)
+        float_acc, float_sizes = self._float_reference(level, pop)
         float_val = float_acc.get("val", float_acc["test"])
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
@@ -282,8 +283,7 @@ class QuantStage:
                 "accuracy": float(acc["test"][k]), "val_accuracy": float(acc.get("val", acc["test"])[k]),
                 "float_accuracy": float(float_acc["test"][k]), "float_val_accuracy": float(float_val[k]),
                 "size_bytes": int(sizes["size_bytes"]), "compression": float(sizes["compression"]),
-                "float_size_bytes": int(float_size_report(unstack(pop.params, k), unstack(pop.batch_stats, k))
-                                        ["size_bytes"]),
+                "float_size_bytes": float_sizes[k],
                 "fp32_dense_bytes": int(sizes["fp32_dense_bytes"]), "fp16_dense_bytes": int(sizes["fp16_dense_bytes"]),
                 "int8_dense_bytes": int(sizes["int8_dense_bytes"]),
                 "bias_correction": bool(qc.bias_correction and setting.method == "ptq"),
@@ -296,6 +296,19 @@ class QuantStage:
                 "calibration_tried": ",".join(tried),
             })
         return pd.DataFrame.from_records(rows)
+
+    def _float_reference(self, level: int, pop: Population) -> tuple[dict, list[int]]:
+        """The float members' accuracy (split -> ``[K]``) and size in bytes, computed once per level and
+        population (every setting of the level compares against them)."""
+        key = (level, tuple(pop.members))
+        if key not in self._float:
+            if len(self._float) > 16:
+                self._float.clear()
+            acc = self.ev.accuracy(pop.model, pop.params, pop.batch_stats)
+            sizes = [int(float_size_report(unstack(pop.params, k), unstack(pop.batch_stats, k))["size_bytes"])
+                     for k in range(len(pop.members))]
+            self._float[key] = (acc, sizes)
+        return self._float[key]
 
     def _retry(self, pop: Population, spec: QuantSpec, float_val: np.ndarray):
         """Recompute S and Z another way until the val drop is within tolerance (per member).
@@ -418,12 +431,11 @@ def quantize_member(run: StoredRun, level: int, spec: QuantSpec, *, member: int 
         raise ValueError(f"member {member} does not exist; level {level} has {len(tickets)} ticket members")
     one = pop.take([tickets[member]])
     stage = QuantStage(run, qc, write=False)
-    setting = Setting(spec, method, ())
     if method == "ptq":
         qt = ptq_population(one.model, one.params, one.batch_stats, spec, stage.calib_x,
                             bias_correction=qc.bias_correction, cle=qc.cle)[0]
     elif method == "qat":
-        qt = stage._qat(level, one, setting.spec)[0][0]
+        qt = stage._qat(level, one, spec)[0][0]
     else:
         raise ValueError(f"method = {method!r}; allowed: ptq, qat")
     arm, seed = one.members[0]

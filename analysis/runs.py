@@ -243,12 +243,13 @@ def load_stability(root: str | Path, rewind: bool = True) -> pd.DataFrame:
 
 
 def instability_table(stability: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, source, level, rewind step, arm, seed) of a :func:`load_stability` table:
+    """One row per (run, source, level, rewind step, arm, seed, points, bn_batches) of a
+    :func:`load_stability` table:
     density, instability, loss_barrier, the endpoint errors (error_0, error_1) and the largest error
     on the path (max_error)."""
     if stability.empty:
         return pd.DataFrame()
-    keys = ["run_id", "experiment", "source", "level", "rewind_step", "arm", "seed"]
+    keys = ["run_id", "experiment", "source", "level", "rewind_step", "arm", "seed", "points", "bn_batches"]
     g = stability.groupby(keys, sort=True)
     out = g.agg(density=("density", "first"), instability=("instability", "first"),
                 loss_barrier=("loss_barrier", "first"), max_error=("test_error", "max"))

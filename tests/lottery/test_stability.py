@@ -223,3 +223,24 @@ def test_member_rngs_leave_copy_zero_unchanged():
     plain = seed_keys([5], fold=2)
     assert np.array_equal(jax.random.key_data(keys[0]), jax.random.key_data(plain[0]))
     assert not np.array_equal(jax.random.key_data(keys[1]), jax.random.key_data(keys[0]))
+
+
+def test_batch_norm_statistics_are_the_mean_batch_statistics():
+    """Each point's running statistics: the mean over bn batches of each batch's mean and variance,
+    whatever the layer's momentum."""
+    import flax.linen as nn
+    from lth.lottery.stability import batch_norm_stats
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.BatchNorm(use_running_average=not train, momentum=0.7)(nn.Dense(3)(x))
+
+    net = Net()
+    v = net.init(jax.random.key(0), np.zeros((1, 4), np.float32))
+    bn_x = np.random.default_rng(0).normal(size=(3, 16, 4)).astype(np.float32)
+    got = batch_norm_stats(net, v["params"], v["batch_stats"], bn_x)
+    h = np.einsum("bni,io->bno", bn_x, np.asarray(v["params"]["Dense_0"]["kernel"])) + np.asarray(
+        v["params"]["Dense_0"]["bias"])
+    np.testing.assert_allclose(got["BatchNorm_0"]["mean"], h.mean(1).mean(0), atol=1e-5)
+    np.testing.assert_allclose(got["BatchNorm_0"]["var"], h.var(1).mean(0), atol=1e-5)

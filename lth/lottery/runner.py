@@ -9,6 +9,11 @@ and trains every arm x seed of the level as one population:
 - ``random_prune``: a random mask with the ticket's exact per-layer counts, rewind-point weights;
 - ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights.
 
+With ``[stability]``, chosen (arm, seed) of a level also train a second copy (``Member.copy = 1``: the
+same start, another batch order and dropout rng) in the same population; the pipeline then evaluates
+the path between the copies (:mod:`lth.lottery.stability`). Members are found by value, never by
+position.
+
 Each level depends only on stored files, so a rerun resumes at the first incomplete level and ends
 with results identical to an uninterrupted run.
 """
@@ -244,8 +249,8 @@ class Lottery:
         prev_members = read_members(prev)
         prune_cfg = oneshot_config(cfg.prune) if cfg.prune.schedule == "oneshot" else cfg.prune
         tickets = []
-        for seed in seeds:  # each seed's ticket (copy 0) of the previous level, found by value
-            i = prev_members.index(Member("ticket", seed))
+        at = [prev_members.index(Member("ticket", seed)) for seed in seeds]  # found by value, not position
+        for seed, i in zip(seeds, at):  # each seed's ticket (copy 0) of the previous level
             member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
             if prune_cfg.granularity != "weight":
                 tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg,
@@ -257,7 +262,7 @@ class Lottery:
             rewind = self._rewind_point(init)
             start_weights = [unstack(rewind, i) for i in range(len(seeds))]
         else:  # lr rewinding and fine-tuning keep the trained weights
-            start_weights = [unstack(prev_final, i) for i in range(len(seeds))]
+            start_weights = [unstack(prev_final, i) for i in at]
         engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
         starts: dict[tuple[str, int], tuple] = {}  # (arm, seed) -> (weights, mask): copies share copy 0's
         for m in members:

@@ -436,12 +436,12 @@ def instability_vs_rewind(stability: pd.DataFrame) -> plt.Figure:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
         rule = ""
-        for (lv, arm), g in t.groupby(["level", "arm"], sort=True):
+        for i, ((lv, arm), g) in enumerate(t.groupby(["level", "arm"], sort=True)):
             by = g.groupby("rewind_step", sort=True)["instability"]
             style = dict(ARM_STYLE.get(arm, {}) if lv > 0 else ARM_STYLE["dense"])
             label = f"{style.get('label', arm)}, {100 * g['density'].mean():.3g}% weights"
-            if t["level"].nunique() > 1:
-                style["color"] = None
+            if t["level"].nunique() > 1:  # one colour per (level, arm), line and band alike
+                style["color"] = f"C{i % 10}"
             rule = _band(ax, by.mean().index.to_numpy(), [100 * v.to_numpy() for _, v in by], style, label) or rule
         ax.set_xscale("symlog", linthresh=max(1, float(t["rewind_step"][t["rewind_step"] > 0].min())
                                             if (t["rewind_step"] > 0).any() else 1))

@@ -11,13 +11,14 @@ several quant stages.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .config import ExperimentConfig, QuantConfig
 from .lottery.groups import run_group
-from .lottery.copies import stability_levels
-from .lottery.runner import Lottery
+from .lottery.copies import copy_arms, stability_levels
+from .lottery.runner import Lottery, read_members
 from .lottery.stability import StabilityStage
 from .quant.stage import QuantStage, pending, quant_levels
 from .store import RunBusyError, RunStore, prepare_root
@@ -43,6 +44,13 @@ def stability_pending(cfg: ExperimentConfig, run_dir: str | Path) -> list[int]:
     run = StoredRun(run_dir, cfg, {"run_id": cfg.run_id}, None, None)  # file names only: no data, no model
     stage = StabilityStage(run, cfg.stability)
     return [level for level in stability_levels(cfg) if store.is_complete(level) and stage.pending(level)]
+
+
+def missing_copies(cfg: ExperimentConfig, run_dir: str | Path) -> list[int]:
+    """Complete levels that ``[stability]`` names but that were trained without copies (no path to evaluate)."""
+    store = RunStore(Path(run_dir).parent, Path(run_dir).name)
+    return [level for level in stability_levels(cfg) if copy_arms(cfg, level) and store.is_complete(level)
+            and not any(m.copy for m in read_members(store.level_dir(level)))] if cfg.stability.enabled else []
 
 
 def run_status(cfg: ExperimentConfig, out: str | Path, stages: list[QuantConfig] | None = None) -> dict:
@@ -76,6 +84,12 @@ def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progre
     for cfg in cfgs:
         first.setdefault(cfg.run_id, cfg)
     before = {rid: run_status(cfg, root, stages[rid]) for rid, cfg in first.items()}
+    for rid, cfg in first.items():
+        missing = missing_copies(cfg, root / rid)
+        if missing:
+            print(f"lth: run {rid}: level(s) {', '.join(map(str, missing))} were trained without [stability] copies, "
+                  "so they have no path to evaluate (copies are extra members of a level: delete a level's folder "
+                  "to retrain it with them)", file=sys.stderr)
     opened: dict[str, StoredRun] = {}
     stabs: dict[str, StabilityStage] = {}  # one compiled path program per run
 

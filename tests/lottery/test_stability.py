@@ -244,3 +244,11 @@ def test_batch_norm_statistics_are_the_mean_batch_statistics():
         v["params"]["Dense_0"]["bias"])
     np.testing.assert_allclose(got["BatchNorm_0"]["mean"], h.mean(1).mean(0), atol=1e-5)
     np.testing.assert_allclose(got["BatchNorm_0"]["var"], h.var(1).mean(0), atol=1e-5)
+
+
+def test_a_level_trained_without_copies_is_named_not_silently_skipped(runs, capsys):
+    cfg, _, store_off = runs
+    run_experiment(cfg, store_off.root, progress=False)  # [stability] on, levels stored without copies
+    err = capsys.readouterr().err
+    assert "level(s) 0, 1 were trained without [stability] copies" in err
+    assert not (store_off.level_dir(1) / STABILITY_DIR).exists()

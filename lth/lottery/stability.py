@@ -330,9 +330,13 @@ def _rewind_compute(run, engine, level, steps, pairs, seeds, folder, keys, point
     init = run.weights_file("init.msgpack")
     dense = [Member("ticket", s) for s in seeds]
     ones = jax.tree.map(lambda p: np.ones(np.shape(p), bool), init["params"])
-    # the dense run of every seed to the last k, as level 0 trained it (same rng and batch order)
+    # the dense run of every seed to the last k, as level 0 trained it (same rng and batch order); the
+    # stored rewind point when it is the only k > 0 asked for
     snaps = {0: init}
-    if steps[-1] > 0:
+    late = [k for k in steps if k > 0]
+    if late == [cfg.rewind.step] and run.store.has("rewind.msgpack"):
+        snaps[late[0]] = run.weights_file("rewind.msgpack")
+    elif late:
         t0 = time.time()
         state = engine.init(init["params"], init["batch_stats"], ones, member_rngs(dense, 0))
         res = engine.run(state, [data_seed(m) for m in dense], stop=steps[-1], snapshot_steps=steps, evaluate=False)

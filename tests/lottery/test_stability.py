@@ -252,3 +252,17 @@ def test_a_level_trained_without_copies_is_named_not_silently_skipped(runs, caps
     err = capsys.readouterr().err
     assert "level(s) 0, 1 were trained without [stability] copies" in err
     assert not (store_off.level_dir(1) / STABILITY_DIR).exists()
+
+
+def test_the_rebuilt_dense_run_is_the_stored_rewind_point(tmp_path):
+    """lth stability rebuilds the dense run from init.msgpack: at k = rewind.step it gives the same path
+    as starting from the stored rewind.msgpack."""
+    import shutil
+    cfg = tiny(seeds=[0], arms=["ticket"], prune=LEVELS, rewind={"step": 10})
+    store = run_experiment(cfg, tmp_path, progress=False)
+    from_stored = rewind_stability(store.path, 1, [10], points=5)  # k = rewind.step: rewind.msgpack
+    shutil.rmtree(store.path / "stability_rewind")
+    rebuilt = rewind_stability(store.path, 1, [10, 20], points=5)  # trains the dense run to step 20
+    got = rebuilt[rebuilt["rewind_step"] == 10].reset_index(drop=True)
+    np.testing.assert_allclose(got["test_loss"], from_stored["test_loss"], rtol=0, atol=1e-6)
+    assert (got["test_error"] == from_stored["test_error"]).all()

@@ -266,3 +266,21 @@ def test_the_rebuilt_dense_run_is_the_stored_rewind_point(tmp_path):
     got = rebuilt[rebuilt["rewind_step"] == 10].reset_index(drop=True)
     np.testing.assert_allclose(got["test_loss"], from_stored["test_loss"], rtol=0, atol=1e-6)
     assert (got["test_error"] == from_stored["test_error"]).all()
+
+
+def test_wandb_hears_of_each_member_once(tmp_path):
+    from lth.lottery import Lottery
+
+    class Sink:
+        rows: list = []
+
+        def log_level(self, level, steps, rows):
+            self.rows += rows
+
+    cfg = tiny(prune={"levels": 0}, train={"steps": 20}, stability={"enabled": True})
+    lot = Lottery(cfg, tmp_path, progress=False)
+    sink = Sink()
+    lot.run(sink)
+    assert len(read_members(lot.store.level_dir(0))) == 4  # 2 seeds x 2 copies trained
+    rows = pd.DataFrame(sink.rows)
+    assert set(rows["copy"]) == {0} and not rows.duplicated(["arm", "seed", "step", "split"]).any()

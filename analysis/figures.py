@@ -360,3 +360,94 @@ def latency_vs_density(speed: pd.DataFrame, crossover: pd.DataFrame | None = Non
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{_title(speed)}: inference latency vs sparsity (dotted: crossover)")
     return fig
+
+
+# ---------------------------------------------------------------------------- linear mode connectivity
+
+def _stage_rows(stability: pd.DataFrame) -> pd.DataFrame:
+    return stability[stability["source"] == "stage"] if "source" in stability else stability
+
+
+def _band(ax, x, groups, style: dict, label: str) -> str:
+    """Mean line and seed spread band (summary.seed_spread) of ``groups``: x -> values over seeds."""
+    stats = [seed_spread(v) for v in groups]
+    mean, lo, hi = (np.array([s[i] for s in stats]) for i in range(3))
+    ax.plot(x, mean, color=style.get("color"), marker=style.get("marker"), ms=3, label=label)
+    ax.fill_between(x, lo, hi, color=style.get("color"), alpha=0.15, lw=0)
+    return stats[0][3] if stats else ""
+
+
+def error_along_path(stability: pd.DataFrame, max_levels: int = 4) -> plt.Figure:
+    """Test error along the linear path between the two copies (Frankle et al. 2020, Fig. 1), one panel
+    per level (a few levels), one line per arm: mean and seed spread (summary.seed_spread)."""
+    d = _stage_rows(stability)
+    levels = sorted(d["level"].unique())
+    if len(levels) > max_levels:
+        levels = [levels[i] for i in np.linspace(0, len(levels) - 1, max_levels).round().astype(int)]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(levels), figsize=(2.6 * len(levels) + 0.6, 2.9), sharey=True,
+                                 constrained_layout=True, squeeze=False)
+        rule = ""
+        for ax, lv in zip(axes[0], levels):
+            g = d[d["level"] == lv]
+            for arm in [a for a in ARM_STYLE if a in set(g["arm"])] + sorted(set(g["arm"]) - set(ARM_STYLE)):
+                ga = g[g["arm"] == arm]
+                by = ga.groupby("alpha")["test_error"]
+                style = ARM_STYLE.get(arm, {}) if lv > 0 else ARM_STYLE["dense"]
+                rule = _band(ax, by.mean().index, [100 * v.to_numpy() for _, v in by], style,
+                             style.get("label", arm)) or rule
+            ax.set_title(f"level {lv}: {100 * g['density'].mean():.3g}% weights")
+            ax.set_xlabel("interpolation alpha")
+        axes[0][0].set_ylabel("test error (%)")
+        axes[0][-1].legend(title=f"mean and {rule}", title_fontsize=7, fontsize=7)
+        fig.suptitle(f"{_title(stability)}: error along the path between two copies")
+    return fig
+
+
+def instability_vs_density(stability: pd.DataFrame) -> plt.Figure:
+    """Instability (error barrier, percentage points) vs weights remaining, one line per arm; the
+    dense level 0 starts every arm's line."""
+    from .runs import instability_table
+    t = instability_table(_stage_rows(stability))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        dense = t[t["level"] == 0]
+        rule = ""
+        for arm in [a for a in ARM_STYLE if a in set(t["arm"])] + sorted(set(t["arm"]) - set(ARM_STYLE)):
+            g = pd.concat([dense, t[(t["arm"] == arm) & (t["level"] > 0)]]) if arm != "ticket" else t[t["arm"] == arm]
+            if g.empty or (arm != "ticket" and not (g["level"] > 0).any()):
+                continue
+            by = g.groupby("density", sort=True)["instability"]
+            x = by.mean().index.to_numpy()[::-1]
+            vals = [100 * v.to_numpy() for _, v in by][::-1]
+            rule = _band(ax, x, vals, ARM_STYLE.get(arm, {}), ARM_STYLE.get(arm, {}).get("label", arm)) or rule
+        _density_axis(ax, t["density"])
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_ylabel("instability (error barrier, pp)")
+        ax.set_title(f"{_title(stability)}: instability vs sparsity")
+        ax.legend(title=f"mean and {rule}", title_fontsize=8)
+    return fig
+
+
+def instability_vs_rewind(stability: pd.DataFrame) -> plt.Figure:
+    """Instability vs rewind step k (``lth stability``), one line per (level, arm)."""
+    from .runs import instability_table
+    t = instability_table(stability[stability["source"] == "rewind"])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        rule = ""
+        for i, ((lv, arm), g) in enumerate(t.groupby(["level", "arm"], sort=True)):
+            by = g.groupby("rewind_step", sort=True)["instability"]
+            style = dict(ARM_STYLE.get(arm, {}) if lv > 0 else ARM_STYLE["dense"])
+            label = f"{style.get('label', arm)}, {100 * g['density'].mean():.3g}% weights"
+            if t["level"].nunique() > 1:  # one colour per (level, arm), line and band alike
+                style["color"] = f"C{i % 10}"
+            rule = _band(ax, by.mean().index.to_numpy(), [100 * v.to_numpy() for _, v in by], style, label) or rule
+        ax.set_xscale("symlog", linthresh=max(1, float(t["rewind_step"][t["rewind_step"] > 0].min())
+                                            if (t["rewind_step"] > 0).any() else 1))
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("rewind step k (iterations)")
+        ax.set_ylabel("instability (error barrier, pp)")
+        ax.set_title(f"{_title(stability)}: instability vs rewind step")
+        ax.legend(title=f"mean and {rule}", title_fontsize=8)
+    return fig

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import float_rows, load_runs, load_sparsity, quant_rows
+from .runs import float_rows, instability_table, load_runs, load_sparsity, load_stability, quant_rows
 from .summary import spread_rule, summarize
 
 TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "diverged", "final_accuracy_mean",
@@ -77,6 +77,22 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     if not sparsity.empty and sparsity["level"].nunique() > 1:
         plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),
                       "Weights remaining per prunable layer across IMP levels (winning ticket, mean over seeds)."))
+    stability = load_stability(root)
+    if not stability.empty:
+        stage = stability[stability["source"] == "stage"]
+        if not stage.empty:
+            plans.append(("error_along_path", lambda: figures.error_along_path(stability),
+                          "Test error along the linear path between two copies trained with different SGD noise "
+                          "(Frankle et al. 2020), per level and arm (mean and seed spread)."))
+            if stage["level"].nunique() > 1:
+                plans.append(("instability_vs_density", lambda: figures.instability_vs_density(stability),
+                              "Instability (max test error on the path minus the mean of the endpoint errors, "
+                              "percentage points) vs weights remaining per arm (mean and seed spread)."))
+        if (stability["source"] == "rewind").any():
+            plans.append(("instability_vs_rewind", lambda: figures.instability_vs_rewind(stability),
+                          "Instability vs rewind step k (`lth stability`): the level's masks with the dense "
+                          "run's weights at step k, two copies each (mean and seed spread)."))
+        instability_table(stability).to_csv(out / "instability.csv", index=False)
     from .speed import crossover, load_speed, speed_table
     speed = load_speed(root)
     if not speed.empty:
@@ -116,6 +132,9 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         lines += ["- `quant.csv`: every quantized row (one per cell and seed).",
                   "- `smallest_within_1pp.csv` / `.md` / `.tex`: per arm, the smallest model (bytes, density, bits, "
                   "method) whose mean test accuracy is within 1 point of the dense float network's."]
+    if not stability.empty:
+        lines += ["- `instability.csv`: one row per (run, source, level, rewind step, arm, seed): density, "
+                  "instability, loss_barrier, endpoint errors error_0/error_1, max_error."]
     if not speed.empty:
         lines += ["- `speed.csv` / `speed.md` / `speed.tex`: (format, weights remaining, bytes, latency, speedup over "
                   "dense) per level and batch size; `crossover.csv` / `crossover.md`: per format and batch size the "

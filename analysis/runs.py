@@ -72,6 +72,9 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
     ``bits, method (ptq/qat), scheme, granularity, calibration, act_bits, size_bytes, compression``
     (vs the fp32 dense network), float_accuracy, val_accuracy, ...
 
+    Stability copies (``[stability]``, ``copy`` > 0) are left out: each (run, arm, seed, level)
+    appears once; their paths are in :func:`load_stability`.
+
     Both carry every hparam flattened with dotted names (``train.lr``, ``prune.rate``, ...).
     ``root`` may be a store or one run folder.
 
@@ -98,6 +101,8 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
                 df = pd.read_parquet(path)
             except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
                 raise NotAStoreError(f"{path}: unreadable metrics table ({type(e).__name__}: {e})") from None
+            if "copy" in df:  # stability copies measure instability (load_stability), not accuracy
+                df = df[df["copy"] == 0].drop(columns="copy")
             df.insert(1, "experiment", hparams.get("name", ""))
             for k, v in flat.items():
                 if k not in df.columns:
@@ -198,3 +203,56 @@ def load_quant(root: str | Path) -> pd.DataFrame:
                 df.insert(1, "experiment", name)
                 frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_stability(root: str | Path, rewind: bool = True) -> pd.DataFrame:
+    """Linear-mode-connectivity paths of every completed level: one row per (run, level, rewind step,
+    arm, seed, point), from the ``[stability]`` stage (``level_NNN/stability/``) and, with ``rewind``,
+    from ``lth stability`` (``stability_rewind/level_NNN/``). Columns: run_id, experiment, level, arm,
+    seed, density, rewind_step, source (``stage`` or ``rewind``), point, alpha (0 = copy 0, 1 = copy 1),
+    test_error, test_loss, instability (max error on the path minus the mean of the two endpoint
+    errors: the same on every point of a pair), loss_barrier (largest test loss above the straight
+    line between the endpoint losses), points, bn_batches, wall_s. Only results whose table matches
+    the checksum in its marker are read."""
+    from lth.store import marked_file_problem
+
+    root = Path(root)
+    if not root.is_dir():
+        raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
+    frames = []
+
+    def read(folder: Path, run: Path, name: str, source: str) -> None:
+        for meta in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            table = meta.with_suffix(".parquet")
+            if marked_file_problem(table, meta) is None:
+                df = pd.read_parquet(table)
+                df.insert(1, "experiment", name)
+                df["source"] = source
+                frames.append(df)
+
+    for run in _run_dirs(root):
+        name = _hparams(run).get("name", "")
+        for level_dir in _complete_levels(run):
+            read(level_dir / "stability", run, name, "stage")
+            if rewind:
+                read(run / "stability_rewind" / level_dir.name, run, name, "rewind")
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["run_id", "source", "level", "rewind_step", "arm", "seed", "point"], ignore_index=True)
+
+
+def instability_table(stability: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, source, level, rewind step, arm, seed, points, bn_batches) of a
+    :func:`load_stability` table:
+    density, instability, loss_barrier, the endpoint errors (error_0, error_1) and the largest error
+    on the path (max_error)."""
+    if stability.empty:
+        return pd.DataFrame()
+    keys = ["run_id", "experiment", "source", "level", "rewind_step", "arm", "seed", "points", "bn_batches"]
+    g = stability.groupby(keys, sort=True)
+    out = g.agg(density=("density", "first"), instability=("instability", "first"),
+                loss_barrier=("loss_barrier", "first"), max_error=("test_error", "max"))
+    ends = stability.sort_values("alpha").groupby(keys, sort=True)["test_error"]
+    out["error_0"], out["error_1"] = ends.first(), ends.last()
+    return out.reset_index()

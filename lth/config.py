@@ -269,9 +269,44 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class StabilityConfig:
+    """The ``[stability]`` stage: linear-mode-connectivity instability (Frankle et al. 2020).
+
+    Each (arm, seed) of the chosen levels trains a second copy that differs only in SGD noise (its
+    batch order and dropout rng); after the level, test error is evaluated along the straight line
+    between the two final networks (:mod:`lth.lottery.stability`). Not part of the run id: the
+    copies are extra members, and the other members' results do not change.
+    """
+
+    enabled: bool = _f(False, result=False, doc="train a second copy of each chosen (arm, seed) and "
+                                                "measure the error barrier between the two")
+    points: int = _f(30, result=False, check=lambda v: v >= 2, allowed="an integer >= 2",
+                     doc="evenly spaced points of the linear path between the copies, endpoints included")
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle"], ...] | None = _f(
+        None, result=False, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct "
+        "arms (not small_dense)", doc="arms that get copies; default every arm of the run but small_dense "
+                                      "(the dense level 0 counts as the ticket arm)")
+    levels: Literal["all", "last"] | tuple[int, ...] = _f(
+        "all", result=False,
+        check=lambda v: isinstance(v, str) or (len(v) >= 1 and all(x >= 0 for x in v) and _unique(v)),
+        allowed="'all', 'last' or a non-empty list of distinct levels >= 0",
+        doc="levels whose members get copies (listed levels past prune.levels are skipped)")
+    bn_batches: int = _f(8, result=False, check=lambda v: v >= 1, allowed="an integer >= 1",
+                         doc="batch-norm models: training batches (train.batch_size each) whose mean batch "
+                             "statistics replace the running statistics at every point of the path")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "stability") -> "StabilityConfig":
+        return _build(cls, d, "stability.", where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "prune": PruneConfig,
-    "rewind": RewindConfig, "log": LogConfig, "quant": QuantConfig,
+    "rewind": RewindConfig, "log": LogConfig, "quant": QuantConfig, "stability": StabilityConfig,
 }
 
 
@@ -303,10 +338,14 @@ class ExperimentConfig:
     log: LogConfig = field(default_factory=LogConfig)
     quant: QuantConfig | None = field(default=None, metadata=_spec(
         result=False, doc="the quantization stage ([quant] table); none: no quant stage"))
+    stability: StabilityConfig = field(default_factory=StabilityConfig, metadata=_spec(
+        result=False, doc="the instability stage ([stability] table)"))
 
     def __post_init__(self):
         if self.quant is not None:
             check_quant(self, self.quant, "[quant]")
+        if self.stability.enabled:
+            check_stability(self, self.stability, "[stability]")
         g, model = self.prune.granularity, self.model.name
         if g != "weight" and model not in STRUCTURED_MODELS[g]:
             fits = ", ".join(repr(k) for k in ("weight", *STRUCTURED_MODELS) if k == "weight"
@@ -364,6 +403,23 @@ def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     if not isinstance(qc.levels, str) and min(qc.levels) > cfg.prune.levels:
         raise ConfigError(f"{where}: quant.levels = {list(qc.levels)} names no level of the run (prune.levels = "
                           f"{cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
+
+
+def check_stability(cfg: "ExperimentConfig", sc: StabilityConfig, where: str) -> None:
+    """ConfigError unless the stability stage ``sc`` fits the run ``cfg`` (its arms, levels, data order)."""
+    if sc.arms is not None and set(sc.arms) - set(cfg.arms):
+        raise ConfigError(f"{where}: stability.arms = {list(sc.arms)} names arms the run does not train; its "
+                          f"arms: {', '.join(a for a in cfg.arms if a != 'small_dense')}")
+    if not isinstance(sc.levels, str) and min(sc.levels) > cfg.prune.levels:
+        raise ConfigError(f"{where}: stability.levels = {list(sc.levels)} names no level of the run (prune.levels "
+                          f"= {cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
+    if cfg.train.shared_data_order:
+        raise ConfigError(f"{where}: stability.enabled = true is not allowed with train.shared_data_order = true "
+                          "(the two copies must see different batch orders); set train.shared_data_order = false")
+    if cfg.prune.schedule == "gradual":
+        raise ConfigError(f"{where}: stability.enabled = true is not allowed with prune.schedule = 'gradual' (AGP "
+                          "changes the masks during training, so the copies would not share one); use 'imp' or "
+                          "'oneshot'")
 
 
 def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps: int) -> None:

@@ -98,13 +98,17 @@ class StoredRun:
         return read_parquet(self.check_level(level) / "metrics.parquet")
 
     def population(self, level: int) -> Population:
-        """The level's main population (every arm but small_dense), in stored member order."""
+        """The level's main population (every arm but small_dense), in stored member order; stability
+        copies (``copy`` > 0 in members.json) are left out, so each (arm, seed) appears once."""
         d = self.check_level(level)
-        members = [(m["arm"], int(m["seed"])) for m in read_json(d / "members.json")]
+        stored = read_json(d / "members.json")
+        keep = [k for k, m in enumerate(stored) if not m.get("copy", 0)]
         final = load_tree(d / "final.msgpack")
         masks = load_tree(d / "masks.msgpack")
         bool_masks = _map(lambda a: np.asarray(a).astype(bool), masks)
-        return Population(self.model, members, final["params"], final.get("batch_stats", {}) or {}, bool_masks)
+        pop = Population(self.model, [(m["arm"], int(m["seed"])) for m in stored], final["params"],
+                         final.get("batch_stats", {}) or {}, bool_masks)
+        return pop if len(keep) == len(stored) else pop.take(keep)
 
     def small_dense(self, level: int) -> Population | None:
         """The level's small-dense baselines (their own, narrower model), or None."""

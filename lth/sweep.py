@@ -215,7 +215,10 @@ def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoin
     for p in points:
         s = run_status(p.cfg, out)
         cells = f" + quantize {s['cells']} cells" if s["cells"] else ""
-        if s["levels"] == s["of"]:
+        stab = s.get("stability", 0)
+        if s["levels"] == s["of"] and stab and not s["cells"]:
+            rows.append((p, f"stability paths only ({stab} levels)"))
+        elif s["levels"] == s["of"]:
             rows.append((p, f"quantize only ({s['cells']} cells)" if s["cells"] else "complete"))
         elif s["levels"]:
             rows.append((p, f"train ({s['levels']}/{s['of']} levels done){cells}"))

@@ -12,11 +12,11 @@ import argparse
 import os
 import sys
 
-from . import experiment, prune, quant, report, speed, sweep, tools
+from . import experiment, prune, quant, report, speed, stability, sweep, tools
 from .common import EXIT_USAGE, Command, error
 
 # In the order ``lth --help`` lists them (pipeline order).
-COMMANDS: dict[str, Command] = {c.name: c for module in (experiment, sweep, report, prune, speed, quant, tools)
+COMMANDS: dict[str, Command] = {c.name: c for module in (experiment, sweep, report, stability, prune, speed, quant, tools)
                                 for c in module.COMMANDS}
 
 

@@ -56,9 +56,12 @@ def run_experiment_file(args, train_only: bool) -> int:
         print_summary(store.path, time.time() - t0)
         return 0
     if train_only:
-        cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",), quant=None)
+        sc = cfg.stability  # level 0 only: the dense network's copies, if [stability] gives the ticket arm any
+        sc = dataclasses.replace(sc, arms=None, levels="all", enabled=sc.enabled and (sc.arms is None or "ticket" in sc.arms))
+        cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",), quant=None, stability=sc)
     t0 = time.time()
-    log = None if args.no_progress else (lambda msg: print(f"quant: {msg}", file=sys.stderr, flush=True))
+    log = None if args.no_progress else (lambda msg: print(f"{'lth' if 'stability' in msg else 'quant'}: {msg}",
+                                                           file=sys.stderr, flush=True))
     store = run_experiment(cfg, args.out, progress=not args.no_progress and cfg.log.progress, log=log)
     print_summary(store.path, time.time() - t0)
     return 0

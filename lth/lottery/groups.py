@@ -79,15 +79,15 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
 def train_level_together(level: int, lots: list[Lottery], inits: dict, sinks: dict) -> None:
     plans = [lot.prepare_level(level, inits[lot.cfg.run_id]) for lot in lots]
     members, weights, masks, index = [], [], [], []
-    slot: dict[int, int] = {}  # dense level: seed -> its one member
+    slot: dict[tuple[int, int], int] = {}  # dense level: (seed, copy) -> its one member
     for plan in plans:
         idx = []
         for m, w, mask in zip(plan.members, plan.weights, plan.masks):
-            if level == 0 and m.seed in slot:
-                idx.append(slot[m.seed])
+            if level == 0 and (m.seed, m.copy) in slot:
+                idx.append(slot[m.seed, m.copy])
                 continue
             if level == 0:
-                slot[m.seed] = len(members)
+                slot[m.seed, m.copy] = len(members)
             idx.append(len(members))
             members.append(m)
             weights.append(w)

@@ -132,7 +132,8 @@ def load_masks(path: str | Path, params_shapes: Any, seeds, arm: str = "ticket",
         blobs[members_file.name] = members_file.read_bytes()
         try:
             members = json.loads(blobs[members_file.name])
-            members = [(str(m["arm"]), int(m["seed"])) for m in members]
+            # a stability copy (copy > 0) holds its copy 0's mask: not a member of its own here
+            members = [(str(m["arm"]), int(m["seed"])) if not m.get("copy", 0) else ("", -1) for m in members]
         except (ValueError, KeyError, TypeError) as e:
             raise MaskError(f"{members_file}: not a members list of {{arm, seed}} ({type(e).__name__}: {e})"
                             ) from None
@@ -180,7 +181,7 @@ def load_masks(path: str | Path, params_shapes: Any, seeds, arm: str = "ticket",
     else:
         of_arm = [(i, s) for i, (a, s) in enumerate(members) if a == arm]
         if not of_arm:
-            arms = sorted({a for a, _ in members})
+            arms = sorted({a for a, _ in members if a})
             raise MaskError(f"{members_file}: no {arm!r} masks (arms here: {', '.join(arms)}); "
                             f"choose one with --mask-arm")
         if len(of_arm) == 1:  # one mask: shared by every seed

@@ -9,6 +9,11 @@ and trains every arm x seed of the level as one population:
 - ``random_prune``: a random mask with the ticket's exact per-layer counts, rewind-point weights;
 - ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights.
 
+With ``[stability]``, chosen (arm, seed) of a level also train a second copy (``Member.copy = 1``: the
+same start, another batch order and dropout rng) in the same population; the pipeline then evaluates
+the path between the copies (:mod:`lth.lottery.stability`). Members are found by value, never by
+position.
+
 Each level depends only on stored files, so a rerun resumes at the first incomplete level and ends
 with results identical to an uninterrupted run.
 """
@@ -42,16 +47,60 @@ from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
 from ..prune.structured import structured_prune
-from ..store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
+from ..store import RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
 from .arms import ARMS, ArmStart
+from .copies import copy_arms
 
 @dataclass(frozen=True)
 class Member:
+    """One network of a level's population, identified by value (never by its position).
+
+    ``copy`` > 0: a stability copy of (arm, seed) (:mod:`lth.lottery.stability`): the same start
+    weights and mask as copy 0, another batch order and dropout rng (:func:`data_seed`)."""
     arm: str
     seed: int
+    copy: int = 0
+
+    def to_json(self) -> dict:
+        """Its ``members.json`` entry; ``copy`` only when nonzero (older stores stay readable)."""
+        return {"arm": self.arm, "seed": self.seed, **({"copy": self.copy} if self.copy else {})}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Member":
+        return cls(str(d["arm"]), int(d["seed"]), int(d.get("copy", 0)))
+
+
+# Offsets that give a stability copy its own SGD noise (values fixed: results depend on them). The
+# batch order of a data seed s is permutation(n, rng=[s, epoch]): seeds are < 2**32, so
+# s + c * 2**32 never repeats another seed's order.
+COPY_DATA_SEED = 2**32
+COPY_RNG = 7_000_003
+
+
+def data_seed(m: Member) -> int:
+    """The data seed (batch order, and augmentation keyed by it) of member ``m``: its seed for copy 0."""
+    return m.seed + m.copy * COPY_DATA_SEED
+
+
+def member_rngs(members, level: int) -> jax.Array:
+    """Per member the train-step rng (dropout) ``[K]``: key(seed) folded with the level, and for a
+    copy c > 0 then with ``COPY_RNG + c``."""
+    if not any(m.copy for m in members):
+        return seed_keys([m.seed for m in members], fold=level)
+
+    def one(m: Member) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(m.seed), level)
+        return jax.random.fold_in(key, COPY_RNG + m.copy) if m.copy else key
+
+    return jnp.stack([one(m) for m in members])
+
+
+def read_members(level_dir) -> list[Member]:
+    """The members of a stored level, in stored order (``members.json``)."""
+    return [Member.from_json(d) for d in read_json(Path(level_dir) / "members.json")]
 
 
 def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
@@ -87,7 +136,7 @@ def population_key(cfg: ExperimentConfig) -> str | None:
     if cfg.prune.schedule == "gradual":
         return None
     d = cfg.to_dict()
-    for key in ("name", "seeds", "arms", "log", "quant"):
+    for key in ("name", "seeds", "arms", "log", "quant", "stability"):
         d.pop(key, None)
     d["prune"] = {"levels": cfg.prune.levels}
     return json.dumps(d, sort_keys=True)
@@ -136,6 +185,7 @@ class Lottery:
         """The run's identity file: every setting but the quant stage's (keyed apart, per cell)."""
         d = self.cfg.to_dict()
         d.pop("quant", None)
+        d.pop("stability", None)
         return {**d, "run_id": self.cfg.run_id, "lth_version": __version__,
                 "num_steps": self.engine.num_steps, "data_fingerprint": self.data.fingerprint}
 
@@ -145,10 +195,14 @@ class Lottery:
 
     # ------------------------------------------------------------------ levels
     def members(self, level: int) -> list[Member]:
-        """The members of a level's main population (small-dense baselines train separately)."""
+        """The members of a level's main population (small-dense baselines train separately): every
+        arm x seed, then the stability copies of the chosen (arm, seed) (``[stability]``)."""
         if level == 0:
-            return [Member("ticket", s) for s in self.cfg.seeds]
-        return [Member(a, s) for a in self.cfg.arms if a != "small_dense" for s in self.cfg.seeds]
+            base = [Member("ticket", s) for s in self.cfg.seeds]
+        else:
+            base = [Member(a, s) for a in self.cfg.arms if a != "small_dense" for s in self.cfg.seeds]
+        arms = copy_arms(self.cfg, level)
+        return base + [Member(m.arm, m.seed, 1) for m in base if m.arm in arms]
 
     def run(self, log: WandbSink | None = None, after_level: Callable[[int], None] | None = None) -> RunStore:
         """Train every incomplete level, holding the run's lock (RunBusyError if another process has it).
@@ -181,8 +235,8 @@ class Lottery:
         members = self.members(level)
         seeds = list(cfg.seeds)
         can_prune = prunable(unstack(init["params"], 0), cfg.prune)
-        if level == 0:
-            weights = [unstack(init, i) for i in range(len(seeds))]
+        if level == 0:  # the dense network of each member's seed (a copy: the same init)
+            weights = [unstack(init, seeds.index(m.seed)) for m in members]
             masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
             return LevelPlan(members, weights, masks, can_prune, 0, self.engine)
         if cfg.prune.schedule == "gradual":  # AGP: train from init, masks follow the schedule
@@ -192,10 +246,11 @@ class Lottery:
         prev = store.level_dir(level - 1)
         prev_masks = load_tree(prev / "masks.msgpack")
         prev_final = load_tree(prev / "final.msgpack")
+        prev_members = read_members(prev)
         prune_cfg = oneshot_config(cfg.prune) if cfg.prune.schedule == "oneshot" else cfg.prune
-        # the ticket members of the previous level are its first len(seeds) members
         tickets = []
-        for i, seed in enumerate(seeds):
+        at = [prev_members.index(Member("ticket", seed)) for seed in seeds]  # found by value, not position
+        for seed, i in zip(seeds, at):  # each seed's ticket (copy 0) of the previous level
             member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
             if prune_cfg.granularity != "weight":
                 tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg,
@@ -207,16 +262,17 @@ class Lottery:
             rewind = self._rewind_point(init)
             start_weights = [unstack(rewind, i) for i in range(len(seeds))]
         else:  # lr rewinding and fine-tuning keep the trained weights
-            start_weights = [unstack(prev_final, i) for i in range(len(seeds))]
+            start_weights = [unstack(prev_final, i) for i in at]
         engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
-        weights, masks = [], []
+        starts: dict[tuple[str, int], tuple] = {}  # (arm, seed) -> (weights, mask): copies share copy 0's
         for m in members:
-            i = seeds.index(m.seed)
-            ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
-                              self.data.input_shape)
-            w, mask = ARMS[m.arm](ticket)
-            weights.append(w)
-            masks.append(mask)
+            if (m.arm, m.seed) not in starts:
+                i = seeds.index(m.seed)
+                ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
+                                  self.data.input_shape)
+                starts[m.arm, m.seed] = ARMS[m.arm](ticket)
+        weights = [starts[m.arm, m.seed][0] for m in members]
+        masks = [starts[m.arm, m.seed][1] for m in members]
         return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
 
     def scores(self, member: dict, seed: int, level: int):
@@ -234,7 +290,7 @@ class Lottery:
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
         params = stack([w["params"] for w in plan.weights])  # numpy: the engine places it on its devices
         bs = stack([w["batch_stats"] for w in plan.weights])
-        rngs = seed_keys([m.seed for m in plan.members], fold=level)
+        rngs = member_rngs(plan.members, level)
         return plan.engine.init(params, bs, stack(plan.masks), rngs, start=plan.start)
 
     def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
@@ -255,7 +311,7 @@ class Lottery:
         if level > 0 and self.cfg.prune.schedule == "gradual":
             result, masks, agp = self._run_gradual(state, plan.members, plan.can_prune, bar)
             return result, masks, {"agp.parquet": parquet_bytes(agp)}
-        result = plan.engine.run(state, [m.seed for m in plan.members], start=plan.start,
+        result = plan.engine.run(state, [data_seed(m) for m in plan.members], start=plan.start,
                                  snapshot_steps=self.snapshot_steps(level), progress=bar)
         return result, plan.masks, {}
 
@@ -271,7 +327,7 @@ class Lottery:
         final = {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
         metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
         metrics["param_count"] = [kept_count(masks[k]) for k in metrics["member"]]
-        act = self._activation_sparsity(result.state, members)
+        act = self._activation_sparsity(result.state, members)  # copy 0 members only
         if act is not None:
             files["activations.parquet"] = parquet_bytes(act)
         if level > 0 and "small_dense" in cfg.arms:
@@ -280,15 +336,15 @@ class Lottery:
             files["small_dense_final.msgpack"] = tree_bytes(small_final)
         sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
         store.write_level(level, {**files,
-            "members.json": json.dumps([{"arm": m.arm, "seed": m.seed} for m in members]).encode(),
+            "members.json": json.dumps([m.to_json() for m in members]).encode(),
             "masks.msgpack": tree_bytes(to_numpy(stack(masks))),
             "final.msgpack": tree_bytes(final),
             "metrics.parquet": parquet_bytes(metrics),
             "sparsity.parquet": parquet_bytes(sparsity),
         })
         self.trained_levels.append(level)
-        if log is not None:
-            log.log_level(level, engine.num_steps, metrics.to_dict("records"))
+        if log is not None:  # copies are stability measurements, not runs of their own
+            log.log_level(level, engine.num_steps, metrics[metrics["copy"] == 0].to_dict("records"))
 
     def _run_gradual(self, state, members, can_prune, bar):
         """AGP: one training run; at t0, t0 + dt, ..., t0 + n dt every member's layers are pruned by
@@ -322,6 +378,8 @@ class Lottery:
         x = self.data.x_test[:2000]
         host = to_numpy((state.params, state.batch_stats))  # slicing on the host compiles nothing
         for k, m in enumerate(members):
+            if m.copy:
+                continue
             member = jax.tree.map(lambda a: a[k], host)
             for layer, frac in activation_sparsity(self.model, member[0], member[1], x).items():
                 rows.append({"arm": m.arm, "seed": m.seed, "member": k, "layer": layer, "zero_fraction": frac})
@@ -384,19 +442,23 @@ def metrics_table(run_id: str, level: int, members, densities, records, wall_s: 
     df["level"] = level
     df["arm"] = [members[k].arm for k in df["member"]]
     df["seed"] = [members[k].seed for k in df["member"]]
+    df["copy"] = [getattr(members[k], "copy", 0) for k in df["member"]]
     df["density"] = [densities[k] for k in df["member"]]
     df["early_stop_step"] = [es.get(k, -1) for k in df["member"]]
     df["diverged_step"] = [diverged.get(k, -1) for k in df["member"]]
     df["wall_s"] = wall_s
-    cols = ["run_id", "level", "arm", "seed", "member", "density", "step", "split", "loss", "accuracy",
+    cols = ["run_id", "level", "arm", "seed", "copy", "member", "density", "step", "split", "loss", "accuracy",
             "early_stop_step", "diverged_step", "wall_s"]
     return df[cols]
 
 
 def sparsity_table(level: int, members, final_params, masks, can_prune) -> pd.DataFrame:
-    """Per member and layer: shape, count, non-zeros and density of the trained weights."""
+    """Per member and layer: shape, count, non-zeros and density of the trained weights (stability copies
+    left out: they share copy 0's mask)."""
     rows = []
     for k, m in enumerate(members):
+        if getattr(m, "copy", 0):
+            continue
         for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune):
             rows.append({"level": level, "arm": m.arm, "seed": m.seed, "member": k, **r})
     return pd.DataFrame.from_records(rows)

@@ -277,3 +277,23 @@ def test_a_quant_cell_grows_with_seeds_computing_only_the_new_seed(tmp_path, mon
     meta = json.loads(next((d / "quant").glob("*.json")).read_text())
     assert meta["seeds"] == [0, 1]
     assert run_status(two, tmp_path)["cells"] == 0
+
+
+# ------------------------------------------------------------------ sweeps
+
+def test_sweep_points_that_differ_only_in_seeds_are_one_run_with_the_union_trained_once(tmp_path, monkeypatch):
+    from lth.sweep import groups_of, run_sweep
+    raw = {**TINY, "arms": ["ticket"], "prune": {**TINY["prune"], "levels": 0}, "sweep": {"seeds": [[0], [0, 1]]}}
+    exp = tmp_path / "s.toml"
+    exp.write_text(toml_text(raw))
+    points = expand(exp)
+    assert len(points) == 2 and points[0].run_id == points[1].run_id  # two points, one run id
+    assert groups_of(points) == [[0, 1]]
+    trained = []
+    real = Engine.run
+    monkeypatch.setattr(Engine, "run", lambda self, state, seeds, **kw: trained.append(tuple(seeds))
+                        or real(self, state, seeds, **kw))
+    outcomes = run_sweep(points, tmp_path / "out")
+    assert [o.status for o in outcomes] == ["trained", "trained"] and trained == [(0, 1)]
+    assert _members(tmp_path / "out" / points[0].run_id / "level_000") == [("ticket", 0), ("ticket", 1)]
+    assert [s for _, s in status_of(points, tmp_path / "out")] == ["complete", "complete"]

@@ -96,8 +96,8 @@ class Outcome:
 def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
     """Indices of the points that train together, in grid order.
 
-    Points with equal :func:`lth.lottery.groups.population_key` (same data, model, training, rewinding and
-    number of levels) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
+    Points with equal :func:`lth.lottery.groups.population_key` (same data, model, training and
+    rewinding) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
     population holds every member of its runs); ``max_runs = 1`` trains every run alone.
     """
     if max_runs < 1:

@@ -297,3 +297,33 @@ def test_sweep_points_that_differ_only_in_seeds_are_one_run_with_the_union_train
     assert [o.status for o in outcomes] == ["trained", "trained"] and trained == [(0, 1)]
     assert _members(tmp_path / "out" / points[0].run_id / "level_000") == [("ticket", 0), ("ticket", 1)]
     assert [s for _, s in status_of(points, tmp_path / "out")] == ["complete", "complete"]
+
+
+@pytest.mark.slow
+def test_a_grow_killed_in_the_middle_of_a_level_swap_resumes_to_the_fresh_result(tmp_path):
+    raw = {**TINY, "seeds": [0], "arms": ["ticket", "reinit"], "prune": {**TINY["prune"], "levels": 1}}
+    exp, more = tmp_path / "one.toml", tmp_path / "two.toml"
+    exp.write_text(toml_text(raw))
+    more.write_text(toml_text({**raw, "seeds": [0, 1]}))
+    out = tmp_path / "out"
+
+    def cli(path, failpoint=None):
+        env = {k: v for k, v in os.environ.items() if k != "LTH_FAILPOINT"}
+        env.update({"PYTHONPATH": str(ROOT), **({"LTH_FAILPOINT": failpoint} if failpoint else {})})
+        return subprocess.run([sys.executable, "-m", "lth.cli", "lottery", str(path), "--out", str(out),
+                               "--no-progress"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    assert cli(exp).returncode == 0
+    r = cli(more, "swap:level_001")  # level 1 grows: killed with the old level moved aside
+    assert r.returncode == -9, r.stderr
+    run = next(p for p in out.iterdir() if p.is_dir())
+    assert not (run / "level_001").exists() and (run / "level_001.prev").is_dir()
+    r = cli(more)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("level")) == ["level_000", "level_001"]
+    fresh = run_lottery(tiny(seeds=[0, 1], arms=["ticket", "reinit"], prune={"levels": 1}), tmp_path / "fresh")
+    keys = ["level", "arm", "seed", "step", "split", "loss", "accuracy"]
+    for L in range(2):
+        a = pd.read_parquet(run / f"level_{L:03d}" / "metrics.parquet")[keys].sort_values(keys[:5])
+        b = pd.read_parquet(fresh.level_dir(L) / "metrics.parquet")[keys].sort_values(keys[:5])
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))

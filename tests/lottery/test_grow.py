@@ -17,6 +17,7 @@ from lth.lottery import run_lottery
 from lth.lottery.runner import Lottery, run_is_finished
 from lth.pipeline import run_experiment, run_status
 from lth.quant import read_cells
+from lth.quant.stage import cell_id_of
 from lth.store import RunStore, StoreError, load_tree, stacked_seeds, tree_bytes
 from lth.sweep import expand, status_of
 from lth.train import Engine
@@ -197,6 +198,16 @@ def _make_legacy(out: Path, cfg) -> Path:
     (run / "init.msgpack").write_bytes(tree_bytes(init))
     (run / "MANIFEST.json").unlink()  # stores before manifests: read unverified
     for d in sorted(run.glob("level_*")):
+        for meta_path in sorted((d / "quant").glob("*.json")):  # cells: ids hash the run id; no seeds record
+            meta = json.loads(meta_path.read_text())
+            cid = cell_id_of(cfg.legacy_run_id, meta["level"], meta["arm"], meta["setting"])
+            q = pd.read_parquet(meta_path.with_suffix(".parquet")).assign(run_id=cfg.legacy_run_id, cell=cid)
+            q.to_parquet(d / "quant" / f"{cid}.parquet", index=False)
+            sha = hashlib.sha256((d / "quant" / f"{cid}.parquet").read_bytes()).hexdigest()
+            meta = {k: v for k, v in meta.items() if k != "seeds"}
+            (d / "quant" / f"{cid}.json").write_text(json.dumps({**meta, "run_id": cfg.legacy_run_id, "sha256": sha}))
+            meta_path.with_suffix(".parquet").unlink()
+            meta_path.unlink()
         m = pd.read_parquet(d / "metrics.parquet").assign(run_id=cfg.legacy_run_id)
         m.to_parquet(d / "metrics.parquet", index=False)
         sums = json.loads((d / "COMPLETE").read_text())
@@ -208,13 +219,14 @@ def _make_legacy(out: Path, cfg) -> Path:
 
 
 def test_a_legacy_store_is_readable_and_lth_migrate_moves_it_so_a_rerun_trains_nothing(tmp_path, capsys):
-    cfg = tiny(seeds=[0], arms=["ticket"], prune={"levels": 1})
-    run_lottery(cfg, tmp_path)
+    cfg = tiny(seeds=[0], arms=["ticket"], prune={"levels": 1}, quant={"bits": [8], "method": ["ptq"], "levels": [1]})
+    run_experiment(cfg, tmp_path)
     ref = load_runs(tmp_path)
+    assert (ref.method == "ptq").sum() == 1
     legacy = _make_legacy(tmp_path, cfg)
     old = load_runs(tmp_path)  # readable under its legacy name
     assert set(old.run_id) == {cfg.legacy_run_id}
-    pd.testing.assert_frame_equal(old.drop(columns="run_id"), ref.drop(columns="run_id"))
+    pd.testing.assert_frame_equal(old.drop(columns=["run_id", "cell"]), ref.drop(columns=["run_id", "cell"]))
     assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "fig")]) == 0
     assert cli_main(["migrate", str(tmp_path), "--dry-run"]) == 0
     assert f"would move {legacy} -> {tmp_path / cfg.run_id}" in capsys.readouterr().out and legacy.is_dir()
@@ -230,6 +242,7 @@ def test_a_legacy_store_is_readable_and_lth_migrate_moves_it_so_a_rerun_trains_n
     lot = Lottery(cfg, tmp_path)
     lot.run()
     assert lot.trained_levels == []  # found complete under its new id: trains nothing
+    assert run_status(cfg, tmp_path)["cells"] == 0  # its quant cell too
     # and it grows like any run: the seeds of its init come from hparams.json
     grown = Lottery(tiny(seeds=[0, 1], arms=["ticket"], prune={"levels": 1}), tmp_path)
     grown.run()

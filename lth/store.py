@@ -3,9 +3,10 @@
 Layout of ``ROOT/<run_id>/``::
 
     hparams.json                 the full experiment config (+ run_id, lth version)
-    init.msgpack                 initial weights, one entry per seed (flax msgpack)
+    init.msgpack                 initial weights, one entry per seed (flax msgpack; ``seeds`` says whose)
     rewind.msgpack               rewind-point weights (step k of the dense run), when k > 0
-    level_000/members.json       arm and seed of each population member
+    level_000/members.json       arm and seed of each population member (small_dense.json: of the
+                                 small-dense baselines in small_dense_final.msgpack)
     level_000/masks.msgpack      masks [K, ...]
     level_000/final.msgpack      final weights [K, ...]
     level_000/metrics.parquet    tidy metrics rows
@@ -13,6 +14,8 @@ Layout of ``ROOT/<run_id>/``::
     level_000/COMPLETE           written last: sha256 of every file of the level
     MANIFEST.json                sha256 of every run-level file written with write_tree/write_file
 
+A level that grows (a rerun with more seeds or arms) is rebuilt in ``level_NNN.next/`` and swapped in
+(:meth:`RunStore.write_level`); opening the store for writing repairs a swap left half done.
 A level counts as complete only when COMPLETE exists and every file still matches its checksum, so
 a killed process or a corrupted file makes the level recompute instead of being silently used.
 Run-level files (``init.msgpack``, ``rewind.msgpack``, ...) are verified against ``MANIFEST.json``

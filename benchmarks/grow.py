@@ -1,7 +1,8 @@
 """Growing a run vs recomputing it: wall time of an extension against a fresh run of the final
 config, and proof that the stored members are unchanged.
 
-The experiment is ``experiments/quickstart.toml`` (the MNIST-1D MLP 100-100, Adam 2e-3, batch 100)
+The experiment is ``experiments/quickstart.toml`` (the MNIST-1D MLP 100-100, Adam 2e-3, batch 100;
+``--experiment`` for another, e.g. ``experiments/lenet300_fmnist.toml``)
 with ``train.steps`` steps per level (default 300), arms ticket and reinit, W&B and the quant stage
 off. Two extensions, each into its own fresh store, both through ``lth.lottery.run_lottery``:
 
@@ -18,7 +19,7 @@ training, evaluation and store writes (not the Python start and imports); the be
 ``--repeats`` is printed. JAX's persistent compile cache (see the README) is on as usual, so a
 program compiled by an earlier run is read, not compiled: the first run pays for most compiling.
 
-    python benchmarks/grow.py [--steps 300] [--repeats 2]
+    python benchmarks/grow.py [--steps 300] [--repeats 2] [--experiment experiments/lenet300_fmnist.toml]
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ from lth.config import load_experiment  # noqa: E402
 from lth.store import RunStore, load_tree  # noqa: E402
 
 
+EXPERIMENT = ROOT / "experiments" / "quickstart.toml"
+
+
 def cfg_for(steps: int, levels: int, seeds: list[int]):
     sets = [f"train.steps={steps}", "train.epochs=None", f"train.eval_every={max(steps // 3, 1)}",
             f"prune.levels={levels}", f"seeds={json.dumps(seeds)}", 'arms=["ticket","reinit"]',
             'log.wandb="disabled"', "log.progress=false"]
-    cfg = load_experiment(ROOT / "experiments" / "quickstart.toml", sets)
+    cfg = load_experiment(EXPERIMENT, sets)
     return cfg.replace(quant=None)
 
 
@@ -102,11 +106,15 @@ def members(d: Path):
 
 
 def main() -> int:
+    global EXPERIMENT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="training steps per level")
+    ap.add_argument("--experiment", default=str(ROOT / "experiments" / "quickstart.toml"),
+                    help="experiment file (default quickstart.toml; e.g. experiments/lenet300_fmnist.toml)")
     ap.add_argument("--repeats", type=int, default=2, help="timings of each extension and fresh run (best is shown)")
     args = ap.parse_args()
-    print(f"MNIST-1D MLP, {args.steps} steps per level, arms ticket + reinit (wall times on this machine)")
+    EXPERIMENT = Path(args.experiment)
+    print(f"{EXPERIMENT.name}, {args.steps} steps per level, arms ticket + reinit (wall times on this machine)")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

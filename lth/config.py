@@ -131,7 +131,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    levels: int = _f(0, check=_nonneg[0], allowed="an integer >= 0", doc="IMP levels after the dense one")
+    levels: int = _f(0, check=_nonneg[0], allowed="an integer >= 0", doc="IMP levels after the dense one (not part of the run id: more levels grow a stored run)")
     rate: float = _f(0.2, check=_frac[0], allowed=_frac[1],
                      doc="fraction of remaining fully-connected weights pruned per level")
     output_rate: float | None = _f(None, check=_frac[0], allowed=_frac[1],
@@ -325,11 +325,12 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = _f((0,), check=lambda v: len(v) >= 1 and _unique(v)
                                 and all(0 <= s < SEED_LIMIT for s in v),
                                 allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
-                                doc="one member per seed")
+                                doc="one member per seed (not part of the run id: more seeds grow a stored run)")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
         allowed="a list of distinct arms starting with 'ticket'",
-        doc="ticket and controls (reinit, random_prune, shuffle) and small_dense baselines")
+        doc="ticket and controls (reinit, random_prune, shuffle) and small_dense baselines (not part of the "
+            "run id: more arms grow a stored run)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -387,10 +388,37 @@ class ExperimentConfig:
         """
         return _result_fields(self)
 
+    def identity_dict(self) -> dict[str, Any]:
+        """What names a run's results: :meth:`result_dict` without ``prune.levels``, ``seeds`` and
+        ``arms``, which say how many members the run holds, not what each member computes (a run
+        grows by more levels, seeds or arms instead of being recomputed)."""
+        d = self.result_dict()
+        for key in GROWABLE_TOP:
+            d.pop(key, None)
+        prune = {k: v for k, v in d.get("prune", {}).items() if k not in GROWABLE_PRUNE}
+        if prune:
+            d["prune"] = prune
+        else:
+            d.pop("prune", None)
+        return d
+
     @property
     def run_id(self) -> str:
+        """Hash of :meth:`identity_dict`: equal for runs that differ only in levels, seeds or arms."""
+        blob = json.dumps(self.identity_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def legacy_run_id(self) -> str:
+        """The run id of stores written before runs could grow (it hashed levels, seeds and arms too);
+        such stores stay readable and ``lth migrate`` renames them to :attr:`run_id`."""
         blob = json.dumps(self.result_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# settings that say how many members a run holds (not part of its run id: the run grows)
+GROWABLE_TOP = ("seeds", "arms")
+GROWABLE_PRUNE = ("levels",)
 
 
 def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
@@ -448,14 +476,16 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
                           f"{cfg.model.name!r} (only by 'mlp'); remove it, or scale the model with model.width")
 
 
-def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json") -> str:
+def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json", *, legacy: bool = False) -> str:
     """The run id that a stored ``hparams.json`` hashes to (its settings; for a ``train --mask`` run
-    also its ``mask`` entry, as :func:`lth.lottery.masked.run_id` does). ConfigError if they do not validate."""
+    also its ``mask`` entry, as :func:`lth.lottery.masked.run_id` does). ``legacy``: the id under the
+    scheme before runs could grow (:attr:`ExperimentConfig.legacy_run_id`; a ``train --mask`` run has
+    one scheme only). ConfigError if they do not validate."""
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
     mask = hparams.get("mask")
     if not isinstance(mask, dict):
-        return cfg.run_id
+        return cfg.legacy_run_id if legacy else cfg.run_id
     digest = {"sha256": mask.get("sha256"), "members_sha256": mask.get("members_sha256"), "arm": mask.get("arm"),
               "source_seeds": [None if s == -1 else s for s in mask.get("source_seeds") or []]}
     blob = json.dumps({"config": cfg.result_dict(), "mask": digest}, sort_keys=True, separators=(",", ":"))

@@ -12,26 +12,35 @@ several quant stages.
 from __future__ import annotations
 
 import sys
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .config import ExperimentConfig, QuantConfig
 from .lottery.groups import run_group
-from .lottery.copies import copy_arms, stability_levels
-from .lottery.runner import Lottery, read_members
+from .lottery.copies import stability_levels
+from .lottery.runner import Lottery, missing_members, stored_members
 from .lottery.stability import StabilityStage
 from .quant.stage import QuantStage, pending, quant_levels
 from .store import RunBusyError, RunStore, prepare_root
 from .stored import StoredRun
 
 
-def quant_stages(cfgs: Iterable[ExperimentConfig]) -> dict[str, list[QuantConfig]]:
-    """run id -> the distinct quant stages of the experiments that share it."""
-    out: dict[str, list[QuantConfig]] = {}
+def merged_configs(cfgs: Iterable[ExperimentConfig]) -> dict[str, ExperimentConfig]:
+    """run id -> one config with the union of the seeds and arms, and the most levels, of the
+    experiments that share the run id (they differ only in those and in ``quant.*``): the run is
+    trained once, to hold every member any of them wants."""
+    out: dict[str, ExperimentConfig] = {}
     for cfg in cfgs:
-        stages = out.setdefault(cfg.run_id, [])
-        if cfg.quant is not None and cfg.quant not in stages:
-            stages.append(cfg.quant)
+        base = out.get(cfg.run_id)
+        if base is None:
+            out[cfg.run_id] = cfg
+            continue
+        seeds = tuple(base.seeds) + tuple(s for s in cfg.seeds if s not in base.seeds)
+        arms = tuple(base.arms) + tuple(a for a in cfg.arms if a not in base.arms)
+        levels = max(base.prune.levels, cfg.prune.levels)
+        out[cfg.run_id] = dataclasses.replace(base, seeds=seeds, arms=arms,
+                                              prune=dataclasses.replace(base.prune, levels=levels))
     return out
 
 
@@ -46,50 +55,65 @@ def stability_pending(cfg: ExperimentConfig, run_dir: str | Path) -> list[int]:
     return [level for level in stability_levels(cfg) if store.is_complete(level) and stage.pending(level)]
 
 
-def missing_copies(cfg: ExperimentConfig, run_dir: str | Path) -> list[int]:
-    """Complete levels that ``[stability]`` names but that were trained without copies (no path to evaluate)."""
-    store = RunStore(Path(run_dir).parent, Path(run_dir).name)
-    return [level for level in stability_levels(cfg) if copy_arms(cfg, level) and store.is_complete(level)
-            and not any(m.copy for m in read_members(store.level_dir(level)))] if cfg.stability.enabled else []
+def quant_stages(cfgs: Iterable[ExperimentConfig]) -> dict[str, list[tuple[ExperimentConfig, QuantConfig]]]:
+    """run id -> the distinct quant stages of the experiments that share it, each with its experiment
+    (whose levels, arms and seeds it quantizes)."""
+    out: dict[str, list] = {}
+    for cfg in cfgs:
+        stages = out.setdefault(cfg.run_id, [])
+        if cfg.quant is not None and all((c.seeds, c.arms, c.prune.levels, q) != (cfg.seeds, cfg.arms,
+                                                                                  cfg.prune.levels, cfg.quant)
+                                         for c, q in stages):
+            stages.append((cfg, cfg.quant))
+    return out
 
 
-def run_status(cfg: ExperimentConfig, out: str | Path, stages: list[QuantConfig] | None = None) -> dict:
-    """What a run still needs: ``{"levels": complete levels, "of": total, "cells": pending quant cells,
-    "stability": levels with pending stability results}``.
+def run_status(cfg: ExperimentConfig, out: str | Path, stages: list | None = None) -> dict:
+    """What a run still needs: ``{"levels": levels holding every wanted member, "of": total, "cells":
+    pending quant cells, "new_levels": levels not stored at all, "seeds"/"arms": seeds and arms that
+    the stored levels lack}`` (a run that grows by levels, seeds or arms).
 
-    Reads file names and checksums only (no data, no compiling).
+    ``stages``: QuantConfigs of ``cfg``, or (experiment, QuantConfig) pairs; default ``cfg.quant``.
+    Reads file names, members files and checksums only (no data, no compiling).
     """
     store = RunStore(out, cfg.run_id)
     n = cfg.prune.levels + 1
-    done = sum(store.is_complete(level) for level in range(n)) if store.path.exists() else 0
+    done, new_levels, seeds, arms = 0, 0, set(), set()
+    for level in range(n):
+        if not store.path.exists() or not store.is_complete(level):
+            new_levels += 1
+            continue
+        main, small = missing_members(store, cfg, level)
+        if not main and not small:
+            done += 1
+            continue
+        have_main, have_small = stored_members(store.level_dir(level))
+        have = have_main + have_small
+        seeds |= {m.seed for m in main + small if all(h.seed != m.seed for h in have)}
+        arms |= {m.arm for m in main + small if all(h.arm != m.arm for h in have)}
     stages = [cfg.quant] if stages is None and cfg.quant is not None else (stages or [])
-    cells = sum(len(pending(cfg, store.path, qc)) for qc in stages)
+    pairs = [st if isinstance(st, tuple) else (cfg, st) for st in stages]
+    cells = sum(len(pending(c, store.path, qc)) for c, qc in pairs)
     stab = len(stability_pending(cfg, store.path)) if store.path.exists() else 0
-    return {"levels": done, "of": n, "cells": cells, "stability": stab}
+    return {"levels": done, "of": n, "cells": cells, "stability": stab, "new_levels": new_levels,
+            "seeds": len(seeds), "arms": len(arms)}
 
 
 def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progress: bool | None = None,
                     log: Callable[[str], None] | None = None) -> dict[str, str]:
     """Run or resume the whole pipeline of experiments that share a population group.
 
-    Experiments with the same training run id (they differ only in ``quant.*``) train once and
-    run each of their quant stages. Returns run_id -> 'trained' (levels trained, and any quant
-    cells computed), 'quantized' (only quant cells computed), 'complete' (nothing to do) or
+    Experiments with the same training run id (they differ only in ``quant.*``, seeds, arms or
+    levels) are merged into one run with the union of their members (:func:`merged_configs`), trained
+    once, and run each of their quant stages. Returns run_id -> 'trained' (members trained, and any
+    quant cells computed), 'quantized' (only quant cells computed), 'complete' (nothing to do) or
     'busy: <why>'.
     """
     cfgs = list(cfgs)
     root = prepare_root(out)
     stages = quant_stages(cfgs)
-    first: dict[str, ExperimentConfig] = {}
-    for cfg in cfgs:
-        first.setdefault(cfg.run_id, cfg)
+    first = merged_configs(cfgs)
     before = {rid: run_status(cfg, root, stages[rid]) for rid, cfg in first.items()}
-    for rid, cfg in first.items():
-        missing = missing_copies(cfg, root / rid)
-        if missing:
-            print(f"lth: run {rid}: level(s) {', '.join(map(str, missing))} were trained without [stability] copies, "
-                  "so they have no path to evaluate (copies are extra members of a level: delete a level's folder "
-                  "to retrain it with them)", file=sys.stderr)
     opened: dict[str, StoredRun] = {}
     stabs: dict[str, StabilityStage] = {}  # one compiled path program per run
 
@@ -106,10 +130,10 @@ def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progre
     def after_level(lot: Lottery, level: int) -> None:
         if level in stability_pending(lot.cfg, lot.store.path):
             stabs.setdefault(lot.cfg.run_id, StabilityStage(stored(lot), lot.cfg.stability, log=log)).run_level(level)
-        for qc in stages[lot.cfg.run_id]:
-            if level not in quant_levels(lot.cfg, qc) or not pending(lot.cfg, lot.store.path, qc, [level]):
+        for cfg, qc in stages[lot.cfg.run_id]:
+            if level not in quant_levels(cfg, qc) or not pending(cfg, lot.store.path, qc, [level]):
                 continue
-            QuantStage(stored(lot), qc, log=log).run_level(level)
+            QuantStage(stored(lot), qc, log=log, cfg=cfg).run_level(level)
 
     status = run_group(list(first.values()), root, progress=progress, finished=finished, after_level=after_level)
     for rid, s in status.items():

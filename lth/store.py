@@ -3,9 +3,10 @@
 Layout of ``ROOT/<run_id>/``::
 
     hparams.json                 the full experiment config (+ run_id, lth version)
-    init.msgpack                 initial weights, one entry per seed (flax msgpack)
+    init.msgpack                 initial weights, one entry per seed (flax msgpack; ``seeds`` says whose)
     rewind.msgpack               rewind-point weights (step k of the dense run), when k > 0
-    level_000/members.json       arm and seed of each population member
+    level_000/members.json       arm and seed of each population member (small_dense.json: of the
+                                 small-dense baselines in small_dense_final.msgpack)
     level_000/masks.msgpack      masks [K, ...]
     level_000/final.msgpack      final weights [K, ...]
     level_000/metrics.parquet    tidy metrics rows
@@ -13,6 +14,8 @@ Layout of ``ROOT/<run_id>/``::
     level_000/COMPLETE           written last: sha256 of every file of the level
     MANIFEST.json                sha256 of every run-level file written with write_tree/write_file
 
+A level that grows (a rerun with more seeds or arms) is rebuilt in ``level_NNN.next/`` and swapped in
+(:meth:`RunStore.write_level`); opening the store for writing repairs a swap left half done.
 A level counts as complete only when COMPLETE exists and every file still matches its checksum, so
 a killed process or a corrupted file makes the level recompute instead of being silently used.
 Run-level files (``init.msgpack``, ``rewind.msgpack``, ...) are verified against ``MANIFEST.json``
@@ -30,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -147,18 +151,72 @@ def read_hparams(path: str | Path) -> dict:
 
 def check_hparams(path: str | Path, hparams: dict, run_id: str | None = None) -> None:
     """StoreError naming ``path`` unless the settings in ``hparams`` hash to ``run_id`` (default: the
-    name of the folder holding ``path``), i.e. the file was not edited after its results were made."""
+    name of the folder holding ``path``), i.e. the file was not edited after its results were made.
+    Either id scheme counts: the current one or the legacy one of stores written before runs could
+    grow (:attr:`lth.config.ExperimentConfig.legacy_run_id`)."""
     from .config import ConfigError, stored_run_id  # late: config is not needed to read a store
 
     path = Path(path)
     run_id = run_id or path.parent.name
     try:
         got = stored_run_id(hparams, str(path))
+        legacy = stored_run_id(hparams, str(path), legacy=True)
     except ConfigError as e:
         raise StoreError(f"{path}: settings not readable by this lth ({e})") from None
-    if got != run_id:
+    if run_id not in (got, legacy):  # a store written before runs could grow is named by its legacy id
         raise StoreError(f"{path}: its settings hash to run id {got}, not {run_id} (the file was edited "
                          "after its results were computed); restore it or delete the run folder")
+
+
+SEEDS_KEY = "seeds"  # in a run-level weights file stacked over seeds: which seed each entry is
+
+
+def stacked_seeds(tree: dict, fallback=None) -> tuple[dict, list[int]]:
+    """(the weights without the seeds record, the seed of each stacked entry) of a run-level weights
+    file (``init.msgpack``, ``rewind.msgpack``). Files written before runs could grow have no record:
+    their entries are the first K of ``fallback`` (the run's ``hparams.json`` seeds, which keep the
+    stored seeds first)."""
+    tree = dict(tree)
+    seeds = tree.pop(SEEDS_KEY, None)
+    if seeds is not None:
+        return tree, [int(x) for x in np.asarray(seeds).reshape(-1)]
+    leaves = [x for x in _leaves(tree.get("params", {}))]
+    k = int(np.shape(leaves[0])[0]) if leaves else 0
+    fallback = [int(x) for x in (fallback or [])]
+    if len(fallback) < k:
+        raise StoreError(f"a weights file stacks {k} seeds but records none, and hparams.json lists only "
+                         f"{len(fallback)}")
+    return tree, fallback[:k]
+
+
+def with_seeds(tree: dict, seeds) -> dict:
+    """``tree`` with its seeds record (see :func:`stacked_seeds`)."""
+    return {**tree, SEEDS_KEY: np.asarray([int(s) for s in seeds], np.int64)}
+
+
+def take_seeds(tree: Any, held: list[int], seeds) -> Any:
+    """The entries of a stacked tree for ``seeds`` (in that order), from one holding ``held``."""
+    idx = np.asarray([held.index(int(s)) for s in seeds], int)
+    return _map_leaves(lambda a: np.asarray(a)[idx], tree)
+
+
+def concat_stacked(a: Any, b: Any) -> Any:
+    """Two stacked trees of one structure, ``a``'s entries first (bit for bit)."""
+    if isinstance(a, dict):
+        return {k: concat_stacked(a[k], b[k]) for k in a}
+    return np.concatenate([np.asarray(a), np.asarray(b)])
+
+
+def _leaves(t):
+    if isinstance(t, dict):
+        for v in t.values():
+            yield from _leaves(v)
+    else:
+        yield t
+
+
+def _map_leaves(fn, t):
+    return {k: _map_leaves(fn, v) for k, v in t.items()} if isinstance(t, dict) else fn(t)
 
 
 def read_parquet(path: str | Path) -> pd.DataFrame:
@@ -223,6 +281,26 @@ def check_writable(folder: str | Path) -> Path:
     return folder
 
 
+NEXT, PREV = ".next", ".prev"  # a level being replaced: the new one built beside it, the old one moved aside
+
+
+def _folder_problem(d: Path) -> str | None:
+    """None when the level folder ``d`` has its COMPLETE marker and every file matches it."""
+    if not (d / COMPLETE).is_file():
+        return f"{d} has no {COMPLETE} marker"
+    try:
+        sums = read_json(d / COMPLETE)["sha256"]
+    except (StoreError, KeyError, TypeError):
+        return f"{d / COMPLETE} is unreadable"
+    for name, expected in sums.items():
+        f = d / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if sha256(f) != expected:
+            return f"{f} does not match its checksum (truncated or corrupted)"
+    return None
+
+
 class RunBusyError(StoreError):
     """Another process holds the run's lock (it is computing the run right now)."""
 
@@ -253,6 +331,7 @@ class RunStore:
             os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
             for stale in self.path.rglob(".*.tmp"):  # left by a killed writer; nobody else writes now
                 stale.unlink(missing_ok=True)
+            self.repair()  # a level swap a killed writer left half done
             yield self
         finally:
             os.close(fd)  # closing the descriptor releases the lock
@@ -352,33 +431,85 @@ class RunStore:
 
     # --------------------------------------------------------------- levels
     def write_level(self, level: int, files: dict[str, bytes]) -> None:
-        """Write a level's files atomically, then COMPLETE with their checksums (last)."""
+        """Write a level's files atomically, then COMPLETE with their checksums (last).
+
+        A level that is complete already (a run that grows: more seeds or arms) is replaced whole
+        and crash-safely: the new level is built complete in ``level_NNN.next/`` (with every stage
+        subfolder of the old one, e.g. ``quant/``, copied across), then swapped in (``level_NNN`` ->
+        ``level_NNN.prev``, ``.next`` -> ``level_NNN``, ``.prev`` removed). :meth:`repair` finishes or
+        rolls back a swap that a killed process left half done.
+        """
         d = self.level_dir(level)
+        if self.is_complete(level):
+            nxt = d.with_name(d.name + NEXT)
+            if nxt.exists():
+                shutil.rmtree(nxt)
+            self._write_level_files(nxt, files)
+            for sub in sorted(p for p in d.iterdir() if p.is_dir()):  # stage folders: quant/, stability/
+                shutil.copytree(sub, nxt / sub.name, copy_function=shutil.copy2)
+            failpoint(f"built:{nxt.name}")
+            atomic_write_json(nxt / COMPLETE, {"sha256": self._sums(files)})
+            self._swap(d)
+            return
+        self._write_level_files(d, files)
+        atomic_write_json(d / COMPLETE, {"sha256": self._sums(files)})
+
+    @staticmethod
+    def _sums(files: dict[str, bytes]) -> dict[str, str]:
+        return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+    def _swap(self, d: Path) -> None:
+        """Replace the level folder ``d`` by its complete ``.next`` (see :meth:`write_level`)."""
+        nxt, prev = d.with_name(d.name + NEXT), d.with_name(d.name + PREV)
+        if prev.exists():
+            shutil.rmtree(prev)
+        os.replace(d, prev)
+        failpoint(f"swap:{d.name}")  # dies with the old level moved aside, the new one not yet in place
+        os.replace(nxt, d)
+        failpoint(f"swapped:{d.name}")
+        shutil.rmtree(prev)
+
+    def repair(self) -> list[str]:
+        """Finish or roll back level swaps a killed process left half done; what was done, per folder.
+
+        A complete ``level_NNN.next`` is swapped in (its level was built in full); an incomplete one
+        is removed (the level is still the old one); a leftover ``.prev`` is removed once
+        ``level_NNN`` is in place, or moved back when it is not and no complete ``.next`` exists.
+        Called under the run's lock (:meth:`lock`), so no other process is writing the levels.
+        """
+        done = []
+        if not self.path.is_dir():
+            return done
+        for nxt in sorted(self.path.glob(f"level_[0-9][0-9][0-9]{NEXT}")):
+            d = nxt.with_name(nxt.name[: -len(NEXT)])
+            if _folder_problem(nxt) is None:
+                if d.exists():
+                    self._swap(d)
+                else:
+                    os.replace(nxt, d)
+                done.append(f"{d.name}: finished an interrupted swap")
+            else:
+                shutil.rmtree(nxt)
+                done.append(f"{d.name}: removed an incomplete {nxt.name}")
+        for prev in sorted(self.path.glob(f"level_[0-9][0-9][0-9]{PREV}")):
+            d = prev.with_name(prev.name[: -len(PREV)])
+            if d.exists():
+                shutil.rmtree(prev)
+            else:
+                os.replace(prev, d)
+                done.append(f"{d.name}: rolled back an interrupted swap")
+        return done
+
+    def _write_level_files(self, d: Path, files: dict[str, bytes]) -> None:
         d.mkdir(parents=True, exist_ok=True)
         (d / COMPLETE).unlink(missing_ok=True)
-        sums = {}
         for name, data in files.items():
             atomic_write_bytes(d / name, data)
-            sums[name] = hashlib.sha256(data).hexdigest()
             failpoint(f"after:{d.name}/{name}")  # dies between the files of a level
-        atomic_write_json(d / COMPLETE, {"sha256": sums})
 
     def level_problem(self, level: int) -> str | None:
         """None when the level is complete and intact; else why it is not."""
-        d = self.level_dir(level)
-        if not (d / COMPLETE).is_file():
-            return f"{d} has no {COMPLETE} marker"
-        try:
-            sums = read_json(d / COMPLETE)["sha256"]
-        except (StoreError, KeyError, TypeError):
-            return f"{d / COMPLETE} is unreadable"
-        for name, expected in sums.items():
-            f = d / name
-            if not f.is_file():
-                return f"{f} is missing"
-            if sha256(f) != expected:
-                return f"{f} does not match its checksum (truncated or corrupted)"
-        return None
+        return _folder_problem(self.level_dir(level))
 
     def is_complete(self, level: int) -> bool:
         return self.level_problem(level) is None

@@ -16,7 +16,8 @@ import numpy as np
 from .config import ConfigError, ExperimentConfig
 from .data import load_dataset
 from .models import build_model
-from .store import RunStore, StoreError, check_hparams, load_tree, read_hparams, read_json, read_parquet
+from .store import (RunStore, StoreError, check_hparams, load_tree, read_hparams, read_json, read_parquet,
+                    stacked_seeds)
 
 PyTree = Any
 
@@ -127,8 +128,12 @@ class StoredRun:
 
     def weights_file(self, name: str) -> dict:
         """A run-level weights file (``init.msgpack``, ``rewind.msgpack``) as ``{"params", "batch_stats"}``."""
-        tree = self.store.read_tree(name)  # verified against MANIFEST.json
-        return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+        return self.stacked(name)[0]
+
+    def stacked(self, name: str) -> tuple[dict, list[int]]:
+        """A run-level weights file stacked over seeds: (``{"params", "batch_stats"}``, the seed of each entry)."""
+        tree, seeds = stacked_seeds(self.store.read_tree(name), self.hparams.get("seeds"))  # verified
+        return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}, seeds
 
     def calib_x(self, batches: int) -> np.ndarray:
         """``batches`` training batches (a fixed random subset of the train split)."""

@@ -34,8 +34,10 @@ class SweepPoint:
 
     @property
     def key(self) -> tuple:
-        """Identity of the point's results: its training run and its quant stage."""
-        return (self.cfg.run_id, None if self.cfg.quant is None else self.cfg.quant.to_json_key())
+        """Identity of the point's results: its training run, the members it wants (seeds, arms,
+        levels: not part of the run id) and its quant stage."""
+        c = self.cfg
+        return (c.run_id, c.seeds, c.arms, c.prune.levels, None if c.quant is None else c.quant.to_json_key())
 
     @property
     def label(self) -> str:
@@ -94,13 +96,14 @@ class Outcome:
 def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
     """Indices of the points that train together, in grid order.
 
-    Points with equal :func:`lth.lottery.groups.population_key` (same data, model, training, rewinding and
-    number of levels) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
+    Points with equal :func:`lth.lottery.groups.population_key` (same data, model, training and
+    rewinding) form one group, cut into pieces of at most ``max_runs`` runs (memory: a group's
     population holds every member of its runs); ``max_runs = 1`` trains every run alone.
     """
     if max_runs < 1:
         raise ConfigError(f"--group {max_runs} is not allowed; expected an integer >= 1")
-    # points of one training run (they differ only in quant.*) always go together: the run trains once
+    # points of one training run (they differ only in quant.*, seeds, arms or levels) always go together:
+    # the run trains once, with the union of their members (lth.pipeline.merged_configs)
     runs: dict[str, list[int]] = {}
     for i, p in enumerate(points):
         runs.setdefault(p.run_id, []).append(i)
@@ -210,7 +213,8 @@ def wandb_sweep_config(path: str | Path, points: list[SweepPoint], out: str) -> 
 
 def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoint, str]]:
     """(point, what it still needs) for a dry run: 'complete', 'quantize only (N cells)', 'train
-    (k/n levels done)' or 'new', each training status followed by its quant cells, if any."""
+    (k/n levels done)', 'grow: 2 levels, 1 seed, 1 arm to add (3/5 levels done)' (a stored run that
+    gains members) or 'new', each training status followed by its quant cells, if any."""
     rows = []
     for p in points:
         s = run_status(p.cfg, out)
@@ -220,7 +224,11 @@ def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoin
             rows.append((p, f"stability paths only ({stab} levels)"))
         elif s["levels"] == s["of"]:
             rows.append((p, f"quantize only ({s['cells']} cells)" if s["cells"] else "complete"))
-        elif s["levels"]:
+        elif s["seeds"] or s["arms"]:
+            add = [f"{n} {what}{'s' if n > 1 else ''}" for n, what in
+                   ((s["new_levels"], "level"), (s["seeds"], "seed"), (s["arms"], "arm")) if n]
+            rows.append((p, f"grow: {', '.join(add)} to add ({s['levels']}/{s['of']} levels done){cells}"))
+        elif s["new_levels"] < s["of"]:
             rows.append((p, f"train ({s['levels']}/{s['of']} levels done){cells}"))
         else:
             rows.append((p, f"new: train {s['of']} levels{cells}"))

@@ -81,6 +81,19 @@ def test_run_id_hashes_result_fields_only_and_is_pinned():
     assert apply_overrides({}, ["train.lr=None"]) == {"train": {}}
 
 
+def test_run_id_leaves_out_levels_seeds_and_arms_and_the_legacy_id_is_pinned():
+    raw = {"seeds": [0, 1, 2], "arms": ["ticket", "reinit"], "prune": {"levels": 5, "rate": 0.3},
+           "train": {"lr": 3e-3}}
+    cfg = ExperimentConfig.from_dict(raw)
+    # pinned: the current scheme (a run grows by levels, seeds and arms) and the scheme before it
+    assert cfg.run_id == "5323129e845b"
+    assert cfg.legacy_run_id == "6fdf1dc7a98b"
+    fewer = ExperimentConfig.from_dict({**raw, "seeds": [7], "arms": ["ticket"], "prune": {"levels": 1, "rate": 0.3}})
+    assert fewer.run_id == cfg.run_id and fewer.legacy_run_id != cfg.legacy_run_id
+    assert ExperimentConfig.from_dict({**raw, "prune": {"levels": 5, "rate": 0.2}}).run_id != cfg.run_id
+    assert ExperimentConfig().run_id == ExperimentConfig().legacy_run_id  # defaults: both schemes agree
+
+
 @pytest.mark.parametrize("text, key", [
     ("[train]\nlr = inf\n", "train.lr"),
     ("[train]\nweight_decay = 1e309\n", "train.weight_decay"),

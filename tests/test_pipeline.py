@@ -67,7 +67,8 @@ def test_every_arm_and_seed_of_the_chosen_levels_is_quantized(reference):
     assert (q.size_bytes < q.fp32_dense_bytes).all()
     sd, ticket = q[q.arm == "small_dense"], q[(q.arm == "ticket") & (q.level == 1)]
     assert (sd.fp32_dense_bytes < ticket.fp32_dense_bytes.max()).all()  # the narrower model
-    assert run_status(cfg, reference) == {"levels": 2, "of": 2, "cells": 0, "stability": 0}
+    assert run_status(cfg, reference) == {"levels": 2, "of": 2, "cells": 0, "stability": 0, "new_levels": 0,
+                                          "seeds": 0, "arms": 0}
     # the tidy table: float rows (bits 32) and quantized rows with the same keys
     df = load_runs(reference)
     assert set(df.method) == {"float", "ptq", "qat"} and (df[df.method == "float"].bits == 32).all()

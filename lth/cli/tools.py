@@ -1,4 +1,5 @@
-"""``lth settings`` and ``lth data``: the settings reference and data set downloads."""
+"""``lth settings``, ``lth data`` and ``lth migrate``: the settings reference, data set downloads and
+the move of stores written before runs could grow."""
 
 from __future__ import annotations
 
@@ -40,4 +41,21 @@ def run_data(args) -> int:
     return 0
 
 
-COMMANDS = [Command("settings", add_settings, run_settings), Command("data", add_data, run_data)]
+def add_migrate(sub) -> None:
+    p = sub.add_parser("migrate", help="rename run folders written before runs could grow to their current run ids",
+                       description="Run ids no longer hash prune.levels, seeds and arms (a rerun with more of "
+                                   "them grows the run). Moves each run folder named by the old id scheme to its "
+                                   "new id and rewrites the id where it is recorded (hparams.json, metrics, quant "
+                                   "cells). Refuses, changing nothing, when a new id's folder exists already.")
+    p.add_argument("root", help="the store (results folder), e.g. runs")
+    p.add_argument("--dry-run", action="store_true", help="only print what would move")
+
+
+def run_migrate(args) -> int:
+    from ..migrate import migrate
+    migrate(args.root, dry_run=args.dry_run)
+    return 0
+
+
+COMMANDS = [Command("settings", add_settings, run_settings), Command("data", add_data, run_data),
+            Command("migrate", add_migrate, run_migrate)]

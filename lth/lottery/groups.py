@@ -14,7 +14,7 @@ from typing import Callable
 from ..config import ExperimentConfig
 from ..store import RunBusyError, RunStore, prepare_root
 from ..wandb_log import WandbSink
-from .runner import LevelPlan, Lottery, open_sink, population_key
+from .runner import LevelPlan, Lottery, open_sink, population_key, run_is_finished
 
 
 def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
@@ -22,9 +22,9 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
               after_level: Callable[["Lottery", int], None] | None = None) -> dict[str, str]:
     """Run or resume several runs of one population group (equal :func:`population_key`).
 
-    Level by level, the members of every run that still needs the level train as one vmapped
-    population; each run's share of the result is stored in its own folder, exactly as a run alone
-    would store it. The dense level depends only on the seed within a group, so each seed's dense
+    Level by level, the members that each run still needs at the level (all of a new level; the new
+    seeds' and arms' of a run that grows) train as one vmapped population; each run's share of the
+    result is stored in its own folder, exactly as a run alone would store it. The dense level depends only on the seed within a group, so each seed's dense
     network is trained once and stored in every run that has the seed. A member's numbers equal
     those of the run trained alone to float tolerance (the batched matmuls may round differently).
 
@@ -34,7 +34,7 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
     """
     cfgs = list(cfgs)
     root = prepare_root(out)
-    finished = finished or (lambda c: RunStore(root, c.run_id).is_finished(c.prune.levels))
+    finished = finished or (lambda c: run_is_finished(RunStore(root, c.run_id), c))
     status: dict[str, str] = {}
     todo = []
     for cfg in cfgs:
@@ -62,7 +62,7 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
             lot.store.write_hparams(lot.hparams())
         inits = {lot.cfg.run_id: lot.init_weights() for lot in lots}
         for level in range(max((lot.cfg.prune.levels for lot in lots), default=-1) + 1):
-            active = [lot for lot in lots if level <= lot.cfg.prune.levels and not lot.store.is_complete(level)]
+            active = [lot for lot in lots if level <= lot.cfg.prune.levels and lot.needs(level)]
             if len(active) == 1:
                 active[0].train_level(level, inits[active[0].cfg.run_id], sinks[active[0].cfg.run_id])
             elif active:
@@ -77,7 +77,13 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
 
 
 def train_level_together(level: int, lots: list[Lottery], inits: dict, sinks: dict) -> None:
-    plans = [lot.prepare_level(level, inits[lot.cfg.run_id]) for lot in lots]
+    plans = [lot.prepare_level(level, inits[lot.cfg.run_id], lot.missing(level)[0]) for lot in lots]
+    for lot, plan in zip(lots, plans):  # a run that only adds small-dense members at this level
+        if not plan.members:
+            lot.finish_level(level, plan, None, [], 0.0, {}, sinks[lot.cfg.run_id])
+    lots, plans = [lot for lot, p in zip(lots, plans) if p.members], [p for p in plans if p.members]
+    if not plans:
+        return
     members, weights, masks, index = [], [], [], []
     slot: dict[tuple[int, int], int] = {}  # dense level: (seed, copy) -> its one member
     for plan in plans:

@@ -40,14 +40,15 @@ from .. import __version__
 from ..config import ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
 from ..models import build_model
-from ..prune.baselines import match_width
+from ..prune.baselines import count_at_width, match_width
 from ..prune.criteria import Signals, magnitude_scores
 from ..prune.criteria import scores as criterion_scores
 from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_to_density, sparsity_rows
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
 from ..prune.structured import structured_prune
-from ..store import RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes
+from ..store import (RunStore, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_parquet,
+                     stacked_seeds, take_seeds, tree_bytes, with_seeds)
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
@@ -103,16 +104,113 @@ def read_members(level_dir) -> list[Member]:
     return [Member.from_json(d) for d in read_json(Path(level_dir) / "members.json")]
 
 
+MEMBERS_FILE = "members.json"  # the level's main population, in stored order
+SMALL_DENSE_FILE = "small_dense.json"  # the small-dense members, in small_dense_final.msgpack's order
+
+
+def member_record(m: Member) -> dict:
+    """A member as stored in members.json: arm and seed, and any further field that is not at its default."""
+    out = {}
+    for f in dataclasses.fields(m):
+        v = getattr(m, f.name)
+        if f.name in ("arm", "seed") or f.default is dataclasses.MISSING or v != f.default:
+            out[f.name] = v
+    return out
+
+
+def member_of(record: dict) -> Member:
+    return Member(**{**record, "seed": int(record["seed"])})
+
+
+def members_bytes(members) -> bytes:
+    return json.dumps([member_record(m) for m in members]).encode()
+
+
+def stored_members(level_dir: Path) -> tuple[list[Member], list[Member]]:
+    """(main population, small-dense members) a complete level folder holds, in stored order."""
+    main = [member_of(r) for r in read_json(level_dir / MEMBERS_FILE)]
+    if (level_dir / SMALL_DENSE_FILE).is_file():
+        small = [member_of(r) for r in read_json(level_dir / SMALL_DENSE_FILE)]
+    elif (level_dir / "small_dense_final.msgpack").is_file():  # written before small_dense.json
+        m = read_parquet(level_dir / "metrics.parquet")
+        rows = m[m["arm"] == "small_dense"].drop_duplicates("seed").sort_values("member")
+        small = [Member("small_dense", int(x)) for x in rows["seed"]]
+    else:
+        small = []
+    return main, small
+
+
+def wanted_members(cfg: ExperimentConfig, level: int) -> tuple[list[Member], list[Member]]:
+    """(main population, small-dense members) of a level under ``cfg`` (its arms x seeds)."""
+    if level == 0:
+        base, small = [Member("ticket", s) for s in cfg.seeds], []
+    else:
+        base = [Member(a, s) for a in cfg.arms if a != "small_dense" for s in cfg.seeds]
+        small = [Member("small_dense", s) for s in cfg.seeds] if "small_dense" in cfg.arms else []
+    arms = copy_arms(cfg, level)  # the stability copies of the chosen (arm, seed), after every copy 0
+    return base + [Member(m.arm, m.seed, 1) for m in base if m.arm in arms], small
+
+
+def missing_members(store: RunStore, cfg: ExperimentConfig, level: int) -> tuple[list[Member], list[Member]]:
+    """(main, small-dense) members of ``level`` that ``cfg`` wants and the store does not hold yet:
+    all of them when the level is not complete; reads members files only (no data, no compiling)."""
+    main, small = wanted_members(cfg, level)
+    if not store.is_complete(level):
+        return main, small
+    have_main, have_small = stored_members(store.level_dir(level))
+    return [m for m in main if m not in have_main], [m for m in small if m not in have_small]
+
+
+def run_is_finished(store: RunStore, cfg: ExperimentConfig) -> bool:
+    """Every wanted member of every wanted level is stored (``cfg`` may ask for fewer than the store holds)."""
+    return store.path.is_dir() and all(not any(missing_members(store, cfg, level))
+                                       for level in range(cfg.prune.levels + 1))
+
+
+def _hparams_seeds(store: RunStore) -> list[int]:
+    path = store.path / "hparams.json"
+    return list(read_json(path).get("seeds", [])) if path.is_file() else []
+
+
+def read_stacked(store: RunStore, name: str) -> tuple[dict, list[int]]:
+    """A verified run-level weights file stacked over seeds: (weights, the seed of each entry)."""
+    return stacked_seeds(store.read_tree(name), _hparams_seeds(store))
+
+
+def extend_stacked(store: RunStore, name: str, tree: dict, seeds) -> None:
+    """Add the entries of ``seeds`` (stacked in ``tree``) to a run-level weights file; entries it holds
+    already are kept bit for bit (and those of ``seeds`` it has are not written again)."""
+    seeds = [int(s) for s in seeds]
+    if store.has(name) and store.file_problem(name) is None:
+        old, held = read_stacked(store, name)
+        new = [s for s in seeds if s not in held]
+        if not new:
+            return
+        tree = concat_stacked(old, take_seeds(tree, seeds, new))
+        seeds = held + new
+    store.write_tree(name, with_seeds(tree, seeds))
+
+
 def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
     """The run's initial weights ``{'params', 'batch_stats'}`` stacked over ``seeds`` (key(seed) each),
-    read from ``init.msgpack``; created and stored first if the run has none yet."""
+    read from ``init.msgpack``; the init of a seed it lacks (a new run, a run that grows) is computed
+    and added first. The init is a pure function of the seed, so a damaged file is recomputed."""
+    seeds = [int(s) for s in seeds]
     problem = store.file_problem("init.msgpack")
     if problem is not None:  # missing or damaged: the init is a function of the seeds, so recompute it
         if store.has("init.msgpack"):
             print(f"lth: {problem}; recomputing it from the seeds", file=sys.stderr)
         params, bs = init_population(model, seed_keys(seeds), input_shape)
-        store.write_tree("init.msgpack", {"params": to_numpy(params), "batch_stats": to_numpy(bs)})
-    return store.read_tree("init.msgpack")
+        store.write_tree("init.msgpack", with_seeds({"params": to_numpy(params), "batch_stats": to_numpy(bs)},
+                                                    seeds))
+    else:
+        _, held = read_stacked(store, "init.msgpack")
+        new = [s for s in seeds if s not in held]
+        if new:  # a run that grows by seeds: their init is added, the stored entries stay as they are
+            params, bs = init_population(model, seed_keys(new), input_shape)
+            extend_stacked(store, "init.msgpack", {"params": to_numpy(params), "batch_stats": to_numpy(bs)}, new)
+    tree, held = read_stacked(store, "init.msgpack")
+    return take_seeds(tree, held, seeds)
 
 
 @dataclass
@@ -129,17 +227,28 @@ def population_key(cfg: ExperimentConfig) -> str | None:
     """Runs with equal keys can train each level together as one population; None: the run trains alone.
 
     Such runs share the data set, model, training and rewinding (so one compiled engine, one start
-    step and one batch order per seed) and the number of levels; they may differ in seeds, arms and
+    step and one batch order per seed); they may differ in seeds, arms, the number of levels and
     in how they prune (rate, scope, criterion, granularity, ...). AGP (``prune.schedule = 'gradual'``)
     updates masks during training and always trains alone.
     """
     if cfg.prune.schedule == "gradual":
         return None
     d = cfg.to_dict()
-    for key in ("name", "seeds", "arms", "log", "quant", "stability"):
+    for key in ("name", "seeds", "arms", "log", "quant", "stability", "prune"):
         d.pop(key, None)
-    d["prune"] = {"levels": cfg.prune.levels}
     return json.dumps(d, sort_keys=True)
+
+
+def grown_settings(old: dict, new: dict) -> dict:
+    """The settings dict ``new`` with the seeds, arms and levels of ``old`` (a stored hparams.json of
+    the same run) kept: stored seeds and arms first, then ``new``'s others; the most levels."""
+    out = dict(new)
+    out["seeds"] = list(old.get("seeds", [])) + [s for s in new["seeds"] if s not in old.get("seeds", [])]
+    arms = list(old.get("arms", []))
+    out["arms"] = arms + [a for a in new["arms"] if a not in arms]
+    levels = max(int(old.get("prune", {}).get("levels", 0)), int(new["prune"]["levels"]))
+    out["prune"] = {**new["prune"], "levels": levels}
+    return out
 
 
 class Lottery:
@@ -182,27 +291,40 @@ class Lottery:
 
     # ------------------------------------------------------------------ fixed weights
     def hparams(self) -> dict:
-        """The run's identity file: every setting but the quant stage's (keyed apart, per cell)."""
+        """The run's identity file: every setting but the quant stage's (keyed apart, per cell).
+
+        ``seeds``, ``arms`` and ``prune.levels`` (not part of the run id) are those of every config
+        the run was grown with: the stored ones first, then this config's new ones (the union; the
+        most levels). So the file says what the store holds once this run is done.
+        """
         d = self.cfg.to_dict()
         d.pop("quant", None)
         d.pop("stability", None)
+        path = self.store.path / "hparams.json"
+        if path.is_file():
+            old = read_json(path)
+            if isinstance(old, dict):
+                d = grown_settings(old, d)
         return {**d, "run_id": self.cfg.run_id, "lth_version": __version__,
                 "num_steps": self.engine.num_steps, "data_fingerprint": self.data.fingerprint}
 
     def init_weights(self) -> dict:
-        """{'params', 'batch_stats'} stacked over seeds; created once and stored."""
+        """{'params', 'batch_stats'} stacked over ``cfg.seeds``; created once and stored (a new seed's
+        init is added to the file)."""
         return stored_init(self.store, self.model, self.cfg.seeds, self.data.input_shape)
 
     # ------------------------------------------------------------------ levels
     def members(self, level: int) -> list[Member]:
-        """The members of a level's main population (small-dense baselines train separately): every
-        arm x seed, then the stability copies of the chosen (arm, seed) (``[stability]``)."""
-        if level == 0:
-            base = [Member("ticket", s) for s in self.cfg.seeds]
-        else:
-            base = [Member(a, s) for a in self.cfg.arms if a != "small_dense" for s in self.cfg.seeds]
-        arms = copy_arms(self.cfg, level)
-        return base + [Member(m.arm, m.seed, 1) for m in base if m.arm in arms]
+        """The members of a level's main population that this config wants (small-dense baselines
+        train separately)."""
+        return wanted_members(self.cfg, level)[0]
+
+    def missing(self, level: int) -> tuple[list[Member], list[Member]]:
+        """(main, small-dense) members of ``level`` still to train (all of them for a new level)."""
+        return missing_members(self.store, self.cfg, level)
+
+    def needs(self, level: int) -> bool:
+        return any(self.missing(level))
 
     def run(self, log: WandbSink | None = None, after_level: Callable[[int], None] | None = None) -> RunStore:
         """Train every incomplete level, holding the run's lock (RunBusyError if another process has it).
@@ -215,42 +337,43 @@ class Lottery:
             store.write_hparams(self.hparams())
             init = self.init_weights()
             for level in range(cfg.prune.levels + 1):
-                if not store.is_complete(level):
+                if self.needs(level):  # a new level, or one that grows by seeds or arms
                     self.train_level(level, init, log)
                 if after_level is not None:
                     after_level(level)
         return store
 
-    def _rewind_point(self, init: dict) -> dict:
+    def _rewind_point(self, init: dict, seeds: list[int]) -> dict:
+        """The rewind-point weights of ``seeds`` (stacked in that order)."""
         if self.cfg.rewind.step == 0:
-            return init
-        return self.store.read_tree("rewind.msgpack")
+            return take_seeds(init, list(self.cfg.seeds), seeds)
+        tree, held = read_stacked(self.store, "rewind.msgpack")
+        return take_seeds(tree, held, seeds)
 
-    def prepare_level(self, level: int, init: dict) -> "LevelPlan":
-        """Members, their starting weights and masks, the start step and the engine of a level.
+    def prepare_level(self, level: int, init: dict, members: list[Member] | None = None) -> "LevelPlan":
+        """``members`` of a level (default: every member this config wants; a rerun passes those the
+        store lacks, :meth:`missing`), their starting weights and masks, the start step and the engine.
 
-        Level L >= 1 prunes each seed's ticket from level L-1's stored final weights and mask.
+        Level L >= 1 prunes each seed's ticket from level L-1's stored final weights and mask (its
+        stored ``ticket`` member of that seed, wherever it sits in the stored population).
         """
         cfg, store = self.cfg, self.store
-        members = self.members(level)
-        seeds = list(cfg.seeds)
+        members = self.members(level) if members is None else list(members)
+        all_seeds = list(cfg.seeds)
+        seeds = [s for s in all_seeds if any(m.seed == s for m in members)]  # those with a member to train
         can_prune = prunable(unstack(init["params"], 0), cfg.prune)
-        if level == 0:  # the dense network of each member's seed (a copy: the same init)
-            weights = [unstack(init, seeds.index(m.seed)) for m in members]
-            masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
-            return LevelPlan(members, weights, masks, can_prune, 0, self.engine)
-        if cfg.prune.schedule == "gradual":  # AGP: train from init, masks follow the schedule
-            weights = [unstack(init, i) for i in range(len(seeds))]
+        if level == 0 or cfg.prune.schedule == "gradual":  # AGP: train from init, masks follow the schedule
+            weights = [unstack(init, all_seeds.index(m.seed)) for m in members]
             masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
             return LevelPlan(members, weights, masks, can_prune, 0, self.engine)
         prev = store.level_dir(level - 1)
+        prev_members = stored_members(prev)[0]
         prev_masks = load_tree(prev / "masks.msgpack")
         prev_final = load_tree(prev / "final.msgpack")
-        prev_members = read_members(prev)
         prune_cfg = oneshot_config(cfg.prune) if cfg.prune.schedule == "oneshot" else cfg.prune
         tickets = []
-        at = [prev_members.index(Member("ticket", seed)) for seed in seeds]  # found by value, not position
-        for seed, i in zip(seeds, at):  # each seed's ticket (copy 0) of the previous level
+        for seed in seeds:
+            i = prev_members.index(Member("ticket", seed))
             member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
             if prune_cfg.granularity != "weight":
                 tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg,
@@ -259,10 +382,10 @@ class Lottery:
             scores = self.scores(member, seed, level)
             tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg))
         if cfg.rewind.mode == "weights":
-            rewind = self._rewind_point(init)
+            rewind = self._rewind_point(init, seeds)
             start_weights = [unstack(rewind, i) for i in range(len(seeds))]
         else:  # lr rewinding and fine-tuning keep the trained weights
-            start_weights = [unstack(prev_final, i) for i in at]
+            start_weights = [unstack(prev_final, prev_members.index(Member("ticket", s))) for s in seeds]
         engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
         starts: dict[tuple[str, int], tuple] = {}  # (arm, seed) -> (weights, mask): copies share copy 0's
         for m in members:
@@ -294,8 +417,12 @@ class Lottery:
         return plan.engine.init(params, bs, stack(plan.masks), rngs, start=plan.start)
 
     def train_level(self, level: int, init: dict, log: WandbSink | None) -> None:
-        """Prepare, train and store one level of this run alone (see :func:`run_group` for several)."""
-        plan = self.prepare_level(level, init)
+        """Prepare, train and store one level of this run alone (see :func:`run_group` for several):
+        its missing members only, merged with those the level holds."""
+        plan = self.prepare_level(level, init, self.missing(level)[0])
+        if not plan.members:  # only small-dense members to add
+            self.finish_level(level, plan, None, [], 0.0, {}, log)
+            return
         state = self.initial_state(level, plan)
         t0 = time.time()
         with self.level_bar(level, plan.engine.num_steps - plan.start) as bar:
@@ -317,34 +444,101 @@ class Lottery:
 
     def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,
                      log: WandbSink | None) -> None:
-        """Evaluate, assemble and atomically store a trained level (its members only)."""
+        """Evaluate and assemble the members trained now (``plan.members``, ``result``; None when only
+        small-dense members are added), train the missing small-dense members, and store the level:
+        a new level as is; a level that grows as the stored one with the new members appended (the
+        stored members' arrays and table rows kept bit for bit, their member indices unchanged;
+        small-dense rows are numbered after the main population), swapped in crash-safely."""
         cfg, store = self.cfg, self.store
-        members, can_prune, engine = plan.members, plan.can_prune, plan.engine
-        files = dict(files)
-        densities = [density(mk, can_prune) for mk in masks]
-        if self.snapshot_steps(level):
-            store.write_tree("rewind.msgpack", to_numpy(result.snapshots[cfg.rewind.step]))
-        final = {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
-        metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
-        metrics["param_count"] = [kept_count(masks[k]) for k in metrics["member"]]
-        act = self._activation_sparsity(result.state, members)  # copy 0 members only
-        if act is not None:
-            files["activations.parquet"] = parquet_bytes(act)
-        if level > 0 and "small_dense" in cfg.arms:
-            small_metrics, small_final = self._train_small_dense(level, metrics, masks)
-            metrics = pd.concat([metrics, small_metrics], ignore_index=True)
-            files["small_dense_final.msgpack"] = tree_bytes(small_final)
-        sparsity = self._sparsity_table(level, members, final["params"], masks, can_prune)
-        store.write_level(level, {**files,
-            "members.json": json.dumps([m.to_json() for m in members]).encode(),
-            "masks.msgpack": tree_bytes(to_numpy(stack(masks))),
-            "final.msgpack": tree_bytes(final),
-            "metrics.parquet": parquet_bytes(metrics),
-            "sparsity.parquet": parquet_bytes(sparsity),
-        })
+        members, can_prune = plan.members, plan.can_prune
+        grow = store.is_complete(level)
+        d = store.level_dir(level)
+        old_main, old_small = stored_members(d) if grow else ([], [])
+        old_metrics = read_parquet(d / "metrics.parquet") if grow else None
+        if old_metrics is not None and "copy" not in old_metrics:  # stored before stability copies
+            old_metrics.insert(list(old_metrics.columns).index("seed") + 1, "copy", 0)
+        new_files = dict(files)
+        frames: dict[str, pd.DataFrame] = {}
+        metrics = None
+        if members:
+            densities = [density(mk, can_prune) for mk in masks]
+            if self.snapshot_steps(level):
+                extend_stacked(store, "rewind.msgpack", to_numpy(result.snapshots[cfg.rewind.step]),
+                               [m.seed for m in members])
+            final = {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
+            metrics = self._metrics_table(level, members, densities, result.records, wall_s, result.diverged)
+            metrics["param_count"] = [kept_count(masks[k]) for k in metrics["member"]]
+            frames["metrics.parquet"] = metrics
+            act = self._activation_sparsity(result.state, members)
+            if act is not None:
+                frames["activations.parquet"] = act
+            frames["sparsity.parquet"] = self._sparsity_table(level, members, final["params"], masks, can_prune)
+            trees = {"masks.msgpack": to_numpy(stack(masks)), "final.msgpack": final}
+        else:
+            trees = {}
+        frames = {name: df for name, df in frames.items() if len(df.columns)}  # only copies: no sparsity rows
+        if grow:  # the stored members first, bit for bit; the new ones after them, numbered on
+            offset = len(old_main)
+            for name, df in frames.items():
+                old = read_parquet(d / name) if (d / name).is_file() else None
+                if name == "metrics.parquet":
+                    old = old_metrics[old_metrics["arm"] != "small_dense"]
+                df = df.assign(member=df["member"] + offset)
+                frames[name] = df if old is None else pd.concat([old, df], ignore_index=True)
+            for name, tree in trees.items():
+                trees[name] = concat_stacked(load_tree(d / name), tree)
+        main = old_main + list(members)
+        # small-dense baselines: those this config wants and the level lacks
+        small_missing = self.missing(level)[1]
+        small_frames = []
+        if old_small:
+            small_frames.append(old_metrics[old_metrics["arm"] == "small_dense"])
+        small_final = load_tree(d / "small_dense_final.msgpack") if old_small else None
+        if small_missing:
+            ticket_mask, ticket_density = self._small_dense_target(level, d if grow else None, old_main, members,
+                                                                   masks, can_prune)
+            width = None if old_metrics is None or not old_small else float(
+                old_metrics.loc[old_metrics["arm"] == "small_dense", "width"].iloc[0])
+            df, fin = self._train_small_dense(level, [m.seed for m in small_missing], ticket_mask,
+                                              ticket_density, width)
+            small_frames.append(df)
+            small_final = fin if small_final is None else concat_stacked(small_final, fin)
+        small = old_small + small_missing
+        if small_frames:  # numbered after the (grown) main population, in small_dense_final's order
+            sm = pd.concat(small_frames, ignore_index=True)
+            pos = {m.seed: k for k, m in enumerate(small)}
+            sm["member"] = [len(main) + pos[int(x)] for x in sm["seed"]]
+            base = frames.get("metrics.parquet")
+            if base is None and grow:
+                base = old_metrics[old_metrics["arm"] != "small_dense"]
+            frames["metrics.parquet"] = sm if base is None else pd.concat([base, sm], ignore_index=True)
+        out: dict[str, bytes] = {}
+        if grow:  # files this merge does not rewrite are kept as they are (e.g. agp.parquet)
+            for name in read_json(d / "COMPLETE")["sha256"]:
+                out[name] = (d / name).read_bytes()
+        out.update(new_files)
+        out[MEMBERS_FILE] = members_bytes(main)
+        for name, tree in trees.items():
+            out[name] = tree_bytes(tree)
+        for name, df in frames.items():
+            out[name] = parquet_bytes(df.reset_index(drop=True))
+        if small:
+            out[SMALL_DENSE_FILE] = members_bytes(small)
+            out["small_dense_final.msgpack"] = tree_bytes(small_final)
+        store.write_level(level, out)
         self.trained_levels.append(level)
-        if log is not None:  # copies are stability measurements, not runs of their own
-            log.log_level(level, engine.num_steps, metrics[metrics["copy"] == 0].to_dict("records"))
+        if log is not None and metrics is not None:  # copies are stability measurements, not runs of their own
+            log.log_level(level, plan.engine.num_steps, metrics[metrics["copy"] == 0].to_dict("records"))
+
+    def _small_dense_target(self, level, stored_dir, old_main, members, masks, can_prune):
+        """The ticket mask whose non-zero count the small-dense models match, and its density: the
+        first ticket of the level (stored members first)."""
+        if stored_dir is not None and any(m.arm == "ticket" for m in old_main):
+            k = next(i for i, m in enumerate(old_main) if m.arm == "ticket")
+            mask = unstack(load_tree(stored_dir / "masks.msgpack"), k)
+        else:
+            mask = masks[next(i for i, m in enumerate(members) if m.arm == "ticket")]
+        return mask, density(mask, can_prune)
 
     def _run_gradual(self, state, members, can_prune, bar):
         """AGP: one training run; at t0, t0 + dt, ..., t0 + n dt every member's layers are pruned by
@@ -385,15 +579,20 @@ class Lottery:
                 rows.append({"arm": m.arm, "seed": m.seed, "member": k, "layer": layer, "zero_fraction": frac})
         return pd.DataFrame(rows) if rows else None
 
-    def _train_small_dense(self, level: int, ticket_metrics: pd.DataFrame, masks) -> tuple[pd.DataFrame, dict]:
-        """Train, for every seed, a dense model whose parameter count matches the seed's ticket."""
+    def _train_small_dense(self, level: int, seeds: list[int], ticket_mask, ticket_density: float,
+                           width: float | None = None) -> tuple[pd.DataFrame, dict]:
+        """Train, for each of ``seeds``, a dense model whose parameter count matches ``ticket_mask``'s
+        (the level's first ticket; layerwise counts are equal for every seed). ``width``: the width
+        the level's stored small-dense models have (a level that grows by seeds keeps it)."""
         cfg = self.cfg
-        seeds = list(cfg.seeds)
-        target = kept_count(masks[0])  # the ticket of seeds[0]; layerwise counts are equal for every seed
-        width, count = match_width(cfg.model, self.data.num_classes, self.data.input_shape, target)
-        if abs(count - target) > 0.02 * target:
-            warnings.warn(f"level {level}: the closest small-dense model has {count} parameters, "
-                          f"{100 * (count / target - 1):+.1f}% off the ticket's {target}", RuntimeWarning)
+        target = kept_count(ticket_mask)
+        if width is None:
+            width, count = match_width(cfg.model, self.data.num_classes, self.data.input_shape, target)
+            if abs(count - target) > 0.02 * target:
+                warnings.warn(f"level {level}: the closest small-dense model has {count} parameters, "
+                              f"{100 * (count / target - 1):+.1f}% off the ticket's {target}", RuntimeWarning)
+        else:
+            count = count_at_width(cfg.model, width, self.data.num_classes, tuple(self.data.input_shape))
         model = build_model(dataclasses.replace(cfg.model, width=width), self.data.num_classes,
                             self.data.input_shape)
         engine = Engine(model, self.data, cfg.train)
@@ -404,10 +603,8 @@ class Lottery:
         with self.level_bar(level, engine.num_steps, "small-dense") as bar:
             result = engine.run(state, seeds, progress=bar)
         members = [Member("small_dense", s) for s in seeds]
-        ticket_density = float(ticket_metrics.loc[ticket_metrics["arm"] == "ticket", "density"].iloc[0])
         df = self._metrics_table(level, members, [ticket_density] * len(seeds), result.records,
                                  time.time() - t0, result.diverged)
-        df["member"] += int(ticket_metrics["member"].max()) + 1
         df["param_count"] = count
         df["width"] = width
         return df, {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
@@ -493,10 +690,11 @@ def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
 def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:
     """Run or resume the IMP experiment ``cfg`` into ``out``; returns its store.
 
-    A finished run returns at once, without loading data or compiling anything.
+    A finished run returns at once, without loading data or compiling anything. A run that is stored
+    with fewer levels, seeds or arms than ``cfg`` asks for grows: only the missing members train.
     """
     store = RunStore(prepare_root(out), cfg.run_id)
-    if store.is_finished(cfg.prune.levels):
+    if run_is_finished(store, cfg):  # every wanted member of every wanted level is stored
         return store
     lottery = Lottery(cfg, out, progress=progress)
     sink = open_sink(lottery)

@@ -35,7 +35,7 @@ from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
 from ..lottery.arms import reinit_weights
 from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
-                     parquet_bytes)
+                     parquet_bytes, read_json)
 from ..stored import Population, StoredRun
 from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
 from ..trees import kept_count, seed_keys
@@ -106,7 +106,12 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
 
 
 def cell_id(run_id: str, level: int, arm: str, setting: Setting) -> str:
-    blob = json.dumps({"run_id": run_id, "level": int(level), "arm": arm, **setting.key()}, sort_keys=True,
+    return cell_id_of(run_id, level, arm, setting.key())
+
+
+def cell_id_of(run_id: str, level: int, arm: str, key: dict) -> str:
+    """The id of a cell from its setting's key (as recorded in the cell's marker)."""
+    blob = json.dumps({"run_id": run_id, "level": int(level), "arm": arm, **key}, sort_keys=True,
                       separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -126,10 +131,26 @@ def quant_arms(cfg: ExperimentConfig, qc: QuantConfig, level: int) -> list[str]:
     return [a for a in arms if qc.arms is None or a in qc.arms]
 
 
-def cell_problem(level_dir: Path, cid: str) -> str | None:
-    """None when the cell is done and intact; else why not."""
+def cell_problem(level_dir: Path, cid: str, seeds: Iterable[int] | None = None) -> str | None:
+    """None when the cell is done and intact (and holds a row for each of ``seeds``); else why not."""
     qdir = Path(level_dir) / QUANT_DIR
-    return marked_file_problem(qdir / f"{cid}.parquet", qdir / f"{cid}.json")
+    problem = marked_file_problem(qdir / f"{cid}.parquet", qdir / f"{cid}.json")
+    if problem is None and seeds is not None:
+        have = cell_seeds(level_dir, cid)
+        lack = [int(s) for s in seeds if int(s) not in have]
+        if lack:
+            return f"cell {cid} covers seeds {have}, not {lack}"
+    return problem
+
+
+def cell_seeds(level_dir: Path, cid: str) -> list[int]:
+    """The seeds an intact cell holds rows for: its marker's ``seeds`` (cells written before runs
+    could grow record none: then its table's)."""
+    qdir = Path(level_dir) / QUANT_DIR
+    meta = read_json(qdir / f"{cid}.json")
+    if isinstance(meta.get("seeds"), list):
+        return [int(x) for x in meta["seeds"]]
+    return [int(x) for x in pd.read_parquet(qdir / f"{cid}.parquet", columns=["seed"])["seed"]]
 
 
 @dataclass(frozen=True)
@@ -150,12 +171,14 @@ def cells(cfg: ExperimentConfig, qc: QuantConfig, levels: Iterable[int] | None =
 
 def pending(cfg: ExperimentConfig, run_dir: str | Path, qc: QuantConfig | None = None,
             levels: Iterable[int] | None = None) -> list[Cell]:
-    """The cells of the stage not yet done in ``run_dir`` (reads no data, compiles nothing)."""
+    """The cells of the stage not yet done in ``run_dir`` for every seed of ``cfg`` (a cell over fewer
+    seeds, from before the run grew, is pending: only its missing seeds are computed). Reads no data,
+    compiles nothing."""
     qc = qc or cfg.quant
     if qc is None:
         return []
     run_dir = Path(run_dir)
-    return [c for c in cells(cfg, qc, levels) if cell_problem(run_dir / f"level_{c.level:03d}", c.id)]
+    return [c for c in cells(cfg, qc, levels) if cell_problem(run_dir / f"level_{c.level:03d}", c.id, cfg.seeds)]
 
 
 def read_cells(level_dir: Path) -> pd.DataFrame:
@@ -170,12 +193,16 @@ def read_cells(level_dir: Path) -> pd.DataFrame:
 
 
 def write_cell(level_dir: Path, cell: Cell, run_id: str, rows: pd.DataFrame) -> None:
+    """Write a cell's table, then its marker (sha256, the seeds it covers, the setting) last.
+    A cell that grows is rewritten whole: its stored rows first (the same values), the new ones after."""
     qdir = Path(level_dir) / QUANT_DIR
-    data = parquet_bytes(rows[COLUMNS].reset_index(drop=True))
+    rows = rows[COLUMNS].reset_index(drop=True)
+    data = parquet_bytes(rows)
     atomic_write_bytes(qdir / f"{cell.id}.parquet", data)
     failpoint(f"quant-cell:{cell.level}:{cell.arm}")  # dies between a cell's table and its marker
     atomic_write_json(qdir / f"{cell.id}.json", {"sha256": hashlib.sha256(data).hexdigest(), "run_id": run_id,
-                                                 "level": cell.level, "arm": cell.arm, "setting": cell.setting.key()})
+                                                 "level": cell.level, "arm": cell.arm, "setting": cell.setting.key(),
+                                                 "seeds": [int(x) for x in rows["seed"]]})
 
 
 # ============================================================================ computing cells
@@ -184,8 +211,10 @@ class QuantStage:
     """The quant stage ``qc`` of one stored run: computes and stores its pending cells, level by level."""
 
     def __init__(self, run: StoredRun, qc: QuantConfig, *, batched: bool = True, write: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, cfg: ExperimentConfig | None = None):
+        """``cfg``: the experiment whose cells (arms, seeds) are wanted (default: the stored run's)."""
         self.run, self.qc, self.batched, self.write, self.log = run, qc, batched, write, log
+        self.cfg = cfg or run.cfg
         self.member_batch = member_batch_size(run.cfg.train)
         self.ev = Evaluator(run.data, run.cfg.train.eval_batch_size, self.member_batch)
         self._calib: np.ndarray | None = None
@@ -200,55 +229,71 @@ class QuantStage:
     def run_levels(self, levels: Iterable[int] | None = None, *, recompute: bool = False) -> pd.DataFrame:
         """Compute (and store) the cells of ``levels`` (default ``quant.levels``, complete ones only)."""
         frames = [self.run_level(level, recompute=recompute) for level in
-                  (quant_levels(self.run.cfg, self.qc) if levels is None else levels)]
+                  (quant_levels(self.cfg, self.qc) if levels is None else levels)]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
     def run_level(self, level: int, *, recompute: bool = False) -> pd.DataFrame:
-        """The rows of every cell of ``level`` computed now (done cells are skipped unless ``recompute``)."""
+        """The rows of every cell of ``level`` computed now (done cells are skipped unless ``recompute``).
+
+        A cell holds one row per seed of its arm: the wanted seeds are the config's that the level
+        holds. A cell stored over fewer seeds (the run grew) gets only its missing seeds computed and
+        is rewritten with its stored rows first."""
         run = self.run
         level_dir = run.check_level(level)
-        todo = [c for c in cells(run.cfg, self.qc, [level])
-                if recompute or not self.write or cell_problem(level_dir, c.id)]
+        main = run.population(level)
+        small = run.small_dense(level) if "small_dense" in self.cfg.arms else None
+        held = {m for m in main.members} | (set(small.members) if small is not None else set())
+        seeds = [int(s) for s in self.cfg.seeds]
+        todo = []  # (cell, seeds to compute, seeds kept from the stored cell)
+        for c in cells(self.cfg, self.qc, [level]):
+            want = [s for s in seeds if (c.arm, s) in held]
+            have = [] if recompute or not self.write or cell_problem(level_dir, c.id) else cell_seeds(level_dir, c.id)
+            new = [s for s in want if s not in have]
+            if new:
+                todo.append((c, new, have))
         if not todo:
             return pd.DataFrame(columns=COLUMNS)
-        main = run.population(level)
         can_prune = prunable(unstack(main.params, 0), run.cfg.prune)
         info = {m: (density(unstack(main.masks, k), can_prune), kept_count(unstack(main.masks, k)))
                 for k, m in enumerate(main.members)}
-        small = run.small_dense(level) if any(c.arm == "small_dense" for c in todo) else None
-        by_setting: dict[Setting, list[Cell]] = {}
-        for c in todo:
-            by_setting.setdefault(c.setting, []).append(c)
+        by_setting: dict[Setting, list] = {}
+        for t in todo:
+            by_setting.setdefault(t[0].setting, []).append(t)
         frames = []
         for setting, group in by_setting.items():
-            arms = {c.arm for c in group}
+            wanted = {(c.arm, s) for c, new, _ in group for s in new}
             pops = []
-            idx = [k for k, (arm, _) in enumerate(main.members) if arm in arms]
+            idx = [k for k, m in enumerate(main.members) if m in wanted]
             if idx:
                 pops.append(main.take(idx))
-            if "small_dense" in arms and small is not None:
-                pops.append(small)
+            if small is not None and any(arm == "small_dense" for arm, _ in wanted):
+                pops.append(small.take([k for k, m in enumerate(small.members) if m in wanted]))
                 ticket_density = next(d for (arm, _), (d, _) in info.items() if arm == "ticket")
                 info.update({m: (ticket_density, kept_count(unstack(small.masks, k))) for k, m in enumerate(small.members)})
+            computed = []
             for pop in pops:
                 t0 = time.time()
                 rows = self._quantize(level, pop, setting)
                 rows["wall_s"] = time.time() - t0
                 rows["density"] = [float(info[m][0]) for m in pop.members]
                 rows["param_count"] = [int(info[m][1]) for m in pop.members]
-                for c in group:
-                    part = rows[rows["arm"] == c.arm]
-                    if not len(part):
-                        continue
-                    part = part.assign(cell=c.id)
-                    if self.write:
-                        write_cell(level_dir, c, run.run_id, part)
-                    frames.append(part[COLUMNS])
+                computed.append(rows)
                 if self.log is not None:
                     self.log(f"level {level} {setting.label} ({len(pop.members)} members): test acc "
                              f"{rows['accuracy'].mean():.4f} (float {rows['float_accuracy'].mean():.4f}) "
                              f"{rows['wall_s'].iloc[0]:.1f} s")
+            rows = pd.concat(computed, ignore_index=True)
+            for c, new, have in group:
+                part = rows[(rows["arm"] == c.arm) & rows["seed"].isin(new)]
+                if not len(part):
+                    continue
+                part = part.assign(cell=c.id)
+                if self.write:
+                    old = (pd.read_parquet(level_dir / QUANT_DIR / f"{c.id}.parquet") if have
+                           else part.iloc[:0])
+                    write_cell(level_dir, c, run.run_id, pd.concat([old[COLUMNS], part[COLUMNS]], ignore_index=True))
+                frames.append(part[COLUMNS])
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
     # ------------------------------------------------------------------ one setting, one population
@@ -369,8 +414,7 @@ class QuantStage:
         if pop.members[0][0] == "small_dense":
             params, bs = init_population(pop.model, seed_keys([s for _, s in pop.members]), run.data.input_shape)
             return jax.device_get({"params": params, "batch_stats": bs})
-        rewind = run.weights_file("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack")
-        seeds = list(run.cfg.seeds)
+        rewind, seeds = run.stacked("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack")
         members = []
         for arm, seed in pop.members:
             if arm == "reinit" and level > 0:

@@ -246,12 +246,27 @@ def test_batch_norm_statistics_are_the_mean_batch_statistics():
     np.testing.assert_allclose(got["BatchNorm_0"]["var"], h.var(1).mean(0), atol=1e-5)
 
 
-def test_a_level_trained_without_copies_is_named_not_silently_skipped(runs, capsys):
-    cfg, _, store_off = runs
-    run_experiment(cfg, store_off.root, progress=False)  # [stability] on, levels stored without copies
-    err = capsys.readouterr().err
-    assert "level(s) 0, 1 were trained without [stability] copies" in err
-    assert not (store_off.level_dir(1) / STABILITY_DIR).exists()
+def test_turning_stability_on_for_a_stored_run_trains_only_the_copies(runs, tmp_path):
+    """Copies are members keyed by value: a run stored without them grows by them (the stored members'
+    arrays kept bit for bit) and gets the same paths as a run that had them from the start."""
+    import shutil
+    from lth.store import load_tree
+    cfg, store_on, store_off = runs
+    root = tmp_path / "grown"
+    shutil.copytree(store_off.root, root)
+    before = {lv: (read_members(store_off.level_dir(lv)), load_tree(store_off.level_dir(lv) / "final.msgpack"))
+              for lv in (0, 1)}
+    grown = run_experiment(cfg, root, progress=False)
+    for lv, (members, final) in before.items():
+        now = read_members(grown.level_dir(lv))
+        assert now[:len(members)] == members and any(m.copy for m in now[len(members):])
+        kept = jax.tree.map(lambda a: np.asarray(a)[:len(members)], load_tree(grown.level_dir(lv) / "final.msgpack"))
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(kept), jax.tree.leaves(final)))
+    keys = ["source", "level", "arm", "seed", "alpha"]
+    got = load_stability(root)
+    both = got.merge(load_stability(store_on.root), on=keys, suffixes=("", "_on"))  # store_on may hold more
+    assert len(got) == 2 * 4 * 7 + 2 * 1 * 7 and len(both) == len(got)  # level 1: 4 arms, level 0: dense
+    np.testing.assert_allclose(both["test_error"], both["test_error_on"], atol=1e-6)
 
 
 def test_the_rebuilt_dense_run_is_the_stored_rewind_point(tmp_path):

@@ -11,7 +11,6 @@ several quant stages.
 
 from __future__ import annotations
 
-import sys
 import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import warnings
 import sys
@@ -213,22 +214,26 @@ class Lottery:
         for m in members:
             i = seeds.index(m.seed)
             ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
-                              self.data.input_shape)
+                              self.data.input_shape, functools.partial(self.signals, seed=m.seed, level=level))
             w, mask = ARMS[m.arm](ticket)
             weights.append(w)
             masks.append(mask)
         return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
 
-    def scores(self, member: dict, seed: int, level: int):
-        """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
+    def signals(self, member: dict, seed: int, level: int) -> Signals:
+        """What a criterion may use to score ``member`` ``{'params', 'batch_stats'}`` of ``seed``."""
         pc = self.cfg.prune
 
         def batches():  # the seed's first criterion_batches training batches
             idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
             return [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
 
-        signals = Signals(self.model, member["params"], member["batch_stats"], seed, level, pc, batches)
-        return criterion_scores(member["params"], signals)
+        return Signals(self.model, member["params"], member["batch_stats"], seed, level, pc, batches,
+                       tuple(self.data.input_shape))
+
+    def scores(self, member: dict, seed: int, level: int):
+        """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
+        return criterion_scores(member["params"], self.signals(member, seed, level))
 
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""

@@ -1,4 +1,5 @@
-"""Signals that pruning criteria score weights with: gradients, Hessian diagonals, activations.
+"""Signals that pruning criteria score weights with: gradients, Hessian diagonals and Hessian-gradient
+products, synaptic flow, activations.
 
 Pure functions of one network (params, batch_stats) and a few batches; no training loop.
 """
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..models import ACTIVATIONS
+from ..models import ACTIVATIONS, path_names
 
 PyTree = Any
 
@@ -24,14 +25,127 @@ def _loss(model, params, batch_stats, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+@functools.lru_cache(maxsize=64)
+def _grad_fn(model):
+    """Compiled ``(params, batch_stats, x, y) -> dL/dparams``, one per model (reused across members)."""
+    return jax.jit(jax.grad(lambda p, b, x, y: _loss(model, p, b, x, y)))
+
+
+@functools.lru_cache(maxsize=64)
+def _hvp_fn(model):
+    """Compiled ``(params, batch_stats, v, x, y) -> H v`` (forward-over-reverse: jax.jvp of jax.grad)."""
+    def hvp(p, b, v, x, y):
+        return jax.jvp(jax.grad(lambda q: _loss(model, q, b, x, y)), (p,), (v,))[1]
+    return jax.jit(hvp)
+
+
 def mean_gradient(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> PyTree:
     """Gradient of the mean cross-entropy, averaged over ``batches`` (SNIP uses one or a few)."""
-    grad = jax.jit(jax.grad(lambda p, x, y: _loss(model, p, batch_stats, x, y)))
+    grad = _grad_fn(model)
     total = None
     for x, y in batches:
-        g = grad(params, jnp.asarray(x), jnp.asarray(y))
+        g = grad(params, batch_stats, jnp.asarray(x), jnp.asarray(y))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return jax.tree.map(lambda t: t / len(batches), total)
+
+
+def hessian_gradient_product(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> PyTree:
+    """``H g``: the loss Hessian times its gradient ``g``, both of the mean cross-entropy averaged over
+    ``batches`` (GraSP's signal, Wang et al. 2020, eq. 8). ``g`` is held fixed (computed first, over all
+    batches), then ``H_b g`` of each batch is averaged; exact, no sampling."""
+    g = mean_gradient(model, params, batch_stats, batches)
+    hvp = _hvp_fn(model)
+    total = None
+    for x, y in batches:
+        hg = hvp(params, batch_stats, g, jnp.asarray(x), jnp.asarray(y))
+        total = hg if total is None else jax.tree.map(jnp.add, total, hg)
+    return jax.tree.map(lambda t: t / len(batches), total)
+
+
+def synflow_schedule(keep: PyTree, sizes: PyTree, rounds: int) -> PyTree:
+    """Per leaf, the survivors after each of ``rounds`` SynFlow rounds ``[rounds]`` (int): the
+    exponential density schedule of Tanaka et al. 2020 (Algorithm 1), per leaf: round r of R keeps
+    ``round_half_up(n * (keep / n) ** (r / R))``, never fewer than ``keep``; the last round keeps
+    exactly ``keep``."""
+    def one(k, n):
+        k, n = int(k), int(n)
+        r = np.arange(1, rounds + 1)
+        counts = np.floor(n * (k / n) ** (r / rounds) + 0.5).astype(np.int64) if n else np.zeros(rounds, np.int64)
+        counts = np.maximum(counts, k)
+        counts[-1] = k
+        return counts
+    return jax.tree.map(one, keep, sizes)
+
+
+def _keep_top_jax(score, mask, k):
+    """Mask keeping the ``k`` highest scores among the surviving entries (ties: lower index wins),
+    as :func:`lth.prune.masks` does on the host; ``k`` may be traced."""
+    flat = jnp.where(mask.ravel(), score.ravel(), -jnp.inf)
+    order = jnp.argsort(-flat, stable=True)
+    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return (ranks < k).reshape(mask.shape)
+
+
+def _linearised_stats(batch_stats: PyTree) -> PyTree:
+    """Batch-norm running statistics replaced by mean 0, variance 1: in inference mode every batch norm
+    is then the positive map ``|scale| x / sqrt(1 + eps) + |bias|`` of SynFlow's linearised network."""
+    def one(path, leaf):
+        name = path_names(path)[-1] if path else ""
+        return jnp.ones_like(leaf) if name == "var" else jnp.zeros_like(leaf)
+    return jax.tree_util.tree_map_with_path(one, batch_stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _synflow_program(model, input_shape: tuple):
+    """Compiled ``(abs params, stats, masks, schedule [R] per leaf) -> (scores, masks)`` of SynFlow."""
+    ones = jnp.ones((1, *input_shape), jnp.float64)
+
+    def flow(p, bs):  # R = 1^T f(1; |theta|): the synaptic flow of the linearised network
+        variables = {"params": p, **({"batch_stats": bs} if bs else {})}
+        return model.apply(variables, ones, train=False).sum()
+
+    def scores_of(absp, bs, mask):
+        p = jax.tree.map(lambda w, m: w * m, absp, mask)
+        g = jax.grad(flow)(p, bs)
+        return jax.tree.map(lambda gi, pi: jnp.abs(gi * pi), g, p)
+
+    def run(absp, bs, mask, schedule):
+        rounds = jax.tree.leaves(schedule)[0].shape[0]
+
+        def body(r, m):
+            s = scores_of(absp, bs, m)
+            return jax.tree.map(lambda si, mi, ki: _keep_top_jax(si, mi, ki[r]), s, m, schedule)
+
+        mask = jax.lax.fori_loop(0, rounds, body, mask)
+        return scores_of(absp, bs, mask), mask
+
+    return jax.jit(run)
+
+
+def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None, rounds: int) -> PyTree:
+    """SynFlow scores (Tanaka et al. 2020): ``|theta * dR/dtheta|`` with ``R = 1^T f(1; |theta|)``, the
+    output sum of the network with every parameter in absolute value on an all-ones input (data-free).
+
+    ``keep`` (per leaf: survivors wanted, the leaf's size for a leaf never pruned): prune iteratively
+    over ``rounds`` rounds on the exponential schedule of :func:`synflow_schedule`, recomputing the
+    scores on the masked network each round; the result is the last round's scores, ``-inf`` where a
+    round pruned the weight, so keeping the ``keep`` highest gives the final mask exactly. ``keep =
+    None``: one evaluation on the given weights, no pruning. Batch norms run in inference mode with
+    mean 0 and variance 1 and absolute scale and bias (:func:`_linearised_stats`), so the network
+    stays a positive linear map; computed in float64 against overflow of the product of layers.
+    """
+    sizes = jax.tree.map(lambda p: int(np.size(p)), params)
+    if keep is None:
+        keep, rounds = sizes, 1
+    schedule = synflow_schedule(keep, sizes, rounds)
+    with jax.enable_x64(True):
+        absp = jax.tree.map(lambda p: jnp.abs(jnp.asarray(p, jnp.float64)), params)
+        bs = _linearised_stats(jax.tree.map(lambda b: jnp.asarray(b, jnp.float64), batch_stats or {}))
+        mask = jax.tree.map(lambda p: jnp.ones(np.shape(p), bool), params)
+        sched = jax.tree.map(lambda c: jnp.asarray(c, jnp.int32), schedule)
+        scores, mask = _synflow_program(model, tuple(input_shape))(absp, bs, mask, sched)
+        out = jax.tree.map(lambda s, m: np.where(np.asarray(m), np.asarray(s), -np.inf), scores, mask)
+    return out
 
 
 def hessian_diagonal(model, params, batch_stats, batches, key: jax.Array, samples: int = 16,

@@ -48,6 +48,8 @@ from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_popula
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
 from .arms import ARMS, ArmStart
+from .earlybird import EarlyBird, epoch_ends
+from .earlybird import applies as earlybird_applies
 
 @dataclass(frozen=True)
 class Member:
@@ -255,14 +257,32 @@ class Lottery:
         """Steps whose weights a level keeps: the rewind point k > 0 of the dense level."""
         return (self.cfg.rewind.step,) if level == 0 and self.cfg.rewind.step > 0 else ()
 
-    def run_plan(self, level: int, plan: "LevelPlan", state, bar):
-        """Train a prepared level: (TrainResult, final masks per member, extra level files)."""
+    def earlybird(self, members: list[Member], index: list[int], can_prune) -> EarlyBird | None:
+        """The early-bird observer of this run's dense members (``index`` into the population), if it applies."""
+        if not earlybird_applies(self.cfg):
+            return None
+        return EarlyBird(self.cfg, can_prune, [members[k].seed for k in index], index, self.engine.order.spe)
+
+    def run_plan(self, level: int, plan: "LevelPlan", state, bar, earlybirds: list | None = None):
+        """Train a prepared level: (TrainResult, final masks per member, extra level files).
+
+        The dense level records the early-bird mask distances (:mod:`lth.lottery.earlybird`) into
+        ``earlybird.parquet``; ``earlybirds``: the observers of several runs trained together instead
+        (their callers store the tables)."""
         if level > 0 and self.cfg.prune.schedule == "gradual":
             result, masks, agp = self._run_gradual(state, plan.members, plan.can_prune, bar)
             return result, masks, {"agp.parquet": parquet_bytes(agp)}
+        own = level == 0 and earlybirds is None
+        if own:
+            eb = self.earlybird(plan.members, list(range(len(plan.members))), plan.can_prune)
+            earlybirds = [eb] if eb is not None else []
+        watch = earlybirds if level == 0 else []
         result = plan.engine.run(state, [m.seed for m in plan.members], start=plan.start,
-                                 snapshot_steps=self.snapshot_steps(level), progress=bar)
-        return result, plan.masks, {}
+                                 snapshot_steps=self.snapshot_steps(level), progress=bar,
+                                 observe_steps=epoch_ends(plan.engine.num_steps, plan.engine.order.spe) if watch else (),
+                                 observe=(lambda step, w: [e(step, w) for e in watch]) if watch else None)
+        files = {"earlybird.parquet": parquet_bytes(watch[0].table())} if own and watch else {}
+        return result, plan.masks, files
 
     def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,
                      log: WandbSink | None) -> None:

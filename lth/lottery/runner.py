@@ -7,7 +7,11 @@ and trains every arm x seed of the level as one population:
 - ``ticket``: the IMP mask with the rewind-point weights (Frankle & Carbin 2019);
 - ``reinit``: the same mask with a fresh init from another key;
 - ``random_prune``: a random mask with the ticket's exact per-layer counts, rewind-point weights;
-- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights.
+- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights;
+- ``snip``, ``grasp``, ``synflow`` and their ``*_shuffle``: pruning at initialization at the ticket's
+  per-layer counts (:mod:`lth.lottery.arms`).
+
+The dense level also records the early-bird mask distances (:mod:`lth.lottery.earlybird`).
 
 Each level depends only on stored files, so a rerun resumes at the first incomplete level and ends
 with results identical to an uninterrupted run.

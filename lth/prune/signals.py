@@ -77,13 +77,17 @@ def synflow_schedule(keep: PyTree, sizes: PyTree, rounds: int) -> PyTree:
     return jax.tree.map(one, keep, sizes)
 
 
-def _keep_top_jax(score, mask, k):
-    """Mask keeping the ``k`` highest scores among the surviving entries (ties: lower index wins),
-    as :func:`lth.prune.masks` does on the host; ``k`` may be traced."""
-    flat = jnp.where(mask.ravel(), score.ravel(), -jnp.inf)
-    order = jnp.argsort(-flat, stable=True)
-    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-    return (ranks < k).reshape(mask.shape)
+def top_count_mask(score: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """Mask keeping the ``k`` highest scores among the surviving entries, ties to the lower index (the
+    rule of :mod:`lth.prune.masks`), in O(n): a partition finds the k-th value, the ties at it are
+    filled in index order."""
+    flat = np.where(np.asarray(mask, bool).ravel(), np.asarray(score, np.float64).ravel(), -np.inf)
+    keep = np.zeros(flat.size, bool)
+    if k > 0:
+        thr = np.partition(flat, flat.size - k)[flat.size - k]
+        keep = flat > thr
+        keep[np.flatnonzero(flat == thr)[:k - int(keep.sum())]] = True
+    return keep.reshape(np.shape(mask))
 
 
 def _linearised_stats(batch_stats: PyTree) -> PyTree:
@@ -97,7 +101,7 @@ def _linearised_stats(batch_stats: PyTree) -> PyTree:
 
 @functools.lru_cache(maxsize=16)
 def _synflow_program(model, input_shape: tuple):
-    """Compiled ``(abs params, stats, masks, schedule [R] per leaf) -> (scores, masks)`` of SynFlow."""
+    """Compiled ``(abs params, stats, mask) -> |theta * dR/dtheta|`` of the masked |theta| network."""
     ones = jnp.ones((1, *input_shape), jnp.float64)
 
     def flow(p, bs):  # R = 1^T f(1; |theta|): the synaptic flow of the linearised network
@@ -109,17 +113,7 @@ def _synflow_program(model, input_shape: tuple):
         g = jax.grad(flow)(p, bs)
         return jax.tree.map(lambda gi, pi: jnp.abs(gi * pi), g, p)
 
-    def run(absp, bs, mask, schedule):
-        rounds = jax.tree.leaves(schedule)[0].shape[0]
-
-        def body(r, m):
-            s = scores_of(absp, bs, m)
-            return jax.tree.map(lambda si, mi, ki: _keep_top_jax(si, mi, ki[r]), s, m, schedule)
-
-        mask = jax.lax.fori_loop(0, rounds, body, mask)
-        return scores_of(absp, bs, mask), mask
-
-    return jax.jit(run)
+    return jax.jit(scores_of)
 
 
 def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None, rounds: int) -> PyTree:
@@ -141,11 +135,13 @@ def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None,
     with jax.enable_x64(True):
         absp = jax.tree.map(lambda p: jnp.abs(jnp.asarray(p, jnp.float64)), params)
         bs = _linearised_stats(jax.tree.map(lambda b: jnp.asarray(b, jnp.float64), batch_stats or {}))
-        mask = jax.tree.map(lambda p: jnp.ones(np.shape(p), bool), params)
-        sched = jax.tree.map(lambda c: jnp.asarray(c, jnp.int32), schedule)
-        scores, mask = _synflow_program(model, tuple(input_shape))(absp, bs, mask, sched)
-        out = jax.tree.map(lambda s, m: np.where(np.asarray(m), np.asarray(s), -np.inf), scores, mask)
-    return out
+        program = _synflow_program(model, tuple(input_shape))
+        mask = jax.tree.map(lambda p: np.ones(np.shape(p), bool), params)
+        for r in range(rounds):  # each round: scores on the device, the exact top-k on the host
+            scores = jax.device_get(program(absp, bs, mask))
+            mask = jax.tree.map(lambda sc, m, c: top_count_mask(sc, m, int(c[r])), scores, mask, schedule)
+        scores = jax.device_get(program(absp, bs, mask))
+    return jax.tree.map(lambda sc, m: np.where(m, sc, -np.inf), scores, mask)
 
 
 def hessian_diagonal(model, params, batch_stats, batches, key: jax.Array, samples: int = 16,

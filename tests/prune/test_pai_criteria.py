@@ -148,3 +148,17 @@ def test_synflow_ignores_batch_norm_running_statistics():
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other)):
         np.testing.assert_array_equal(a, b)
     assert all(np.all(np.asarray(s) >= 0) for s in jax.tree.leaves(base))
+
+
+def test_top_count_mask_follows_the_stable_rule_with_ties():
+    from lth.prune.signals import top_count_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = rng.integers(0, 4, size=30).astype(float)  # many ties
+        m = rng.random(30) < 0.7
+        k = int(rng.integers(0, m.sum() + 1))
+        order = np.argsort(-np.where(m, s, -np.inf), kind="stable")
+        want = np.zeros(30, bool)
+        want[order[:k]] = True
+        np.testing.assert_array_equal(top_count_mask(s, m, k), want)

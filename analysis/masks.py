@@ -81,14 +81,18 @@ class _Run:
         from lth.store import load_tree, read_hparams, read_json
 
         self.run_id = run.name
+        self.masks: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: bool mask}
+        self.final: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: trained weights}
+        self.layers: list[str] = []
+        if not (run / "init.msgpack").is_file():  # nothing to compare with (e.g. a table-only store)
+            return
         hp = read_hparams(run / "hparams.json")
         self.seeds = list(hp["seeds"])
         init = _leaves(load_tree(run / "init.msgpack")["params"])
         self.init = {s: {k: v[i] for k, v in init.items()} for i, s in enumerate(self.seeds)}
-        self.masks: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: bool mask}
-        self.final: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: trained weights}
-        self.layers: list[str] = []
         for d in complete_levels(run, say):
+            if not all((d / f).is_file() for f in ("members.json", "masks.msgpack", "final.msgpack")):
+                continue
             level = int(d.name[len("level_"):])
             members = read_json(d / "members.json")
             masks = _leaves(load_tree(d / "masks.msgpack"))

@@ -74,7 +74,8 @@ def overlap_vs_density(ticket: pd.DataFrame, seeds: pd.DataFrame) -> plt.Figure:
     t = ticket[(ticket["layer"] == ALL) & (ticket["level"] > 0)]
     g = t.groupby("level").agg(density=("density", "mean"), init=("jaccard_oneshot_init", "mean"),
                                trained=("jaccard_oneshot_trained", "mean"), chance=("jaccard_random", "mean"))
-    sd = seeds[(seeds["layer"] == ALL)].groupby("level")["jaccard"].mean()
+    sd = (seeds[seeds["layer"] == ALL].groupby("level")["jaccard"].mean() if not seeds.empty  # one seed: none
+          else pd.Series(dtype=float))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
         ax.plot(g["density"], g["trained"], marker="o", label="vs one-shot |w| of trained dense")

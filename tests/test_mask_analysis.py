@@ -82,3 +82,14 @@ def test_stores_without_early_bird_tables_read_empty(tables, tmp_path):
         (f.parent / "COMPLETE").write_text(json.dumps(marker))
     assert load_earlybird(old).empty
     assert not mask_analysis(old)["ticket"].empty
+
+
+def test_report_of_a_one_seed_run_draws_the_overlap_figure_without_seed_pairs(tmp_path):
+    from analysis.report import write_report
+
+    one = tmp_path / "one"
+    cfg = tiny(seeds=[0], arms=["ticket"], prune={"levels": 1}, train={"steps": 20, "eval_every": 20})
+    Lottery(cfg, one, progress=False).run()
+    made = write_report(one, tmp_path / "figs")
+    assert "mask_overlap_vs_density" in made and "mask_overlap_seeds" not in made
+    assert "earlybird_distance" in made

@@ -54,6 +54,7 @@ class ArmStart:
     model: Any
     input_shape: tuple
     signals: Callable[[dict], Signals] | None = None
+    memo: dict | None = None  # shared by the arms of one seed and level: masks computed once (snip, snip_shuffle)
 
 
 Arm = Callable[[ArmStart], tuple[dict, Any]]
@@ -97,9 +98,14 @@ def shuffle(t: ArmStart) -> tuple[dict, Any]:
 
 def pai_mask(t: ArmStart, criterion: str) -> Any:
     """The mask that ``criterion`` gives the ticket's start weights at the ticket's per-layer counts."""
+    if t.memo is not None and criterion in t.memo:
+        return t.memo[criterion]
     counts = jax.tree.map(lambda m: int(np.sum(m)), t.mask)
     sig = dataclasses.replace(t.signals(t.weights), keep=counts)
-    return keep_counts(CRITERIA[criterion](t.weights["params"], sig), counts)
+    mask = keep_counts(CRITERIA[criterion](t.weights["params"], sig), counts)
+    if t.memo is not None:
+        t.memo[criterion] = mask
+    return mask
 
 
 def _pai_arms(criterion: str) -> None:

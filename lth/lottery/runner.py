@@ -217,10 +217,12 @@ class Lottery:
             start_weights = [unstack(prev_final, i) for i in range(len(seeds))]
         engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
         weights, masks = [], []
+        memos = {s: {} for s in seeds}  # per seed: the pruning-at-init masks, shared by an arm and its shuffle
         for m in members:
             i = seeds.index(m.seed)
             ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
-                              self.data.input_shape, functools.partial(self.signals, seed=m.seed, level=level))
+                              self.data.input_shape, functools.partial(self.signals, seed=m.seed, level=level),
+                              memos[m.seed])
             w, mask = ARMS[m.arm](ticket)
             weights.append(w)
             masks.append(mask)

@@ -126,3 +126,17 @@ def test_lottery_with_pai_arms_and_report_through_the_cli(tmp_path, capsys):
     summary = pd.read_csv(figs / "summary.csv")
     assert {"synflow", "snip_shuffle"} <= set(summary["arm"])
     assert "pai_accuracy_vs_density" in (figs / "README.md").read_text()
+
+
+def test_with_late_rewinding_pai_arms_start_from_the_rewind_point(tmp_path):
+    cfg = tiny(seeds=[0], arms=["ticket", "snip", "synflow_shuffle"], prune={"levels": 1, "synflow_rounds": 5},
+               rewind={"step": 10}, train={"steps": 20, "eval_every": 20})
+    lot = Lottery(cfg, tmp_path, progress=False)
+    lot.run()
+    rewind = lot.store.read_tree("rewind.msgpack")
+    plan = lot.prepare_level(1, lot.init_weights())
+    for w in plan.weights:  # every arm, the ticket included, starts from the step-10 weights
+        for a, b in zip(jax.tree.leaves(w["params"]), jax.tree.leaves(unstack(rewind["params"], 0))):
+            np.testing.assert_array_equal(a, b)
+    counts = [_counts(m) for m in plan.masks]
+    assert counts[0] == counts[1] == counts[2]

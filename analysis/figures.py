@@ -18,7 +18,14 @@ ARM_STYLE = {
     "shuffle": dict(color="#9467bd", marker="v", label="shuffled mask"),
     "small_dense": dict(color="#ff7f0e", marker="D", label="small dense"),
     "dense": dict(color="#000000", marker="*", label="dense (level 0)"),
+    "snip": dict(color="#8c564b", marker="P", label="SNIP"),
+    "grasp": dict(color="#e377c2", marker="X", label="GraSP"),
+    "synflow": dict(color="#17becf", marker="h", label="SynFlow"),
+    "snip_shuffle": dict(color="#8c564b", marker="P", linestyle="--", label="SNIP, shuffled per layer"),
+    "grasp_shuffle": dict(color="#e377c2", marker="X", linestyle="--", label="GraSP, shuffled per layer"),
+    "synflow_shuffle": dict(color="#17becf", marker="h", linestyle="--", label="SynFlow, shuffled per layer"),
 }
+PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")
 BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}
 
 STYLE = {"font.size": 10, "axes.labelsize": 10, "axes.titlesize": 11, "legend.fontsize": 9,
@@ -26,7 +33,8 @@ STYLE = {"font.size": 10, "axes.labelsize": 10, "axes.titlesize": 11, "legend.fo
          "pdf.fonttype": 42, "ps.fonttype": 42}
 
 
-def _density_axis(ax, densities) -> None:
+def density_axis(ax, densities) -> None:
+    """Log x axis of weights remaining (%), 100% on the left."""
     ax.set_xscale("log")
     ax.invert_xaxis()
     ticks = sorted(set(np.round(densities, 3)), reverse=True)
@@ -36,6 +44,9 @@ def _density_axis(ax, densities) -> None:
     ax.set_xticklabels([f"{100 * t:.3g}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("weights remaining (%)")
+
+
+_density_axis = density_axis
 
 
 def _arm_lines(ax, summary: pd.DataFrame, y: str, scale: float = 1.0) -> None:
@@ -77,6 +88,21 @@ def accuracy_vs_density(df: pd.DataFrame, split: str = "test", metric: str = "fi
         ax.set_ylabel(f"{metric} {split} accuracy (%)")
         ax.set_title(f"{_title(df)}: {split} accuracy vs sparsity")
         ax.legend(title=_seeds_note(s), title_fontsize=8)
+    return fig
+
+
+def pai_accuracy_vs_density(df: pd.DataFrame, split: str = "test") -> plt.Figure:
+    """Final accuracy vs weights remaining of the pruning-at-init arms (and their layerwise shuffles,
+    dashed) beside the ticket and random pruning at the same per-layer counts."""
+    keep = ("ticket", "random_prune", *PAI_ARMS)
+    s = summarize(df[df["arm"].isin(keep)], split=split)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        _arm_lines(ax, s, "final_accuracy", scale=100)
+        _density_axis(ax, s["density"])
+        ax.set_ylabel(f"final {split} accuracy (%)")
+        ax.set_title(f"{_title(df)}: pruning at init vs ticket")
+        ax.legend(title=_seeds_note(s), title_fontsize=8, fontsize=7)
     return fig
 
 

@@ -29,6 +29,46 @@ def _write_tables(summary: pd.DataFrame, out: Path, stem: str) -> list[Path]:
     return [out / f"{stem}.{ext}" for ext in ("csv", "md", "tex")]
 
 
+def _mask_plans(root, out: Path) -> list:
+    """Write the mask-analysis tables; the figures they support as (stem, make, caption) plans."""
+    from . import mask_figures as mf
+    from .masks import ALL, mask_analysis
+
+    tables = mask_analysis(root)
+    plans = []
+    ticket, seeds, levels, eb = tables["ticket"], tables["seeds"], tables["levels"], tables["earlybird"]
+    if not ticket.empty and (ticket["level"] > 0).any():
+        ticket.to_csv(out / "mask_ticket.csv", index=False)
+        seeds.to_csv(out / "mask_seeds.csv", index=False)
+        levels.to_csv(out / "mask_levels.csv", index=False)
+        t = ticket[ticket["layer"] == ALL].groupby(["run_id", "level"]).mean(numeric_only=True).reset_index()
+        if not seeds.empty:
+            sd = seeds[seeds["layer"] == ALL].groupby(["run_id", "level"])["jaccard"].mean().rename("jaccard_seeds")
+            t = t.join(sd, on=["run_id", "level"])
+        t = t.drop(columns=["seed", "kept"], errors="ignore")
+        (out / "mask_summary.md").write_text(t.to_markdown(index=False, floatfmt=".4f") + "\n")
+        for run_id in sorted(ticket["run_id"].unique()):
+            tag = f"_{run_id}" if ticket["run_id"].nunique() > 1 else ""
+            tk, sd_run = ticket[ticket["run_id"] == run_id], seeds[seeds["run_id"] == run_id] if not seeds.empty else seeds
+            lv = levels[levels["run_id"] == run_id]
+            plans.append((f"mask_overlap_vs_density{tag}", lambda tk=tk, sd_run=sd_run: mf.overlap_vs_density(tk, sd_run),
+                          f"Run {run_id}: Jaccard overlap of the ticket masks (all prunable weights) with one-shot "
+                          "magnitude pruning of the init and of the trained dense network at the ticket's per-layer "
+                          "counts, and between seeds, vs weights remaining; dotted: chance."))
+            if not sd_run.empty and (sd_run["level"] > 0).any():
+                plans.append((f"mask_overlap_seeds{tag}", lambda sd_run=sd_run, tk=tk: mf.seed_overlap_heatmaps(sd_run, tk),
+                              f"Run {run_id}: seed x seed Jaccard of the ticket masks at several levels."))
+            if lv["level_b"].nunique() > 1:
+                plans.append((f"mask_overlap_levels{tag}", lambda lv=lv: mf.level_overlap_heatmap(lv),
+                              f"Run {run_id}: level x level Jaccard of each seed's ticket masks (mean over seeds)."))
+    if not eb.empty:
+        eb.to_csv(out / "earlybird.csv", index=False)
+        plans.append(("earlybird_distance", lambda: mf.earlybird_distance(eb),
+                      "Early-bird detection (You et al. 2020): normalized Hamming distance between the level-1 "
+                      "magnitude masks of successive epochs of the dense run (mean over seeds; thin: per layer)."))
+    return plans
+
+
 def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     """Write every figure the data supports and the summary tables; returns {file stem: caption}."""
     full = load_runs(root)
@@ -73,6 +113,12 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
             small.to_csv(out / "smallest_within_1pp.csv", index=False)
             (out / "smallest_within_1pp.md").write_text(small.to_markdown(index=False, floatfmt=".4g") + "\n")
             (out / "smallest_within_1pp.tex").write_text(small.to_latex(index=False, float_format="%.4g"))
+    if set(figures.PAI_ARMS) & set(df["arm"]):
+        plans.append(("pai_accuracy_vs_density", lambda: figures.pai_accuracy_vs_density(df),
+                      f"Pruning at initialization (SNIP, GraSP, SynFlow at the ticket's per-layer counts, from the "
+                      f"ticket's start weights; dashed: their masks shuffled within each layer) beside the ticket "
+                      f"and random pruning: final test accuracy vs weights remaining (mean, {spread_rule(n_seeds)})."))
+    plans += _mask_plans(root, out)
     sparsity = load_sparsity(root)
     if not sparsity.empty and sparsity["level"].nunique() > 1:
         plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),
@@ -135,6 +181,15 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     if not stability.empty:
         lines += ["- `instability.csv`: one row per (run, source, level, rewind step, arm, seed): density, "
                   "instability, loss_barrier, endpoint errors error_0/error_1, max_error."]
+    if (out / "mask_ticket.csv").is_file():
+        lines += ["- `mask_ticket.csv`: per (run, seed, level, layer; `all` = every prunable weight) the ticket's "
+                  "density, Jaccard with the previous level's mask, with one-shot magnitude pruning of the init and "
+                  "of the trained dense network at the same per-layer counts, chance `d / (2 - d)`, and the "
+                  "fraction of surviving weights whose sign changed from init; `mask_seeds.csv`: Jaccard between "
+                  "seeds per level; `mask_levels.csv`: between levels per seed; `mask_summary.md`: means over seeds."]
+    if (out / "earlybird.csv").is_file():
+        lines += ["- `earlybird.csv`: per (run, seed, epoch, layer) of the dense run, the normalized Hamming distance "
+                  "between the level-1 magnitude masks of successive epochs (early-bird detection)."]
     if not speed.empty:
         lines += ["- `speed.csv` / `speed.md` / `speed.tex`: (format, weights remaining, bytes, latency, speedup over "
                   "dense) per level and batch size; `crossover.csv` / `crossover.md`: per format and batch size the "

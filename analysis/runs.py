@@ -25,13 +25,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _run_dirs(root: Path) -> list[Path]:
+def run_dirs(root: Path) -> list[Path]:
+    """The run folders of a store (or ``[root]`` when ``root`` is one run folder)."""
     if (root / "hparams.json").is_file():
         return [root]
     return sorted(p.parent for p in root.glob("*/hparams.json"))
 
 
-def _complete_levels(run: Path, say=None) -> list[Path]:
+def complete_levels(run: Path, say=None) -> list[Path]:
     """Level folders that are complete and match their checksums; ``say(message)`` hears of the rest."""
     from lth.store import RunStore
 
@@ -43,6 +44,9 @@ def _complete_levels(run: Path, say=None) -> list[Path]:
         elif say is not None:
             say(f"skipped {d.name} of run {run.name}: {problem}")
     return out
+
+
+_run_dirs, _complete_levels = run_dirs, complete_levels
 
 
 def _stderr(msg: str) -> None:

@@ -43,7 +43,8 @@ _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 DATASETS = ("mnist1d", "fashion_mnist", "mnist", "cifar10")
 MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20")
-ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense")
+ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow", "snip_shuffle",
+        "grasp_shuffle", "synflow_shuffle")
 # Quantization settings (lth.quant implements them; listed here so config imports no quantization code)
 QUANT_BITS = (8, 4, 3, 2, 1)
 QUANT_SCHEMES = ("sym", "asym")
@@ -159,10 +160,15 @@ class PruneConfig:
     structure_norm: Literal["l1", "l2"] = _f(
         "l2", doc="norm ranking neurons/filters (of their incoming weights) and blocks (of the scale of "
                   "their last batch norm)")
-    criterion: Literal["magnitude", "random", "saliency", "obd"] = _f(
-        "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (SNIP) or w^2 H_ii / 2 (OBD)")
+    criterion: Literal["magnitude", "random", "saliency", "obd", "snip", "grasp", "synflow"] = _f(
+        "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (saliency; snip is the same "
+                         "score), w^2 H_ii / 2 (OBD), w * (H g) (GraSP, keeps the highest) or |w * dR/dw| of "
+                         "the |w| network (SynFlow; one evaluation in IMP)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
-                                doc="train batches the saliency/obd signals are averaged over")
+                                doc="train batches the saliency/snip/grasp/obd signals are averaged over")
+    synflow_rounds: int = _f(100, check=lambda v: v >= 1, allowed="an integer >= 1",
+                             doc="SynFlow pruning rounds of the synflow arms (exponential density schedule "
+                                 "per layer, Tanaka et al. 2020)")
     hessian: Literal["hutchinson", "fisher"] = _f("hutchinson", doc="diagonal Hessian estimate for obd")
     hessian_samples: int = _f(8, check=lambda v: v >= 1, allowed="an integer >= 1",
                               doc="Hutchinson probes per batch for obd")
@@ -254,7 +260,8 @@ class QuantConfig:
         "all", check=lambda v: isinstance(v, str) or (len(v) >= 1 and all(x >= 0 for x in v) and _unique(v)),
         allowed="'all', 'last' or a non-empty list of distinct levels >= 0",
         doc="levels whose members are quantized (listed levels past prune.levels are skipped)")
-    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] | None = _f(
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow",
+                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle"], ...] | None = _f(
         None, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct arms",
         doc="arms quantized; default every arm of the run (the dense level 0 is the ticket arm's level 0)")
 
@@ -326,11 +333,14 @@ class ExperimentConfig:
                                 and all(0 <= s < SEED_LIMIT for s in v),
                                 allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
                                 doc="one member per seed (not part of the run id: more seeds grow a stored run)")
-    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense"], ...] = _f(
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow",
+                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
         allowed="a list of distinct arms starting with 'ticket'",
-        doc="ticket and controls (reinit, random_prune, shuffle) and small_dense baselines (not part of the "
-            "run id: more arms grow a stored run)")
+        doc="ticket and controls (reinit, random_prune, shuffle), small_dense baselines, and pruning-at-init "
+            "arms at the ticket's per-layer counts from the ticket's start weights (snip, grasp, synflow) "
+            "with their layerwise-shuffle ablations (snip_shuffle, grasp_shuffle, synflow_shuffle); not part of "
+            "the run id: more arms grow a stored run")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

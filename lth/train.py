@@ -581,12 +581,15 @@ class Engine:
 
     def run(self, state: TrainState, data_seeds: Sequence[int], *, start: int = 0, stop: int | None = None,
             snapshot_steps: Iterable[int] = (), progress: Callable[[int, dict], None] | None = None,
-            evaluate: bool = True) -> TrainResult:
+            evaluate: bool = True, observe_steps: Iterable[int] = (),
+            observe: Callable[[int, PyTree], None] | None = None) -> TrainResult:
         """Train the population from step ``start`` to ``stop`` (default: the configured length).
 
         ``data_seeds[k]`` fixes member k's batch order (all equal or ``shared_data_order``: one order).
         Evaluates at the eval steps (``evaluate=False``: records the training loss only), keeps a host
-        copy of params and batch_stats at each snapshot step.
+        copy of params and batch_stats at each snapshot step. ``observe(step, host copy)`` is called at
+        each of ``observe_steps`` (e.g. epoch ends) and nothing is kept; extra segment boundaries change
+        no numbers (the batch order is a function of the step).
         """
         stop = self.num_steps if stop is None else stop
         seeds = [int(s) for s in data_seeds]
@@ -595,11 +598,14 @@ class Engine:
         if not evals or evals[-1] != stop:
             evals.append(stop)
         snaps = {s for s in snapshot_steps if start <= s <= stop}
-        bounds = sorted(set(evals) | {s for s in snaps if s > start})
+        watch = {s for s in observe_steps if start <= s <= stop} if observe is not None else set()
+        bounds = sorted(set(evals) | {s for s in snaps | watch if s > start})
         records: list[dict] = []
         snapshots: dict[int, PyTree] = {}
         if start in snaps:
             snapshots[start] = self._snapshot(state)
+        if start in watch:
+            observe(start, self._snapshot(state))
         K = len(seeds)
         diverged: dict[int, int] = {}
         first_loss = None
@@ -622,6 +628,8 @@ class Engine:
             pos = b
             if b in snaps:
                 snapshots[b] = self._snapshot(state)
+            if b in watch:
+                observe(b, snapshots[b] if b in snaps else self._snapshot(state))
             if b in evals:
                 rows = {"train": (acc_loss / acc_n, acc_acc / acc_n)}
                 if evaluate:

@@ -309,3 +309,18 @@ def test_step_segments_population_equals_separate_runs():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose([r["loss"] for r in together.records if r["member"] == k],
                                    [r["loss"] for r in single.records], rtol=1e-5)
+
+
+def test_observed_steps_change_no_numbers():
+    """``Engine.run(observe=...)`` splits segments at the observed steps (early-bird snapshots) and
+    hands over host copies; the trained weights and records are bitwise those of a run without it."""
+    cfg = TrainConfig(batch_size=12, steps=40, eval_every=20, optimizer="adam", lr=1e-2)
+    engine = Engine(TinyMLP(), tiny_data(), cfg)
+    plain = engine.run(population(engine, [0, 1])[0], [0, 1])
+    seen = []
+    watched = engine.run(population(engine, [0, 1])[0], [0, 1], observe_steps=[0, 7, 20, 33, 40],
+                         observe=lambda step, w: seen.append((step, w["params"]["output"]["kernel"].shape)))
+    assert seen == [(s, (2, 16, 3)) for s in (0, 7, 20, 33, 40)]
+    for a, b in zip(jax.tree.leaves(plain.state.params), jax.tree.leaves(watched.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert plain.records == watched.records

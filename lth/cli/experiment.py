@@ -27,8 +27,8 @@ def add_train(sub) -> None:
                         "seed. A file without members.json must hold one mask (shared by every seed). The "
                         "mask must match the model's layers and shapes exactly")
     p.add_argument("--mask-arm", default=None, metavar="ARM",
-                   help="with --mask: the arm whose masks are used (ticket, reinit, random_prune, shuffle; "
-                        "default: ticket)")
+                   help="with --mask: the arm whose masks are used (ticket, reinit, random_prune, shuffle, snip, grasp, "
+                        "synflow and their *_shuffle; default: ticket)")
 
 
 def add_lottery(sub) -> None:

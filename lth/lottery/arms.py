@@ -7,18 +7,27 @@ a narrower dense model apart from the level's population (:meth:`lth.lottery.run
 - ``ticket``: the IMP mask with the rewind-point weights (Frankle & Carbin 2019);
 - ``reinit``: the same mask with a fresh init from another key;
 - ``random_prune``: a random mask with the ticket's exact per-layer counts, rewind-point weights;
-- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights.
+- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights;
+- ``snip``, ``grasp``, ``synflow``: pruning at initialization (Lee et al. 2019; Wang et al. 2020;
+  Tanaka et al. 2020): the criterion of that name scores the ticket's start weights (the rewind
+  point: the init for ``rewind.step = 0``, the dense run's step-k weights for late rewinding), and
+  each layer keeps its highest scores, exactly as many as the ticket keeps in that layer;
+  the start weights are the ticket's;
+- ``snip_shuffle``, ``grasp_shuffle``, ``synflow_shuffle``: those masks permuted within each layer
+  (the layerwise-shuffle ablation of Frankle et al. 2021), same start weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from ..prune.masks import random_mask_like, shuffle_mask
+from ..prune.criteria import CRITERIA, Signals
+from ..prune.masks import keep_counts, random_mask_like, shuffle_mask
 from ..train import init_population, unstack
 from ..trees import to_numpy
 
@@ -26,6 +35,7 @@ from ..trees import to_numpy
 REINIT_KEY = 1_000_003
 RANDOM_MASK = 1
 SHUFFLE_MASK = 2
+PAI_SHUFFLE = {"snip": 4, "grasp": 5, "synflow": 6}
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,9 @@ class ArmStart:
     """The ticket of one seed at one level, from which an arm derives its member.
 
     ``weights``: ``{'params', 'batch_stats'}`` the ticket starts from (before masking); ``mask``: its
-    bool mask tree; ``can_prune``: per leaf, prunable."""
+    bool mask tree; ``can_prune``: per leaf, prunable; ``signals(weights)``: the :class:`Signals` of
+    the seed for ``{'params', 'batch_stats'}`` (its criterion batches, the prune settings), which the
+    pruning-at-init arms score with."""
     weights: dict
     mask: Any
     can_prune: Any
@@ -41,6 +53,8 @@ class ArmStart:
     level: int
     model: Any
     input_shape: tuple
+    signals: Callable[[dict], Signals] | None = None
+    memo: dict | None = None  # shared by the arms of one seed and level: masks computed once (snip, snip_shuffle)
 
 
 Arm = Callable[[ArmStart], tuple[dict, Any]]
@@ -80,3 +94,31 @@ def random_prune(t: ArmStart) -> tuple[dict, Any]:
 @register("shuffle")
 def shuffle(t: ArmStart) -> tuple[dict, Any]:
     return t.weights, shuffle_mask(t.mask, t.can_prune, np.random.default_rng([t.seed, t.level, SHUFFLE_MASK]))
+
+
+def pai_mask(t: ArmStart, criterion: str) -> Any:
+    """The mask that ``criterion`` gives the ticket's start weights at the ticket's per-layer counts."""
+    if t.memo is not None and criterion in t.memo:
+        return t.memo[criterion]
+    counts = jax.tree.map(lambda m: int(np.sum(m)), t.mask)
+    sig = dataclasses.replace(t.signals(t.weights), keep=counts)
+    mask = keep_counts(CRITERIA[criterion](t.weights["params"], sig), counts)
+    if t.memo is not None:
+        t.memo[criterion] = mask
+    return mask
+
+
+def _pai_arms(criterion: str) -> None:
+    def arm(t: ArmStart) -> tuple[dict, Any]:
+        return t.weights, pai_mask(t, criterion)
+
+    def shuffled(t: ArmStart) -> tuple[dict, Any]:
+        rng = np.random.default_rng([t.seed, t.level, PAI_SHUFFLE[criterion]])
+        return t.weights, shuffle_mask(pai_mask(t, criterion), t.can_prune, rng)
+
+    register(criterion)(arm)
+    register(f"{criterion}_shuffle")(shuffled)
+
+
+for _name in ("snip", "grasp", "synflow"):
+    _pai_arms(_name)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ExperimentConfig
-from ..store import RunBusyError, RunStore, prepare_root
+from ..store import RunBusyError, RunStore, parquet_bytes, prepare_root
 from ..wandb_log import WandbSink
 from .runner import LevelPlan, Lottery, open_sink, population_key, run_is_finished
 
@@ -102,10 +102,14 @@ def train_level_together(level: int, lots: list[Lottery], inits: dict, sinks: di
     lead = lots[0]
     together = LevelPlan(members, weights, masks, plans[0].can_prune, plans[0].start, plans[0].engine)
     state = lead.initial_state(level, together)
+    # the dense level: each run's early-bird masks follow its own pruning rates
+    birds = [lot.earlybird(members, idx, plan.can_prune) if level == 0 else None
+             for lot, plan, idx in zip(lots, plans, index)]
     t0 = time.time()
     with lead.level_bar(level, together.engine.num_steps - together.start, f"({len(lots)} runs)",
                    start=together.start) as bar:
-        result, _, _ = lead.run_plan(level, together, state, bar)
+        result, _, _ = lead.run_plan(level, together, state, bar, [b for b in birds if b is not None])
     wall_s = time.time() - t0
-    for lot, plan, idx in zip(lots, plans, index):
-        lot.finish_level(level, plan, result.select(idx), plan.masks, wall_s, {}, sinks[lot.cfg.run_id])
+    for lot, plan, idx, bird in zip(lots, plans, index, birds):
+        files = {"earlybird.parquet": parquet_bytes(bird.table())} if bird is not None else {}
+        lot.finish_level(level, plan, result.select(idx), plan.masks, wall_s, files, sinks[lot.cfg.run_id])

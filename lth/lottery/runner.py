@@ -7,7 +7,11 @@ and trains every arm x seed of the level as one population:
 - ``ticket``: the IMP mask with the rewind-point weights (Frankle & Carbin 2019);
 - ``reinit``: the same mask with a fresh init from another key;
 - ``random_prune``: a random mask with the ticket's exact per-layer counts, rewind-point weights;
-- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights.
+- ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights;
+- ``snip``, ``grasp``, ``synflow`` and their ``*_shuffle``: pruning at initialization at the ticket's
+  per-layer counts (:mod:`lth.lottery.arms`).
+
+The dense level also records the early-bird mask distances (:mod:`lth.lottery.earlybird`).
 
 With ``[stability]``, chosen (arm, seed) of a level also train a second copy (``Member.copy = 1``: the
 same start, another batch order and dropout rng) in the same population; the pipeline then evaluates
@@ -21,7 +25,9 @@ with results identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import io
 import dataclasses
+import functools
 import json
 import warnings
 import sys
@@ -54,6 +60,8 @@ from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
 from .arms import ARMS, ArmStart
 from .copies import copy_arms
+from .earlybird import EarlyBird, epoch_ends
+from .earlybird import applies as earlybird_applies
 
 @dataclass(frozen=True)
 class Member:
@@ -387,27 +395,33 @@ class Lottery:
         else:  # lr rewinding and fine-tuning keep the trained weights
             start_weights = [unstack(prev_final, prev_members.index(Member("ticket", s))) for s in seeds]
         engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
+        memos = {s: {} for s in seeds}  # per seed: the pruning-at-init masks, shared by an arm and its shuffle
         starts: dict[tuple[str, int], tuple] = {}  # (arm, seed) -> (weights, mask): copies share copy 0's
         for m in members:
             if (m.arm, m.seed) not in starts:
                 i = seeds.index(m.seed)
                 ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
-                                  self.data.input_shape)
+                                  self.data.input_shape, functools.partial(self.signals, seed=m.seed, level=level),
+                                  memos[m.seed])
                 starts[m.arm, m.seed] = ARMS[m.arm](ticket)
         weights = [starts[m.arm, m.seed][0] for m in members]
         masks = [starts[m.arm, m.seed][1] for m in members]
         return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
 
-    def scores(self, member: dict, seed: int, level: int):
-        """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
+    def signals(self, member: dict, seed: int, level: int) -> Signals:
+        """What a criterion may use to score ``member`` ``{'params', 'batch_stats'}`` of ``seed``."""
         pc = self.cfg.prune
 
         def batches():  # the seed's first criterion_batches training batches
             idx = self.engine.order.indices(seed, 0, pc.criterion_batches)
             return [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
 
-        signals = Signals(self.model, member["params"], member["batch_stats"], seed, level, pc, batches)
-        return criterion_scores(member["params"], signals)
+        return Signals(self.model, member["params"], member["batch_stats"], seed, level, pc, batches,
+                       tuple(self.data.input_shape))
+
+    def scores(self, member: dict, seed: int, level: int):
+        """Per-weight scores of ``prune.criterion`` for one trained member (higher = keep)."""
+        return criterion_scores(member["params"], self.signals(member, seed, level))
 
     def initial_state(self, level: int, plan: "LevelPlan"):
         """The population TrainState a level starts from (masked weights, fresh optimizer)."""
@@ -433,14 +447,34 @@ class Lottery:
         """Steps whose weights a level keeps: the rewind point k > 0 of the dense level."""
         return (self.cfg.rewind.step,) if level == 0 and self.cfg.rewind.step > 0 else ()
 
-    def run_plan(self, level: int, plan: "LevelPlan", state, bar):
-        """Train a prepared level: (TrainResult, final masks per member, extra level files)."""
+    def earlybird(self, members: list[Member], index: list[int], can_prune) -> EarlyBird | None:
+        """The early-bird observer of this run's dense members (``index`` into the population; stability
+        copies left out), if it applies."""
+        index = [k for k in index if members[k].copy == 0]
+        if not earlybird_applies(self.cfg) or not index:
+            return None
+        return EarlyBird(self.cfg, can_prune, [members[k].seed for k in index], index, self.engine.order.spe)
+
+    def run_plan(self, level: int, plan: "LevelPlan", state, bar, earlybirds: list | None = None):
+        """Train a prepared level: (TrainResult, final masks per member, extra level files).
+
+        The dense level records the early-bird mask distances (:mod:`lth.lottery.earlybird`) into
+        ``earlybird.parquet``; ``earlybirds``: the observers of several runs trained together instead
+        (their callers store the tables)."""
         if level > 0 and self.cfg.prune.schedule == "gradual":
             result, masks, agp = self._run_gradual(state, plan.members, plan.can_prune, bar)
             return result, masks, {"agp.parquet": parquet_bytes(agp)}
+        own = level == 0 and earlybirds is None
+        if own:
+            eb = self.earlybird(plan.members, list(range(len(plan.members))), plan.can_prune)
+            earlybirds = [eb] if eb is not None else []
+        watch = earlybirds if level == 0 else []
         result = plan.engine.run(state, [data_seed(m) for m in plan.members], start=plan.start,
-                                 snapshot_steps=self.snapshot_steps(level), progress=bar)
-        return result, plan.masks, {}
+                                 snapshot_steps=self.snapshot_steps(level), progress=bar,
+                                 observe_steps=epoch_ends(plan.engine.num_steps, plan.engine.order.spe) if watch else (),
+                                 observe=(lambda step, w: [e(step, w) for e in watch]) if watch else None)
+        files = {"earlybird.parquet": parquet_bytes(watch[0].table())} if own and watch else {}
+        return result, plan.masks, files
 
     def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,
                      log: WandbSink | None) -> None:
@@ -517,6 +551,11 @@ class Lottery:
             for name in read_json(d / "COMPLETE")["sha256"]:
                 out[name] = (d / name).read_bytes()
         out.update(new_files)
+        if grow:  # a per-seed table of the new members (earlybird.parquet) goes after the stored rows
+            for name in new_files:
+                if name.endswith(".parquet") and (d / name).is_file():
+                    out[name] = parquet_bytes(pd.concat([read_parquet(d / name), pd.read_parquet(io.BytesIO(new_files[name]))],
+                                                        ignore_index=True))
         out[MEMBERS_FILE] = members_bytes(main)
         for name, tree in trees.items():
             out[name] = tree_bytes(tree)

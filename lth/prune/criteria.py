@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import PruneConfig
 from ..trees import to_device, to_numpy
-from .signals import hessian_diagonal, mean_gradient
+from .signals import hessian_diagonal, hessian_gradient_product, mean_gradient, synflow_scores
 
 PyTree = Any
 
@@ -37,6 +37,13 @@ def obd_scores(params: PyTree, hessian_diag: PyTree) -> PyTree:
     """w^2 * H_ii / 2: Optimal Brain Damage saliency (LeCun et al. 1990, eq. 7) at a minimum."""
     return jax.tree.map(lambda p, h: np.square(np.asarray(p)) * np.asarray(h) / 2, params, hessian_diag)
 
+def grasp_scores(params: PyTree, hg: PyTree) -> PyTree:
+    """``w * (H g)``, higher = keep. GraSP (Wang et al. 2020, eq. 8 and Algorithm 1) scores each weight
+    by ``S(-w) = -w * (H g)`` and removes the weights with the *largest* S (removing them reduces the
+    gradient flow ``g^T g`` least, or raises it), i.e. keeps the smallest S. We return ``-S``, so that,
+    as for every criterion here, the highest scores are kept; the masks are GraSP's."""
+    return jax.tree.map(lambda p, h: np.asarray(p) * np.asarray(h), params, hg)
+
 def random_scores(params: PyTree, rng: np.random.Generator) -> PyTree:
     """Uniform random scores: pruning by them is random pruning with the configured rates."""
     return jax.tree.map(lambda p: rng.random(np.shape(p)), params)
@@ -47,6 +54,9 @@ class Signals:
     """What a criterion may use besides the weights of one trained member.
 
     ``batches()``: the member's first ``prune.criterion_batches`` training batches ``[(x, y), ...]``.
+    ``input_shape``: one example's shape (data-free criteria); ``keep``: per leaf, the survivors the
+    caller will keep (pruning-at-init arms), which iterative criteria (synflow) prune towards; None
+    for IMP, where the rates decide.
     """
     model: Any
     params: PyTree
@@ -55,6 +65,8 @@ class Signals:
     level: int
     cfg: PruneConfig
     batches: Callable[[], list]
+    input_shape: tuple | None = None
+    keep: PyTree | None = None
 
 
 Criterion = Callable[[PyTree, Signals], PyTree]
@@ -83,6 +95,27 @@ def _random(params: PyTree, sig: Signals) -> PyTree:
 def _saliency(params: PyTree, sig: Signals) -> PyTree:
     p, b = to_device(params), to_device(sig.batch_stats)
     return saliency_scores(params, to_numpy(mean_gradient(sig.model, p, b, sig.batches())))
+
+
+@register("snip")
+def _snip(params: PyTree, sig: Signals) -> PyTree:
+    """SNIP (Lee et al. 2019, eq. 6): |w * dL/dw| on the criterion batches; the ``saliency`` score (SNIP
+    normalises by the sum over all weights, which changes no ranking)."""
+    return _saliency(params, sig)
+
+
+@register("grasp")
+def _grasp(params: PyTree, sig: Signals) -> PyTree:
+    p, b = to_device(params), to_device(sig.batch_stats)
+    return grasp_scores(params, to_numpy(hessian_gradient_product(sig.model, p, b, sig.batches())))
+
+
+@register("synflow")
+def _synflow(params: PyTree, sig: Signals) -> PyTree:
+    """SynFlow (Tanaka et al. 2020): data-free; iterative over ``prune.synflow_rounds`` rounds towards
+    ``sig.keep`` when given (see :func:`lth.prune.signals.synflow_scores`), else one evaluation."""
+    shape = sig.input_shape if sig.input_shape is not None else np.shape(sig.batches()[0][0])[1:]
+    return synflow_scores(sig.model, params, sig.batch_stats, shape, sig.keep, sig.cfg.synflow_rounds)
 
 
 @register("obd")

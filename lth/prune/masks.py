@@ -135,6 +135,17 @@ def prune_to_density(scores: PyTree, mask: PyTree, can_prune: PyTree, target: fl
     return jax.tree.map(one, scores, mask, can_prune)
 
 
+def keep_counts(scores: PyTree, counts: PyTree) -> PyTree:
+    """Mask keeping, in every leaf, its ``counts`` highest scores (ties: lower index wins); a leaf whose
+    count is its size stays all True. Pruning at initialization at given per-layer counts."""
+
+    def one(s, k):
+        s = np.asarray(s)
+        return _keep_top(s, np.ones(s.shape, bool), int(k))
+
+    return jax.tree.map(one, scores, counts)
+
+
 def random_mask_like(mask: PyTree, can_prune: PyTree, rng: np.random.Generator) -> PyTree:
     """A uniformly random mask with exactly the same number of survivors in every prunable leaf."""
 

@@ -1,4 +1,5 @@
-"""Signals that pruning criteria score weights with: gradients, Hessian diagonals, activations.
+"""Signals that pruning criteria score weights with: gradients, Hessian diagonals and Hessian-gradient
+products, synaptic flow, activations.
 
 Pure functions of one network (params, batch_stats) and a few batches; no training loop.
 """
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..models import ACTIVATIONS
+from ..models import ACTIVATIONS, path_names
 
 PyTree = Any
 
@@ -24,14 +25,123 @@ def _loss(model, params, batch_stats, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+@functools.lru_cache(maxsize=64)
+def _grad_fn(model):
+    """Compiled ``(params, batch_stats, x, y) -> dL/dparams``, one per model (reused across members)."""
+    return jax.jit(jax.grad(lambda p, b, x, y: _loss(model, p, b, x, y)))
+
+
+@functools.lru_cache(maxsize=64)
+def _hvp_fn(model):
+    """Compiled ``(params, batch_stats, v, x, y) -> H v`` (forward-over-reverse: jax.jvp of jax.grad)."""
+    def hvp(p, b, v, x, y):
+        return jax.jvp(jax.grad(lambda q: _loss(model, q, b, x, y)), (p,), (v,))[1]
+    return jax.jit(hvp)
+
+
 def mean_gradient(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> PyTree:
     """Gradient of the mean cross-entropy, averaged over ``batches`` (SNIP uses one or a few)."""
-    grad = jax.jit(jax.grad(lambda p, x, y: _loss(model, p, batch_stats, x, y)))
+    grad = _grad_fn(model)
     total = None
     for x, y in batches:
-        g = grad(params, jnp.asarray(x), jnp.asarray(y))
+        g = grad(params, batch_stats, jnp.asarray(x), jnp.asarray(y))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return jax.tree.map(lambda t: t / len(batches), total)
+
+
+def hessian_gradient_product(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> PyTree:
+    """``H g``: the loss Hessian times its gradient ``g``, both of the mean cross-entropy averaged over
+    ``batches`` (GraSP's signal, Wang et al. 2020, eq. 8). ``g`` is held fixed (computed first, over all
+    batches), then ``H_b g`` of each batch is averaged; exact, no sampling."""
+    g = mean_gradient(model, params, batch_stats, batches)
+    hvp = _hvp_fn(model)
+    total = None
+    for x, y in batches:
+        hg = hvp(params, batch_stats, g, jnp.asarray(x), jnp.asarray(y))
+        total = hg if total is None else jax.tree.map(jnp.add, total, hg)
+    return jax.tree.map(lambda t: t / len(batches), total)
+
+
+def synflow_schedule(keep: PyTree, sizes: PyTree, rounds: int) -> PyTree:
+    """Per leaf, the survivors after each of ``rounds`` SynFlow rounds ``[rounds]`` (int): the
+    exponential density schedule of Tanaka et al. 2020 (Algorithm 1), per leaf: round r of R keeps
+    ``round_half_up(n * (keep / n) ** (r / R))``, never fewer than ``keep``; the last round keeps
+    exactly ``keep``."""
+    def one(k, n):
+        k, n = int(k), int(n)
+        r = np.arange(1, rounds + 1)
+        counts = np.floor(n * (k / n) ** (r / rounds) + 0.5).astype(np.int64) if n else np.zeros(rounds, np.int64)
+        counts = np.maximum(counts, k)
+        counts[-1] = k
+        return counts
+    return jax.tree.map(one, keep, sizes)
+
+
+def top_count_mask(score: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """Mask keeping the ``k`` highest scores among the surviving entries, ties to the lower index (the
+    rule of :mod:`lth.prune.masks`), in O(n): a partition finds the k-th value, the ties at it are
+    filled in index order."""
+    flat = np.where(np.asarray(mask, bool).ravel(), np.asarray(score, np.float64).ravel(), -np.inf)
+    keep = np.zeros(flat.size, bool)
+    if k > 0:
+        thr = np.partition(flat, flat.size - k)[flat.size - k]
+        keep = flat > thr
+        keep[np.flatnonzero(flat == thr)[:k - int(keep.sum())]] = True
+    return keep.reshape(np.shape(mask))
+
+
+def _linearised_stats(batch_stats: PyTree) -> PyTree:
+    """Batch-norm running statistics replaced by mean 0, variance 1: in inference mode every batch norm
+    is then the positive map ``|scale| x / sqrt(1 + eps) + |bias|`` of SynFlow's linearised network."""
+    def one(path, leaf):
+        name = path_names(path)[-1] if path else ""
+        return jnp.ones_like(leaf) if name == "var" else jnp.zeros_like(leaf)
+    return jax.tree_util.tree_map_with_path(one, batch_stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _synflow_program(model, input_shape: tuple):
+    """Compiled ``(abs params, stats, mask) -> |theta * dR/dtheta|`` of the masked |theta| network."""
+    ones = jnp.ones((1, *input_shape), jnp.float64)
+
+    def flow(p, bs):  # R = 1^T f(1; |theta|): the synaptic flow of the linearised network
+        variables = {"params": p, **({"batch_stats": bs} if bs else {})}
+        return model.apply(variables, ones, train=False).sum()
+
+    def scores_of(absp, bs, mask):
+        p = jax.tree.map(lambda w, m: w * m, absp, mask)
+        g = jax.grad(flow)(p, bs)
+        return jax.tree.map(lambda gi, pi: jnp.abs(gi * pi), g, p)
+
+    return jax.jit(scores_of)
+
+
+def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None, rounds: int) -> PyTree:
+    """SynFlow scores (Tanaka et al. 2020): ``|theta * dR/dtheta|`` with ``R = 1^T f(1; |theta|)``, the
+    output sum of the network with every parameter in absolute value on an all-ones input (data-free).
+
+    ``keep`` (per leaf: survivors wanted, the leaf's size for a leaf never pruned): prune iteratively
+    over ``rounds`` rounds on the exponential schedule of :func:`synflow_schedule`, recomputing the
+    scores on the masked network each round; the result is the last round's scores, ``-inf`` where a
+    round pruned the weight, so keeping the ``keep`` highest gives the final mask exactly. ``keep =
+    None``: one evaluation on the given weights, no pruning. Batch norms run in inference mode with
+    mean 0 and variance 1 and absolute scale and bias (:func:`_linearised_stats`), so the network
+    stays a positive linear map; computed in float64 against overflow of the product of layers.
+    """
+    sizes = jax.tree.map(lambda p: int(np.size(p)), params)
+    if keep is None:
+        keep, rounds = sizes, 1
+    schedule = synflow_schedule(keep, sizes, rounds)
+    with jax.enable_x64(True):
+        absp = jax.tree.map(lambda p: jnp.abs(jnp.asarray(p, jnp.float64)), params)
+        bs = _linearised_stats(jax.tree.map(lambda b: jnp.asarray(b, jnp.float64), batch_stats or {}))
+        program = _synflow_program(model, tuple(input_shape))
+        mask = jax.tree.map(lambda p: np.ones(np.shape(p), bool), params)
+        for r in range(rounds):  # each round: scores on the device, the exact top-k on the host
+            scores = jax.device_get(program(absp, bs, mask))
+            mask = jax.tree.map(lambda sc, m, c: top_count_mask(sc, m, int(c[r])), scores, mask, schedule)
+        scores = jax.device_get(program(absp, bs, mask))
+    return jax.tree.map(lambda sc, m: np.where(m, sc, -np.inf), scores, mask)
 
 
 def hessian_diagonal(model, params, batch_stats, batches, key: jax.Array, samples: int = 16,

@@ -354,3 +354,14 @@ def test_a_grow_killed_in_the_middle_of_a_level_swap_resumes_to_the_fresh_result
         a = pd.read_parquet(run / f"level_{L:03d}" / "metrics.parquet")[keys].sort_values(keys[:5])
         b = pd.read_parquet(fresh.level_dir(L) / "metrics.parquet")[keys].sort_values(keys[:5])
         pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), **TOL)
+
+
+def test_the_dense_levels_early_bird_table_grows_with_the_seeds(grown):
+    """earlybird.parquet (per seed, level 0) keeps the stored seed's rows and gains the new seed's."""
+    store, fresh = grown["store"], grown["fresh"]
+    keys = ["seed", "epoch", "step", "layer"]
+    a = pd.read_parquet(store.level_dir(0) / "earlybird.parquet")
+    b = pd.read_parquet(fresh.level_dir(0) / "earlybird.parquet")
+    assert sorted(set(a["seed"])) == [0, 1] and len(a) == len(b)
+    pd.testing.assert_frame_equal(a.sort_values(keys, ignore_index=True), b.sort_values(keys, ignore_index=True),
+                                  **TOL)

@@ -1,0 +1,113 @@
+"""Figures of the mask analysis (:mod:`analysis.masks`). Each function returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .figures import STYLE, density_axis, plt  # noqa: F401 - plt: the Agg-configured pyplot
+from .masks import ALL
+
+
+def _levels_to_show(levels, most: int) -> list[int]:
+    levels = sorted(levels)
+    if len(levels) > most:
+        levels = [levels[i] for i in np.linspace(0, len(levels) - 1, most).round().astype(int)]
+    return levels
+
+
+def _heat(ax, table: pd.DataFrame, title: str):
+    im = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
+    for (i, j), v in np.ndenumerate(table.to_numpy()):
+        if np.isfinite(v) and table.size <= 64:
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 0.6 else "black")
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def seed_overlap_heatmaps(seeds: pd.DataFrame, ticket: pd.DataFrame, most: int = 6) -> plt.Figure:
+    """Seed x seed Jaccard of the ticket masks (all prunable weights) at up to ``most`` levels >= 1
+    of one run; the diagonal is 1."""
+    s = seeds[(seeds["layer"] == ALL) & (seeds["level"] > 0)]
+    levels = _levels_to_show(s["level"].unique(), most)
+    dens = ticket[ticket["layer"] == ALL].groupby("level")["density"].mean()
+    ids = sorted(set(s["seed_a"]) | set(s["seed_b"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(levels), figsize=(2.3 * len(levels) + 0.8, 2.6), constrained_layout=True,
+                                 squeeze=False)
+        im = None
+        for ax, level in zip(axes[0], levels):
+            m = pd.DataFrame(np.eye(len(ids)), index=ids, columns=ids)
+            for r in s[s["level"] == level].itertuples():
+                m.loc[r.seed_a, r.seed_b] = m.loc[r.seed_b, r.seed_a] = r.jaccard
+            im = _heat(ax, m, f"level {level} ({100 * dens.get(level, np.nan):.3g}% weights)")
+            ax.set_xlabel("seed")
+            ax.set_ylabel("seed")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="Jaccard")
+        fig.suptitle("ticket masks: overlap between seeds", fontsize=10)
+    return fig
+
+
+def level_overlap_heatmap(levels: pd.DataFrame) -> plt.Figure:
+    """Level x level Jaccard of one seed's ticket masks (all prunable weights), mean over seeds."""
+    s = levels[levels["layer"] == ALL]
+    mean = s.groupby(["level_a", "level_b"])["jaccard"].mean()
+    ids = sorted(set(s["level_a"]) | set(s["level_b"]))
+    m = pd.DataFrame(np.eye(len(ids)), index=ids, columns=ids)
+    for (a, b), v in mean.items():
+        m.loc[a, b] = m.loc[b, a] = v
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(0.35 * len(ids) + 2.6, 0.35 * len(ids) + 2), constrained_layout=True)
+        im = _heat(ax, m, f"ticket masks: overlap between levels (mean over {s['seed'].nunique()} seeds)")
+        ax.set_xlabel("level")
+        ax.set_ylabel("level")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="Jaccard")
+    return fig
+
+
+def overlap_vs_density(ticket: pd.DataFrame, seeds: pd.DataFrame) -> plt.Figure:
+    """Jaccard of the ticket (all prunable weights) with one-shot magnitude pruning of the init and of
+    the trained dense network, and between seeds, vs weights remaining; chance ``d / (2 - d)`` dotted."""
+    t = ticket[(ticket["layer"] == ALL) & (ticket["level"] > 0)]
+    g = t.groupby("level").agg(density=("density", "mean"), init=("jaccard_oneshot_init", "mean"),
+                               trained=("jaccard_oneshot_trained", "mean"), chance=("jaccard_random", "mean"))
+    sd = (seeds[seeds["layer"] == ALL].groupby("level")["jaccard"].mean() if not seeds.empty  # one seed: none
+          else pd.Series(dtype=float))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        ax.plot(g["density"], g["trained"], marker="o", label="vs one-shot |w| of trained dense")
+        ax.plot(g["density"], g["init"], marker="s", label="vs one-shot |w| of init")
+        if not sd.empty:
+            ax.plot(g["density"], sd.reindex(g.index).to_numpy(), marker="^", label="between seeds")
+        ax.plot(g["density"], g["chance"], linestyle=":", color="gray", label="chance, d / (2 - d)")
+        density_axis(ax, g["density"])
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("Jaccard overlap of ticket masks")
+        ax.set_title("ticket mask overlap (mean over seeds)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def earlybird_distance(eb: pd.DataFrame, threshold: float = 0.1) -> plt.Figure:
+    """Normalized Hamming distance between the level-1 masks of successive epochs of the dense run
+    (You et al. 2020), all prunable weights (solid, mean over seeds) and per layer (thin)."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
+        for run_id, r in eb.groupby("run_id", sort=True):
+            tag = f" ({run_id})" if eb["run_id"].nunique() > 1 else ""
+            for layer, g in r.groupby("layer", sort=True):
+                m = g.groupby("epoch")["distance"].mean()
+                if layer == ALL:
+                    ax.plot(m.index, m.to_numpy(), marker="o", markersize=3, linewidth=2, label=f"all layers{tag}")
+                else:
+                    ax.plot(m.index, m.to_numpy(), linewidth=0.8, alpha=0.7, label=f"{layer}{tag}")
+        ax.axhline(threshold, color="gray", linestyle=":", label=f"{threshold} (You et al.)")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch of the dense run")
+        ax.set_ylabel("mask distance to previous epoch")
+        ax.set_title("early-bird: level-1 mask distance between epochs")
+        ax.legend(fontsize=7)
+    return fig

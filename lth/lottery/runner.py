@@ -41,7 +41,7 @@ from ..prune.criteria import scores as criterion_scores
 from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_to_density, sparsity_rows
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
-from ..prune.structured import structured_prune
+from ..prune.structured import check_granularity, structured_prune
 from ..store import RunStore, load_tree, parquet_bytes, prepare_root, tree_bytes
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
@@ -129,6 +129,7 @@ class Lottery:
                 raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
         check_against_model(cfg, layer_table(shapes), self.engine.num_steps)  # before any level trains
+        check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
 
     # ------------------------------------------------------------------ fixed weights
@@ -198,8 +199,7 @@ class Lottery:
         for i, seed in enumerate(seeds):
             member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
             if prune_cfg.granularity != "weight":
-                tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg,
-                                                cfg.model.name))
+                tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg, self.model))
                 continue
             scores = self.scores(member, seed, level)
             tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg))

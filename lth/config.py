@@ -8,6 +8,7 @@ what is allowed and where it came from.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import hashlib
@@ -55,8 +56,14 @@ QUANT_METHODS = ("ptq", "qat")
 # declared by the model (lth.models.Structure) and checked once it is built.
 
 
+# False while only hashing a stored run's settings (stored_run_id): reading a store needs no model code
+_RESOLVE_NAMES = contextvars.ContextVar("lth_resolve_names", default=True)
+
+
 def _check_entry(registry, key: str, name: str) -> None:
-    """ConfigError (one line) unless ``registry`` resolves ``name``."""
+    """ConfigError (one line) unless ``registry`` resolves ``name`` (imports an import path's module)."""
+    if not _RESOLVE_NAMES.get():
+        return
     try:
         registry.resolve(name)
     except RegistryError as e:
@@ -405,7 +412,11 @@ def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json") -> str:
     """The run id that a stored ``hparams.json`` hashes to (its settings; for a ``train --mask`` run
     also its ``mask`` entry, as :func:`lth.lottery.masked.run_id` does). ConfigError if they do not validate."""
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+    token = _RESOLVE_NAMES.set(False)  # hashing only: a user model's module need not be importable here
+    try:
+        cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+    finally:
+        _RESOLVE_NAMES.reset(token)
     mask = hparams.get("mask")
     if not isinstance(mask, dict):
         return cfg.run_id

@@ -72,8 +72,7 @@ def _check_entry(registry, key: str, name: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _f("mnist1d", doc="data set: a registered name (mnist1d, fashion_mnist, mnist, cifar10), an "
-                                  "entry point of group lth.datasets, or an import path 'package.module:loader' "
+    name: str = _f("mnist1d", doc="data set: a registered name, an entry point of group lth.datasets, or an import path 'package.module:loader' "
                                   "of loader(cfg: DataConfig) -> (x_train, y_train, x_test, y_test) (lth.registry)")
     val_size: int | None = _f(
         None, check=_nonneg[0], allowed="an integer >= 0",
@@ -89,8 +88,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("mlp", doc="architecture: a registered name (mlp, lenet_300_100, conv2/4/6, vgg11/16/19, "
-                              "resnet20), an entry point of group lth.models, or an import path "
+    name: str = _f("mlp", doc="architecture: a registered name, an entry point of group lth.models, or an import path "
                               "'package.module:builder' of builder(cfg: ModelConfig, num_classes, input_shape) -> "
                               "flax Module (lth.registry; the run id includes the name)")
     widths: tuple[int, ...] = _f((300, 100), check=lambda v: all(w >= 1 for w in v),
@@ -180,8 +178,8 @@ class PruneConfig:
         "l2", doc="norm ranking neurons/filters (of their incoming weights) and blocks (of the scale of "
                   "their last batch norm)")
     criterion: str = _f(
-        "magnitude", doc="score ranking the weights: magnitude |w|, random, saliency |w * grad| (SNIP), obd "
-                         "w^2 H_ii / 2 (OBD); or an entry point of group lth.criteria, or an import path "
+        "magnitude", doc="score ranking the weights (higher = keep), a registered name: magnitude |w|, random, "
+                         "saliency |w * grad| (SNIP), obd w^2 H_ii / 2 (OBD), ...; or an entry point of group lth.criteria, or an import path "
                          "'package.module:score' of score(params, signals) -> scores (lth.registry)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
                                 doc="train batches the saliency/obd signals are averaged over")
@@ -633,7 +631,10 @@ def describe_fields() -> str:
         if f.name in SECTIONS:
             continue
         lines.append(f"  {f.name} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}")
+    registries = {"data.name": DATASETS, "model.name": MODELS, "prune.criterion": CRITERIA}
     for sec, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            lines.append(f"  {sec}.{f.name} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}")
+            key = f"{sec}.{f.name}"
+            names = f"; registered: {', '.join(registries[key].names())}" if key in registries else ""
+            lines.append(f"  {key} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}{names}")
     return "\n".join(lines)

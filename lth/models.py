@@ -69,11 +69,19 @@ class Structure:
       shortcut, on post-ReLU inputs, whose every parameter belongs to the branch ``f`` and makes
       ``f(x) = 0`` when masked (convs with batch norm do): ``prune.granularity = "layer"`` drops them.
 
-    Output layers are found by name (the top-level layer :data:`OUTPUT`), as in :func:`layer_kind`.
+    - ``output``: the layers (module paths, ``"head"`` or ``"block/fc"``) that are output layers, pruned
+      at ``prune.output_rate`` (default: the top-level layer :data:`OUTPUT`).
+    - ``frozen``: layers (module paths or their prefixes) never pruned nor quantized, e.g. an
+      embedding or a layer norm whose leaves are neither kernels, biases nor batch norms.
+
+    Which leaves are prunable follows (:func:`layer_kind`): every ``kernel`` outside ``frozen``;
+    biases with ``prune.prune_biases``; never norms.
     """
 
     chain: tuple[dict, ...] | None = None
     blocks: tuple[str, ...] = ()
+    output: tuple[str, ...] = ("output",)
+    frozen: tuple[str, ...] = ()
 
     def chain_layers(self) -> list[dict]:
         """The kernel ops of the chain (``dense``/``conv``), in forward order; [] without a chain."""
@@ -499,23 +507,36 @@ def layer_key(path) -> str:
     return "/".join(path_names(path)[:-1])
 
 
-def layer_kind(path, leaf) -> str:
-    """What a params (or batch_stats) leaf is: "conv" | "dense" | "output" | "bias" | "norm".
+def layer_kind(path, leaf, structure: Structure | None = None) -> str:
+    """What a params (or batch_stats) leaf is: "conv" | "dense" | "output" | "bias" | "norm" | "frozen".
 
-    Decided by the naming convention of this module (the leaf's module name: ``conv*``, ``dense*``,
-    ``output``, ``bn*``), so it also works on population-stacked ``[K, ...]`` trees, masks and
-    scores. Kernels of layers named otherwise fall back to their rank (>= 3: conv, else dense).
-    ``path`` is a key path from :func:`jax.tree_util.tree_map_with_path`.
+    With a ``structure`` (:func:`structure_of` the model), what the model declares decides first:
+    leaves of its ``frozen`` layers are "frozen", kernels of its ``output`` layers "output", kernels of
+    its chain layers the chain op's kind. Otherwise the naming convention of this module (the leaf's
+    module name: ``conv*``, ``dense*``, ``output``, ``bn*``) decides, so it also works on
+    population-stacked ``[K, ...]`` trees, masks and scores; kernels of layers named otherwise fall
+    back to their rank (>= 3: conv, else dense). ``path`` is a key path from
+    :func:`jax.tree_util.tree_map_with_path`.
     """
     names = path_names(path)
     leaf_name = names[-1] if names else ""
     module = names[-2] if len(names) >= 2 else ""
+    layer = "/".join(names[:-1])
+    if structure is not None:
+        if any(layer == f or layer.startswith(f + "/") for f in structure.frozen):
+            return "frozen"
+        if leaf_name == "kernel":
+            if layer in structure.output:
+                return "output"
+            declared = {op["layer"]: op["op"] for op in structure.chain_layers()}.get(layer)
+            if declared is not None:
+                return declared
     if module.startswith("bn") or leaf_name in ("scale", "mean", "var"):
         return "norm"
     if leaf_name == "bias":
         return "bias"
     if leaf_name == "kernel":
-        if module == OUTPUT:
+        if module == OUTPUT and (structure is None or layer in structure.output):
             return "output"
         if module.startswith("conv"):
             return "conv"
@@ -523,12 +544,12 @@ def layer_kind(path, leaf) -> str:
             return "dense"
         return "conv" if len(_shape(leaf)) >= 3 else "dense"
     raise ValueError(f"cannot classify parameter {'/'.join(names)!r}: expected a kernel, bias or "
-                     "batch-norm leaf")
+                     "batch-norm leaf (a model declares other layers in Structure.frozen)")
 
 
-def layer_kinds(params: PyTree) -> PyTree:
+def layer_kinds(params: PyTree, structure: Structure | None = None) -> PyTree:
     """:func:`layer_kind` of every leaf, as a pytree shaped like ``params``."""
-    return jax.tree_util.tree_map_with_path(layer_kind, params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: layer_kind(p, x, structure), params)
 
 
 def is_conv_kernel(path, leaf) -> bool:

@@ -84,7 +84,7 @@ class Ticket:
 
     @property
     def density(self) -> float:
-        can = prunable(self.params, self.prune_cfg)
+        can = prunable(self.params, self.prune_cfg, structure_of(self.model))
         kept = sum(int(np.sum(m)) for m, c in zip(jax.tree.leaves(self.mask), jax.tree.leaves(can)) if c)
         total = sum(int(np.size(m)) for m, c in zip(jax.tree.leaves(self.mask), jax.tree.leaves(can)) if c)
         return kept / total if total else 1.0

@@ -211,3 +211,26 @@ def test_the_custom_model_example_runs_lottery_quant_compact_and_report_from_its
     assert set(df[df.method == "float"].arm) == {"ticket", "reinit", "small_dense"}
     q = df[df.method == "ptq"]
     assert set(q.bits) == {8, 4} and set(q.level) == {0, 1, 2}
+
+
+def test_output_and_frozen_layers_are_what_the_model_declares():
+    from jax.tree_util import DictKey
+
+    from lth.models import Structure, layer_kind
+    from lth.prune.masks import layer_rates, prunable
+    st = Structure(chain=({"op": "dense", "layer": "fc1", "relu": True}, {"op": "dense", "layer": "head", "relu": False}),
+                   output=("head",), frozen=("embed",))
+    params = {"embed": {"embedding": np.ones((7, 4))}, "fc1": {"kernel": np.ones((4, 5)), "bias": np.ones(5)},
+              "head": {"kernel": np.ones((5, 3)), "bias": np.ones(3)}}
+    pc = PruneConfig(rate=0.2, output_rate=0.05)
+    rates = layer_rates(params, pc, st)
+    assert (rates["fc1"]["kernel"], rates["head"]["kernel"], rates["embed"]["embedding"]) == (0.2, 0.05, 0.0)
+    can = prunable(params, pc, st)
+    assert not can["embed"]["embedding"] and can["head"]["kernel"] and not can["head"]["bias"]
+    with pytest.raises(ValueError, match="cannot classify parameter 'embed/embedding'.*Structure.frozen"):
+        layer_rates(params, pc)  # undeclared, the embedding is neither kernel, bias nor norm
+    # a declared chain layer keeps its kind on population-stacked [K, in, out] trees (rank would say conv)
+    path = (DictKey("fc1"), DictKey("kernel"))
+    assert layer_kind(path, np.zeros((4, 4, 5))) == "conv" and layer_kind(path, np.zeros((4, 4, 5)), st) == "dense"
+    # a layer named output that the model does not declare as its output is an ordinary layer
+    assert layer_kind((DictKey("output"), DictKey("kernel")), np.zeros((4, 5)), st) == "dense"

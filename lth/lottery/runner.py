@@ -34,7 +34,7 @@ import pandas as pd
 from .. import __version__
 from ..config import ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
-from ..models import build_model
+from ..models import build_model, structure_of
 from ..prune.baselines import match_width
 from ..prune.criteria import Signals, magnitude_scores
 from ..prune.criteria import scores as criterion_scores
@@ -128,7 +128,8 @@ class Lottery:
             if set(cfg.arms) - {"ticket"}:
                 raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
-        check_against_model(cfg, layer_table(shapes), self.engine.num_steps)  # before any level trains
+        self.structure = structure_of(self.model)  # what the model declares: output, frozen, chain, blocks
+        check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps)  # before any level trains
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
 
@@ -181,7 +182,7 @@ class Lottery:
         cfg, store = self.cfg, self.store
         members = self.members(level)
         seeds = list(cfg.seeds)
-        can_prune = prunable(unstack(init["params"], 0), cfg.prune)
+        can_prune = prunable(unstack(init["params"], 0), cfg.prune, self.structure)
         if level == 0:
             weights = [unstack(init, i) for i in range(len(seeds))]
             masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
@@ -202,7 +203,7 @@ class Lottery:
                 tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg, self.model))
                 continue
             scores = self.scores(member, seed, level)
-            tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg))
+            tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg, self.structure))
         if cfg.rewind.mode == "weights":
             rewind = self._rewind_point(init)
             start_weights = [unstack(rewind, i) for i in range(len(seeds))]

@@ -155,7 +155,7 @@ def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model) -> P
     model lacks when it does not support the granularity."""
     st = model if isinstance(model, Structure) else structure_of(model)
     if cfg.granularity == "n:m":
-        return nm_prune(params, mask, cfg)
+        return nm_prune(params, mask, cfg, st)
     if cfg.granularity not in granularities(st):
         raise ValueError(f"prune.granularity = {cfg.granularity!r} is not supported by {type(model).__name__}; it "
                          f"supports {', '.join(granularities(st))}")

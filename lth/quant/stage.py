@@ -33,6 +33,7 @@ import pandas as pd
 
 from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
 from ..lottery.arms import reinit_weights
+from ..models import structure_of
 from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes)
@@ -213,7 +214,7 @@ class QuantStage:
         if not todo:
             return pd.DataFrame(columns=COLUMNS)
         main = run.population(level)
-        can_prune = prunable(unstack(main.params, 0), run.cfg.prune)
+        can_prune = prunable(unstack(main.params, 0), run.cfg.prune, structure_of(run.model))
         info = {m: (density(unstack(main.masks, k), can_prune), kept_count(unstack(main.masks, k)))
                 for k, m in enumerate(main.members)}
         small = run.small_dense(level) if any(c.arm == "small_dense" for c in todo) else None

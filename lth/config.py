@@ -72,8 +72,8 @@ def _check_entry(registry, key: str, name: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _f("mnist1d", doc="data set: a registered name, an entry point of group lth.datasets, or an import path 'package.module:loader' "
-                                  "of loader(cfg: DataConfig) -> (x_train, y_train, x_test, y_test) (lth.registry)")
+    name: str = _f("mnist1d", doc="data set: a registered name, an entry point of group lth.datasets, or an "
+                                  "import path 'package.module:loader' of loader(cfg: DataConfig) -> (x_train, y_train, x_test, y_test) (lth.registry)")
     val_size: int | None = _f(
         None, check=_nonneg[0], allowed="an integer >= 0",
         doc="examples held out of train for validation; default 5000 (image sets) or 500 (mnist1d)")
@@ -179,8 +179,8 @@ class PruneConfig:
                   "their last batch norm)")
     criterion: str = _f(
         "magnitude", doc="score ranking the weights (higher = keep), a registered name: magnitude |w|, random, "
-                         "saliency |w * grad| (SNIP), obd w^2 H_ii / 2 (OBD), ...; or an entry point of group lth.criteria, or an import path "
-                         "'package.module:score' of score(params, signals) -> scores (lth.registry)")
+                         "saliency |w * grad| (SNIP), obd w^2 H_ii / 2 (OBD), ...; or an entry point of group "
+                         "lth.criteria, or an import path 'package.module:score' of score(params, signals) -> scores (lth.registry)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
                                 doc="train batches the saliency/obd signals are averaged over")
     hessian: Literal["hutchinson", "fisher"] = _f("hutchinson", doc="diagonal Hessian estimate for obd")

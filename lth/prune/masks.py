@@ -191,7 +191,8 @@ def sparsity_rows(params: PyTree, mask: PyTree, can_prune: PyTree, structure: St
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, p), m, pr in zip(flat_p, jax.tree.leaves(mask), jax.tree.leaves(can_prune)):
         p = np.asarray(p)
-        rows.append({"layer": leaf_name(path), "kind": layer_kind(path, p, structure), "shape": "x".join(map(str, p.shape)),
+        rows.append({"layer": leaf_name(path), "kind": layer_kind(path, p, structure),
+                     "shape": "x".join(map(str, p.shape)),
                      "count": int(p.size), "nonzero": int(np.count_nonzero(p)),
                      "kept": int(np.asarray(m).sum()), "density": float(np.asarray(m).mean()),
                      "prunable": bool(pr)})

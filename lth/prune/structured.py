@@ -11,8 +11,9 @@ of a dense kernel, input channel c of a conv, or every flattened position of cha
 dense layer after the convolutions). Units are ranked by the L1 or L2 norm of their surviving
 incoming weights (Li et al. 2017 for filters).
 
-**Layers** (models declaring blocks, e.g. resnet20). Dropping a residual block ``stage{s}_block{b}`` masks every parameter of its
-residual branch: both conv kernels and both batch norms' scale and bias. The branch then outputs
+**Layers** (models declaring blocks, e.g. resnet20). Dropping a residual block ``stage{s}_block{b}``
+masks every parameter of its residual branch: both conv kernels and both batch norms' scale and
+bias. The branch then outputs
 exactly 0 in train and eval mode whatever the running statistics (BN computes
 ``(x - mean) * scale / sqrt(var + eps) + bias``), so the block computes ``relu(x + 0) = x`` (its input
 is already post-ReLU): the network is the one with the block removed. Only blocks with an identity

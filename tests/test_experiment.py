@@ -40,6 +40,7 @@ def test_from_toml_equals_the_cli_loader(tmp_path):
     assert repr(exp).startswith(f"Experiment('tiny', run_id={exp.run_id}, model=mlp, data=mnist1d, levels=1")
 
 
+@pytest.mark.slow
 def test_run_returns_the_tidy_frame_with_quant_rows_and_the_cli_finds_it_done(tmp_path):
     exp = lth.Experiment.from_dict(TINY).set(**{"prune.levels": 1, "quant.bits": [8], "train.steps": 20},
                                              seeds=[0], arms=["ticket", "reinit"])
@@ -62,3 +63,26 @@ def test_run_returns_the_tidy_frame_with_quant_rows_and_the_cli_finds_it_done(tm
     assert r.returncode == 0, r.stderr
     assert f"run {exp.run_id}:" in r.stdout
     assert "level_002" not in {p.name for p in (out / exp.run_id).iterdir()}
+
+
+@pytest.mark.slow
+def test_a_first_run_in_a_fresh_home_prints_no_warnings(tmp_path):
+    """No warning a user must ignore: jax's compile cache (bounded in size by lth) needs filelock,
+    which pyproject declares; nothing else warns on a first lottery with a quant stage."""
+    import os
+    import tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "filelock" for d in deps)
+    path = tmp_path / "exp.toml"
+    path.write_text(toml_text(TINY))
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "LTH_COMPILE"))}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(ROOT))
+    env.pop("LTH_CACHE_DIR", None)
+    sets = ["prune.levels=1", "quant.bits=[8]", "train.steps=20", "seeds=[0]", 'arms=["ticket"]']
+    r = subprocess.run([sys.executable, "-m", "lth", "lottery", str(path), "--out", str(tmp_path / "runs"),
+                        "--no-progress", *(a for s in sets for a in ("--set", s))],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (home / ".cache" / "lth" / "jax").is_dir()  # the compile cache was on
+    assert "warn" not in r.stderr.lower(), r.stderr

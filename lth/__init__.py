@@ -77,3 +77,11 @@ def _one_cpu_device_per_core() -> None:
 
 _use_persistent_compile_cache()
 _one_cpu_device_per_core()
+
+
+def __getattr__(name: str):
+    """``lth.Experiment`` (:mod:`lth.experiment`), imported on first use so that ``import lth`` stays light."""
+    if name == "Experiment":
+        import importlib
+        return importlib.import_module("lth.experiment").Experiment
+    raise AttributeError(f"module 'lth' has no attribute {name!r}")

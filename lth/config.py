@@ -8,6 +8,7 @@ what is allowed and where it came from.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import hashlib
@@ -19,6 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from .registry import CRITERIA, DATASETS, MODELS, RegistryError
 
 
 class ConfigError(ValueError):
@@ -41,8 +44,6 @@ _nonneg = (lambda v: v >= 0, "a number >= 0")
 _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
-DATASETS = ("mnist1d", "fashion_mnist", "mnist", "cifar10")
-MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20")
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow", "snip_shuffle",
         "grasp_shuffle", "synflow_shuffle")
 # Quantization settings (lth.quant implements them; listed here so config imports no quantization code)
@@ -51,21 +52,29 @@ QUANT_SCHEMES = ("sym", "asym")
 QUANT_GRANULARITIES = ("channel", "tensor")
 QUANT_CALIBRATIONS = ("minmax", "percentile", "mse")
 QUANT_METHODS = ("ptq", "qat")
-# Models each structured prune.granularity supports (implemented in lth.structured): neurons and
-# filters of plain feed-forward chains; whole residual blocks ("layer") of ResNets.
-STRUCTURED_MODELS = {
-    "neuron": ("mlp", "lenet_300_100", "conv2", "conv4", "conv6"),
-    "filter": ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19"),
-    "layer": ("resnet20",),
-    # N:M semi-structured sparsity (lth.nm) groups the input weights of any conv/dense kernel
-    "n:m": MODELS,
-}
+# Model, data set and criterion names are not listed here: lth.registry resolves them (registered
+# names, entry points, "package.module:callable"); which structured granularities a model supports is
+# declared by the model (lth.models.Structure) and checked once it is built.
+
+
+# False while only hashing a stored run's settings (stored_run_id): reading a store needs no model code
+_RESOLVE_NAMES = contextvars.ContextVar("lth_resolve_names", default=True)
+
+
+def _check_entry(registry, key: str, name: str) -> None:
+    """ConfigError (one line) unless ``registry`` resolves ``name`` (imports an import path's module)."""
+    if not _RESOLVE_NAMES.get():
+        return
+    try:
+        registry.resolve(name)
+    except RegistryError as e:
+        raise ConfigError(f"{key} = {name!r}: {e}") from None
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["mnist1d", "fashion_mnist", "mnist", "cifar10"] = _f(
-        "mnist1d", doc="data set from the registry")
+    name: str = _f("mnist1d", doc="data set: a registered name, an entry point of group lth.datasets, or an "
+                                  "import path 'package.module:loader' of loader(cfg: DataConfig) -> (x_train, y_train, x_test, y_test) (lth.registry)")
     val_size: int | None = _f(
         None, check=_nonneg[0], allowed="an integer >= 0",
         doc="examples held out of train for validation; default 5000 (image sets) or 500 (mnist1d)")
@@ -74,17 +83,24 @@ class DataConfig:
                               doc="total examples generated for mnist1d (80% train, 20% test)")
     split_seed: int = _f(0, doc="seed of the train/val split (the same for every member)")
 
+    def __post_init__(self):
+        _check_entry(DATASETS, "data.name", self.name)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["mlp", "lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19",
-                  "resnet20"] = _f("mlp", doc="architecture from the registry")
+    name: str = _f("mlp", doc="architecture: a registered name, an entry point of group lth.models, or an import path "
+                              "'package.module:builder' of builder(cfg: ModelConfig, num_classes, input_shape) -> "
+                              "flax Module (lth.registry; the run id includes the name)")
     widths: tuple[int, ...] = _f((300, 100), check=lambda v: all(w >= 1 for w in v),
                                  allowed="a list of positive integers",
                                  doc="hidden widths of the mlp (before the width multiplier)")
     width: float = _f(1.0, check=_pos[0], allowed=_pos[1],
                       doc="multiplier on every hidden layer's width (small-dense baselines)")
     init: Literal["glorot_normal", "kaiming_normal"] = _f("glorot_normal", doc="weight init scheme")
+
+    def __post_init__(self):
+        _check_entry(MODELS, "model.name", self.name)
 
 
 @dataclass(frozen=True)
@@ -152,7 +168,9 @@ class PruneConfig:
                       "blocks (layer: prune.rate of the surviving identity-shortcut blocks, rounded half "
                       "up); n:m keeps prune.n of every prune.m consecutive input weights (lth.nm: each "
                       "level drops round_half_up(rate * k), at least 1, of the k survivors of every "
-                      "group until n remain); see STRUCTURED_MODELS for the models each supports")
+                      "group until n remain); the model declares which units it has (lth.models.Structure: "
+                      "built-in neuron: mlp, lenet_300_100, conv2/4/6; filter: those and vgg11/16/19; "
+                      "layer: resnet20; n:m: any)")
     n: int = _f(2, check=lambda v: v >= 1, allowed="an integer >= 1",
                 doc="granularity n:m: weights kept in every group of m (2 of 2:4)")
     m: int = _f(4, check=lambda v: v >= 2, allowed="an integer >= 2",
@@ -160,10 +178,12 @@ class PruneConfig:
     structure_norm: Literal["l1", "l2"] = _f(
         "l2", doc="norm ranking neurons/filters (of their incoming weights) and blocks (of the scale of "
                   "their last batch norm)")
-    criterion: Literal["magnitude", "random", "saliency", "obd", "snip", "grasp", "synflow"] = _f(
-        "magnitude", doc="score ranking the weights: |w|, random, |w * grad| (saliency; snip is the same "
-                         "score), w^2 H_ii / 2 (OBD), w * (H g) (GraSP, keeps the highest) or |w * dR/dw| of "
-                         "the |w| network (SynFlow; one evaluation in IMP)")
+    criterion: str = _f(
+        "magnitude", doc="score ranking the weights (higher = keep), a registered name: magnitude |w|, random, "
+                         "saliency |w * grad| (snip is the same score), obd w^2 H_ii / 2 (OBD), grasp w * (H g) "
+                         "(GraSP, keeps the highest), synflow |w * dR/dw| of the |w| network (one evaluation in "
+                         "IMP), ...; or an entry point of group "
+                         "lth.criteria, or an import path 'package.module:score' of score(params, signals) -> scores (lth.registry)")
     criterion_batches: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
                                 doc="train batches the saliency/snip/grasp/obd signals are averaged over")
     synflow_rounds: int = _f(100, check=lambda v: v >= 1, allowed="an integer >= 1",
@@ -184,6 +204,7 @@ class PruneConfig:
                           doc="AGP: number of mask updates n (final sparsity reached at t0 + n dt)")
 
     def __post_init__(self):
+        _check_entry(CRITERIA, "prune.criterion", self.criterion)
         if self.schedule == "gradual" and self.granularity != "weight":
             raise ConfigError(f"prune.granularity = {self.granularity!r} is not allowed with prune.schedule = "
                               "'gradual' (AGP prunes single weights by magnitude); use prune.granularity = "
@@ -290,7 +311,8 @@ class StabilityConfig:
                                                 "measure the error barrier between the two")
     points: int = _f(30, result=False, check=lambda v: v >= 2, allowed="an integer >= 2",
                      doc="evenly spaced points of the linear path between the copies, endpoints included")
-    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle"], ...] | None = _f(
+    arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "snip", "grasp", "synflow", "snip_shuffle",
+                        "grasp_shuffle", "synflow_shuffle"], ...] | None = _f(
         None, result=False, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct "
         "arms (not small_dense)", doc="arms that get copies; default every arm of the run but small_dense "
                                       "(the dense level 0 counts as the ticket arm)")
@@ -357,14 +379,7 @@ class ExperimentConfig:
             check_quant(self, self.quant, "[quant]")
         if self.stability.enabled:
             check_stability(self, self.stability, "[stability]")
-        g, model = self.prune.granularity, self.model.name
-        if g != "weight" and model not in STRUCTURED_MODELS[g]:
-            fits = ", ".join(repr(k) for k in ("weight", *STRUCTURED_MODELS) if k == "weight"
-                             or model in STRUCTURED_MODELS[k])
-            why = "it has no residual blocks" if g == "layer" else "it is not a plain chain of layers"
-            raise ConfigError(f"prune.granularity = {g!r} is not allowed with model.name = {model!r} ({why}); "
-                              f"prune.granularity = {g!r} needs model.name in "
-                              f"{', '.join(STRUCTURED_MODELS[g])}; with {model} use prune.granularity = {fits}")
+        g = self.prune.granularity
         if g == "layer" and {"random_prune", "shuffle"} & set(self.arms):
             # both controls permute a mask within each leaf; a dropped block's leaves are all False
             # and a kept block's all True, so they would reproduce the ticket's mask exactly
@@ -481,7 +496,7 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
     if cfg.rewind.step > num_steps:
         raise ConfigError(f"rewind.step = {cfg.rewind.step} is past the end of training ({num_steps} steps); "
                           f"expected an integer in [0, {num_steps}]")
-    if cfg.model.widths != ModelConfig().widths and cfg.model.name != "mlp":
+    if cfg.model.widths != ModelConfig().widths and cfg.model.name in MODELS.entries and cfg.model.name != "mlp":
         raise ConfigError(f"model.widths = {list(cfg.model.widths)} is not used by model.name = "
                           f"{cfg.model.name!r} (only by 'mlp'); remove it, or scale the model with model.width")
 
@@ -492,7 +507,11 @@ def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json", *, legac
     scheme before runs could grow (:attr:`ExperimentConfig.legacy_run_id`; a ``train --mask`` run has
     one scheme only). ConfigError if they do not validate."""
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+    token = _RESOLVE_NAMES.set(False)  # hashing only: a user model's module need not be importable here
+    try:
+        cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+    finally:
+        _RESOLVE_NAMES.reset(token)
     mask = hparams.get("mask")
     if not isinstance(mask, dict):
         return cfg.legacy_run_id if legacy else cfg.run_id
@@ -709,7 +728,10 @@ def describe_fields() -> str:
         if f.name in SECTIONS:
             continue
         lines.append(f"  {f.name} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}")
+    registries = {"data.name": DATASETS, "model.name": MODELS, "prune.criterion": CRITERIA}
     for sec, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            lines.append(f"  {sec}.{f.name} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}")
+            key = f"{sec}.{f.name}"
+            names = f"; registered: {', '.join(registries[key].names())}" if key in registries else ""
+            lines.append(f"  {key} = {_to_jsonable(f.default)!r}  {f.metadata.get('doc', '')}{names}")
     return "\n".join(lines)

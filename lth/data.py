@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import registry
 from .config import DataConfig
 
 RawData = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -80,7 +81,7 @@ class Dataset:
 
 # ---------------------------------------------------------------------------- registry
 
-DATASETS: dict[str, Loader] = {}
+DATASETS: dict[str, Loader] = registry.DATASETS.entries  # the built-in and registered loaders by name
 DEFAULT_VAL_SIZE: dict[str, int] = {}
 NUM_CLASSES: dict[str, int] = {}
 
@@ -91,9 +92,7 @@ def register(name: str, *, val_size: int = 5000, num_classes: int = 10) -> Calla
     ``val_size`` is the default validation hold-out when ``DataConfig.val_size`` is None.
     """
     def deco(fn: Loader) -> Loader:
-        if name in DATASETS:
-            raise ValueError(f"data set {name!r} is already registered")
-        DATASETS[name] = fn
+        registry.DATASETS.register(name, fn)
         DEFAULT_VAL_SIZE[name] = val_size
         NUM_CLASSES[name] = num_classes
         return fn
@@ -125,11 +124,16 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Dataset:
-    if cfg.name not in DATASETS:
-        raise DataError(f"unknown data set {cfg.name!r}; available: {', '.join(DATASETS)}")
-    x_train, y_train, x_test, y_test = DATASETS[cfg.name](cfg)
+    try:
+        loader = registry.DATASETS.resolve(cfg.name)
+    except registry.RegistryError as e:
+        raise DataError(str(e)) from None
+    x_train, y_train, x_test, y_test = _checked(cfg.name, loader(cfg))
     n = len(x_train)
-    val_size = DEFAULT_VAL_SIZE[cfg.name] if cfg.val_size is None else cfg.val_size
+    default_val = DEFAULT_VAL_SIZE.get(cfg.name, getattr(loader, "val_size", None))
+    if default_val is None:  # a user loader without a val_size attribute
+        default_val = min(5000, n // 10)
+    val_size = default_val if cfg.val_size is None else cfg.val_size
     if not 0 <= val_size < n:
         raise DataError(f"{cfg.name}: val_size = {val_size} must be in [0, {n}), the number of "
                         f"train examples; lower data.val_size")
@@ -150,7 +154,26 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
         raise DataError(f"{cfg.name}: the val split is empty although data.val_size = {val_size}")
     for a in (*xs, *ys):
         a.setflags(write=False)
-    return Dataset(cfg.name, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], NUM_CLASSES[cfg.name])
+    num_classes = NUM_CLASSES.get(cfg.name, getattr(loader, "num_classes", None))
+    if num_classes is None:  # a user loader without a num_classes attribute: the largest label + 1
+        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    return Dataset(cfg.name, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], int(num_classes))
+
+
+def _checked(name: str, arrays) -> RawData:
+    """The four arrays a loader returned, as numpy; DataError naming what is wrong otherwise."""
+    if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
+        raise DataError(f"data set loader {name!r} must return (x_train, y_train, x_test, y_test); got "
+                        f"{type(arrays).__name__}")
+    x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in arrays)
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"data set loader {name!r}: shapes do not fit: x_train {x_tr.shape}, y_train {y_tr.shape}, "
+                        f"x_test {x_te.shape}, y_test {y_te.shape}")
+    if not (np.issubdtype(y_tr.dtype, np.integer) and np.issubdtype(y_te.dtype, np.integer)):
+        raise DataError(f"data set loader {name!r}: labels must be integers, got {y_tr.dtype} and {y_te.dtype}")
+    if (y_tr.size and y_tr.min() < 0) or (y_te.size and y_te.min() < 0):
+        raise DataError(f"data set loader {name!r}: labels must be >= 0")
+    return x_tr, y_tr, x_te, y_te
 
 
 load_dataset.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]

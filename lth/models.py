@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import registry
 from .config import ModelConfig
 
 PyTree = Any
@@ -38,7 +40,7 @@ Builder = Callable[[ModelConfig, int, tuple[int, ...]], nn.Module]
 OUTPUT = "output"  # name of the last (classifier) layer in every model
 POOL = "M"  # 2x2 max-pool marker in conv plans
 
-MODELS: dict[str, Builder] = {}
+MODELS: dict[str, Builder] = registry.MODELS.entries  # the built-in and registered builders by name
 
 INITS: dict[str, Callable[[], Callable]] = {
     "glorot_normal": nn.initializers.glorot_normal,  # Frankle & Carbin 2019
@@ -46,31 +48,101 @@ INITS: dict[str, Callable[[], Callable]] = {
 }
 
 
+@dataclass(frozen=True)
+class Structure:
+    """What structured pruning, ``lth compact``, cross-layer equalization and integer inference need
+    to know about a model's layers, declared by the model itself.
+
+    A Module declares it with a method ``structure(self) -> Structure`` (no arguments; it may read
+    the module's fields). A model without one gets ``Structure()``: weight and N:M pruning only.
+
+    - ``chain``: the forward pass when it is a plain chain of top-level layers, as ops
+      ``{"op": "dense" | "conv", "layer": name, "relu": bool}`` (``"norm": bn_name`` when a batch
+      norm follows the layer, before the ReLU; ``"strides"`` of a conv, default 1; convs use SAME
+      padding), ``{"op": "pool"}`` (2x2 max, stride 2), ``{"op": "flatten"}`` and ``{"op": "gap"}``
+      (global average pool over H, W). The last op is the output layer (no ReLU). Every layer with a
+      kernel must be in it. With a chain, ``prune.granularity = "filter"`` removes conv filters and
+      ``"neuron"`` hidden dense units (with their bias, batch-norm entries and the next layer's
+      inputs); without batch norm and pooling other than 2x2 max, ``lth compact`` builds the smaller
+      network (:class:`ChainNet`) and quantized tickets run in integers (no "gap" either).
+    - ``blocks``: top-level submodules that are residual blocks ``y = relu(x + f(x))`` with an identity
+      shortcut, on post-ReLU inputs, whose every parameter belongs to the branch ``f`` and makes
+      ``f(x) = 0`` when masked (convs with batch norm do): ``prune.granularity = "layer"`` drops them.
+
+    - ``output``: the layers (module paths, ``"head"`` or ``"block/fc"``) that are output layers, pruned
+      at ``prune.output_rate`` (default: the top-level layer :data:`OUTPUT`).
+    - ``frozen``: layers (module paths or their prefixes) never pruned nor quantized, e.g. an
+      embedding or a layer norm whose leaves are neither kernels, biases nor batch norms.
+
+    Which leaves are prunable follows (:func:`layer_kind`): every ``kernel`` outside ``frozen``;
+    biases with ``prune.prune_biases``; never norms.
+    """
+
+    chain: tuple[dict, ...] | None = None
+    blocks: tuple[str, ...] = ()
+    output: tuple[str, ...] = ("output",)
+    frozen: tuple[str, ...] = ()
+
+    def chain_layers(self) -> list[dict]:
+        """The kernel ops of the chain (``dense``/``conv``), in forward order; [] without a chain."""
+        return [op for op in self.chain or () if op["op"] in ("dense", "conv")]
+
+
+def structure_of(model) -> Structure:
+    """The :class:`Structure` ``model`` declares (its ``structure()`` method), else ``Structure()``."""
+    fn = getattr(model, "structure", None)
+    if not callable(fn):
+        return Structure()
+    st = fn()
+    if not isinstance(st, Structure):
+        raise ValueError(f"{type(model).__name__}.structure() returned a {type(st).__name__}, not a "
+                         "lth.models.Structure")
+    return st
+
+
+def _dense_op(layer: str, relu: bool = True) -> dict:
+    return {"op": "dense", "layer": layer, "relu": relu}
+
+
+def _conv_plan_ops(plan, norms: bool) -> list[dict]:
+    ops, i = [], 0
+    for item in plan:
+        if item == POOL:
+            ops.append({"op": "pool"})
+        else:
+            ops.append({"op": "conv", "layer": f"conv_{i}", "relu": True, **({"norm": f"bn_{i}"} if norms else {})})
+            i += 1
+    return ops
+
+
 def register(name: str) -> Callable[[Builder], Builder]:
     """Decorator adding ``builder(cfg, num_classes, input_shape) -> Module`` to :data:`MODELS`."""
 
     def deco(builder: Builder) -> Builder:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
+        return registry.MODELS.register(name, builder)
 
     return deco
 
 
 def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
-    """The registered model ``cfg.name`` for inputs ``[B, *input_shape]`` and ``num_classes`` logits.
+    """The model ``cfg.name`` (a registered name, entry point or ``"package.module:builder"``, see
+    :mod:`lth.registry`) for inputs ``[B, *input_shape]`` and ``num_classes`` logits.
 
-    Raises ValueError when the name is unknown, the init scheme is unknown, or the input shape
-    does not fit the architecture (e.g. a conv net on a 1-D data set).
+    Raises ValueError when the name is unknown, the init scheme is unknown, the input shape does
+    not fit the architecture (e.g. a conv net on a 1-D data set), or a builder returns no Module.
     """
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; registered models: {', '.join(MODELS)}")
+    try:
+        builder = registry.MODELS.resolve(cfg.name)
+    except registry.RegistryError as e:
+        raise ValueError(str(e)) from None
     if cfg.init not in INITS:
         raise ValueError(f"unknown init {cfg.init!r}; allowed: {', '.join(INITS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return MODELS[cfg.name](cfg, int(num_classes), tuple(int(d) for d in input_shape))
+    module = builder(cfg, int(num_classes), tuple(int(d) for d in input_shape))
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model builder {cfg.name!r} returned a {type(module).__name__}, not a flax.linen.Module")
+    return module
 
 
 def scale_width(base: int, width: float) -> int:
@@ -189,6 +261,10 @@ class MLP(nn.Module):
             x = _relu(self, _dense(w, self.init_scheme, f"dense_{i}")(x), f"dense_{i}")
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
 
+    def structure(self) -> Structure:
+        return Structure(chain=({"op": "flatten"}, *(_dense_op(f"dense_{i}") for i in range(len(self.widths))),
+                                _dense_op(OUTPUT, relu=False)))
+
 
 class ConvNet(nn.Module):
     """Frankle & Carbin (2019) Conv-2/4/6: 3x3 convs (ReLU) and 2x2 max-pools, flatten, FC, output.
@@ -215,6 +291,10 @@ class ConvNet(nn.Module):
             x = _relu(self, _dense(w, self.init_scheme, f"dense_{j}")(x), f"dense_{j}")
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
 
+    def structure(self) -> Structure:
+        return Structure(chain=(*_conv_plan_ops(self.plan, norms=False), {"op": "flatten"},
+                                *(_dense_op(f"dense_{j}") for j in range(len(self.fc))), _dense_op(OUTPUT, relu=False)))
+
 
 class VGG(nn.Module):
     """CIFAR VGG as in open_lth / Frankle et al. (2020): conv-BN-ReLU blocks, max-pools,
@@ -236,6 +316,9 @@ class VGG(nn.Module):
                 i += 1
         x = jnp.mean(x, axis=(1, 2))
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+    def structure(self) -> Structure:
+        return Structure(chain=(*_conv_plan_ops(self.plan, norms=True), {"op": "gap"}, _dense_op(OUTPUT, relu=False)))
 
 
 class BasicBlock(nn.Module):
@@ -283,6 +366,52 @@ class ResNet(nn.Module):
                 x = BasicBlock(feats, strides, self.init_scheme, name=f"stage{s + 1}_block{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return _dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+    def structure(self) -> Structure:
+        """Not a chain (residual connections); the blocks with an identity shortcut (same stride and
+        channels as their input; the first block of every later stage projects) can be dropped."""
+        blocks, channels = [], self.stem
+        for s, feats in enumerate(self.stages):
+            for b in range(self.blocks_per_stage):
+                if not (s > 0 and b == 0) and channels == feats:
+                    blocks.append(f"stage{s + 1}_block{b}")
+                channels = feats
+        return Structure(blocks=tuple(blocks))
+
+
+class ChainNet(nn.Module):
+    """A plain chain of layers run from :class:`Structure` ops (``lth compact`` builds the smaller network
+    of a neuron/filter ticket with it): the params are named by the ops' layers, so they are the
+    original model's layers with fewer units.
+
+    ``ops``: the chain ops as sorted item tuples, every dense/conv op with ``features`` (its output
+    units), and convs with ``kernel`` ``(kh, kw)``; ``bias``: whether the layer has one.
+    """
+
+    ops: tuple[tuple[tuple[str, Any], ...], ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for items in self.ops:
+            op = dict(items)
+            kind = op["op"]
+            if kind == "flatten":
+                x = x.reshape((x.shape[0], -1))
+            elif kind == "pool":
+                x = _max_pool(x)
+            elif kind == "gap":
+                x = jnp.mean(x, axis=(1, 2))
+            elif kind == "dense":
+                x = nn.Dense(op["features"], use_bias=op.get("bias", True), name=op["layer"])(x)
+            elif kind == "conv":
+                s = op.get("strides", 1)
+                x = nn.Conv(op["features"], tuple(op["kernel"]), strides=(s, s), padding="SAME",
+                            use_bias=op.get("bias", True), name=op["layer"], conv_general_dilated=loop_friendly_conv)(x)
+            else:
+                raise ValueError(f"unknown chain op {kind!r}")
+            if kind in ("dense", "conv") and op.get("relu"):
+                x = nn.relu(x)
+        return x
 
 
 # ---------------------------------------------------------------------------- builders
@@ -378,23 +507,36 @@ def layer_key(path) -> str:
     return "/".join(path_names(path)[:-1])
 
 
-def layer_kind(path, leaf) -> str:
-    """What a params (or batch_stats) leaf is: "conv" | "dense" | "output" | "bias" | "norm".
+def layer_kind(path, leaf, structure: Structure | None = None) -> str:
+    """What a params (or batch_stats) leaf is: "conv" | "dense" | "output" | "bias" | "norm" | "frozen".
 
-    Decided by the naming convention of this module (the leaf's module name: ``conv*``, ``dense*``,
-    ``output``, ``bn*``), so it also works on population-stacked ``[K, ...]`` trees, masks and
-    scores. Kernels of layers named otherwise fall back to their rank (>= 3: conv, else dense).
-    ``path`` is a key path from :func:`jax.tree_util.tree_map_with_path`.
+    With a ``structure`` (:func:`structure_of` the model), what the model declares decides first:
+    leaves of its ``frozen`` layers are "frozen", kernels of its ``output`` layers "output", kernels of
+    its chain layers the chain op's kind. Otherwise the naming convention of this module (the leaf's
+    module name: ``conv*``, ``dense*``, ``output``, ``bn*``) decides, so it also works on
+    population-stacked ``[K, ...]`` trees, masks and scores; kernels of layers named otherwise fall
+    back to their rank (>= 3: conv, else dense). ``path`` is a key path from
+    :func:`jax.tree_util.tree_map_with_path`.
     """
     names = path_names(path)
     leaf_name = names[-1] if names else ""
     module = names[-2] if len(names) >= 2 else ""
+    layer = "/".join(names[:-1])
+    if structure is not None:
+        if any(layer == f or layer.startswith(f + "/") for f in structure.frozen):
+            return "frozen"
+        if leaf_name == "kernel":
+            if layer in structure.output:
+                return "output"
+            declared = {op["layer"]: op["op"] for op in structure.chain_layers()}.get(layer)
+            if declared is not None:
+                return declared
     if module.startswith("bn") or leaf_name in ("scale", "mean", "var"):
         return "norm"
     if leaf_name == "bias":
         return "bias"
     if leaf_name == "kernel":
-        if module == OUTPUT:
+        if module == OUTPUT and (structure is None or layer in structure.output):
             return "output"
         if module.startswith("conv"):
             return "conv"
@@ -402,12 +544,12 @@ def layer_kind(path, leaf) -> str:
             return "dense"
         return "conv" if len(_shape(leaf)) >= 3 else "dense"
     raise ValueError(f"cannot classify parameter {'/'.join(names)!r}: expected a kernel, bias or "
-                     "batch-norm leaf")
+                     "batch-norm leaf (a model declares other layers in Structure.frozen)")
 
 
-def layer_kinds(params: PyTree) -> PyTree:
+def layer_kinds(params: PyTree, structure: Structure | None = None) -> PyTree:
     """:func:`layer_kind` of every leaf, as a pytree shaped like ``params``."""
-    return jax.tree_util.tree_map_with_path(layer_kind, params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: layer_kind(p, x, structure), params)
 
 
 def is_conv_kernel(path, leaf) -> bool:

@@ -53,7 +53,8 @@ from .prune.nm import as_matrix, group_counts, groupable, nm_bytes, nm_compress
 from .quant import QuantSpec, fake_quant_model, from_quantized, layer_program, ptq, size_report
 from .store import RunStore, StoreError, atomic_write_bytes, load_tree, parquet_bytes, read_json
 from .stored import StoredRun
-from .prune.structured import SEQUENTIAL, compact, is_structured, layer_order
+from .models import structure_of
+from .prune.structured import chain_norms, chain_order, compact, compact_ops, is_structured
 from .train import apply_mask, unstack
 
 CHECK_BATCH = 64
@@ -83,7 +84,7 @@ class Ticket:
 
     @property
     def density(self) -> float:
-        can = prunable(self.params, self.prune_cfg)
+        can = prunable(self.params, self.prune_cfg, structure_of(self.model))
         kept = sum(int(np.sum(m)) for m, c in zip(jax.tree.leaves(self.mask), jax.tree.leaves(can)) if c)
         total = sum(int(np.size(m)) for m, c in zip(jax.tree.leaves(self.mask), jax.tree.leaves(can)) if c)
         return kept / total if total else 1.0
@@ -316,11 +317,16 @@ def build_csr(t: Ticket) -> Built | None:
 
 @register("compact")
 def build_compact(t: Ticket) -> Built | None:
-    if t.prune_cfg.granularity not in ("neuron", "filter") or t.model_cfg.name not in SEQUENTIAL:
+    if t.prune_cfg.granularity not in ("neuron", "filter"):
         return None
-    if not is_structured(t.mask, layer_order(t.params)):
+    st = structure_of(t.model)
+    try:
+        compact_ops(st, t.params)  # the model's chain is one compact rebuilds
+    except ValueError:
         return None
-    small, small_params = compact(t.params, t.mask, t.model_cfg, t.num_classes, t.input_shape)
+    if not is_structured(t.mask, chain_order(st, t.params), chain_norms(st)):
+        return None
+    small, small_params = compact(t.params, t.mask, t.model_cfg, t.num_classes, t.input_shape, t.model)
     fn = jax.jit(lambda p, x: small.apply({"params": p}, x))
     p = jax.tree.map(jnp.asarray, small_params)
     return Built(lambda x: fn(p, x), FLOAT_BYTES * _count(small_params))

@@ -53,8 +53,12 @@ def tiny_idx_set(folder, n_train=20, n_test=6, gz=True, hw=(4, 5)):
     return arrays
 
 
-def test_registry_keys_equal_config_names():
-    assert tuple(DATASETS) == lth.config.DATASETS
+def test_config_accepts_exactly_the_registered_data_sets():
+    for name in DATASETS:
+        assert lth.config.DataConfig(name=name).name == name
+    with pytest.raises(lth.config.ConfigError, match="data.name = 'mnist2': unknown data set 'mnist2'; registered: "
+                                                     "mnist1d, fashion_mnist, mnist, cifar10"):
+        lth.config.DataConfig(name="mnist2")
 
 
 # ---------------------------------------------------------------------------- mnist1d

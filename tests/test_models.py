@@ -54,8 +54,13 @@ def _kinds_by_name(tree):
 
 # ---------------------------------------------------------------------------- registry
 
-def test_registry_keys_equal_config_models():
-    assert tuple(MODELS) == config.MODELS
+def test_config_accepts_exactly_the_registered_models():
+    from lth import registry
+    assert registry.MODELS.names()[:len(MODELS)] == list(MODELS)
+    for name in MODELS:
+        assert config.ModelConfig(name=name).name == name
+    with pytest.raises(config.ConfigError, match="model.name = 'mlp2': unknown model 'mlp2'; registered: mlp, "):
+        config.ModelConfig(name="mlp2")
 
 
 def test_register_adds_a_builder_and_rejects_duplicates():
@@ -74,8 +79,8 @@ def test_register_adds_a_builder_and_rejects_duplicates():
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'nope'.*resnet20"):
-        build_model(ModelConfig(name="nope"), 10, CIFAR)
+    with pytest.raises(config.ConfigError, match="unknown model 'nope'.*resnet20"):
+        ModelConfig(name="nope")
 
 
 # ---------------------------------------------------------------------------- forward pass
@@ -94,7 +99,7 @@ def test_logits_shape_come_from_output_layer(name, shape):
     assert variables["params"][OUTPUT]["kernel"].shape[-1] == NUM_CLASSES
 
 
-@pytest.mark.parametrize("name", config.MODELS)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_leaf_has_a_kind_and_one_output_kernel(name):
     shape = (40,) if name == "mlp" else (28, 28, 1) if name == "lenet_300_100" else CIFAR
     kinds = _kinds_by_name(_shapes(name, shape))

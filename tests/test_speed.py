@@ -45,9 +45,10 @@ CASES = {
     "conv2-unstructured": (CONV_CFG, (8, 8, 3), PruneConfig(), random_mask),
     "mlp-2:4": (MLP_CFG, (12,), NM, lambda p, r: nm_prune(p, ones(p), NM)),
     "conv2-2:4": (CONV_CFG, (8, 8, 3), NM, lambda p, r: nm_prune(p, ones(p), NM)),
-    "mlp-neuron": (MLP_CFG, (12,), NEURON, lambda p, r: structured_prune(p, ones(p), NEURON, "mlp")),
+    "mlp-neuron": (MLP_CFG, (12,), NEURON, lambda p, r: structured_prune(p, ones(p), NEURON, build_model(MLP_CFG, 10, (12,)))),
     "conv2-filter": (CONV_CFG, (8, 8, 3), PruneConfig(granularity="filter", rate=0.5),
-                     lambda p, r: structured_prune(p, ones(p), PruneConfig(granularity="filter", rate=0.5), "conv2")),
+                     lambda p, r: structured_prune(p, ones(p), PruneConfig(granularity="filter", rate=0.5),
+                                                     build_model(CONV_CFG, 10, (8, 8, 3)))),
 }
 EXPECTED = {"mlp-unstructured": {"dense", "bcoo", "csr", "int8"}, "conv2-unstructured": {"dense", "bcoo", "csr", "int8"},
             "mlp-2:4": {"dense", "bcoo", "csr", "int8", "nm"}, "conv2-2:4": {"dense", "bcoo", "csr", "int8", "nm"},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
@@ -41,28 +40,28 @@ def add_lottery(sub) -> None:
 
 
 def run_experiment_file(args, train_only: bool) -> int:
-    from ..config import load_experiment
-    from ..pipeline import run_experiment
+    from ..experiment import Experiment
 
-    cfg = load_experiment(args.experiment, args.overrides + args.settings)
+    exp = Experiment.from_toml(args.experiment, args.overrides + args.settings)
     mask, mask_arm = getattr(args, "mask", None), getattr(args, "mask_arm", None)
     if mask_arm is not None and mask is None:
         return error("--mask-arm needs --mask (the mask file or stored level to train)")
     if mask is not None:
         from ..lottery.masked import train_masked
         t0 = time.time()
-        store = train_masked(cfg, args.out, mask, mask_arm or "ticket",
-                             progress=not args.no_progress and cfg.log.progress)
+        store = train_masked(exp.config, args.out, mask, mask_arm or "ticket",
+                             progress=not args.no_progress and exp.config.log.progress)
         print_summary(store.path, time.time() - t0)
         return 0
     if train_only:
-        sc = cfg.stability  # level 0 only: the dense network's copies, if [stability] gives the ticket arm any
-        sc = dataclasses.replace(sc, arms=None, levels="all", enabled=sc.enabled and (sc.arms is None or "ticket" in sc.arms))
-        cfg = cfg.replace(prune=dataclasses.replace(cfg.prune, levels=0), arms=("ticket",), quant=None, stability=sc)
+        sc = exp.config.stability  # level 0 only: the dense network's copies, if [stability] gives the ticket arm any
+        on = sc.enabled and (sc.arms is None or "ticket" in sc.arms)
+        exp = exp.set(**{"prune.levels": 0, "arms": ["ticket"], "quant": None, "stability.arms": None,
+                         "stability.levels": "all", "stability.enabled": on})
     t0 = time.time()
     log = None if args.no_progress else (lambda msg: print(f"{'lth' if 'stability' in msg else 'quant'}: {msg}",
                                                            file=sys.stderr, flush=True))
-    store = run_experiment(cfg, args.out, progress=not args.no_progress and cfg.log.progress, log=log)
+    store = exp.execute(args.out, progress=not args.no_progress and exp.config.log.progress, log=log)
     print_summary(store.path, time.time() - t0)
     return 0
 

@@ -41,7 +41,7 @@ from flax import traverse_util
 from .. import __version__
 from ..config import ConfigError, ExperimentConfig
 from ..data import load_dataset
-from ..models import build_model
+from ..models import build_model, structure_of
 from ..prune.masks import density, prunable
 from ..store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
 from .runner import Member, metrics_table, progress_bar, sparsity_table, stored_init
@@ -256,7 +256,7 @@ class MaskedRun:
         seeds = list(cfg.seeds)
         masks = list(self.source.masks)
         arm = self.source.arm or "ticket"
-        can_prune = prunable(unstack(init["params"], 0), cfg.prune)
+        can_prune = prunable(unstack(init["params"], 0), cfg.prune, structure_of(self.model))
         state = engine.init(init["params"], init["batch_stats"], stack(masks), seed_keys(seeds))
         t0 = time.time()
         with progress_bar(self.progress, "masked", engine.num_steps) as bar:

@@ -45,14 +45,14 @@ import pandas as pd
 from .. import __version__
 from ..config import ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
-from ..models import build_model
+from ..models import build_model, structure_of
 from ..prune.baselines import count_at_width, match_width
 from ..prune.criteria import Signals, magnitude_scores
 from ..prune.criteria import scores as criterion_scores
 from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_to_density, sparsity_rows
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
-from ..prune.structured import structured_prune
+from ..prune.structured import check_granularity, structured_prune
 from ..store import (RunStore, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_parquet,
                      stacked_seeds, take_seeds, tree_bytes, with_seeds)
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
@@ -294,7 +294,9 @@ class Lottery:
             if set(cfg.arms) - {"ticket"}:
                 raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
-        check_against_model(cfg, layer_table(shapes), self.engine.num_steps)  # before any level trains
+        self.structure = structure_of(self.model)  # what the model declares: output, frozen, chain, blocks
+        check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps)  # before any level trains
+        check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
 
     # ------------------------------------------------------------------ fixed weights
@@ -369,7 +371,7 @@ class Lottery:
         members = self.members(level) if members is None else list(members)
         all_seeds = list(cfg.seeds)
         seeds = [s for s in all_seeds if any(m.seed == s for m in members)]  # those with a member to train
-        can_prune = prunable(unstack(init["params"], 0), cfg.prune)
+        can_prune = prunable(unstack(init["params"], 0), cfg.prune, self.structure)
         if level == 0 or cfg.prune.schedule == "gradual":  # AGP: train from init, masks follow the schedule
             weights = [unstack(init, all_seeds.index(m.seed)) for m in members]
             masks = [jax.tree.map(lambda p: np.ones(p.shape, bool), w["params"]) for w in weights]
@@ -384,11 +386,10 @@ class Lottery:
             i = prev_members.index(Member("ticket", seed))
             member = {"params": unstack(prev_final["params"], i), "batch_stats": unstack(prev_final["batch_stats"], i)}
             if prune_cfg.granularity != "weight":
-                tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg,
-                                                cfg.model.name))
+                tickets.append(structured_prune(member["params"], unstack(prev_masks, i), prune_cfg, self.model))
                 continue
             scores = self.scores(member, seed, level)
-            tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg))
+            tickets.append(prune_by_score(scores, unstack(prev_masks, i), member["params"], prune_cfg, self.structure))
         if cfg.rewind.mode == "weights":
             rewind = self._rewind_point(init, seeds)
             start_weights = [unstack(rewind, i) for i in range(len(seeds))]

@@ -35,6 +35,7 @@ import optax
 import pandas as pd
 
 from ..config import ConfigError, ExperimentConfig, StabilityConfig
+from ..models import structure_of
 from ..prune.masks import density, prunable
 from ..store import atomic_write_bytes, atomic_write_json, failpoint, load_tree, marked_file_problem, parquet_bytes
 from ..stored import StoredRun
@@ -261,7 +262,7 @@ class StabilityStage:
         bs = final.get("batch_stats", {}) or {}
         loss, err = self.evaluator(_take(final["params"], i0), _take(final["params"], i1), _take(bs, i0),
                                    _take(bs, i1), masks0)
-        can_prune = prunable(unstack(final["params"], 0), self.run.cfg.prune)
+        can_prune = prunable(unstack(final["params"], 0), self.run.cfg.prune, structure_of(self.run.model))
         dens = [density(unstack(masks0, p), can_prune) for p in range(len(pairs))]
         rows = _path_table(self.run.run_id, level, pairs, dens, loss, err, self.evaluator.alphas,
                            self.run.cfg.rewind.step, self.sc.points, self.sc.bn_batches, time.time() - t0)
@@ -344,7 +345,7 @@ def _rewind_compute(run, engine, level, steps, pairs, seeds, folder, keys, point
         if log is not None:
             log(f"dense run rebuilt to step {steps[-1]}: {time.time() - t0:.1f} s")
     evaluator = PathEvaluator(run.model, run.data, cfg, points, bn_batches)
-    can_prune = prunable(unstack(init["params"], 0), cfg.prune)
+    can_prune = prunable(unstack(init["params"], 0), cfg.prune, structure_of(run.model))
     frames = []
     for k in steps:
         t0 = time.time()

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from .. import registry
 from ..config import PruneConfig
 from ..trees import to_device, to_numpy
 from .signals import hessian_diagonal, hessian_gradient_product, mean_gradient, synflow_scores
@@ -70,14 +71,14 @@ class Signals:
 
 
 Criterion = Callable[[PyTree, Signals], PyTree]
-CRITERIA: dict[str, Criterion] = {}
+CRITERIA: dict[str, Criterion] = registry.CRITERIA.entries  # built-in and registered criteria by name
 
 
 def register(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator: make ``fn(params, signals) -> scores`` the criterion ``name``."""
+    """Decorator: make ``fn(params, signals) -> scores`` the criterion ``name`` (lth.registry.CRITERIA;
+    user code can also name a criterion by import path or entry point, without registering)."""
     def add(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        return fn
+        return registry.CRITERIA.register(name, fn, replace=True)
     return add
 
 
@@ -129,4 +130,4 @@ def _obd(params: PyTree, sig: Signals) -> PyTree:
 
 def scores(params: PyTree, sig: Signals) -> PyTree:
     """Per-weight scores of the criterion ``sig.cfg.criterion`` (higher = keep)."""
-    return CRITERIA[sig.cfg.criterion](params, sig)
+    return registry.CRITERIA.resolve(sig.cfg.criterion)(params, sig)

@@ -17,17 +17,20 @@ import jax
 import numpy as np
 
 from ..config import PruneConfig
-from ..models import layer_key, layer_kind, path_names
+from ..models import Structure, layer_key, layer_kind, path_names
 from .criteria import magnitude_scores
 
 PyTree = Any
 
 
-def layer_table(params: PyTree) -> dict[str, str]:
-    """Every layer name of ``params`` -> the kind of its kernel ('dense', 'conv', 'output'), or 'other'."""
+def layer_table(params: PyTree, structure: Structure | None = None) -> dict[str, str]:
+    """Every layer name of ``params`` -> the kind of its kernel ('dense', 'conv', 'output'), or 'other'.
+
+    ``structure`` (the model's, :func:`lth.models.structure_of`) declares output and frozen layers;
+    None: the naming convention of :func:`lth.models.layer_kind`. So do the functions below."""
     out: dict[str, str] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        kind = layer_kind(path, leaf)
+        kind = layer_kind(path, leaf, structure)
         if kind in ("dense", "conv", "output") or layer_key(path) not in out:
             out[layer_key(path)] = kind if kind in ("dense", "conv", "output") else "other"
     return out
@@ -38,11 +41,11 @@ def leaf_name(path) -> str:
     return "/".join(path_names(path))
 
 
-def layer_rates(params: PyTree, cfg: PruneConfig) -> PyTree:
+def layer_rates(params: PyTree, cfg: PruneConfig, structure: Structure | None = None) -> PyTree:
     """Per-leaf pruning rate; 0.0 for leaves that are never pruned."""
 
     def rate(path, leaf):
-        kind = layer_kind(path, leaf)
+        kind = layer_kind(path, leaf, structure)
         names = path_names(path)[:-1]
         if cfg.rates and kind in ("conv", "dense", "output") and "/".join(names) in cfg.rates:
             return cfg.rates["/".join(names)]
@@ -61,11 +64,11 @@ def layer_rates(params: PyTree, cfg: PruneConfig) -> PyTree:
     return jax.tree_util.tree_map_with_path(rate, params)
 
 
-def prunable(params: PyTree, cfg: PruneConfig) -> PyTree:
-    """Per-leaf bool: is this leaf ever pruned (a kernel, or a bias with prune_biases, not excluded)."""
+def prunable(params: PyTree, cfg: PruneConfig, structure: Structure | None = None) -> PyTree:
+    """Per-leaf bool: is this leaf ever pruned (a kernel, or a bias with prune_biases, not excluded or frozen)."""
 
     def ok(path, leaf):
-        kind = layer_kind(path, leaf)
+        kind = layer_kind(path, leaf, structure)
         names = path_names(path)[:-1]
         if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
             return False
@@ -87,9 +90,10 @@ def _keep_top(score: np.ndarray, mask: np.ndarray, n_keep: int) -> np.ndarray:
     return out.reshape(mask.shape)
 
 
-def prune_by_score(scores: PyTree, mask: PyTree, params_like: PyTree, cfg: PruneConfig) -> PyTree:
+def prune_by_score(scores: PyTree, mask: PyTree, params_like: PyTree, cfg: PruneConfig,
+                   structure: Structure | None = None) -> PyTree:
     """Next mask: remove the lowest-scoring surviving weights, per layer or globally (``cfg.scope``)."""
-    rates = layer_rates(params_like, cfg)
+    rates = layer_rates(params_like, cfg, structure)
     leaves_s, treedef = jax.tree.flatten(scores)
     leaves_m = [np.asarray(m, bool) for m in treedef.flatten_up_to(mask)]
     leaves_r = treedef.flatten_up_to(rates)
@@ -180,7 +184,7 @@ def density(mask: PyTree, can_prune: PyTree) -> float:
     return kept / total if total else 1.0
 
 
-def expected_counts(params: PyTree, cfg: PruneConfig, level: int) -> PyTree:
+def expected_counts(params: PyTree, cfg: PruneConfig, level: int, structure: Structure | None = None) -> PyTree:
     """Surviving weights per leaf after ``level`` layerwise IMP levels (exact, from the rates)."""
 
     def count(p, r):
@@ -189,16 +193,17 @@ def expected_counts(params: PyTree, cfg: PruneConfig, level: int) -> PyTree:
             n -= _n_prune(r, n) if r else 0
         return n
 
-    return jax.tree.map(count, params, layer_rates(params, cfg))
+    return jax.tree.map(count, params, layer_rates(params, cfg, structure))
 
 
-def sparsity_rows(params: PyTree, mask: PyTree, can_prune: PyTree) -> list[dict]:
+def sparsity_rows(params: PyTree, mask: PyTree, can_prune: PyTree, structure: Structure | None = None) -> list[dict]:
     """Per-leaf report: layer, shape, count, non-zeros (of the weights), mask density, prunable."""
     rows = []
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, p), m, pr in zip(flat_p, jax.tree.leaves(mask), jax.tree.leaves(can_prune)):
         p = np.asarray(p)
-        rows.append({"layer": leaf_name(path), "kind": layer_kind(path, p), "shape": "x".join(map(str, p.shape)),
+        rows.append({"layer": leaf_name(path), "kind": layer_kind(path, p, structure),
+                     "shape": "x".join(map(str, p.shape)),
                      "count": int(p.size), "nonzero": int(np.count_nonzero(p)),
                      "kept": int(np.asarray(m).sum()), "density": float(np.asarray(m).mean()),
                      "prunable": bool(pr)})

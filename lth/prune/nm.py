@@ -89,7 +89,7 @@ def group_schedule(m: int, n: int, rate: float, levels: int) -> list[int]:
     return ks
 
 
-def nm_prune(params: PyTree, mask: PyTree, cfg) -> PyTree:
+def nm_prune(params: PyTree, mask: PyTree, cfg, structure=None) -> PyTree:
     """Next IMP mask of one member for ``prune.granularity = 'n:m'`` (see the module docstring).
 
     Args:
@@ -99,8 +99,8 @@ def nm_prune(params: PyTree, mask: PyTree, cfg) -> PyTree:
     Returns:
       a new bool mask, ``k':m`` on every grouped kernel with ``k' = next_group_size(k, rate, n)``.
     """
-    rates = layer_rates(params, cfg)
-    can = prunable(params, cfg)
+    rates = layer_rates(params, cfg, structure)
+    can = prunable(params, cfg, structure)
 
     def one(p, mk, r, ok):
         mk = np.asarray(mk, bool)

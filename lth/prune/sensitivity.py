@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..config import ConfigError
 from .criteria import magnitude_scores
+from ..models import structure_of
 from .masks import leaf_name, prunable, prune_to_density
 from ..store import atomic_write_bytes, load_tree, parquet_bytes
 from ..stored import StoredRun
@@ -32,7 +33,7 @@ def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], mem
     final = load_tree(store.level_dir(level) / "final.msgpack")
     masks = load_tree(store.level_dir(level) / "masks.msgpack")
     params, bs, mask = unstack(final["params"], member), unstack(final["batch_stats"], member), unstack(masks, member)
-    can = prunable(params, cfg.prune)
+    can = prunable(params, cfg.prune, structure_of(model))
     leaves_can, treedef = jax.tree.flatten(can)
     names = [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     scores = magnitude_scores(params)

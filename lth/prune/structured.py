@@ -1,14 +1,19 @@
-"""Structured pruning: whole neurons / filters of sequential networks, whole residual blocks of ResNets.
+"""Structured pruning: whole neurons / filters of layer chains, whole residual blocks.
 
-**Neurons and filters** (mlp, lenet_300_100, conv2/4/6; filters also vgg11/16/19). Removing hidden
+What a model allows is declared by the model (:class:`lth.models.Structure`): its layer chain (mlp,
+lenet_300_100, conv2/4/6, vgg11/16/19 among the built-ins) and its droppable residual blocks
+(resnet20). :func:`check_granularity` says, before any training, whether ``prune.granularity`` fits.
+
+**Neurons and filters** (models with a chain; neurons need a hidden dense layer). Removing hidden
 unit (or filter) c of layer l zeroes column c of l's kernel, entry c of its bias, entry c of the
 scale and bias of its batch norm ``bn_l`` (VGG) and the inputs of layer l+1 that read unit c (rows c
 of a dense kernel, input channel c of a conv, or every flattened position of channel c for the first
 dense layer after the convolutions). Units are ranked by the L1 or L2 norm of their surviving
 incoming weights (Li et al. 2017 for filters).
 
-**Layers** (resnet20). Dropping a residual block ``stage{s}_block{b}`` masks every parameter of its
-residual branch: both conv kernels and both batch norms' scale and bias. The branch then outputs
+**Layers** (models declaring blocks, e.g. resnet20). Dropping a residual block ``stage{s}_block{b}``
+masks every parameter of its residual branch: both conv kernels and both batch norms' scale and
+bias. The branch then outputs
 exactly 0 in train and eval mode whatever the running statistics (BN computes
 ``(x - mean) * scale / sqrt(var + eps) + bias``), so the block computes ``relu(x + 0) = x`` (its input
 is already post-ReLU): the network is the one with the block removed. Only blocks with an identity
@@ -18,8 +23,9 @@ surviving droppable blocks (so a level may drop none once n is small), those who
 batch-norm scale is smallest (``prune.structure_norm``: mean |gamma| for l1, root-mean-square for
 l2; :func:`block_score`).
 
-:func:`compact` turns a neuron/filter mask of mlp, lenet_300_100 or conv2/4/6 into a physically
-smaller dense network whose outputs equal the masked network's.
+:func:`compact` turns a neuron/filter mask of a chain without batch norm or average pooling (mlp,
+lenet_300_100, conv2/4/6, a user chain) into a physically smaller dense network
+(:class:`lth.models.ChainNet`) whose outputs equal the masked network's.
 """
 
 from __future__ import annotations
@@ -34,15 +40,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..config import STRUCTURED_MODELS, ConfigError, ModelConfig, PruneConfig
-from ..models import POOL, ConvNet, MLP, build_model
+from ..config import ConfigError, ModelConfig, PruneConfig
+from ..models import ChainNet, Structure, build_model, structure_of
 from ..store import load_tree
 from ..stored import StoredRun
 from ..train import apply_mask, unstack
 from .nm import nm_prune
 
 PyTree = Any
-SEQUENTIAL = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6")  # the models compact supports
 BLOCK = re.compile(r"stage(\d+)_block(\d+)")  # residual block submodules of lth.models.ResNet
 
 
@@ -74,25 +79,97 @@ def _copy(mask: PyTree) -> PyTree:
     return {k: _copy(v) if isinstance(v, Mapping) else np.array(v, bool) for k, v in mask.items()}
 
 
-def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model_name: str) -> PyTree:
-    """Next mask of one member: ``cfg.granularity`` "neuron"/"filter" prunes ``rate`` (``conv_rate`` for
-    convs) of the surviving units of every hidden layer; "layer" drops residual blocks
-    (:func:`block_prune`); "n:m" moves every group one step towards N:M (:func:`lth.nm.nm_prune`). ValueError for a model the granularity does not support."""
-    supported = STRUCTURED_MODELS.get(cfg.granularity, ())
-    if model_name not in supported:
-        raise ValueError(f"prune.granularity = {cfg.granularity!r} supports {', '.join(supported) or 'no model'}; "
-                         f"not {model_name}")
-    if cfg.granularity == "layer":
-        return block_prune(params, mask, cfg)
+def granularities(structure: Structure) -> list[str]:
+    """The ``prune.granularity`` values a model with this structure supports."""
+    out = ["weight"]
+    if structure.chain is not None:
+        hidden = structure.chain_layers()[:-1]
+        if any(op["op"] == "dense" for op in hidden):
+            out.append("neuron")
+        out.append("filter")
+    if structure.blocks:
+        out.append("layer")
+    return out + ["n:m"]
+
+
+def check_granularity(cfg: PruneConfig, model, params: PyTree, model_name: str) -> None:
+    """ConfigError unless ``cfg.granularity`` fits what ``model`` declares (its :class:`Structure`) and
+    the declaration fits ``params`` (every chain layer exists and every kernel is in the chain; every
+    block exists). Run before any level trains."""
+    st = model if isinstance(model, Structure) else structure_of(model)
+    g = cfg.granularity
+    if g in ("weight", "n:m"):
+        return
+    fits = granularities(st)
+    if g not in fits:
+        why = ("it declares no droppable residual blocks (Structure.blocks)" if g == "layer" else
+               "it has no hidden dense layer" if st.chain is not None else
+               "it declares no plain chain of layers (Structure.chain)")
+        raise ConfigError(f"prune.granularity = {g!r} is not allowed with model.name = {model_name!r} ({why}); "
+                          f"with {model_name} use prune.granularity = {', '.join(map(repr, fits))}")
+    try:
+        if g == "layer":
+            block_names(st, params)
+        else:
+            chain_order(st, params)
+    except ValueError as e:
+        raise ConfigError(f"prune.granularity = {g!r} with model.name = {model_name!r}: {e}") from None
+
+
+def chain_order(structure: Structure, params: PyTree) -> list[str]:
+    """The chain's kernel layers in forward order, checked against ``params``: ValueError naming a
+    chain layer that params lack, or a layer with a kernel that the chain leaves out."""
+    if structure.chain is None:
+        raise ValueError("the model declares no plain chain of layers (Structure.chain)")
+    order = [op["layer"] for op in structure.chain_layers()]
+    for name in order:
+        if name not in params or "kernel" not in params[name]:
+            raise ValueError(f"chain layer {name!r} is not a top-level layer with a kernel; top-level layers: "
+                             f"{', '.join(params)}")
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[-1] == "kernel" and "/".join(names[:-1]) not in order:
+            raise ValueError(f"layer {'/'.join(names[:-1])!r} has a kernel but is not in the model's chain "
+                             f"({', '.join(order)}); its units cannot be removed")
+    return order
+
+
+def chain_norms(structure: Structure) -> dict[str, str]:
+    """Kernel layer -> the batch norm that follows it (``norm`` of its chain op)."""
+    return {op["layer"]: op["norm"] for op in structure.chain_layers() if op.get("norm")}
+
+
+def block_names(structure: Structure, params: PyTree) -> list[str]:
+    """The declared droppable blocks, checked against ``params`` (ValueError naming a missing one)."""
+    for name in structure.blocks:
+        if name not in params:
+            raise ValueError(f"declared residual block {name!r} is not a top-level submodule; top-level: "
+                             f"{', '.join(params)}")
+    return list(structure.blocks)
+
+
+def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model) -> PyTree:
+    """Next mask of one member of ``model`` (a Module or its :class:`Structure`): ``cfg.granularity``
+    "neuron"/"filter" prunes ``rate`` (``conv_rate`` for convs) of the surviving units of every hidden
+    dense/conv layer of the chain; "layer" drops declared residual blocks (:func:`block_prune`); "n:m"
+    moves every group one step towards N:M (:func:`lth.nm.nm_prune`). ValueError naming what the
+    model lacks when it does not support the granularity."""
+    st = model if isinstance(model, Structure) else structure_of(model)
     if cfg.granularity == "n:m":
-        return nm_prune(params, mask, cfg)
+        return nm_prune(params, mask, cfg, st)
+    if cfg.granularity not in granularities(st):
+        raise ValueError(f"prune.granularity = {cfg.granularity!r} is not supported by {type(model).__name__}; it "
+                         f"supports {', '.join(granularities(st))}")
+    if cfg.granularity == "layer":
+        return block_prune(params, mask, cfg, block_names(st, params))
     new = _copy(mask)
-    order = layer_order(params)
+    order, norms = chain_order(st, params), chain_norms(st)
+    kinds = {op["layer"]: op["op"] for op in st.chain_layers()}
     kind = "conv" if cfg.granularity == "filter" else "dense"  # filters: conv layers; neurons: fc layers
     for i, name in enumerate(order[:-1]):  # the output layer keeps all its classes
-        if name in cfg.exclude or not name.startswith(kind):
+        if name in cfg.exclude or kinds[name] != kind:
             continue
-        conv = name.startswith("conv")
+        conv = kind == "conv"
         rate = (cfg.conv_rate if cfg.conv_rate is not None else cfg.rate) if conv else cfg.rate
         if cfg.rates and name in cfg.rates:
             rate = cfg.rates[name]
@@ -103,23 +180,26 @@ def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model_name:
         scores = np.where(alive, unit_scores(np.asarray(params[name]["kernel"]), new[name]["kernel"], cfg.structure_norm),
                           np.inf)
         drop = np.argsort(scores, kind="stable")[:n_drop]
-        remove_units(new, order, i, drop)
+        remove_units(new, order, i, drop, norms)
     return new
 
 
-def remove_units(mask: dict, order: list[str], i: int, units: np.ndarray) -> None:
-    """Zero units of layer order[i] and every input of order[i + 1] that reads them (in place)."""
+def remove_units(mask: dict, order: list[str], i: int, units: np.ndarray, norms: dict[str, str] | None = None) -> None:
+    """Zero units of layer order[i], their entries in its batch norm (``norms[layer]``; default: the
+    naming convention ``conv_i`` -> ``bn_i``) and every input of order[i + 1] that reads them (in place)."""
     name, nxt = order[i], order[i + 1]
+    conv = np.ndim(mask[name]["kernel"]) == 4
     mask[name]["kernel"][..., units] = False
     if "bias" in mask[name]:
         mask[name]["bias"][units] = False
-    if name.startswith("conv") and norm_of(name) in mask:  # conv-BN-ReLU (VGG): the channel's BN shift too
-        for leaf in mask[norm_of(name)].values():
+    norm = norms.get(name) if norms is not None else (norm_of(name) if name.startswith("conv") else None)
+    if norm is not None and norm in mask:  # conv-BN-ReLU (VGG): the channel's BN shift too
+        for leaf in mask[norm].values():
             leaf[units] = False
     k = mask[nxt]["kernel"]
     if k.ndim == 4:  # conv -> conv: input channel axis
         k[:, :, units, :] = False
-    elif name.startswith("conv"):  # conv -> flatten -> dense: rows are (h, w, c) flattened
+    elif conv:  # conv -> flatten (or global average pool) -> dense: rows are (h, w, c) flattened
         channels = mask[name]["kernel"].shape[-1]
         rows = np.arange(k.shape[0])
         k[np.isin(rows % channels, units), :] = False
@@ -127,8 +207,9 @@ def remove_units(mask: dict, order: list[str], i: int, units: np.ndarray) -> Non
         k[units, :] = False
 
 
-def is_structured(mask: PyTree, order: list[str]) -> bool:
-    """The kernel masks are products alive_inputs x alive_units: whole units, gone with their outputs."""
+def is_structured(mask: PyTree, order: list[str], norms: dict[str, str] | None = None) -> bool:
+    """The kernel masks are products alive_inputs x alive_units: whole units, gone with their outputs
+    (and with their entries of the batch norm ``norms[layer]``; default ``conv_i`` -> ``bn_i``)."""
     prev, prev_name = None, None
     for name in order:
         k = np.asarray(mask[name]["kernel"], bool)
@@ -137,14 +218,15 @@ def is_structured(mask: PyTree, order: list[str]) -> bool:
         if prev is not None:
             if k.ndim == 4:
                 rows = np.broadcast_to(prev, k.shape[:-1])
-            elif prev_name.startswith("conv"):
+            elif np.ndim(mask[prev_name]["kernel"]) == 4:
                 rows = prev[np.arange(k.shape[0]) % len(prev)]
             else:
                 rows = prev
         if not np.array_equal(k, rows[..., None] & alive):
             return False
-        if name.startswith("conv") and norm_of(name) in mask:
-            if not all(np.array_equal(np.asarray(v, bool), alive) for v in mask[norm_of(name)].values()):
+        norm = norms.get(name) if norms is not None else (norm_of(name) if name.startswith("conv") else None)
+        if norm is not None and norm in mask:
+            if not all(np.array_equal(np.asarray(v, bool), alive) for v in mask[norm].values()):
                 return False
         prev, prev_name = alive, name
     return True
@@ -199,18 +281,21 @@ def dropped_blocks(mask: PyTree) -> list[str]:
 
 
 def drop_block(mask: dict, name: str) -> None:
-    """Mask every parameter of block ``name``'s residual branch (in place); identity-shortcut blocks only."""
+    """Mask every parameter of block ``name``'s residual branch (in place); identity-shortcut blocks only
+    (a block holding a ``conv_shortcut`` projection is refused)."""
     if "conv_shortcut" in mask[name]:
         raise ValueError(f"{name} has a projection shortcut; only identity-shortcut blocks can be dropped")
     for leaf in jax.tree.leaves(mask[name]):
         leaf[...] = False
 
 
-def block_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:
-    """Drop ``round_half_up(cfg.rate * n)`` of the n surviving droppable blocks, lowest :func:`block_score`
-    first (ties: the earlier block); blocks named in ``cfg.exclude`` are kept. Returns a new mask."""
+def block_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, blocks: list[str] | None = None) -> PyTree:
+    """Drop ``round_half_up(cfg.rate * n)`` of the n surviving droppable ``blocks`` (default: by the
+    naming convention, :func:`droppable_blocks`), lowest :func:`block_score` first (ties: the earlier
+    block); blocks named in ``cfg.exclude`` are kept. Returns a new mask."""
     new = _copy(mask)
-    alive = [n for n in droppable_blocks(params) if n not in cfg.exclude and block_alive(new, n)]
+    blocks = droppable_blocks(params) if blocks is None else blocks
+    alive = [n for n in blocks if n not in cfg.exclude and block_alive(new, n)]
     n_drop = int(math.floor(cfg.rate * len(alive) + 0.5))
     scores = [block_score(params[n], new[n], cfg.structure_norm) for n in alive]
     for j in np.argsort(scores, kind="stable")[:n_drop]:
@@ -218,19 +303,43 @@ def block_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:
     return new
 
 
-def compact(params: PyTree, mask: PyTree, cfg: ModelConfig, num_classes: int, input_shape):
-    """(module, params) of the physically smaller network computing the same function as the masked one."""
-    order = layer_order(params)
+def compact_ops(structure: Structure, params: PyTree) -> list[dict]:
+    """The chain ops if :func:`compact` can rebuild them; ValueError naming the layer or op that it cannot."""
+    chain_order(structure, params)  # every kernel layer is in the chain
+    for op in structure.chain:
+        if op.get("norm"):
+            raise ValueError(f"layer {op['layer']!r} is followed by batch norm {op['norm']!r}, which compact does "
+                             "not rebuild; the pruned network stays masked")
+        if op["op"] not in ("dense", "conv", "pool", "flatten"):
+            raise ValueError(f"chain op {op['op']!r} is not one compact rebuilds "
+                             "(dense, conv, pool, flatten)")
+    return list(structure.chain)
+
+
+def compact(params: PyTree, mask: PyTree, cfg: ModelConfig, num_classes: int, input_shape, model=None):
+    """(module, params) of the physically smaller network computing the same function as the masked one.
+
+    ``model`` (default: built from ``cfg``) declares the chain; the result is a
+    :class:`lth.models.ChainNet` whose layers have the original names and only the surviving units.
+    ValueError naming the layer when the chain has a batch norm or an op compact does not rebuild.
+    """
+    model = build_model(cfg, num_classes, input_shape) if model is None else model
+    st = structure_of(model)
+    ops = compact_ops(st, params)
+    order = chain_order(st, params)
     keep = {name: alive_units(mask, name) for name in order[:-1]}
+    widths = {name: int(k.sum()) for name, k in keep.items()}
+    if any(v == 0 for v in widths.values()):
+        raise ValueError(f"a layer lost every unit ({widths}); the compact network would be empty")
     small: dict = {}
-    prev_keep, prev_name = None, None
+    prev_keep, prev_conv = None, False
     for name in order:
         w = np.where(mask[name]["kernel"], params[name]["kernel"], 0.0)
         b = np.where(mask[name]["bias"], params[name]["bias"], 0.0) if "bias" in params[name] else None
         if prev_keep is not None:
             if w.ndim == 4:
                 w = w[:, :, prev_keep, :]
-            elif prev_name.startswith("conv"):
+            elif prev_conv:
                 rows = np.arange(w.shape[0]) % len(prev_keep)
                 w = w[prev_keep[rows], :]
             else:
@@ -241,24 +350,17 @@ def compact(params: PyTree, mask: PyTree, cfg: ModelConfig, num_classes: int, in
         small[name] = {"kernel": w.astype(np.float32)}
         if b is not None:
             small[name]["bias"] = b.astype(np.float32)
-        prev_keep, prev_name = keep.get(name), name
-    widths = {name: int(k.sum()) for name, k in keep.items()}
-    if cfg.name in ("mlp", "lenet_300_100"):
-        module = MLP(tuple(widths[f"dense_{i}"] for i in range(len(widths))), num_classes, cfg.init)
-    else:
-        base = build_model(cfg, num_classes, input_shape)
-        plan, j = [], 0
-        for item in base.plan:
-            if item == POOL:
-                plan.append(POOL)
-            else:
-                plan.append(widths[f"conv_{j}"])
-                j += 1
-        fc = tuple(widths[f"dense_{i}"] for i in range(len(base.fc)))
-        module = ConvNet(tuple(plan), fc, num_classes, cfg.init)
-    if any(v == 0 for v in widths.values()):
-        raise ValueError(f"a layer lost every unit ({widths}); the compact network would be empty")
-    return module, small
+        prev_keep, prev_conv = keep.get(name), w.ndim == 4
+    chain = []
+    for op in ops:
+        op = dict(op)
+        if op["op"] in ("dense", "conv"):
+            k = small[op["layer"]]["kernel"]
+            op.update(features=int(k.shape[-1]), bias="bias" in small[op["layer"]])
+            if op["op"] == "conv":
+                op["kernel"] = tuple(int(d) for d in k.shape[:2])
+        chain.append(tuple(sorted(op.items())))
+    return ChainNet(tuple(chain)), small
 
 
 def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats: int = 20) -> dict:
@@ -267,15 +369,18 @@ def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats
     run = StoredRun.open(run_dir)
     run.check_level(level)
     cfg, store, data, model = run.cfg, run.store, run.data, run.model
-    if cfg.model.name not in SEQUENTIAL:
-        raise ConfigError(f"compact supports models {', '.join(SEQUENTIAL)}; {run_dir} is a {cfg.model.name} "
-                          f"(prune.granularity = {cfg.prune.granularity!r}), whose pruned network stays masked")
     params = unstack(load_tree(store.level_dir(level) / "final.msgpack")["params"], member)
     mask = unstack(load_tree(store.level_dir(level) / "masks.msgpack"), member)
-    if not is_structured(mask, layer_order(params)):
+    st = structure_of(model)
+    try:
+        compact_ops(st, params)
+    except ValueError as e:
+        raise ConfigError(f"compact cannot rebuild {run_dir} (model {cfg.model.name}, prune.granularity = "
+                          f"{cfg.prune.granularity!r}): {e}") from None
+    if not is_structured(mask, chain_order(st, params), chain_norms(st)):
         raise ValueError(f"level {level} of {run_dir} is not structurally pruned (prune.granularity = "
                          f"{cfg.prune.granularity!r}); nothing to compact")
-    small_model, small_params = compact(params, mask, cfg.model, data.num_classes, data.input_shape)
+    small_model, small_params = compact(params, mask, cfg.model, data.num_classes, data.input_shape, model)
     x = jax.numpy.asarray(data.x_test[:batch])
     big_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
     small_fn = jax.jit(lambda p, x: small_model.apply({"params": p}, x))

@@ -14,7 +14,7 @@ import numpy as np
 PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}
 
-from ..models import MLP, OUTPUT, POOL, ConvNet
+from ..models import structure_of
 from ..train import population_program, stack, unstack
 from .numerics import QuantSpec, scale_zero_point
 from .wiring import (act_qparams, base_variables, call_order, collect_inputs, cached, fake_quant_model, get_layer,
@@ -177,29 +177,31 @@ def bias_correct(model, float_params: PyTree, batch_stats: PyTree, qt: Quantized
 # ============================================================================ the layer program
 
 def layer_program(model) -> list[dict]:
-    """The forward pass of an MLP / ConvNet as a list of ops (for CLE and integer inference).
+    """The forward pass of a model's declared layer chain (:class:`lth.models.Structure`) as a list of
+    ops (for CLE and integer inference).
 
     Ops: ``{"op": "dense" | "conv", "layer": name, "relu": bool}``, ``{"op": "pool"}`` (2x2 max,
-    stride 2), ``{"op": "flatten"}``. ValueError for other models (batch norm, residuals).
+    stride 2), ``{"op": "flatten"}``. ValueError naming the model when it declares no chain (residuals),
+    or naming the layer or op the integer program does not have (batch norm, average pooling, strides).
     """
+    st = structure_of(model)
+    if st.chain is None:
+        raise ValueError(f"{type(model).__name__} declares no plain chain of layers (lth.models.Structure.chain): "
+                         "cross-layer equalization and integer inference need one (mlp, lenet_300_100, conv2/4/6 "
+                         "have one; residual networks do not)")
     ops: list[dict] = []
-    if isinstance(model, MLP):
-        ops.append({"op": "flatten"})
-        ops += [{"op": "dense", "layer": f"dense_{i}", "relu": True} for i in range(len(model.widths))]
-    elif isinstance(model, ConvNet):
-        i = 0
-        for item in model.plan:
-            if item == POOL:
-                ops.append({"op": "pool"})
-            else:
-                ops.append({"op": "conv", "layer": f"conv_{i}", "relu": True})
-                i += 1
-        ops.append({"op": "flatten"})
-        ops += [{"op": "dense", "layer": f"dense_{j}", "relu": True} for j in range(len(model.fc))]
-    else:
-        raise ValueError(f"{type(model).__name__}: cross-layer equalization and integer inference support "
-                         "the mlp, lenet_300_100 and conv2/4/6 models (no batch norm, no residuals)")
-    ops.append({"op": "dense", "layer": OUTPUT, "relu": False})
+    for op in st.chain:
+        if op.get("norm"):
+            raise ValueError(f"{type(model).__name__}: layer {op['layer']!r} is followed by batch norm "
+                             f"{op['norm']!r}; cross-layer equalization and integer inference need layers "
+                             "without batch norm")
+        if op["op"] not in ("dense", "conv", "pool", "flatten"):
+            raise ValueError(f"{type(model).__name__}: chain op {op['op']!r} is not in the integer program "
+                             "(dense, conv, pool, flatten)")
+        if op["op"] == "conv" and op.get("strides", 1) != 1:
+            raise ValueError(f"{type(model).__name__}: conv layer {op['layer']!r} has strides "
+                             f"{op['strides']}; the integer program runs stride-1 convolutions")
+        ops.append({k: op[k] for k in ("op", "layer", "relu") if k in op})
     return ops
 
 

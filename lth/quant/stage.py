@@ -33,6 +33,7 @@ import pandas as pd
 
 from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
 from ..lottery.arms import reinit_weights
+from ..models import structure_of
 from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes, read_json)
@@ -254,7 +255,7 @@ class QuantStage:
                 todo.append((c, new, have))
         if not todo:
             return pd.DataFrame(columns=COLUMNS)
-        can_prune = prunable(unstack(main.params, 0), run.cfg.prune)
+        can_prune = prunable(unstack(main.params, 0), run.cfg.prune, structure_of(run.model))
         info = {m: (density(unstack(main.masks, k), can_prune), kept_count(unstack(main.masks, k)))
                 for k, m in enumerate(main.members)}
         by_setting: dict[Setting, list] = {}

@@ -130,8 +130,15 @@ def test_activation_sparsity_counts_exact_zero_relu_outputs():
     assert activation_sparsity(mlp, p, {}, x) == {"dense_0": 0.0}
 
 
-def test_every_configurable_criterion_is_a_registry_entry():
-    import typing
-    from lth.prune.criteria import CRITERIA
-    allowed = typing.get_args(typing.get_type_hints(PruneConfig)["criterion"])
-    assert set(allowed) == set(CRITERIA)
+def test_the_config_accepts_exactly_the_registry_entries():
+    from lth.config import ConfigError
+    from lth.prune.criteria import CRITERIA, register
+    for name in CRITERIA:
+        assert PruneConfig(criterion=name).criterion == name
+    with pytest.raises(ConfigError, match="unknown criterion 'late_test_criterion'"):
+        PruneConfig(criterion="late_test_criterion")
+    register("late_test_criterion")(lambda params, signals: params)  # registering makes it configurable
+    try:
+        assert PruneConfig(criterion="late_test_criterion").criterion == "late_test_criterion"
+    finally:
+        del CRITERIA["late_test_criterion"]

@@ -32,13 +32,13 @@ def test_keep_per_group_keeps_the_n_largest_of_every_group():
 @pytest.mark.parametrize("n, m, rate", [(2, 4, 0.2), (1, 4, 0.5), (2, 8, 0.2)])
 def test_imp_levels_reach_exactly_n_of_m_in_every_group(n, m, rate):
     cfg = ModelConfig(name="conv2", width=0.25)  # conv_0 has fan-in 27: not groupable, stays dense
-    _, params = init(cfg, (8, 8, 3))
+    model, params = init(cfg, (8, 8, 3))
     pc = PruneConfig(granularity="n:m", n=n, m=m, rate=rate, output_rate=rate / 2)
     schedule = group_schedule(m, n, rate, 6)
     assert schedule[-1] == n and all(a >= b for a, b in zip(schedule, schedule[1:]))
     mask = ones(params)
     for level in range(1, 7):
-        new = structured_prune(params, mask, pc, "conv2")
+        new = structured_prune(params, mask, pc, model)
         for name, leaves in new.items():
             k, prev = leaves["kernel"], mask[name]["kernel"]
             assert not (k & ~prev).any()  # nested: never regrows

@@ -41,7 +41,7 @@ def test_structured_masks_remove_whole_units_and_their_outputs(cfg, shape, granu
     pc = PruneConfig(rate=0.5, granularity=granularity)
     mask = ones(params)
     for _ in range(2):
-        mask = structured_prune(params, mask, pc, cfg.name)
+        mask = structured_prune(params, mask, pc, model)
     order = layer_order(params)
     assert is_structured(mask, order)
     pruned_layers = [n for n in order[:-1] if n.startswith("conv" if granularity == "filter" else "dense")]
@@ -68,7 +68,7 @@ def test_structured_masks_remove_whole_units_and_their_outputs(cfg, shape, granu
 @pytest.mark.parametrize("cfg, shape, granularity", CASES)
 def test_compact_network_equals_the_masked_network(cfg, shape, granularity):
     model, params = init(cfg, shape)
-    mask = structured_prune(params, ones(params), PruneConfig(rate=0.6, granularity=granularity), cfg.name)
+    mask = structured_prune(params, ones(params), PruneConfig(rate=0.6, granularity=granularity), model)
     small_model, small_params = compact(params, mask, cfg, 10, shape)
     x = np.random.default_rng(0).normal(size=(7, *shape)).astype(np.float32)
     masked_out = model.apply({"params": apply_mask(params, mask)}, x)
@@ -79,10 +79,13 @@ def test_compact_network_equals_the_masked_network(cfg, shape, granularity):
     assert n_small < n_big
 
 
-def test_structured_rejects_unsupported_models():
+def test_structured_rejects_what_the_model_does_not_declare():
     model, params = init(ModelConfig(name="mlp", widths=(4,)), (3,))
-    with pytest.raises(ValueError, match="supports mlp"):
-        structured_prune(params, ones(params), PruneConfig(granularity="filter"), "resnet20")
+    with pytest.raises(ValueError, match="'layer' is not supported by MLP; it supports weight, neuron, filter, n:m"):
+        structured_prune(params, ones(params), PruneConfig(granularity="layer"), model)
+    resnet = build_model(ModelConfig(name="resnet20", width=0.25), 10, (8, 8, 3))
+    with pytest.raises(ValueError, match="'filter' is not supported by ResNet; it supports weight, layer, n:m"):
+        structured_prune(params, ones(params), PruneConfig(granularity="filter"), resnet)
 
 
 def test_neuron_imp_run_and_compact_cli(tmp_path, capsys):
@@ -166,13 +169,13 @@ def test_a_dropped_block_computes_the_identity(resnet, train):
 
 
 def test_layer_mask_removes_whole_identity_blocks_only(resnet):
-    _, params, _ = resnet
+    model, params, _ = resnet
     assert droppable_blocks(params) == ["stage1_block0", "stage1_block1", "stage1_block2", "stage2_block1",
                                         "stage2_block2", "stage3_block1", "stage3_block2"]
     pc = PruneConfig(rate=0.5, granularity="layer")
     mask, counts = ones(params), []
     for _ in range(4):  # 7 droppable blocks: drop round-half-up(50%) of the survivors -> 4, 2, 1, 0
-        new = structured_prune(params, mask, pc, "resnet20")
+        new = structured_prune(params, mask, pc, model)
         assert set(dropped_blocks(mask)) <= set(dropped_blocks(new))  # nested: dropped blocks stay dropped
         mask = new
         counts.append(len(dropped_blocks(mask)))
@@ -180,10 +183,10 @@ def test_layer_mask_removes_whole_identity_blocks_only(resnet):
     pc = PruneConfig(rate=0.2, granularity="layer")  # 7 -> 6 -> 5 -> 4 -> 3 -> 2 -> 2 (round(0.4) = 0)
     mask, counts = ones(params), []
     for _ in range(6):
-        mask = structured_prune(params, mask, pc, "resnet20")
+        mask = structured_prune(params, mask, pc, model)
         counts.append(len(dropped_blocks(mask)))
     assert counts == [1, 2, 3, 4, 5, 5]
-    mask = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="layer"), "resnet20")
+    mask = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="layer"), model)
     dropped = dropped_blocks(mask)
     flat = jax.tree_util.tree_flatten_with_path(mask)[0]
     for path, m in flat:  # every leaf of a dropped block is False (BN scale/bias too), all else untouched
@@ -192,7 +195,7 @@ def test_layer_mask_removes_whole_identity_blocks_only(resnet):
         assert (not m.any()) if top in dropped else m.all(), jax.tree_util.keystr(path)
     assert {p[-1].key for p, _ in flat if p[0].key in dropped} == {"kernel", "scale", "bias"}
     kept = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="layer",
-                                                              exclude=tuple(dropped)), "resnet20")
+                                                              exclude=tuple(dropped)), model)
     assert not set(dropped_blocks(kept)) & set(dropped)  # excluded blocks are never dropped
     with pytest.raises(ValueError, match="projection shortcut"):
         drop_block(ones(params), "stage2_block0")
@@ -200,7 +203,7 @@ def test_layer_mask_removes_whole_identity_blocks_only(resnet):
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_layer_ranking_drops_the_block_with_the_smallest_batch_norm_scale(resnet, norm):
-    _, params, _ = resnet
+    model, params, _ = resnet
     params = jax.tree.map(np.array, params)
     for name in droppable_blocks(params):
         params[name]["bn_1"]["scale"][...] = 1.0
@@ -210,18 +213,18 @@ def test_layer_ranking_drops_the_block_with_the_smallest_batch_norm_scale(resnet
         params["stage2_block1"][conv]["kernel"][...] *= 100.0
         params["stage1_block1"][conv]["kernel"][...] *= 0.01
     pc = PruneConfig(rate=0.1, granularity="layer", structure_norm=norm)  # round(0.7) = 1 block
-    assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == ["stage2_block1"]
+    assert dropped_blocks(structured_prune(params, ones(params), pc, model)) == ["stage2_block1"]
     # masked scale entries do not count: stage1_block2's surviving scales are small, its masked ones huge
     mask = ones(params)
     g = params["stage1_block2"]["bn_1"]["scale"]
     g[:2], g[2:] = 1e6, 0.5
     mask["stage1_block2"]["bn_1"]["scale"][:2] = False
-    assert dropped_blocks(structured_prune(params, mask, pc, "resnet20")) == ["stage1_block2"]
+    assert dropped_blocks(structured_prune(params, mask, pc, model)) == ["stage1_block2"]
     # l1 and l2 disagree: scales alternating 1.8 and 0 have mean |gamma| 0.9 but RMS 1.27
     params["stage1_block2"]["bn_1"]["scale"][...] = np.where(np.arange(g.size) % 2, 1.8, 0.0)
     params["stage2_block1"]["bn_1"]["scale"][...] = 0.95
     lowest = {"l1": "stage1_block2", "l2": "stage2_block1"}[norm]
-    assert dropped_blocks(structured_prune(params, ones(params), pc, "resnet20")) == [lowest]
+    assert dropped_blocks(structured_prune(params, ones(params), pc, model)) == [lowest]
 
 
 def test_dropped_blocks_stay_exactly_zero_through_training(resnet):
@@ -254,24 +257,43 @@ def test_dropped_blocks_stay_exactly_zero_through_training(resnet):
     assert np.isfinite(result.records[-1]["loss"])
 
 
-def test_layer_granularity_needs_a_model_with_residual_blocks():
+def test_granularity_is_checked_against_what_the_model_declares():
     from lth.config import ConfigError, ExperimentConfig
+    from lth.prune.structured import check_granularity
+    mlp, mlp_params = init(ModelConfig(name="mlp", widths=(4,)), (3,))
     with pytest.raises(ConfigError) as e:
-        ExperimentConfig.from_dict({"prune": {"granularity": "layer"}}, "exp.toml")
+        check_granularity(PruneConfig(granularity="layer"), mlp, mlp_params, "mlp")
     msg = str(e.value)
-    assert msg.startswith("exp.toml") and "prune.granularity = 'layer'" in msg and "model.name = 'mlp'" in msg
-    assert "resnet20" in msg and "'weight', 'neuron', 'filter'" in msg
-    cfg = ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "prune": {"granularity": "layer"}})
-    assert cfg.prune.granularity == "layer"
+    assert "prune.granularity = 'layer'" in msg and "model.name = 'mlp'" in msg and "residual blocks" in msg
+    assert "'weight', 'neuron', 'filter', 'n:m'" in msg
+    resnet = build_model(RESNET, 10, IMAGE)
+    shapes = jax.eval_shape(lambda: resnet.init(jax.random.key(0), jnp.zeros((1, *IMAGE))))["params"]
+    check_granularity(PruneConfig(granularity="layer"), resnet, shapes, "resnet20")
+    with pytest.raises(ConfigError, match="with resnet20 use prune.granularity = 'weight', 'layer', 'n:m'"):
+        check_granularity(PruneConfig(granularity="neuron"), resnet, shapes, "resnet20")
+    vgg = build_model(ModelConfig(name="vgg11", width=1 / 16), 10, (16, 16, 3))
+    with pytest.raises(ConfigError, match="no hidden dense layer"):
+        check_granularity(PruneConfig(granularity="neuron"), vgg, {}, "vgg11")
+    # a declaration that does not fit the params names the layer
+    with pytest.raises(ConfigError, match="layer 'extra' has a kernel but is not in the model's chain"):
+        check_granularity(PruneConfig(granularity="neuron"), mlp, {**mlp_params, "extra": {"kernel": np.ones((2, 2))}},
+                          "mlp")
     with pytest.raises(ConfigError, match=r"prune.granularity = 'layer' is not allowed with prune.schedule = "
                                           r"'gradual' .*use prune.granularity = 'weight'"):
         ExperimentConfig.from_dict({"model": {"name": "resnet20"},
                                     "prune": {"granularity": "layer", "schedule": "gradual"}}, "exp.toml")
-    with pytest.raises(ConfigError, match="with resnet20 use prune.granularity = 'weight', 'layer'"):
-        ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "prune": {"granularity": "neuron"}})
     with pytest.raises(ConfigError, match="random_prune and shuffle"):
         ExperimentConfig.from_dict({"model": {"name": "resnet20"}, "arms": ["ticket", "random_prune"],
                                     "prune": {"granularity": "layer"}})
+
+
+def test_lottery_refuses_a_granularity_the_model_lacks_before_training(tmp_path):
+    from lth.config import ConfigError
+    from lth.lottery import run_lottery
+    from helpers import tiny
+    with pytest.raises(ConfigError, match="prune.granularity = 'layer' is not allowed with model.name = 'mlp'"):
+        run_lottery(tiny(arms=["ticket"], prune={"levels": 1, "granularity": "layer"}), tmp_path)
+    assert not any(tmp_path.rglob("level_000"))
 
 
 def test_vgg_filters_take_their_batch_norm_entries_and_next_inputs_with_them():
@@ -281,7 +303,7 @@ def test_vgg_filters_take_their_batch_norm_entries_and_next_inputs_with_them():
     params, bs = jax.tree.map(np.asarray, jax.jit(lambda k: init_variables(model, k, shape))(jax.random.key(0)))
     params = jax.tree_util.tree_map_with_path(  # BN shifts > 0: a channel whose BN shift is left on stays alive
         lambda p, x: x + 0.5 if p[-1].key == "bias" else x, params)
-    mask = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="filter"), "vgg11")
+    mask = structured_prune(params, ones(params), PruneConfig(rate=0.5, granularity="filter"), model)
     order = layer_order(params)
     assert order == [f"conv_{i}" for i in range(8)] + ["output"]
     assert is_structured(mask, order)

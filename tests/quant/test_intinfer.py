@@ -92,7 +92,7 @@ def test_integer_weights_keep_the_mask(mlp):
 
 def test_unsupported_models_and_weights_only_tickets_fail_clearly(mlp):
     cfg = ExperimentConfig.from_dict({"model": {"name": "vgg11", "width": 0.125}}).model
-    with pytest.raises(ValueError, match="mlp, lenet_300_100 and conv2/4/6"):
+    with pytest.raises(ValueError, match="layer 'conv_0' is followed by batch norm 'bn_0'"):
         layer_program(build_model(cfg, 10, (32, 32, 3)))
     model, params, x = mlp
     qt = ptq(model, params, {}, QuantSpec(8), x[:64])

@@ -100,7 +100,9 @@ class Experiment:
     # ------------------------------------------------------------------ running
     def status(self, out: str | Path = "runs") -> dict[str, int]:
         """What running it into ``out`` still needs, reading file names only (no data, no compiling):
-        ``{"levels": complete levels, "of": prune.levels + 1, "cells": pending quant cells}``."""
+        ``{"levels": levels holding every wanted member, "of": prune.levels + 1, "cells": pending quant
+        cells, "stability": levels with pending stability paths, "new_levels": levels not stored at all,
+        "seeds"/"arms": seeds and arms the stored levels lack}`` (:func:`lth.pipeline.run_status`)."""
         from .pipeline import run_status
         return run_status(self._config, out)
 

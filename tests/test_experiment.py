@@ -45,9 +45,11 @@ def test_run_returns_the_tidy_frame_with_quant_rows_and_the_cli_finds_it_done(tm
     exp = lth.Experiment.from_dict(TINY).set(**{"prune.levels": 1, "quant.bits": [8], "train.steps": 20},
                                              seeds=[0], arms=["ticket", "reinit"])
     out = tmp_path / "runs"
-    assert exp.status(out) == {"levels": 0, "of": 2, "cells": 3}  # 8-bit ptq of level 0 ticket, level 1 both arms
+    before = exp.status(out)  # 8-bit ptq of level 0 ticket, level 1 both arms
+    assert (before["levels"], before["of"], before["cells"], before["new_levels"]) == (0, 2, 3, 2)
     df = exp.run(out)
-    assert exp.status(out) == {"levels": 2, "of": 2, "cells": 0}
+    after = exp.status(out)
+    assert (after["levels"], after["of"], after["cells"], after["new_levels"], after["stability"]) == (2, 2, 0, 0, 0)
     assert set(df.run_id) == {exp.run_id}
     flt = df[df.method == "float"]
     assert set(flt.level) == {0, 1} and set(flt.arm) == {"ticket", "reinit"} and set(flt.bits) == {32}

@@ -68,7 +68,8 @@ class DataConfig:
     val_size: int | None = _f(
         None, check=_nonneg[0], allowed="an integer >= 0",
         doc="examples held out of train for validation; default 5000 (image sets) or 500 (mnist1d)")
-    normalize: bool = _f(True, doc="standardize inputs with the train split's mean and std")
+    normalize: bool = _f(True, doc="standardize inputs with the train split's mean and std (per channel for "
+                                   "images, e.g. CIFAR-10's RGB; one scalar for flat inputs)")
     mnist1d_samples: int = _f(10000, check=lambda v: v >= 100, allowed="an integer >= 100",
                               doc="total examples generated for mnist1d (80% train, 20% test)")
     split_seed: int = _f(0, doc="seed of the train/val split (the same for every member)")

@@ -278,3 +278,28 @@ def test_conv_nets_build_and_train_on_28x28x1_images(name, width):
     assert np.isfinite(train[-1]["loss"])
     if name == "conv2":  # the easy task is learned: mean train loss over 30 steps well below chance's ln 10
         assert train[-1]["loss"] < 0.6 * np.log(10)
+
+
+# ---------------------------------------------------------------------------- the CIFAR recipes
+
+@pytest.mark.parametrize("name, model", [("resnet20_rewind", "resnet20"), ("vgg16_rewind", "vgg16")])
+def test_cifar_recipes_follow_the_paper_and_pass_the_runners_checks_without_the_data(name, model):
+    """Frankle et al. 2020, Table 1: SGD 0.1, momentum 0.9, batch 128, 63k steps, x0.1 at 32k and 48k,
+    weight decay 1e-4, no warmup; with crop_flip. The checks the runner makes against the built model
+    (layer names, rewind step within training) pass on CIFAR's 32x32x3 shape."""
+    from pathlib import Path
+
+    from lth.config import check_against_model, load_experiment
+    from lth.prune.masks import layer_table
+    from lth.train import total_steps
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.toml"
+    cfg = load_experiment(path)
+    t = cfg.train
+    assert (cfg.data.name, cfg.data.augment, cfg.model.name) == ("cifar10", "crop_flip", model)
+    assert (t.optimizer, t.lr, t.momentum, t.batch_size, t.steps, t.schedule, t.milestones, t.gamma,
+            t.weight_decay, t.warmup_steps) == ("sgd", 0.1, 0.9, 128, 63000, "step", (32000, 48000), 0.1, 1e-4, 0)
+    assert cfg.rewind.step > 0 and f"iteration {cfg.rewind.step}" in path.read_text()
+    shapes = jax.eval_shape(lambda k: build_model(cfg.model, 10, (32, 32, 3)).init(k, jnp.zeros((1, 32, 32, 3))),
+                            jax.random.key(0))["params"]
+    check_against_model(cfg, layer_table(shapes), total_steps(t, 50_000))

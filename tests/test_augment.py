@@ -24,6 +24,8 @@ from lth.train import Engine, stack, unstack
 
 # ---------------------------------------------------------------------------- the function
 
+jit_crop_flip = jax.jit(crop_flip, static_argnames="pad")  # one compile instead of one per primitive
+
 def shifted(img: np.ndarray, dy: int, dx: int, pad: int) -> np.ndarray:
     """``img [H, W, C]`` cropped at offset (dy, dx) from its zero-padded copy, written out in numpy."""
     h, w, _ = img.shape
@@ -39,7 +41,7 @@ def shifted(img: np.ndarray, dy: int, dx: int, pad: int) -> np.ndarray:
 def test_crop_flip_gives_a_zero_filled_shifted_copy_maybe_mirrored_per_example():
     rng = np.random.default_rng(0)
     x = rng.uniform(1, 2, (64, 6, 7, 2)).astype(np.float32)  # no zeros: every 0 comes from the padding
-    out = np.asarray(crop_flip(jax.random.key(3), jnp.asarray(x), pad=2))
+    out = np.asarray(jit_crop_flip(jax.random.key(3), jnp.asarray(x), pad=2))
     assert out.shape == x.shape
     seen = set()
     for img, aug in zip(x, out):
@@ -54,7 +56,7 @@ def test_crop_flip_gives_a_zero_filled_shifted_copy_maybe_mirrored_per_example()
 
 def test_flip_alone_reverses_the_width_axis():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(32, 4, 5, 3)).astype(np.float32))
-    out = np.asarray(crop_flip(jax.random.key(0), x, pad=0))  # no padding: the crop is the image
+    out = np.asarray(jit_crop_flip(jax.random.key(0), x, pad=0))  # no padding: the crop is the image
     flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x)]
     kept = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x)]
     assert all(f != k for f, k in zip(flipped, kept))  # each example is one or the other
@@ -64,8 +66,9 @@ def test_flip_alone_reverses_the_width_axis():
 def test_different_steps_and_seeds_give_different_augmentations_and_the_same_key_the_same():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(16, 8, 8, 3)).astype(np.float32))
 
+    @jax.jit
     def aug(seed, step):
-        return np.asarray(crop_flip(augment_key(jax.random.key(seed), step), x))
+        return crop_flip(augment_key(jax.random.key(seed), step), x)
 
     np.testing.assert_array_equal(aug(0, 5), aug(0, 5))
     assert not np.array_equal(aug(0, 5), aug(0, 6))

@@ -8,6 +8,10 @@ same code. Where XLA runs a model's step far slower inside a loop (convolutions 
 :func:`segment_strategy`), the same step is dispatched from the host one compiled step at a time
 instead, with bitwise-identical results.
 
+With ``data.augment`` (:data:`lth.data.AUGMENTATIONS`) every step augments its gathered batch in the
+same compiled program, keyed by ``fold_in(key(member's data seed), global step)`` (:func:`make_batch_fn`):
+deterministic, the same in a population as alone, and the same after a resume.
+
 Masks are pytrees of bools shaped like ``params``. A pruned weight starts at exactly +0.0 (the
 state is built with the mask applied) and its gradient is zeroed before the optimizer, so its
 momentum / Adam moments stay exactly zero and every update it receives is exactly zero (sgd,

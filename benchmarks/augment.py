@@ -16,7 +16,9 @@ Printed per engine: best and median steps/s over the rounds; and
     ratio_best   = crop_flip best steps/s / none best steps/s
     ratio_median = median over rounds of (crop_flip steps/s / none steps/s in the same round)
 
-and the augmentation alone (``crop_flip`` jitted on one batch, best of 50 calls) as a share of the best
+``ratio_cpu`` = none's / crop_flip's median CPU seconds per step (``time.process_time`` of this
+process over a segment, all its threads): the work each step costs, which the other processes on a
+shared machine disturb less than the wall time; and the augmentation alone (``crop_flip`` jitted on one batch, best of 50 calls) as a share of the best
 un-augmented step: an upper bound on its cost inside the step that the machine's load disturbs less.
 
     python benchmarks/augment.py [--model resnet20] [--steps 20] [--repeats 5] [--batch 128]
@@ -73,11 +75,12 @@ def main(argv=None) -> dict:
 
     def segment(aug: str) -> float:
         r = runs[aug]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = r["engine"].run(r["state"], [0], start=r["pos"], stop=r["pos"] + args.steps, evaluate=False)
         jax.block_until_ready(out.state.params)
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         r["state"], r["pos"] = out.state, r["pos"] + args.steps
+        r.setdefault("cpu_s_per_step", []).append(dc / args.steps)
         return args.steps / dt
 
     for aug in runs:  # compile + warm-up
@@ -96,6 +99,9 @@ def main(argv=None) -> dict:
     out = {aug: {"best": max(r["rates"]), "median": float(np.median(r["rates"]))} for aug, r in runs.items()}
     out["ratio_best"] = out["crop_flip"]["best"] / out["none"]["best"]
     out["ratio_median"] = float(np.median(pair_ratios))
+    for aug, r in runs.items():  # CPU seconds this process spent per step: less sensitive to others' load
+        out[aug]["cpu_s_per_step"] = float(np.median(r["cpu_s_per_step"][1:]))
+    out["ratio_cpu"] = out["none"]["cpu_s_per_step"] / out["crop_flip"]["cpu_s_per_step"]
     # the augmentation alone, jitted, on one batch: its share of a step, less exposed to the load
     import jax.numpy as jnp
 
@@ -114,6 +120,8 @@ def main(argv=None) -> dict:
     for aug in runs:
         print(f"{aug:>9}: best {out[aug]['best']:.2f} steps/s, median {out[aug]['median']:.2f} steps/s")
     print(f"ratio_best = {out['ratio_best']:.3f}, ratio_median = {out['ratio_median']:.3f} (crop_flip / none)")
+    print(f"CPU s per step (median of rounds): none {out['none']['cpu_s_per_step']:.3f}, crop_flip "
+          f"{out['crop_flip']['cpu_s_per_step']:.3f}; ratio_cpu = {out['ratio_cpu']:.3f} (speed, crop_flip / none)")
     print(f"crop_flip alone (jitted, one batch of {args.batch}, best of 50): {out['augment_alone_ms']:.2f} ms "
           f"= {100 * out['augment_share_of_step']:.2f}% of the best un-augmented step")
     if args.json:

@@ -78,13 +78,26 @@ class DataConfig:
     val_size: int | None = _f(
         None, check=_nonneg[0], allowed="an integer >= 0",
         doc="examples held out of train for validation; default 5000 (image sets) or 500 (mnist1d)")
-    normalize: bool = _f(True, doc="standardize inputs with the train split's mean and std")
+    normalize: bool = _f(True, doc="standardize inputs with the train split's mean and std (per channel for "
+                                   "images, e.g. CIFAR-10's RGB; one scalar for flat inputs)")
     mnist1d_samples: int = _f(10000, check=lambda v: v >= 100, allowed="an integer >= 100",
                               doc="total examples generated for mnist1d (80% train, 20% test)")
     split_seed: int = _f(0, doc="seed of the train/val split (the same for every member)")
+    train_size: int = _f(
+        0, check=_nonneg[0], allowed="an integer >= 0 (0 = the whole train split)",
+        doc="train on a subset of this many examples of the train split (after the val hold-out), drawn "
+            "with split_seed, for quick trials; 0 = all. Checked against the split's size when the data loads")
+    augment: Literal["none", "crop_flip"] = _f(
+        "none", doc="training-batch augmentation of image data sets, on the device inside the compiled step. "
+                    "crop_flip: a random crop of the image's own size from it zero-padded by 4 pixels, and a "
+                    "random horizontal flip, per example, keyed by (the member's data seed, step); "
+                    "eval is never augmented")
 
     def __post_init__(self):
         _check_entry(DATASETS, "data.name", self.name)
+        if self.augment != "none" and self.name == "mnist1d":
+            raise ConfigError(f"data.augment = {self.augment!r} is not allowed with data.name = 'mnist1d' "
+                              "(1-D signals, not images); use data.augment = 'none', or an image data set")
 
 
 @dataclass(frozen=True)

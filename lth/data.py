@@ -2,8 +2,13 @@
 
 Every loader returns raw arrays ``(x_train, y_train, x_test, y_test)``: images as ``uint8``
 ``[N, H, W, C]``, other inputs as ``float32``, labels as integers. :func:`load_dataset` holds out a
-validation split from train, scales images to [0, 1], standardizes with the train split's
-statistics and caches the result in-process.
+validation split from train, optionally keeps a seeded subset of the rest (``data.train_size``), scales
+images to [0, 1], standardizes with the train split's statistics (per channel for images, e.g.
+CIFAR-10's RGB; one scalar for flat inputs) and caches the result in-process.
+
+Training-batch augmentation (``data.augment``, :data:`AUGMENTATIONS`) is a pure function of a PRNG
+key and a batch that :mod:`lth.train` applies on the device inside the compiled step; the arrays
+here are never augmented.
 
 Files are looked up under ``$LTH_DATA_DIR`` (default ``~/.cache/lth/data``); generated data
 (mnist1d) is cached under ``$LTH_CACHE_DIR`` (default ``~/.cache/lth``). A missing or damaged
@@ -12,6 +17,7 @@ file raises :class:`DataError` naming every path tried and how to get the data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -25,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import registry
@@ -44,7 +52,8 @@ class Dataset:
 
     ``x_*`` are float32 ``[N, H, W, C]`` for image sets and ``[N, D]`` otherwise; ``y_*`` are int32
     ``[N]``. ``x_val``/``y_val`` have 0 rows when ``val_size`` is 0. Arrays are read-only because
-    one instance is shared by every caller through the in-process cache.
+    one instance is shared by every caller through the in-process cache. ``augment`` names the
+    training-batch augmentation (:data:`AUGMENTATIONS`) an engine applies; it changes no array.
     """
 
     name: str
@@ -55,6 +64,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    augment: str = "none"
 
     @functools.cached_property
     def fingerprint(self) -> dict:
@@ -73,10 +83,27 @@ class Dataset:
         """Shape of one example, e.g. ``(28, 28, 1)`` or ``(40,)``."""
         return tuple(self.x_train.shape[1:])
 
+    def with_augment(self, augment: str) -> "Dataset":
+        """The same arrays (shared, and the same fingerprint) with training augmentation ``augment``.
+
+        Raises DataError for an unknown augmentation or one that needs images ``[N, H, W, C]``
+        when this data set's inputs are not.
+        """
+        if augment == self.augment:
+            return self
+        if augment not in AUGMENTATIONS:
+            raise DataError(f"unknown data.augment {augment!r}; available: {', '.join(AUGMENTATIONS)}")
+        if augment != "none" and self.x_train.ndim != 4:
+            raise DataError(f"data.augment = {augment!r} needs image data [N, H, W, C]; data set {self.name!r} "
+                            f"gives inputs of shape {self.input_shape}; use data.augment = 'none'")
+        out = dataclasses.replace(self, augment=augment)
+        out.__dict__["fingerprint"] = self.fingerprint  # the arrays are the same: hash them once
+        return out
+
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, train={len(self.x_train)}, val={len(self.x_val)}, "
                 f"test={len(self.x_test)}, input_shape={self.input_shape}, "
-                f"num_classes={self.num_classes})")
+                f"num_classes={self.num_classes}, augment={self.augment!r})")
 
 
 # ---------------------------------------------------------------------------- registry
@@ -99,6 +126,41 @@ def register(name: str, *, val_size: int = 5000, num_classes: int = 10) -> Calla
     return deco
 
 
+# ---------------------------------------------------------------------------- augmentation
+
+CROP_PAD = 4  # pixels of zero padding around an image before crop_flip's random crop
+
+
+def crop_flip(key: jax.Array, x: jax.Array, pad: int = CROP_PAD) -> jax.Array:
+    """Random crop and horizontal flip of a batch of images ``x [B, H, W, C]`` -> ``[B, H, W, C]``.
+
+    Each image is zero-padded by ``pad`` pixels on every side and an ``H x W`` window is taken at a
+    random offset in ``[0, 2 pad]`` per axis (a shifted copy; the pixels shifted in are 0, the train
+    mean after standardization), then flipped left-right with probability 1/2. One draw per example
+    from ``key``; pure and jit/vmap-friendly.
+    """
+    b, h, w, c = x.shape
+    k_crop, k_flip = jax.random.split(key)
+    offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+    flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+    return jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
+
+
+# data.augment -> (key, x [B, ...]) -> x, or None for no augmentation
+AUGMENTATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array] | None] = {
+    "none": None,
+    "crop_flip": crop_flip,
+}
+
+
+def augment_key(data_key: jax.Array, step) -> jax.Array:
+    """The augmentation key of one training step: ``fold_in(data_key, step)``, where ``data_key`` is
+    ``jax.random.key(data seed)`` of the member; ``step`` is the global step (traced or not)."""
+    return jax.random.fold_in(data_key, step)
+
+
 # ---------------------------------------------------------------------------- locations
 
 def data_dir() -> Path:
@@ -114,12 +176,15 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------------- load + split
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load ``cfg.name``, hold out ``val_size`` train examples and normalize; cached in-process.
+    """Load ``cfg.name``, hold out ``val_size`` train examples, keep ``train_size`` of the rest and
+    normalize; cached in-process. The result carries ``cfg.augment`` (:meth:`Dataset.with_augment`:
+    the arrays are shared between augmentations, not loaded twice).
 
     The cache key includes the data and cache roots, so changing ``$LTH_DATA_DIR`` reloads.
     Call ``load_dataset.cache_clear()`` to drop cached data sets.
     """
-    return _load_cached(cfg, data_dir(), cache_dir())
+    base = _load_cached(dataclasses.replace(cfg, augment="none"), data_dir(), cache_dir())
+    return base.with_augment(cfg.augment)
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,8 +204,14 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
                         f"train examples; lower data.val_size")
     if len(x_test) == 0:
         raise DataError(f"{cfg.name}: the test split is empty; the data set's test files hold no examples")
+    if cfg.train_size > n - val_size:
+        raise DataError(f"{cfg.name}: train_size = {cfg.train_size} is larger than the train split ({n - val_size} "
+                        f"examples: {n} minus val_size = {val_size}); lower data.train_size (0 = all)")
     perm = np.random.default_rng(cfg.split_seed).permutation(n)
-    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    # the train subset is the next train_size examples of the same permutation: the val split does
+    # not depend on train_size, and a subset never overlaps it
+    stop = val_size + cfg.train_size if cfg.train_size else n
+    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:stop])
     xs = [_to_float(x) for x in (x_train[train_idx], x_train[val_idx], x_test)]
     if cfg.normalize:
         # per channel for images [N, H, W, C], one scalar for flat inputs

@@ -8,6 +8,10 @@ same code. Where XLA runs a model's step far slower inside a loop (convolutions 
 :func:`segment_strategy`), the same step is dispatched from the host one compiled step at a time
 instead, with bitwise-identical results.
 
+With ``data.augment`` (:data:`lth.data.AUGMENTATIONS`) every step augments its gathered batch in the
+same compiled program, keyed by ``fold_in(key(member's data seed), global step)`` (:func:`make_batch_fn`):
+deterministic, the same in a population as alone, and the same after a resume.
+
 Masks are pytrees of bools shaped like ``params``. A pruned weight starts at exactly +0.0 (the
 state is built with the mask applied) and its gradient is zeroed before the optimizer, so its
 momentum / Adam moments stay exactly zero and every update it receives is exactly zero (sgd,
@@ -32,6 +36,7 @@ import optax
 from flax import struct
 
 from .config import TrainConfig
+from .data import AUGMENTATIONS, augment_key
 
 PyTree = Any
 DEFAULT_EPOCHS = 10  # training length when neither train.epochs nor train.steps is set
@@ -311,41 +316,73 @@ def _conv_params(jaxpr) -> Iterable[dict]:
                     yield from _conv_params(sub)
 
 
+def make_batch_fn(augment: Callable | None) -> Callable:
+    """``(state, x_train, y_train, i [B], data_key uint32 [2]) -> (x [B, ...], y [B])`` of one member.
+
+    Gathers the batch by index; with an augmentation (:data:`lth.data.AUGMENTATIONS`) the inputs are
+    augmented with :func:`lth.data.augment_key` of the member's data key and its global step, so a
+    step's augmentation is the same in a population or alone, resumed or not.
+    """
+    def batch(state, x_train, y_train, i, data_key):
+        x = x_train[i]
+        if augment is not None:
+            x = augment(augment_key(jax.random.wrap_key_data(data_key), state.step), x)
+        return x, y_train[i]
+
+    return batch
+
+
 def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
-                    member_batch: int | None = None) -> Callable:
-    """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K, S])``.
+                    member_batch: int | None = None, augment: Callable | None = None) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2]) -> (pop_state, metrics [K, S])``.
 
     ``idx`` holds the example indices of S steps: ``[S, B]`` shared by all members or ``[K, S, B]``.
-    The data set stays resident; each step gathers its batch by index inside the scan. Members are
-    computed ``member_batch`` at a time (:func:`population_program`).
+    The data set stays resident; each step gathers its batch by index inside the scan and augments
+    it there (``augment``, keyed by the member's ``data_keys`` row and step: :func:`make_batch_fn`).
+    Members are computed ``member_batch`` at a time (:func:`population_program`).
     """
     step = make_train_step(model, tx, lr_fn)
+    batch = make_batch_fn(augment)
 
-    def member(state, x_train, y_train, idx):
+    def member(state, x_train, y_train, idx, data_key):
         def body(s, i):
-            return step(s, x_train[i], y_train[i])
+            return step(s, *batch(s, x_train, y_train, i, data_key))
 
         return jax.lax.scan(body, state, idx)
 
-    pop = population_program(member, (0, None, None, None if shared_order else 0), member_batch)
+    pop = population_program(member, (0, None, None, None if shared_order else 0, 0), member_batch)
     return jax.jit(pop, donate_argnums=(0,))
 
 
 def make_step_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
-                 member_batch: int | None = None) -> Callable:
-    """Compiled ``(pop_state [K], x_train, y_train, idx) -> (pop_state, metrics [K])``: one step.
+                 member_batch: int | None = None, augment: Callable | None = None) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2]) -> (pop_state, metrics [K])``: one step.
 
     The "step" segment strategy (:func:`segment_strategy`): the same step as :func:`make_segment_fn`'s
     scan body with no loop around it; ``idx`` ``[B]`` (shared) or ``[K, B]`` is already on the device,
-    the batch is gathered there, the state's buffers are donated. Member groups are unrolled.
+    the batch is gathered (and augmented) there, the state's buffers are donated. Member groups are
+    unrolled.
     """
     step = make_train_step(model, tx, lr_fn)
+    batch = make_batch_fn(augment)
 
-    def member(state, x_train, y_train, idx):
-        return step(state, x_train[idx], y_train[idx])
+    def member(state, x_train, y_train, idx, data_key):
+        return step(state, *batch(state, x_train, y_train, idx, data_key))
 
-    pop = population_program(member, (0, None, None, None if shared_order else 0), member_batch, unroll=True)
+    pop = population_program(member, (0, None, None, None if shared_order else 0, 0), member_batch, unroll=True)
     return jax.jit(pop, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=4096)
+def data_key_data(seed: int) -> np.ndarray:
+    """``key_data(jax.random.key(seed))`` on the host: the raw data key of a member's data seed.
+
+    ``jax.random.key`` keeps only the low 32 bits of a seed (without x64), so the high part of a larger
+    data seed (a stability copy's ``seed + copy * 2**32``) is folded in: copies get their own augmentation."""
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    if seed >> 32:
+        key = jax.random.fold_in(key, seed >> 32)
+    return np.asarray(jax.random.key_data(key))
 
 
 def _eval_chunk(model, params, batch_stats, x, y, v):
@@ -514,9 +551,19 @@ class Engine:
     :func:`segment_strategy`).
     """
 
-    def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None):
-        """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning)."""
+    def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None,
+                 augment: str | None = None):
+        """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning). ``augment``
+        (a name of :data:`lth.data.AUGMENTATIONS`) augments the training batches; default the data
+        set's own ``augment`` (``data.augment``), else none. Evaluation is never augmented."""
         self.model, self.data, self.cfg = model, data, cfg
+        self.augment = augment if augment is not None else getattr(data, "augment", "none")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augment!r}; available: {', '.join(AUGMENTATIONS)}")
+        aug_fn = AUGMENTATIONS[self.augment]
+        if aug_fn is not None and np.ndim(data.x_train) != 4:
+            raise ValueError(f"augmentation {self.augment!r} needs images [N, H, W, C]; the train split has "
+                             f"shape {np.shape(data.x_train)}")
         self.tx = tx = make_optimizer(cfg)
         self.order = DataOrder(len(data.x_train), cfg.batch_size)
         self.num_steps = total_steps(cfg, len(data.x_train))
@@ -529,7 +576,7 @@ class Engine:
         self.member_batch = mb = member_batch_size(cfg)
         self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
         make = make_segment_fn if self.segment == "scan" else make_step_fn
-        self._segment = {shared: make(model, tx, lr_fn, shared, mb) for shared in (True, False)}
+        self._segment = {shared: make(model, tx, lr_fn, shared, mb, aug_fn) for shared in (True, False)}
         self._eval = make_eval_fn(model, mb, self.segment)
         self._remask = None
 
@@ -559,18 +606,22 @@ class Engine:
             out[name] = (np.asarray(loss), np.asarray(acc))
         return out
 
-    def _train_segment(self, state: TrainState, idx: np.ndarray, shared: bool) -> tuple[TrainState, dict]:
-        """Train over the example indices ``idx`` (``[S, B]`` shared or ``[K, S, B]``), the configured
-        way (:func:`segment_strategy`): ``(state, {loss, accuracy} [K, S] on the host)``."""
-        where = None if shared else population_sharding(idx.shape[0])
+    def _train_segment(self, state: TrainState, idx: np.ndarray, shared: bool,
+                       keys: np.ndarray) -> tuple[TrainState, dict]:
+        """Train over the example indices ``idx`` (``[S, B]`` shared or ``[K, S, B]``) with the members'
+        data keys ``keys [K, 2]``, the configured way (:func:`segment_strategy`): ``(state, {loss,
+        accuracy} [K, S] on the host)``."""
+        by_member = population_sharding(keys.shape[0])
+        where = None if shared else by_member
+        keys = jax.device_put(keys, by_member)
         if self.segment == "scan":
-            state, m = self._segment[shared](state, self.x_train, self.y_train, jax.device_put(idx, where))
+            state, m = self._segment[shared](state, self.x_train, self.y_train, jax.device_put(idx, where), keys)
             return state, jax.device_get(m)
         # every step's indices go to the device in one transfer; the steps are queued without waiting
         rows = jax.device_put(list(idx) if shared else list(idx.swapaxes(0, 1)), where)
         ms = []
         for i in rows:
-            state, m = self._segment[shared](state, self.x_train, self.y_train, i)
+            state, m = self._segment[shared](state, self.x_train, self.y_train, i, keys)
             ms.append(m)
         ms = jax.device_get(ms)
         return state, {key: np.stack([m[key] for m in ms], 1) for key in ms[0]}
@@ -585,7 +636,8 @@ class Engine:
             observe: Callable[[int, PyTree], None] | None = None) -> TrainResult:
         """Train the population from step ``start`` to ``stop`` (default: the configured length).
 
-        ``data_seeds[k]`` fixes member k's batch order (all equal or ``shared_data_order``: one order).
+        ``data_seeds[k]`` fixes member k's batch order and, with ``data.augment``, its augmentation
+        (all equal or ``shared_data_order``: one order and one augmentation, those of ``data_seeds[0]``).
         Evaluates at the eval steps (``evaluate=False``: records the training loss only), keeps a host
         copy of params and batch_stats at each snapshot step. ``observe(step, host copy)`` is called at
         each of ``observe_steps`` (e.g. epoch ends) and nothing is kept; extra segment boundaries change
@@ -607,6 +659,7 @@ class Engine:
         if start in watch:
             observe(start, self._snapshot(state))
         K = len(seeds)
+        keys = np.stack([data_key_data(seeds[0] if shared else s) for s in seeds])
         diverged: dict[int, int] = {}
         first_loss = None
         pos, acc_loss, acc_acc, acc_n = start, np.zeros(K), np.zeros(K), 0
@@ -615,7 +668,7 @@ class Engine:
                 idx = self.order.indices(seeds[0], pos, b)
             else:
                 idx = np.stack([self.order.indices(s, pos, b) for s in seeds])
-            state, m = self._train_segment(state, idx, shared)
+            state, m = self._train_segment(state, idx, shared, keys)
             loss = np.asarray(m["loss"], np.float64)
             acc = np.asarray(m["accuracy"], np.float64)
             if first_loss is None:

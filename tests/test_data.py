@@ -267,6 +267,28 @@ def test_cifar_record_round_trips_to_nhwc(roots):
     np.testing.assert_array_equal(d.y_train[:2], recs["data_batch_1.bin"][:, 0])
 
 
+def test_cifar_is_standardized_per_channel_with_the_train_splits_statistics(roots):
+    """Each RGB channel gets its own mean and std, computed from the train split (after the val
+    hold-out) and applied to val and test as well."""
+    data, _ = roots
+    folder = data / "cifar10"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(data_mod.CIFAR_FILES):
+        rec = cifar_records(8, seed=i)
+        for c, (lo, hi) in enumerate(((0, 40), (100, 140), (50, 250))):  # channels of unlike ranges
+            rec[:, 1 + c * 1024:1 + (c + 1) * 1024] = np.random.default_rng(i + 10 * c).integers(lo, hi, (8, 1024))
+        (folder / name).write_bytes(rec.tobytes())
+    raw = load_dataset(DataConfig(name="cifar10", val_size=4, normalize=False))
+    d = load_dataset(DataConfig(name="cifar10", val_size=4))
+    x64 = raw.x_train.astype(np.float64)
+    mean, std = x64.mean((0, 1, 2)), x64.std((0, 1, 2))
+    assert np.ptp(mean) > 0.3 and np.ptp(std) > 0.1  # really per channel: one scalar would not fit
+    np.testing.assert_allclose(d.x_train.mean((0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(d.x_train.std((0, 1, 2)), 1, atol=1e-4)
+    for split in ("x_val", "x_test"):
+        np.testing.assert_allclose(getattr(d, split), (getattr(raw, split) - mean) / std, atol=1e-4)
+
+
 def test_truncated_cifar_file_raises_naming_it(roots):
     data, _ = roots
     write_cifar(data / "cifar10")

@@ -22,7 +22,7 @@ from .wiring import fake_quant_model, quantize_weights, weight_qparams
 # ============================================================================ QAT
 
 # Compiled QAT engines, most recent last, keyed by what they compute: (base model, quant spec, weights
-# mode, data fingerprint, train config, lr). Each holds the train split on the device, so the cache
+# mode, data fingerprint and augmentation, train config, lr). Each holds the train split on the device, so the cache
 # keeps engines while their train splits total at most ENGINE_BYTES (at least the newest one).
 _ENGINES: "collections.OrderedDict" = collections.OrderedDict()
 ENGINE_BYTES = 1 << 30
@@ -81,9 +81,9 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
     fq = fake_quant_model(model, spec, "lsq" if learned_scale else "fixed")
     cfg = dataclasses.replace(train_cfg, steps=int(steps), epochs=None, eval_every=int(steps))
     if lr_fn is None:
-        # one engine (compiled programs) per (model, setting, data, steps, lr): levels of a sweep share it
+        # one engine (compiled programs) per (model, setting, data and its augmentation, steps, lr): levels of a sweep share it
         lr = float(lr if lr is not None else train_cfg.lr)
-        key = (fq.base, fq.spec, fq.weights, data.fingerprint["sha256"], cfg, lr)
+        key = (fq.base, fq.spec, fq.weights, data.fingerprint["sha256"], getattr(data, "augment", "none"), cfg, lr)
         if key not in _ENGINES:
             _ENGINES[key] = Engine(fq, data, cfg, lr_fn=optax.constant_schedule(lr))
             while len(_ENGINES) > 1 and sum(e.x_train.nbytes for e in _ENGINES.values()) > ENGINE_BYTES:

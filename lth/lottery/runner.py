@@ -107,38 +107,24 @@ def member_rngs(members, level: int) -> jax.Array:
     return jnp.stack([one(m) for m in members])
 
 
-def read_members(level_dir) -> list[Member]:
-    """The members of a stored level, in stored order (``members.json``)."""
-    return [Member.from_json(d) for d in read_json(Path(level_dir) / "members.json")]
-
-
 MEMBERS_FILE = "members.json"  # the level's main population, in stored order
 SMALL_DENSE_FILE = "small_dense.json"  # the small-dense members, in small_dense_final.msgpack's order
 
 
-def member_record(m: Member) -> dict:
-    """A member as stored in members.json: arm and seed, and any further field that is not at its default."""
-    out = {}
-    for f in dataclasses.fields(m):
-        v = getattr(m, f.name)
-        if f.name in ("arm", "seed") or f.default is dataclasses.MISSING or v != f.default:
-            out[f.name] = v
-    return out
-
-
-def member_of(record: dict) -> Member:
-    return Member(**{**record, "seed": int(record["seed"])})
+def read_members(level_dir) -> list[Member]:
+    """The members of a stored level's main population, in stored order (``members.json``)."""
+    return [Member.from_json(d) for d in read_json(Path(level_dir) / MEMBERS_FILE)]
 
 
 def members_bytes(members) -> bytes:
-    return json.dumps([member_record(m) for m in members]).encode()
+    return json.dumps([m.to_json() for m in members]).encode()
 
 
 def stored_members(level_dir: Path) -> tuple[list[Member], list[Member]]:
     """(main population, small-dense members) a complete level folder holds, in stored order."""
-    main = [member_of(r) for r in read_json(level_dir / MEMBERS_FILE)]
+    main = read_members(level_dir)
     if (level_dir / SMALL_DENSE_FILE).is_file():
-        small = [member_of(r) for r in read_json(level_dir / SMALL_DENSE_FILE)]
+        small = [Member.from_json(r) for r in read_json(level_dir / SMALL_DENSE_FILE)]
     elif (level_dir / "small_dense_final.msgpack").is_file():  # written before small_dense.json
         m = read_parquet(level_dir / "metrics.parquet")
         rows = m[m["arm"] == "small_dense"].drop_duplicates("seed").sort_values("member")

@@ -461,24 +461,24 @@ GROWABLE_PRUNE = ("levels",)
 
 def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     """ConfigError unless the quant stage ``qc`` fits the run ``cfg`` (its arms and levels)."""
-    if qc.arms is not None and set(qc.arms) - set(cfg.arms):
-        raise ConfigError(f"{where}: quant.arms = {list(qc.arms)} names arms the run does not train; its arms: "
-                          f"{', '.join(cfg.arms)}")
-    # levels past the end are skipped (a quick trial with fewer prune.levels keeps its [quant]); a list
-    # with no level of the run is a mistake
-    if not isinstance(qc.levels, str) and min(qc.levels) > cfg.prune.levels:
-        raise ConfigError(f"{where}: quant.levels = {list(qc.levels)} names no level of the run (prune.levels = "
+    _check_stage_members(cfg, "quant", qc.arms, qc.levels, cfg.arms, where)
+
+
+def _check_stage_members(cfg: "ExperimentConfig", section: str, arms, levels, listed, where: str) -> None:
+    """A later stage's ``arms`` must be arms the run trains (``listed`` in the error); levels past the end
+    are skipped (a quick trial with fewer prune.levels keeps its table), but a list with no level of the
+    run is a mistake."""
+    if arms is not None and set(arms) - set(cfg.arms):
+        raise ConfigError(f"{where}: {section}.arms = {list(arms)} names arms the run does not train; its arms: "
+                          f"{', '.join(listed)}")
+    if not isinstance(levels, str) and min(levels) > cfg.prune.levels:
+        raise ConfigError(f"{where}: {section}.levels = {list(levels)} names no level of the run (prune.levels = "
                           f"{cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
 
 
 def check_stability(cfg: "ExperimentConfig", sc: StabilityConfig, where: str) -> None:
     """ConfigError unless the stability stage ``sc`` fits the run ``cfg`` (its arms, levels, data order)."""
-    if sc.arms is not None and set(sc.arms) - set(cfg.arms):
-        raise ConfigError(f"{where}: stability.arms = {list(sc.arms)} names arms the run does not train; its "
-                          f"arms: {', '.join(a for a in cfg.arms if a != 'small_dense')}")
-    if not isinstance(sc.levels, str) and min(sc.levels) > cfg.prune.levels:
-        raise ConfigError(f"{where}: stability.levels = {list(sc.levels)} names no level of the run (prune.levels "
-                          f"= {cfg.prune.levels}); use levels 0..{cfg.prune.levels}, 'all' or 'last'")
+    _check_stage_members(cfg, "stability", sc.arms, sc.levels, [a for a in cfg.arms if a != "small_dense"], where)
     if cfg.train.shared_data_order:
         raise ConfigError(f"{where}: stability.enabled = true is not allowed with train.shared_data_order = true "
                           "(the two copies must see different batch orders); set train.shared_data_order = false")

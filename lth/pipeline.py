@@ -43,15 +43,17 @@ def merged_configs(cfgs: Iterable[ExperimentConfig]) -> dict[str, ExperimentConf
     return out
 
 
-def stability_pending(cfg: ExperimentConfig, run_dir: str | Path) -> list[int]:
-    """Complete levels whose stored stability copies have no (intact) path result yet (``[stability]``)."""
+def stability_pending(cfg: ExperimentConfig, run_dir: str | Path, levels: Iterable[int] | None = None) -> list[int]:
+    """Complete levels (of ``levels``, default all) whose stored stability copies have no (intact) path
+    result yet (``[stability]``)."""
     if not cfg.stability.enabled:
         return []
     run_dir = Path(run_dir)
     store = RunStore(run_dir.parent, run_dir.name)
     run = StoredRun(run_dir, cfg, {"run_id": cfg.run_id}, None, None)  # file names only: no data, no model
     stage = StabilityStage(run, cfg.stability)
-    return [level for level in stability_levels(cfg) if store.is_complete(level) and stage.pending(level)]
+    wanted = stability_levels(cfg) if levels is None else [lv for lv in levels if lv in stability_levels(cfg)]
+    return [level for level in wanted if store.is_complete(level) and stage.pending(level)]
 
 
 def quant_stages(cfgs: Iterable[ExperimentConfig]) -> dict[str, list[tuple[ExperimentConfig, QuantConfig]]]:
@@ -127,7 +129,7 @@ def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progre
         return run
 
     def after_level(lot: Lottery, level: int) -> None:
-        if level in stability_pending(lot.cfg, lot.store.path):
+        if stability_pending(lot.cfg, lot.store.path, [level]):
             stabs.setdefault(lot.cfg.run_id, StabilityStage(stored(lot), lot.cfg.stability, log=log)).run_level(level)
         for cfg, qc in stages[lot.cfg.run_id]:
             if level not in quant_levels(cfg, qc) or not pending(cfg, lot.store.path, qc, [level]):

@@ -16,7 +16,7 @@ off. Two extensions, each into its own fresh store, both through ``lth.lottery.r
 Each extension (of a copy of the stored run) is timed against a fresh run of the final config (its own empty store). Every run
 is its own process (as a user's rerun is), and its wall time includes data loading, compiling,
 training, evaluation and store writes (not the Python start and imports); the best of
-``--repeats`` is printed. JAX's persistent compile cache (see the README) is on as usual, so a
+``--repeats`` is printed. JAX's persistent compile cache (see docs/speed.md) is on as usual, so a
 program compiled by an earlier run is read, not compiled: the first run pays for most compiling.
 
     python benchmarks/grow.py [--steps 300] [--repeats 2] [--experiment experiments/lenet300_fmnist.toml]

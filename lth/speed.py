@@ -499,6 +499,9 @@ def open_ticket(run_dir: str | Path, level: int, member: int = 0, calib_examples
     members = read_json(d / "members.json")
     if not 0 <= member < len(members):
         raise ConfigError(f"--member {member}: level {level} of {run_dir} has members 0..{len(members) - 1}")
+    who = members[member]
+    if not (isinstance(who, dict) and isinstance(who.get("arm"), str) and isinstance(who.get("seed"), int)):
+        raise StoreError(f"{d / 'members.json'}: member {member} has no arm and seed ({who!r}); the file is damaged")
     final = load_tree(d / "final.msgpack")
     mask = jax.tree.map(lambda a: np.asarray(a, bool), unstack(load_tree(d / "masks.msgpack"), member))
     params = jax.tree.map(lambda a: np.asarray(a, np.float32),

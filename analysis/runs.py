@@ -33,17 +33,41 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 def complete_levels(run: Path, say=None) -> list[Path]:
-    """Level folders that are complete and match their checksums; ``say(message)`` hears of the rest."""
+    """Level folders that are complete, match their checksums and name their members (arm, seed);
+    ``say(message)`` hears of the rest, and of a level a killed grow left in the middle of its swap."""
     from lth.store import RunStore
 
     store, out = RunStore(run.parent, run.name), []
     for d in sorted(run.glob("level_[0-9][0-9][0-9]")):
-        problem = store.level_problem(int(d.name[len("level_"):]))
+        problem = store.level_problem(int(d.name[len("level_"):])) or _members_problem(d)
         if problem is None:
             out.append(d)
         elif say is not None:
             say(f"skipped {d.name} of run {run.name}: {problem}")
+    if say is not None:
+        for side in sorted(run.glob("level_[0-9][0-9][0-9].prev")):
+            if not side.with_suffix("").is_dir():
+                say(f"skipped {side.stem} of run {run.name}: a grow was killed in the middle of its swap "
+                    f"({side.name}); a rerun or `lth quantize` of the run finishes it")
     return out
+
+
+def _members_problem(level_dir: Path) -> str | None:
+    """None when the level's ``members.json`` (if any) lists objects with a string ``arm`` and an
+    integer ``seed``; else why not (the file is checksummed, so lth did not write it so)."""
+    from lth.store import StoreError, read_json
+
+    path = level_dir / "members.json"
+    if not path.is_file():
+        return None
+    try:
+        members = read_json(path)
+    except StoreError as e:
+        return str(e)
+    ok = isinstance(members, list) and all(
+        isinstance(m, dict) and isinstance(m.get("arm"), str) and isinstance(m.get("seed"), int)
+        and not isinstance(m.get("seed"), bool) for m in members)
+    return None if ok else f"{path} is not a list of members with an arm and a seed"
 
 
 _run_dirs, _complete_levels = run_dirs, complete_levels
@@ -105,6 +129,7 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
                 df = pd.read_parquet(path)
             except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
                 raise NotAStoreError(f"{path}: unreadable metrics table ({type(e).__name__}: {e})") from None
+            df = folder_run_id(df, run, path, say)
             if "copy" in df:  # stability copies measure instability (load_stability), not accuracy
                 df = df[df["copy"] == 0].drop(columns="copy")
             df.insert(1, "experiment", hparams.get("name", ""))
@@ -117,7 +142,7 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["run_id", "level", "arm", "seed", "step", "split"], kind="stable", ignore_index=True)
     df = df.assign(bits=32, method="float", scheme="float", granularity="", calibration="", act_bits=32)
-    q = load_quant(root) if quant else pd.DataFrame()
+    q = load_quant(root, say=say) if quant else pd.DataFrame()
     if not q.empty and run_ids is not None:
         q = q[q["run_id"].isin(set(run_ids))]
     keys = ["run_id", "level", "arm", "seed"]
@@ -138,6 +163,19 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
             q["diverged_step"] = div.reindex(pd.MultiIndex.from_frame(q[keys])).fillna(-1).astype(int).to_numpy()
         df = pd.concat([df, q], ignore_index=True)
     return df
+
+
+def folder_run_id(df: pd.DataFrame, run: Path, path: Path, say=None) -> pd.DataFrame:
+    """``df`` with the run id of the folder it was read from: one run id per folder, also while an
+    interrupted ``lth migrate`` has rewritten the id in some of its files but not yet in the others;
+    ``say`` hears of such a file."""
+    if "run_id" not in df:
+        return df
+    if say is not None and (df["run_id"] != run.name).any():
+        other = ", ".join(sorted(set(map(str, df["run_id"])) - {run.name}))
+        say(f"{path} records run id {other}, not its folder's {run.name} (an interrupted `lth migrate`?"
+            f" rerun it); read as run {run.name}")
+    return df.assign(run_id=run.name)
 
 
 def float_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -175,20 +213,35 @@ def load_sparsity(root: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _intact_cells(level_dir: Path) -> list[Path]:
+def _intact_cells(level_dir: Path, say=None) -> list[Path]:
     """The quant cells of a level whose table matches the checksum in its marker (``<cell>.json``,
-    written after the table by the quant stage); a damaged or half-written cell is left out."""
+    written after the table by the quant stage); a damaged or half-written cell is left out, and
+    ``say`` hears of it."""
+    return _intact_results(level_dir / "quant", "quant cell", say)
+
+
+def _intact_results(folder: Path, what: str, say=None) -> list[Path]:
+    """The tables in ``folder`` that match the checksum in their marker (``<key>.json``, written after
+    the table); ``say`` hears of each damaged or half-written one, naming the file (the stage that
+    wrote it recomputes it on its next run)."""
     from lth.store import marked_file_problem
 
-    return [meta.with_suffix(".parquet") for meta in sorted((level_dir / "quant").glob("*.json"))
-            if marked_file_problem(meta.with_suffix(".parquet"), meta) is None]
+    out = []
+    for meta in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        problem = marked_file_problem(meta.with_suffix(".parquet"), meta)
+        if problem is None:
+            out.append(meta.with_suffix(".parquet"))
+        elif say is not None:
+            say(f"skipped a {what}: {problem}")
+    return out
 
 
-def load_quant(root: str | Path) -> pd.DataFrame:
+def load_quant(root: str | Path, say=_stderr) -> pd.DataFrame:
     """Quantization results of every completed level: one row per (cell, seed), i.e. per (run, level,
     arm, seed, bits, method, scheme, granularity, calibration, act_bits, ...), with accuracy,
     float_accuracy, size_bytes and compression (vs fp32 dense), plus the run's experiment name.
-    Reads the quant stage's cells (``level_NNN/quant/``) and the older ``level_NNN/quant.parquet``."""
+    Reads the quant stage's cells (``level_NNN/quant/``) and the older ``level_NNN/quant.parquet``;
+    ``say`` (default: stderr) hears of each cell skipped as damaged or half-written."""
     root = Path(root)
     if not root.is_dir():
         raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
@@ -196,7 +249,7 @@ def load_quant(root: str | Path) -> pd.DataFrame:
     for run in _run_dirs(root):
         name = _hparams(run).get("name", "")
         for level_dir in _complete_levels(run):
-            paths = _intact_cells(level_dir)
+            paths = _intact_cells(level_dir, say)
             if (level_dir / "quant.parquet").is_file():
                 paths.append(level_dir / "quant.parquet")
             for path in paths:
@@ -204,12 +257,13 @@ def load_quant(root: str | Path) -> pd.DataFrame:
                     df = pd.read_parquet(path)
                 except Exception as e:  # noqa: BLE001
                     raise NotAStoreError(f"{path}: unreadable quantization table ({type(e).__name__}: {e})") from None
+                df = folder_run_id(df, run, path, say)
                 df.insert(1, "experiment", name)
                 frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def load_stability(root: str | Path, rewind: bool = True) -> pd.DataFrame:
+def load_stability(root: str | Path, rewind: bool = True, say=_stderr) -> pd.DataFrame:
     """Linear-mode-connectivity paths of every completed level: one row per (run, level, rewind step,
     arm, seed, point), from the ``[stability]`` stage (``level_NNN/stability/``) and, with ``rewind``,
     from ``lth stability`` (``stability_rewind/level_NNN/``). Columns: run_id, experiment, level, arm,
@@ -217,22 +271,18 @@ def load_stability(root: str | Path, rewind: bool = True) -> pd.DataFrame:
     test_error, test_loss, instability (max error on the path minus the mean of the two endpoint
     errors: the same on every point of a pair), loss_barrier (largest test loss above the straight
     line between the endpoint losses), points, bn_batches, wall_s. Only results whose table matches
-    the checksum in its marker are read."""
-    from lth.store import marked_file_problem
-
+    the checksum in its marker are read; ``say`` (default: stderr) hears of each one skipped."""
     root = Path(root)
     if not root.is_dir():
         raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
     frames = []
 
     def read(folder: Path, run: Path, name: str, source: str) -> None:
-        for meta in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            table = meta.with_suffix(".parquet")
-            if marked_file_problem(table, meta) is None:
-                df = pd.read_parquet(table)
-                df.insert(1, "experiment", name)
-                df["source"] = source
-                frames.append(df)
+        for table in _intact_results(folder, "stability result", say):
+            df = folder_run_id(pd.read_parquet(table), run, table, say)
+            df.insert(1, "experiment", name)
+            df["source"] = source
+            frames.append(df)
 
     for run in _run_dirs(root):
         name = _hparams(run).get("name", "")

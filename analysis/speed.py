@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .runs import NotAStoreError
+from .runs import NotAStoreError, folder_run_id
 
 TABLE_COLUMNS = ["experiment", "model", "format", "batch", "level", "density", "bytes", "latency_s", "speedup"]
 
 
-def load_speed(root: str | Path) -> pd.DataFrame:
+def _stderr(msg: str) -> None:
+    print(f"lth: {msg}", file=sys.stderr)
+
+
+def load_speed(root: str | Path, say=_stderr) -> pd.DataFrame:
     """One row per (run, level, member, format, batch) of every ``speed.parquet`` under ``root`` (a
     store or one run folder): density, latency_s (best of the timed repeats, seconds per call),
     median_s, throughput (examples/s), bytes, speedup (dense latency / latency at the same level
     and batch), max_abs_diff (vs the dense masked network; the fake-quant network for int8), and the
-    machine and library versions. Empty when nothing was measured."""
+    machine and library versions. Empty when nothing was measured. An unreadable table (truncated)
+    is skipped, and ``say`` (default: stderr) hears of it (``lth speed`` measures its level again)."""
     root = Path(root)
     if not root.is_dir():
         raise NotAStoreError(f"{root} is not a folder (expected an lth store, e.g. ./runs)")
@@ -28,9 +34,13 @@ def load_speed(root: str | Path) -> pd.DataFrame:
             if not (path.parent / "COMPLETE").is_file():
                 continue
             try:
-                frames.append(pd.read_parquet(path))
+                df = pd.read_parquet(path)
             except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
-                raise NotAStoreError(f"{path}: unreadable speed table ({type(e).__name__}: {e})") from None
+                if say is not None:
+                    say(f"skipped {path}: unreadable speed table ({type(e).__name__}); `lth speed {run}` "
+                        "measures it again")
+                continue
+            frames.append(folder_run_id(df, run, path, say))
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)

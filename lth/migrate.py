@@ -6,9 +6,10 @@ the stored run. Stores written before stay readable under their old names (``lth
 ``analysis.load_runs``, :class:`lth.stored.StoredRun` accept either scheme), but a rerun looks for the
 new id: migrating moves each legacy run folder to its new id and rewrites the run id where it is
 recorded (``hparams.json``, the ``run_id`` column of each level's metrics and the level's COMPLETE
-checksums, each quant cell, whose id hashes the run id). Nothing else changes; old weights stay bit
-for bit. A run whose new id's folder already exists (a run of the same settings with other seeds,
-arms or levels) is refused, naming both folders, before anything is changed.
+checksums, each quant cell, whose id hashes the run id, and the tables later commands added to a
+level, e.g. ``speed.parquet``). Nothing else changes (every other file of a level is carried
+across); old weights stay bit for bit. A run whose new id's folder already exists (a run of the same
+settings with other seeds, arms or levels) is refused, naming both folders, before anything is changed.
 """
 
 from __future__ import annotations
@@ -99,11 +100,26 @@ def migrate_run(move: Move) -> None:
                     if "run_id" in df and (df["run_id"] != new_id).any():
                         files[name] = parquet_bytes(df.assign(run_id=new_id))
                         changed = True
+            _migrate_unlisted(d, set(sums), new_id)
             if changed:
-                store.write_level(level, files)
+                store.write_level(level, files)  # carries the level's other files across
         hparams = read_hparams(move.old / "hparams.json")
         atomic_write_json(move.old / "hparams.json", {**hparams, "run_id": new_id})
     os.replace(move.old, move.new)
+
+
+def _migrate_unlisted(level_dir: Path, listed: set[str], new_id: str) -> None:
+    """Rewrite the run id in the tables later commands added to a level, outside its COMPLETE
+    checksums (``speed.parquet``); a table that cannot be read is left as it is (its reader says so)."""
+    for path in sorted(level_dir.glob("*.parquet")):
+        if path.name in listed:
+            continue
+        try:
+            df = pd.read_parquet(path)
+        except Exception:  # noqa: BLE001 - damaged: `lth speed` replaces it, the report skips it
+            continue
+        if "run_id" in df and (df["run_id"] != new_id).any():
+            atomic_write_bytes(path, parquet_bytes(df.assign(run_id=new_id)))
 
 
 def _migrate_cells(level_dir: Path, level: int, new_id: str) -> None:

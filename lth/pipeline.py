@@ -114,6 +114,8 @@ def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progre
     root = prepare_root(out)
     stages = quant_stages(cfgs)
     first = merged_configs(cfgs)
+    for rid in first:  # a level swap a killed grow left half done, before the store is judged finished
+        RunStore(root, rid).finish_swaps()
     before = {rid: run_status(cfg, root, stages[rid]) for rid, cfg in first.items()}
     opened: dict[str, StoredRun] = {}
     stabs: dict[str, StabilityStage] = {}  # one compiled path program per run

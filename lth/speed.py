@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,6 +499,9 @@ def open_ticket(run_dir: str | Path, level: int, member: int = 0, calib_examples
     members = read_json(d / "members.json")
     if not 0 <= member < len(members):
         raise ConfigError(f"--member {member}: level {level} of {run_dir} has members 0..{len(members) - 1}")
+    who = members[member]
+    if not (isinstance(who, dict) and isinstance(who.get("arm"), str) and isinstance(who.get("seed"), int)):
+        raise StoreError(f"{d / 'members.json'}: member {member} has no arm and seed ({who!r}); the file is damaged")
     final = load_tree(d / "final.msgpack")
     mask = jax.tree.map(lambda a: np.asarray(a, bool), unstack(load_tree(d / "masks.msgpack"), member))
     params = jax.tree.map(lambda a: np.asarray(a, np.float32),
@@ -514,6 +518,19 @@ def open_ticket(run_dir: str | Path, level: int, member: int = 0, calib_examples
             "member": member, "arm": members[member]["arm"], "seed": int(members[member]["seed"]),
             "granularity": cfg.prune.granularity}
     return t, np.asarray(data.x_test), info, store
+
+
+def _stored_speed(path: Path) -> pd.DataFrame | None:
+    """The rows of a level's ``speed.parquet``; None when there is none, or when it is unreadable (a
+    truncated file: said on stderr, and replaced by the rows measured now)."""
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types on a damaged file
+        print(f"lth: {path} is unreadable ({type(e).__name__}); replacing it with the rows measured now",
+              file=sys.stderr)
+        return None
 
 
 def measure_run(run_dir: str | Path, levels: Sequence[int] | None = None, batches: Sequence[int] = (1, 256),
@@ -533,6 +550,7 @@ def measure_run(run_dir: str | Path, levels: Sequence[int] | None = None, batche
     if unknown:
         raise ConfigError(f"--formats {','.join(unknown)}: unknown format; formats: {', '.join(FORMATS)}")
     store = RunStore(run_dir.parent, run_dir.name)
+    store.finish_swaps()  # a level swap a killed grow left half done
     complete = [int(p.name[6:]) for p in sorted(run_dir.glob("level_[0-9][0-9][0-9]")) if store.is_complete(int(p.name[6:]))]
     levels = complete if levels is None else list(levels)
     missing = [lv for lv in levels if lv not in complete]
@@ -546,8 +564,8 @@ def measure_run(run_dir: str | Path, levels: Sequence[int] | None = None, batche
         rows = measure_ticket(t, x, batches, formats, **timing)
         df = pd.DataFrame([{**info, "density": t.density, **r, **machine} for r in rows])
         path = store.level_dir(level) / "speed.parquet"
-        if path.is_file():
-            old = pd.read_parquet(path)
+        old = _stored_speed(path)
+        if old is not None:
             keep = ~(old["member"].isin(df["member"]) & old["format"].isin(df["format"])
                      & old["batch"].isin(df["batch"]))
             df_all = pd.concat([old[keep], df], ignore_index=True)

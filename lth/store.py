@@ -34,6 +34,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -320,7 +321,7 @@ class RunStore:
         Two sweep processes on one store never compute the same run at once; RunBusyError if taken.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)  # under the umask: group-shared stores
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -331,10 +332,25 @@ class RunStore:
             os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
             for stale in self.path.rglob(".*.tmp"):  # left by a killed writer; nobody else writes now
                 stale.unlink(missing_ok=True)
-            self.repair()  # a level swap a killed writer left half done
+            for done in self.repair():  # a level swap a killed writer left half done
+                print(f"lth: run {self.run_id}: {done}", file=sys.stderr)
             yield self
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+    def finish_swaps(self) -> None:
+        """Finish or roll back (:meth:`repair`, under the run's lock, saying so on stderr) the level
+        swaps a killed grow left half done (a ``level_NNN.next`` or ``.prev`` folder). Takes no lock
+        when there is nothing to repair; leaves the folders to their writer when the run is busy, or
+        as they are when its lock cannot be created (a read-only store). Commands that find a run
+        finished, and the readers of a stored run (:class:`lth.stored.StoredRun`), call it first, so
+        no level is skipped, and no ``.prev`` left behind, because of a kill in the middle of a swap."""
+        if not self.path.is_dir() or not any(self.path.glob(f"level_[0-9][0-9][0-9]{NEXT}")) and not any(
+                self.path.glob(f"level_[0-9][0-9][0-9]{PREV}")):
+            return
+        with contextlib.suppress(RunBusyError, OSError):
+            with self.lock():
+                pass  # lock() repairs
 
     def busy_owner(self) -> str | None:
         """Who holds the run's lock right now ('pid N on HOST'), or None when nobody does."""
@@ -435,7 +451,8 @@ class RunStore:
 
         A level that is complete already (a run that grows: more seeds or arms) is replaced whole
         and crash-safely: the new level is built complete in ``level_NNN.next/`` (with every stage
-        subfolder of the old one, e.g. ``quant/``, copied across), then swapped in (``level_NNN`` ->
+        subfolder and every file the old one holds besides its checksummed files, e.g. ``quant/``,
+        ``speed.parquet``, copied across: :meth:`_carry_over`), then swapped in (``level_NNN`` ->
         ``level_NNN.prev``, ``.next`` -> ``level_NNN``, ``.prev`` removed). :meth:`repair` finishes or
         rolls back a swap that a killed process left half done.
         """
@@ -445,14 +462,32 @@ class RunStore:
             if nxt.exists():
                 shutil.rmtree(nxt)
             self._write_level_files(nxt, files)
-            for sub in sorted(p for p in d.iterdir() if p.is_dir()):  # stage folders: quant/, stability/
-                shutil.copytree(sub, nxt / sub.name, copy_function=shutil.copy2)
+            self._carry_over(d, nxt, files)
             failpoint(f"built:{nxt.name}")
             atomic_write_json(nxt / COMPLETE, {"sha256": self._sums(files)})
             self._swap(d)
             return
         self._write_level_files(d, files)
         atomic_write_json(d / COMPLETE, {"sha256": self._sums(files)})
+
+    @staticmethod
+    def _carry_over(d: Path, nxt: Path, files: dict[str, bytes]) -> None:
+        """Copy into the rebuilt level ``nxt`` everything of the old level ``d`` that its writer does
+        not rewrite: stage folders (``quant/``, ``stability/``) and the files later commands added
+        (``speed.parquet``, ``sensitivity.*``; they describe stored members, which a grow keeps bit
+        for bit at their member indices). Checksummed files (in the old COMPLETE) are the writer's to
+        keep; temp files of a killed writer are left behind."""
+        try:
+            listed = set(read_json(d / COMPLETE)["sha256"])
+        except (StoreError, KeyError, TypeError):
+            listed = set()
+        for old in sorted(d.iterdir()):
+            if old.name in files or old.name == COMPLETE or old.name in listed:
+                continue
+            if old.is_dir():
+                shutil.copytree(old, nxt / old.name, copy_function=shutil.copy2)
+            elif old.is_file() and not old.name.startswith("."):
+                shutil.copy2(old, nxt / old.name)
 
     @staticmethod
     def _sums(files: dict[str, bytes]) -> dict[str, str]:
@@ -495,6 +530,8 @@ class RunStore:
             d = prev.with_name(prev.name[: -len(PREV)])
             if d.exists():
                 shutil.rmtree(prev)
+                if not any(x.startswith(f"{d.name}:") for x in done):
+                    done.append(f"{d.name}: removed {prev.name}, left by an interrupted swap")
             else:
                 os.replace(prev, d)
                 done.append(f"{d.name}: rolled back an interrupted swap")

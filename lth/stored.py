@@ -66,6 +66,7 @@ class StoredRun:
     def open(cls, run_dir: str | Path, data=None, model=None) -> "StoredRun":
         """Open ``run_dir``; ``data``/``model`` skip loading them again when the caller has them."""
         cfg, hparams = run_config(run_dir)
+        RunStore(Path(run_dir).parent, Path(run_dir).name).finish_swaps()  # a level swap a killed grow left
         data = data if data is not None else load_dataset(cfg.data)
         model = model if model is not None else build_model(cfg.model, data.num_classes, data.input_shape)
         return cls(Path(run_dir), cfg, hparams, data, model)

@@ -54,6 +54,8 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
                 status[cfg.run_id] = f"busy: {e}"
                 continue
             lots.append(Lottery(cfg, root, progress=progress, share=lots[0] if lots else None))
+        for lot in lots:  # before any work: a damaged rewind file is refused, not rewritten
+            lot.check_rewind_file()
         sinks: dict[str, WandbSink | None] = {}
         for lot in lots:
             sinks[lot.cfg.run_id] = sink = open_sink(lot)

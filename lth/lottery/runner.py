@@ -53,8 +53,8 @@ from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
 from ..prune.structured import check_granularity, structured_prune
-from ..store import (RunStore, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_parquet,
-                     stacked_seeds, take_seeds, tree_bytes, with_seeds)
+from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json,
+                     read_parquet, stacked_seeds, take_seeds, tree_bytes, with_seeds)
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
@@ -330,6 +330,7 @@ class Lottery:
         """
         cfg, store = self.cfg, self.store
         with store.lock():
+            self.check_rewind_file()
             store.write_hparams(self.hparams())
             init = self.init_weights()
             for level in range(cfg.prune.levels + 1):
@@ -338,6 +339,19 @@ class Lottery:
                 if after_level is not None:
                     after_level(level)
         return store
+
+    def check_rewind_file(self) -> None:
+        """StoreError before any work when ``rewind.msgpack`` is damaged (its checksum in MANIFEST.json)
+        or missing while the dense level that wrote it is stored: the rewind points of the stored
+        seeds (step k of their dense training) cannot be recomputed without retraining that level,
+        and a grow would rewrite the file with the new seeds' points only."""
+        store = self.store
+        if self.cfg.rewind.step == 0 or not store.is_complete(0):
+            return  # no rewind file, or no stored dense level: training it (re)writes the file
+        problem = store.file_problem("rewind.msgpack")
+        if problem is not None:
+            raise StoreError(f"{problem}: the stored seeds' rewind points cannot be recomputed alone; restore "
+                             f"the file, or delete {store.level_dir(0)} so that the dense level retrains them")
 
     def _rewind_point(self, init: dict, seeds: list[int]) -> dict:
         """The rewind-point weights of ``seeds`` (stacked in that order)."""
@@ -720,6 +734,7 @@ def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None
     with fewer levels, seeds or arms than ``cfg`` asks for grows: only the missing members train.
     """
     store = RunStore(prepare_root(out), cfg.run_id)
+    store.finish_swaps()  # a level swap a killed grow left half done, even in a run found finished
     if run_is_finished(store, cfg):  # every wanted member of every wanted level is stored
         return store
     lottery = Lottery(cfg, out, progress=progress)

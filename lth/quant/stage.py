@@ -11,6 +11,13 @@ is ``sha256(run id, level, arm, setting)``, so:
   ``<cell>.json`` with its sha256 and setting; a cell counts as done only when the JSON exists
   and the table matches its checksum (a killed run recomputes exactly the missing cells).
 
+Every member that gets QAT also gets its float control, ``float_ft`` (rows with ``method =
+"float_ft"``, ``bits = 32``): the same member fine-tuned in float with exactly QAT's schedule (start
+point, steps, lr, optimizer, batch order, mask), trained by QAT's own compiled program with
+quantization switched off (:func:`lth.quant.qat.float_ft`), so quantized models are compared with a
+float network trained exactly as much. Its cell is keyed by (run id, level, arm, QAT's schedule): one
+per arm for every QAT bit width and scheme.
+
 All pending arms of a level that share a model (every arm but ``small_dense``, whose narrower
 model is a population of its own) are quantized together: weight calibration, activation ranges,
 evaluation and QAT run once over the stacked population (one compiled program per step kind);

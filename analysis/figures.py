@@ -326,28 +326,11 @@ def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
 
 
 def smallest_within(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
-    """Per arm: the smallest model (bytes, density, bits, method) whose mean test accuracy is within
-    ``tolerance`` (0.01 = 1 point) of the dense float network's (per run)."""
-    points = compression_points(df)
-    rows = []
-    for run_id, p in points.groupby("run_id", sort=False):
-        dense = p[(p["arm"] == "dense") & (p["bits"] == 32)]
-        if dense.empty:
-            continue
-        ref = float(dense["accuracy"].iloc[0])
-        ok = p[p["accuracy"] >= ref - tolerance]
-        for arm in [a for a in ARM_STYLE if a in set(p["arm"])]:
-            a = ok[ok["arm"] == arm].sort_values(["size_bytes", "accuracy"], ascending=[True, False])
-            best = a.iloc[0] if len(a) else None
-            rows.append({"run_id": run_id, "arm": arm, "dense_float_accuracy": ref,
-                         "size_bytes": best["size_bytes"] if best is not None else np.nan,
-                         "density": best["density"] if best is not None else np.nan,
-                         "bits": best["bits"] if best is not None else np.nan,
-                         "method": best["method"] if best is not None else "none within tolerance",
-                         "accuracy": best["accuracy"] if best is not None else np.nan,
-                         "compression_vs_dense": (float(dense["size_bytes"].iloc[0]) / best["size_bytes"]
-                                                  if best is not None else np.nan)})
-    return pd.DataFrame(rows)
+    """Per arm: the smallest model within ``tolerance`` of the dense float network's test accuracy, at
+    equal training (QAT judged against its float_ft control); see :func:`analysis.fair.smallest_within`."""
+    from .fair import smallest_within as fair_smallest_within
+
+    return fair_smallest_within(df, tolerance)
 
 
 FORMAT_STYLE = {

@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import float_rows, instability_table, load_runs, load_sparsity, load_stability, quant_rows
+from .runs import (float_ft_rows, float_rows, instability_table, load_runs, load_sparsity, load_stability,
+                   quant_rows)
 from .summary import spread_rule, summarize
 
 TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "diverged", "final_accuracy_mean",
@@ -107,7 +108,7 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
             plans.append(("quant_heatmap", lambda: figures.quant_heatmap(quant),
                           "Test accuracy of quantized tickets per weight bits and weights remaining (mean over "
                           "seeds and settings)."))
-        quant.to_csv(out / "quant.csv", index=False)
+        pd.concat([quant, float_ft_rows(full)], ignore_index=True).to_csv(out / "quant.csv", index=False)
         small = figures.smallest_within(full)
         if not small.empty:
             small.to_csv(out / "smallest_within_1pp.csv", index=False)
@@ -175,9 +176,13 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     lines += ["", "## Tables", "", "- `summary.csv` / `summary.md` / `summary.tex`: one row per (run, arm, level): "
               "density, seeds, diverged seeds, mean/std/95% CI of final and best test accuracy and early-stop step."]
     if (out / "smallest_within_1pp.csv").is_file() and not quant.empty:
-        lines += ["- `quant.csv`: every quantized row (one per cell and seed).",
+        lines += ["- `quant.csv`: every quantized row (one per cell and seed), and QAT's float control (`method = "
+                  "float_ft`: the same member fine-tuned in float with QAT's schedule).",
                   "- `smallest_within_1pp.csv` / `.md` / `.tex`: per arm, the smallest model (bytes, density, bits, "
-                  "method) whose mean test accuracy is within 1 point of the dense float network's."]
+                  "method) within 1 point of the dense float network's test accuracy at equal training: float and "
+                  "PTQ models by their accuracy (`reference = float`), QAT models by their change against float_ft "
+                  "of the same member added to the float network's accuracy (`reference = float_ft`, "
+                  "`judged_accuracy`), so QAT's extra fine-tuning does not count as a gain."]
     if not stability.empty:
         lines += ["- `instability.csv`: one row per (run, source, level, rewind step, arm, seed): density, "
                   "instability, loss_barrier, endpoint errors error_0/error_1, max_error."]

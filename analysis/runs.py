@@ -98,7 +98,8 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
     Quantized rows (``quant=True``, the default): one per (cell, seed) of the quant stage, with the
     same keys (run_id, arm, seed, level, density, param_count), ``split = "test"``, no step, and
     ``bits, method (ptq/qat), scheme, granularity, calibration, act_bits, size_bytes, compression``
-    (vs the fp32 dense network), float_accuracy, val_accuracy, ...
+    (vs the fp32 dense network), float_accuracy, val_accuracy, ...; and QAT's float controls
+    (``method = "float_ft"``, ``bits = 32``, ``scheme = "float"``: :func:`float_ft_rows`).
 
     Stability copies (``[stability]``, ``copy`` > 0) are left out: each (run, arm, seed, level)
     appears once; their paths are in :func:`load_stability`.
@@ -184,8 +185,15 @@ def float_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def quant_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The quantized rows of a :func:`load_runs` table."""
-    return df[df["method"] != "float"] if "method" in df else df.iloc[:0]
+    """The quantized rows of a :func:`load_runs` table (not the float rows, nor QAT's float_ft controls)."""
+    return df[~df["method"].isin(["float", "float_ft"])] if "method" in df else df.iloc[:0]
+
+
+def float_ft_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """QAT's float controls of a :func:`load_runs` table (``method = "float_ft"``, ``bits = 32``): each
+    member that got QAT, fine-tuned in float with QAT's schedule (``qat_start``, ``qat_steps``,
+    ``qat_lr``); the reference of every QAT row (:mod:`analysis.fair`)."""
+    return df[df["method"] == "float_ft"] if "method" in df else df.iloc[:0]
 
 
 def final_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:

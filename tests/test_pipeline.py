@@ -59,19 +59,19 @@ def test_every_arm_and_seed_of_the_chosen_levels_is_quantized(reference):
     cfg = _cfg()
     q = _table(reference)
     # level 0: the dense network (ticket arm); level 1: ticket, random_prune and small_dense; 2 seeds each;
-    # 2 bits x 2 methods
-    assert len(q) == (1 + 3) * 2 * 4
+    # 2 bits x 2 methods, and QAT's float control (float_ft) of each member
+    assert len(q) == (1 + 3) * 2 * 5 and len(q[q.method == "float_ft"]) == len(q[q.method == "qat"]) // 2
     assert set(q[q.level == 1].arm) == {"ticket", "random_prune", "small_dense"}
     assert set(q[q.level == 0].arm) == {"ticket"}
     assert (q.run_id == cfg.run_id).all() and q.cell.nunique() == len(q) // 2
-    assert (q.size_bytes < q.fp32_dense_bytes).all()
+    assert (q[q.method != "float_ft"].size_bytes < q[q.method != "float_ft"].fp32_dense_bytes).all()
     sd, ticket = q[q.arm == "small_dense"], q[(q.arm == "ticket") & (q.level == 1)]
     assert (sd.fp32_dense_bytes < ticket.fp32_dense_bytes.max()).all()  # the narrower model
     assert run_status(cfg, reference) == {"levels": 2, "of": 2, "cells": 0, "stability": 0, "new_levels": 0,
                                           "seeds": 0, "arms": 0}
     # the tidy table: float rows (bits 32) and quantized rows with the same keys
     df = load_runs(reference)
-    assert set(df.method) == {"float", "ptq", "qat"} and (df[df.method == "float"].bits == 32).all()
+    assert set(df.method) == {"float", "ptq", "qat", "float_ft"} and (df[df.method == "float"].bits == 32).all()
     f = df[df.method == "float"]
     dense_bytes = f[f.level == 0].size_bytes.iloc[0]
     assert dense_bytes == f[f.level == 0].param_count.iloc[0] * 4  # the dense float32 network

@@ -35,7 +35,7 @@ def qat_variables(qt: QuantizedTicket, float_params: PyTree, learned_scale: bool
     with ``learned_scale``, the initial scales (log domain).
     """
     params = {"net": float_params}
-    consts = {"acts": qt.act_qparams,
+    consts = {"acts": qt.act_qparams, "on": jnp.float32(1.0),
               "w_zero_point": {k: v["zero_point"] for k, v in qt.weight_qparams.items()}}
     if learned_scale:
         params["lsq"] = {"w": {k: jnp.log(v["scale"]) for k, v in qt.weight_qparams.items()},
@@ -71,11 +71,36 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
     or ``lr_fn`` sets the learning rate. Returns the frozen quantized members and the engine's
     metric records.
     """
+    return _fine_tune(model, data, train_cfg, params, batch_stats, masks, spec, calib_x, seeds=seeds, steps=steps,
+                      lr=lr, learned_scale=learned_scale, lr_fn=lr_fn, quantize=True)
+
+
+def float_ft(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTree, spec: QuantSpec,
+             calib_x: np.ndarray, *, seeds: Sequence[int], steps: int, lr: float | None = None,
+             learned_scale: bool = False, lr_fn=None) -> tuple[dict, list[dict]]:
+    """QAT's float control: the population fine-tuned in float with exactly :func:`qat`'s schedule.
+
+    The same arguments give the same compiled program (the same engine, when ``lr`` is constant),
+    the same start weights and masks, batch order (``seeds``), dropout keys, steps and learning
+    rate as ``qat``; only each member's quantization switch is off (:func:`lth.quant.wiring.quant_gate`),
+    so a quantized model is compared with a float network trained exactly as much (Fair comparison,
+    rule 1). ``spec`` only picks the program. Returns ``{"params", "batch_stats"}`` of the fine-tuned
+    float members (stacked ``[K, ...]``, pruned weights exactly 0) and the engine's metric records.
+    """
+    return _fine_tune(model, data, train_cfg, params, batch_stats, masks, spec, calib_x, seeds=seeds, steps=steps,
+                      lr=lr, learned_scale=learned_scale, lr_fn=lr_fn, quantize=False)
+
+
+def _fine_tune(model, data, train_cfg, params, batch_stats, masks, spec: QuantSpec, calib_x, *, seeds, steps, lr,
+               learned_scale, lr_fn, quantize: bool):
+    """QAT (``quantize``) or its float control: one code path, one program, one schedule."""
     K = len(seeds)
     member_batch = member_batch_size(train_cfg)
     members_p, members_b = [], []
     for k, qt in enumerate(ptq_population(model, params, batch_stats, spec, calib_x, member_batch=member_batch)):
         qp, qb = qat_variables(qt, jax.tree.map(jnp.asarray, unstack(params, k)), learned_scale)
+        if not quantize:
+            qb["quant"]["on"] = jnp.float32(0.0)
         members_p.append(qp)
         members_b.append(qb)
     fq = fake_quant_model(model, spec, "lsq" if learned_scale else "fixed")
@@ -103,6 +128,8 @@ def qat(model, data, train_cfg, params: PyTree, batch_stats: PyTree, masks: PyTr
     result = engine.run(state, list(seeds), evaluate=False)  # the frozen networks are evaluated by the caller
     final_p = jax.device_get(result.state.params)
     final_b = jax.device_get(result.state.batch_stats)
+    if not quantize:
+        return {"params": final_p["net"], "batch_stats": final_b["net"]}, result.records
     if learned_scale:
         frozen = [freeze_qat(jax.tree.map(jnp.asarray, unstack(final_p, k)),
                              jax.tree.map(jnp.asarray, unstack(final_b, k)), spec, learned_scale) for k in range(K)]

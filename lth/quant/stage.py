@@ -11,6 +11,13 @@ is ``sha256(run id, level, arm, setting)``, so:
   ``<cell>.json`` with its sha256 and setting; a cell counts as done only when the JSON exists
   and the table matches its checksum (a killed run recomputes exactly the missing cells).
 
+Every member that gets QAT also gets its float control, ``float_ft`` (rows with ``method =
+"float_ft"``, ``bits = 32``): the same member fine-tuned in float with exactly QAT's schedule (start
+point, steps, lr, optimizer, batch order, mask), trained by QAT's own compiled program with
+quantization switched off (:func:`lth.quant.qat.float_ft`), so quantized models are compared with a
+float network trained exactly as much. Its cell is keyed by (run id, level, arm, QAT's schedule): one
+per arm for every QAT bit width and scheme.
+
 All pending arms of a level that share a model (every arm but ``small_dense``, whose narrower
 model is a population of its own) are quantized together: weight calibration, activation ranges,
 evaluation and QAT run once over the stacked population (one compiled program per step kind);
@@ -44,7 +51,7 @@ from .export import float_size_report, nm_of, size_report, write_export
 from .intinfer import from_quantized
 from .numerics import QuantSpec
 from .ptq import QuantizedTicket, ptq_population
-from .qat import qat
+from .qat import float_ft, qat
 from .wiring import Evaluator, fake_quant_predict
 
 QUANT_DIR = "quant"
@@ -59,11 +66,18 @@ COLUMNS = ["run_id", "cell", "level", "arm", "seed", "density", "param_count", "
 
 # ============================================================================ settings and cells
 
+FLOAT_FT = "float_ft"  # QAT's float control: the method of its rows (bits = 32)
+FT_OPTIONS = ("qat_start", "qat_steps", "qat_lr")  # what a float_ft cell depends on besides its member
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One quantization setting: the quantizer (``spec``), the method and the options it reads."""
+    """One quantization setting: the quantizer (``spec``), the method and the options it reads.
 
-    spec: QuantSpec
+    The ``float_ft`` setting (QAT's float control) quantizes nothing: its ``spec`` is None and its
+    options are QAT's schedule only (:data:`FT_OPTIONS`), so every QAT setting of a level shares it."""
+
+    spec: QuantSpec | None
     method: str
     options: tuple[tuple[str, Any], ...]
 
@@ -72,6 +86,8 @@ class Setting:
 
     def key(self) -> dict:
         s = self.spec
+        if s is None:
+            return {"bits": 32, "method": self.method, **dict(self.options)}
         return {"bits": s.bits, "scheme": s.scheme_name, "granularity": s.granularity, "calibration": s.calibration,
                 "act_bits": s.act_bits or 0, "act_scheme": s.act_scheme if s.act_bits else "",
                 "percentile": s.percentile, "method": self.method, **dict(self.options)}
@@ -79,6 +95,8 @@ class Setting:
     @property
     def label(self) -> str:
         s = self.spec
+        if s is None:
+            return f"{self.method} (float, QAT's schedule)"
         return f"{self.method} {s.bits}-bit {s.scheme_name}/{s.granularity}/{s.calibration}"
 
 
@@ -103,7 +121,20 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
                             opts = {"calib_batches": qc.calib_batches, "learned_scale": qc.learned_scale,
                                     "qat_steps": qc.qat_steps, "qat_lr": qc.qat_lr, "qat_start": qc.qat_start}
                         out.append(Setting(spec, method, tuple(sorted(opts.items()))))
+    if "qat" in qc.method:  # every member that gets QAT gets its float control
+        out.append(float_ft_setting(qc))
     return out
+
+
+def float_ft_setting(qc: QuantConfig) -> Setting:
+    """The ``float_ft`` setting of ``qc``: keyed by QAT's schedule (start, steps, lr) only."""
+    return Setting(None, FLOAT_FT, tuple(sorted((k, getattr(qc, k)) for k in FT_OPTIONS)))
+
+
+def program_spec(qc: QuantConfig) -> QuantSpec:
+    """The spec whose QAT program trains the float control (the first QAT setting's): quantization is
+    switched off there, so the spec changes no number, only which compiled program runs."""
+    return next(s.spec for s in settings_of(qc) if s.method == "qat")
 
 
 def cell_id(run_id: str, level: int, arm: str, setting: Setting) -> str:
@@ -262,7 +293,9 @@ class QuantStage:
         for t in todo:
             by_setting.setdefault(t[0].setting, []).append(t)
         frames = []
-        for setting, group in by_setting.items():
+        ft_acc: dict = {}  # (arm, seed) -> float_ft test accuracy computed now: QAT's log lines compare with it
+        # the float controls first, so that every QAT line can name its float_ft reference
+        for setting, group in sorted(by_setting.items(), key=lambda kv: kv[0].method != FLOAT_FT):
             wanted = {(c.arm, s) for c, new, _ in group for s in new}
             pops = []
             idx = [k for k, m in enumerate(main.members) if m in wanted]
@@ -280,10 +313,10 @@ class QuantStage:
                 rows["density"] = [float(info[m][0]) for m in pop.members]
                 rows["param_count"] = [int(info[m][1]) for m in pop.members]
                 computed.append(rows)
+                if setting.method == FLOAT_FT:
+                    ft_acc.update({(a, int(sd)): float(x) for a, sd, x in zip(rows["arm"], rows["seed"], rows["accuracy"])})
                 if self.log is not None:
-                    self.log(f"level {level} {setting.label} ({len(pop.members)} members): test acc "
-                             f"{rows['accuracy'].mean():.4f} (float {rows['float_accuracy'].mean():.4f}) "
-                             f"{rows['wall_s'].iloc[0]:.1f} s")
+                    self._log_rows(level, setting, rows, ft_acc)
             rows = pd.concat(computed, ignore_index=True)
             for c, new, have in group:
                 part = rows[(rows["arm"] == c.arm) & rows["seed"].isin(new)]
@@ -297,6 +330,30 @@ class QuantStage:
                 frames.append(part[COLUMNS])
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
+    def _log_rows(self, level: int, setting: Setting, rows: pd.DataFrame, ft_acc: dict) -> None:
+        """One log line per arm: its mean test accuracy, how many members, and its reference (QAT:
+        float_ft, the float network fine-tuned with QAT's schedule; PTQ and float_ft: the float network)."""
+        for arm, g in rows.groupby("arm", sort=False):
+            n = len(g)
+            if setting.method == "qat":
+                stored = self._stored_float_ft(level, arm)
+                ref = [ft_acc.get((arm, int(sd)), stored.get(int(sd))) for sd in g["seed"]]
+                ref_text = ("float_ft not computed" if any(r is None for r in ref)
+                            else f"float_ft {100 * float(np.mean(ref)):.2f}%")
+            else:
+                ref_text = f"float {100 * g['float_accuracy'].mean():.2f}%"
+            self.log(f"level {level} {arm} {setting.label} ({n} member{'' if n == 1 else 's'}): test acc "
+                     f"{100 * g['accuracy'].mean():.2f}% ({ref_text}) {g['wall_s'].iloc[0]:.1f} s")
+
+    def _stored_float_ft(self, level: int, arm: str) -> dict[int, float]:
+        """seed -> test accuracy of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
+        level_dir = self.run.path / f"level_{level:03d}"
+        cid = cell_id(self.run.run_id, level, arm, float_ft_setting(self.qc))
+        if cell_problem(level_dir, cid) is not None:
+            return {}
+        t = pd.read_parquet(level_dir / QUANT_DIR / f"{cid}.parquet", columns=["seed", "accuracy"])
+        return {int(a): float(b) for a, b in zip(t["seed"], t["accuracy"])}
+
     # ------------------------------------------------------------------ one setting, one population
     def _quantize(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
         if self.batched or len(pop.members) == 1:
@@ -305,6 +362,8 @@ class QuantStage:
                          ignore_index=True)
 
     def _quantize_batch(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
+        if setting.method == FLOAT_FT:
+            return self._float_ft_batch(level, pop)
         qc, spec, model = self.qc, setting.spec, pop.model
         float_acc, float_sizes = self._float_reference(level, pop)
         float_val = float_acc.get("val", float_acc["test"])
@@ -340,6 +399,32 @@ class QuantStage:
                 "calibration_requested": (",".join(qc.calibration) if setting.method == "ptq" and qc.retry
                                           else spec.calibration),
                 "calibration_tried": ",".join(tried),
+            })
+        return pd.DataFrame.from_records(rows)
+
+    def _float_ft_batch(self, level: int, pop: Population) -> pd.DataFrame:
+        """The float_ft rows of a population: each member fine-tuned in float with QAT's schedule (the
+        QAT program of :func:`program_spec` with quantization switched off), evaluated like the float
+        network. ``bits = 32``; ``float_accuracy`` is the float network before the fine-tuning."""
+        qc = self.qc
+        float_acc, float_sizes = self._float_reference(level, pop)
+        ft, steps, lr = self._qat(level, pop, program_spec(qc), quantize=False)
+        acc = self.ev.accuracy(pop.model, ft["params"], ft["batch_stats"])
+        rows = []
+        for k, (arm, seed) in enumerate(pop.members):
+            sizes = float_size_report(unstack(ft["params"], k), unstack(ft["batch_stats"], k))
+            rows.append({
+                "run_id": self.run.run_id, "level": level, "arm": arm, "seed": seed, "bits": 32, "method": FLOAT_FT,
+                "scheme": "float", "granularity": "", "calibration": "", "act_bits": 32, "act_scheme": "",
+                "accuracy": float(acc["test"][k]), "val_accuracy": float(acc.get("val", acc["test"])[k]),
+                "float_accuracy": float(float_acc["test"][k]),
+                "float_val_accuracy": float(float_acc.get("val", float_acc["test"])[k]),
+                "size_bytes": int(sizes["size_bytes"]), "compression": sizes["fp32_dense_bytes"] / sizes["size_bytes"],
+                "float_size_bytes": float_sizes[k], "fp32_dense_bytes": int(sizes["fp32_dense_bytes"]),
+                "fp16_dense_bytes": int(sizes["fp32_dense_bytes"]) // 2, "int8_dense_bytes": np.nan,
+                "bias_correction": False, "cle": False, "learned_scale": False, "qat_start": qc.qat_start,
+                "qat_steps": int(steps), "qat_lr": float(lr), "retry": False, "calibration_requested": "",
+                "calibration_tried": "",
             })
         return pd.DataFrame.from_records(rows)
 
@@ -384,8 +469,11 @@ class QuantStage:
         qts = [b[0] for b in best]
         return qts, self.ev.quantized(pop.model, qts), tried
 
-    def _qat(self, level: int, pop: Population, spec: QuantSpec) -> tuple[list[QuantizedTicket], int, float]:
-        """QAT of a population as ``quant.*`` says: (quantized members, steps, lr).
+    def _qat(self, level: int, pop: Population, spec: QuantSpec,
+             quantize: bool = True) -> tuple[list[QuantizedTicket] | dict, int, float]:
+        """QAT of a population as ``quant.*`` says: (quantized members, steps, lr); with ``quantize=False``
+        its float control instead (:func:`lth.quant.qat.float_ft`: ``{"params", "batch_stats"}``
+        stacked), trained with the same schedule by the same code.
 
         From the trained network (default): ``qat_steps`` (default one epoch) at the constant
         ``qat_lr`` (default train.lr / 10). From the rewind point: the run's full training length
@@ -406,9 +494,10 @@ class QuantStage:
             steps = qc.qat_steps or steps_per_epoch(cfg.train, n_train)
             lr = qc.qat_lr or cfg.train.lr / 10
             lr_kw = {"lr": lr}
-        qts, _ = qat(pop.model, run.data, cfg.train, start["params"], start["batch_stats"], pop.masks, spec,
-                     self.calib_x, seeds=seeds, steps=int(steps), learned_scale=qc.learned_scale, **lr_kw)
-        return qts, int(steps), float(lr)
+        fine_tune = qat if quantize else float_ft
+        out, _ = fine_tune(pop.model, run.data, cfg.train, start["params"], start["batch_stats"], pop.masks, spec,
+                           self.calib_x, seeds=seeds, steps=int(steps), learned_scale=qc.learned_scale, **lr_kw)
+        return out, int(steps), float(lr)
 
     def _start_weights(self, level: int, pop: Population) -> dict:
         run = self.run

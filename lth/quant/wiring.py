@@ -117,6 +117,19 @@ def _recorder(store: dict, outputs: bool = False):
     return intercept
 
 
+def quant_gate(consts: dict, quantized: PyTree, x: PyTree) -> PyTree:
+    """``quantized`` where the member's switch ``consts["on"]`` is 1 (or absent), ``x`` where it is 0.
+
+    QAT and its float control (``float_ft``) run the same compiled program: a member whose switch is
+    0 computes exactly the float forward pass (``where`` selects ``x`` itself) and gets exactly the float
+    gradient (the cotangent of the unselected branch is zero), so both follow one schedule by
+    construction."""
+    on = consts.get("on")
+    if on is None:
+        return quantized
+    return jax.tree.map(lambda q, v: jnp.where(on > 0, q, v), quantized, x)
+
+
 @dataclass(frozen=True, eq=False)
 class FakeQuantModel:
     """A stand-in for a Flax model whose ``apply`` runs ``base`` with quantized weights/activations.
@@ -131,7 +144,9 @@ class FakeQuantModel:
 
     Activations are quantized at the input of every Dense/Conv from
     ``batch_stats["quant"]["acts"]`` (or learned in ``params["lsq"]["a"]`` with ``"lsq"``) when
-    ``spec.act_bits`` is set. See the module docstring for the variables layout.
+    ``spec.act_bits`` is set. See the module docstring for the variables layout. A switch
+    ``batch_stats["quant"]["on"]`` (0 or 1, per member) turns quantization off for a member
+    (:func:`quant_gate`): QAT's float control trains in the same program.
     """
 
     base: Any
@@ -142,7 +157,8 @@ class FakeQuantModel:
         """The base model's params as the forward pass sees them (kernels quantized)."""
         spec, net = self.spec, params["net"]
         if self.weights == "fixed":
-            return quantize_weights(net, jax.lax.stop_gradient(weight_qparams(net, spec)), spec)
+            return quant_gate(consts, quantize_weights(net, jax.lax.stop_gradient(weight_qparams(net, spec)), spec),
+                              net)
         if self.weights == "lsq":
             def f(path, leaf):
                 if not is_weight(path, leaf):
@@ -152,7 +168,7 @@ class FakeQuantModel:
                 n = leaf.size / (leaf.shape[-1] if spec.granularity == "channel" else 1)
                 return lsq_fake_quant(leaf, params["lsq"]["w"][key], consts["w_zero_point"][key], spec.bits,
                                       spec.scheme, 1.0 / math.sqrt(n * qmax))
-            return jax.tree_util.tree_map_with_path(f, net)
+            return quant_gate(consts, jax.tree_util.tree_map_with_path(f, net), net)
         return net
 
     def _quantize_input(self, params: dict, consts: dict):
@@ -166,10 +182,11 @@ class FakeQuantModel:
             if self.weights == "lsq":
                 qmax = qrange(spec.act_bits, spec.act_scheme)[1]
                 n = x.size / x.shape[0]
-                return lsq_fake_quant(x, params["lsq"]["a"][key], qp["zero_point"], spec.act_bits,
-                                      spec.act_scheme, 1.0 / math.sqrt(n * qmax))
-            return fake_quant(x, jax.lax.stop_gradient(qp["scale"]), jax.lax.stop_gradient(qp["zero_point"]),
-                              spec.act_bits, spec.act_scheme)
+                return quant_gate(consts, lsq_fake_quant(x, params["lsq"]["a"][key], qp["zero_point"], spec.act_bits,
+                                                         spec.act_scheme, 1.0 / math.sqrt(n * qmax)), x)
+            return quant_gate(consts, fake_quant(x, jax.lax.stop_gradient(qp["scale"]),
+                                                 jax.lax.stop_gradient(qp["zero_point"]), spec.act_bits,
+                                                 spec.act_scheme), x)
 
         return q
 

@@ -279,30 +279,32 @@ def test_quantize_run_writes_one_cell_per_arm_and_setting(tmp_path):
     cols = ["run_id", "cell", "level", "arm", "seed", "density", "param_count", "bits", "scheme", "granularity",
             "calibration", "method", "accuracy", "float_accuracy", "size_bytes", "compression", "float_size_bytes"]
     assert all(c in df.columns for c in cols)
-    assert len(df) == 4 and set(df.arm) == {"ticket", "reinit"}  # every arm, not only the ticket
-    assert df.cell.nunique() == 4
+    assert len(df) == 6 and set(df.arm) == {"ticket", "reinit"}  # every arm, not only the ticket
+    assert df.cell.nunique() == 6  # ptq, qat and QAT's float control (float_ft) per arm
     t = df[df.arm == "ticket"].sort_values("method")
-    assert t.method.tolist() == ["ptq", "qat"] and t.qat_steps.tolist() == [0, 4]
+    assert t.method.tolist() == ["float_ft", "ptq", "qat"] and t.qat_steps.tolist() == [4, 0, 4]
     assert t.density.iloc[0] == pytest.approx(0.5, abs=0.01) and df[df.arm == "reinit"].density.iloc[0] == 1.0
-    assert (df.compression > 1).all() and (df.size_bytes < df.fp32_dense_bytes).all()
-    assert (df.size_bytes < df.float_size_bytes).all()
+    q = df[df.method != "float_ft"]
+    assert (q.compression > 1).all() and (q.size_bytes < q.fp32_dense_bytes).all()
+    assert (q.size_bytes < q.float_size_bytes).all()
     table = read_cells(stored_run / "level_001")
-    assert len(table) == 4
+    assert len(table) == 6
     # done cells are skipped: only the 8-bit cells and level 0 are new
     again = quantize_run(stored_run, [0, 1], (4, 8), ("ptq",))
     assert sorted(zip(again.level, again.bits, again.arm)) == [(0, 4, "ticket"), (0, 8, "ticket"),
                                                               (1, 8, "reinit"), (1, 8, "ticket")]
     table = read_cells(stored_run / "level_001")
-    assert len(table) == 6 and sorted(set(zip(table.bits, table.method))) == [(4, "ptq"), (4, "qat"), (8, "ptq")]
+    assert len(table) == 8 and sorted(set(zip(table.bits, table.method))) == [(4, "ptq"), (4, "qat"), (8, "ptq"),
+                                                                              (32, "float_ft")]
     assert read_cells(stored_run / "level_000").density.tolist() == [1.0, 1.0]
     assert quantize_run(stored_run, [0, 1], (4, 8), ("ptq",)).empty  # nothing left to compute
     # a damaged cell is not used and is recomputed
     cell = again[(again.level == 1) & (again.arm == "ticket")].cell.iloc[0]
     victim = stored_run / "level_001" / "quant" / f"{cell}.parquet"
     victim.write_bytes(victim.read_bytes()[:-7])
-    assert len(read_cells(stored_run / "level_001")) == 5
+    assert len(read_cells(stored_run / "level_001")) == 7
     redo = quantize_run(stored_run, [1], (8,), ("ptq",))
-    assert redo.cell.tolist() == [cell] and len(read_cells(stored_run / "level_001")) == 6
+    assert redo.cell.tolist() == [cell] and len(read_cells(stored_run / "level_001")) == 8
     # QAT with fixed ranges (the same setting, so the compiled engine is reused) keeps the mask
     run = StoredRun.open(stored_run)
     qt, who = quantize_member(run, 1, QuantSpec(4, act_bits=8), method="qat", qc=QuantConfig(qat_steps=4))

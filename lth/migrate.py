@@ -24,7 +24,7 @@ import pandas as pd
 from .config import ConfigError, stored_run_id
 from .quant.stage import QUANT_DIR, cell_id_of
 from .store import (COMPLETE, RunStore, StoreError, atomic_write_bytes, atomic_write_json, check_hparams,
-                    marked_file_problem, parquet_bytes, read_hparams, read_json)
+                    marked_file_problem, parquet_bytes, read_hparams, read_json, read_sums)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def migrate_run(move: Move) -> None:
             _migrate_cells(d, level, new_id)
             if store.level_problem(level) is not None:
                 continue  # incomplete: a rerun recomputes it anyway
-            sums = read_json(d / COMPLETE)["sha256"]
+            sums = read_sums(d / COMPLETE)
             files = {name: (d / name).read_bytes() for name in sums}
             changed = False
             for name in ("metrics.parquet", "quant.parquet"):

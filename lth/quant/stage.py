@@ -415,13 +415,14 @@ class QuantStage:
         if pop.members[0][0] == "small_dense":
             params, bs = init_population(pop.model, seed_keys([s for _, s in pop.members]), run.data.input_shape)
             return jax.device_get({"params": params, "batch_stats": bs})
-        rewind, seeds = run.stacked("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack")
+        seeds = sorted({seed for arm, seed in pop.members if not (arm == "reinit" and level > 0)})
+        rewind = run.weights_file("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack", seeds)
         members = []
         for arm, seed in pop.members:
             if arm == "reinit" and level > 0:
                 members.append(reinit_weights(pop.model, seed, level, run.data.input_shape))
             else:
-                members.append(unstack(rewind, seeds.index(seed)))
+                members.append(unstack(rewind, seeds.index(seed)))  # by value: rewind is stacked in seeds order
         return stack(members)
 
 

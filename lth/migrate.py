@@ -115,6 +115,8 @@ def _migrate_cells(level_dir: Path, level: int, new_id: str) -> None:
         meta = read_json(meta_path)
         if meta.get("run_id") == new_id:
             continue
+        if not isinstance(meta.get("arm"), str) or not isinstance(meta.get("setting"), dict):
+            continue  # a marker without its arm and setting: the quant stage recomputes the cell
         cid = cell_id_of(new_id, level, meta["arm"], meta["setting"])
         df = pd.read_parquet(table).assign(run_id=new_id, cell=cid)
         data = parquet_bytes(df)

@@ -56,6 +56,8 @@ def test_a_complete_entry_outside_its_folder_makes_the_level_unusable_and_is_nev
     c["sha256"].pop("../../victim.txt")
     (d / "COMPLETE").write_text(json.dumps(c))
     assert "is not a file name in its folder" in RunStore(run.parent, run.name).level_problem(1)
+    (d / "COMPLETE").write_text(json.dumps({"sha256": {"masks\u0000.msgpack": "0" * 64}}))  # was a ValueError
+    assert "is not a file name in its folder" in RunStore(run.parent, run.name).level_problem(1)
     # the manifest of run-level files is held to the same rule
     m = json.loads((run / "MANIFEST.json").read_text())
     m["sha256"]["/etc/passwd"] = "0" * 64
@@ -324,3 +326,16 @@ def test_user_code_failures_are_one_line_errors_naming_the_callable(user_code):
         sig = Signals(None, params, {}, 0, 1, PruneConfig(criterion=f"{mod}:{crit}"), lambda: [])
         with pytest.raises(ValueError, match=message.format(m=mod)):
             scores(params, sig)
+
+
+def test_a_quant_marker_with_malformed_seeds_makes_its_cell_pending_not_a_traceback(tmp_path):
+    import pandas as pd
+    from lth.quant.stage import cell_problem
+    from lth.store import parquet_bytes
+    q = tmp_path / "level_001" / "quant"
+    q.mkdir(parents=True)
+    data = parquet_bytes(pd.DataFrame({"seed": [0]}))
+    (q / "abc.parquet").write_bytes(data)
+    (q / "abc.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "seeds": ["zero"]}))
+    problem = cell_problem(tmp_path / "level_001", "abc", seeds=[0])
+    assert problem is not None and "abc.json: its seeds ['zero'] are not integers" in problem

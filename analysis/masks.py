@@ -78,7 +78,8 @@ class _Run:
     """One run folder's ticket masks, init and trained weights, by seed and level."""
 
     def __init__(self, run: Path, say=None):
-        from lth.store import load_tree, read_hparams, read_json
+        from lth.store import RunStore, StoreError, load_tree, read_hparams, read_members_file
+        from lth.stored import seed_weights  # the one verifying reader of a stored run
 
         self.run_id = run.name
         self.masks: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: bool mask}
@@ -87,22 +88,37 @@ class _Run:
         if not (run / "init.msgpack").is_file():  # nothing to compare with (e.g. a table-only store)
             return
         hp = read_hparams(run / "hparams.json")
-        self.seeds = list(hp["seeds"])
-        init = _leaves(load_tree(run / "init.msgpack")["params"])
-        self.init = {s: {k: v[i] for k, v in init.items()} for i, s in enumerate(self.seeds)}
+        tell = say or _stderr  # what only the mask analysis sees (skipped levels: load_runs says those)
+        try:  # verified against MANIFEST.json; entries found by the file's own seeds record
+            tree, seeds = seed_weights(RunStore(run.parent, run.name), "init.msgpack", None, hp.get("seeds"))
+        except StoreError as e:
+            tell(f"skipped the mask analysis of run {run.name}: {e}")
+            return
+        init = _leaves(tree["params"])
+        self.init = {s: {k: v[i] for k, v in init.items()} for i, s in enumerate(seeds)}
         for d in complete_levels(run, say):
             if not all((d / f).is_file() for f in ("members.json", "masks.msgpack", "final.msgpack")):
                 continue
             level = int(d.name[len("level_"):])
-            members = read_json(d / "members.json")
+            members = read_members_file(d / "members.json")
             masks = _leaves(load_tree(d / "masks.msgpack"))
             final = _leaves(load_tree(d / "final.msgpack")["params"])
             if not self.layers:
                 sp = pd.read_parquet(d / "sparsity.parquet")
                 self.layers = sorted(set(sp.loc[sp["prunable"], "layer"]))
-            tickets = {m["seed"]: k for k, m in enumerate(members) if m["arm"] == "ticket"}
+            tickets = {m["seed"]: k for k, m in enumerate(members) if m["arm"] == "ticket" and not m.get("copy")}
+            lack = sorted(set(tickets) - set(self.init))
+            if lack:
+                tell(f"mask analysis of run {run.name}, {d.name}: init.msgpack holds no init for seeds {lack}; "
+                    "those seeds are left out")
+            tickets = {s: k for s, k in tickets.items() if s in self.init}
             self.masks[level] = {s: {n: masks[n][k].astype(bool) for n in self.layers} for s, k in tickets.items()}
             self.final[level] = {s: {n: final[n][k] for n in self.layers} for s, k in tickets.items()}
+
+
+def _stderr(msg: str) -> None:
+    import sys
+    print(f"lth: {msg}", file=sys.stderr)
 
 
 def ticket_table(run: _Run) -> pd.DataFrame:

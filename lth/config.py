@@ -62,11 +62,12 @@ _RESOLVE_NAMES = contextvars.ContextVar("lth_resolve_names", default=True)
 
 
 def _check_entry(registry, key: str, name: str) -> None:
-    """ConfigError (one line) unless ``registry`` resolves ``name`` (imports an import path's module)."""
+    """ConfigError (one line) unless ``name`` is a registered name, an entry point or a well-formed
+    import path of ``registry``; imports no user code (that happens when work starts)."""
     if not _RESOLVE_NAMES.get():
         return
     try:
-        registry.resolve(name)
+        registry.check_name(name)
     except RegistryError as e:
         raise ConfigError(f"{key} = {name!r}: {e}") from None
 

@@ -193,7 +193,12 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
         loader = registry.DATASETS.resolve(cfg.name)
     except registry.RegistryError as e:
         raise DataError(str(e)) from None
-    x_train, y_train, x_test, y_test = _checked(cfg.name, loader(cfg))
+    try:
+        arrays = registry.DATASETS.call(cfg.name, loader, cfg, passthrough=(DataError,))
+    except registry.RegistryError as e:
+        raise DataError(str(e)) from None
+    x_train, y_train, x_test, y_test = _checked(cfg.name, arrays)
+    _check_loader_attrs(cfg.name, loader)
     n = len(x_train)
     default_val = DEFAULT_VAL_SIZE.get(cfg.name, getattr(loader, "val_size", None))
     if default_val is None:  # a user loader without a val_size attribute
@@ -231,12 +236,28 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
     return Dataset(cfg.name, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], int(num_classes))
 
 
+def _check_loader_attrs(name: str, loader) -> None:
+    """DataError naming the loader when its optional ``num_classes`` / ``val_size`` attribute is not an
+    integer (``num_classes`` >= 1, ``val_size`` >= 0)."""
+    for attr, low in (("num_classes", 1), ("val_size", 0)):
+        v = getattr(loader, attr, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+            raise DataError(f"data set loader {name!r}: its {attr} attribute is {v!r}; expected an integer >= {low} "
+                            "(or no attribute)")
+
+
 def _checked(name: str, arrays) -> RawData:
     """The four arrays a loader returned, as numpy; DataError naming what is wrong otherwise."""
     if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
         raise DataError(f"data set loader {name!r} must return (x_train, y_train, x_test, y_test); got "
                         f"{type(arrays).__name__}")
-    x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in arrays)
+    try:
+        x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in arrays)
+    except (TypeError, ValueError) as e:  # ragged lists, objects numpy cannot hold
+        raise DataError(f"data set loader {name!r}: returned arrays numpy cannot read ({_first_line(e)})") from None
+    if min(x_tr.ndim, x_te.ndim) < 2 or y_tr.ndim != 1 or y_te.ndim != 1:
+        raise DataError(f"data set loader {name!r}: expected inputs [N, ...] and labels [N]; got x_train "
+                        f"{x_tr.shape}, y_train {y_tr.shape}, x_test {x_te.shape}, y_test {y_te.shape}")
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"data set loader {name!r}: shapes do not fit: x_train {x_tr.shape}, y_train {y_tr.shape}, "
                         f"x_test {x_te.shape}, y_test {y_te.shape}")
@@ -245,6 +266,11 @@ def _checked(name: str, arrays) -> RawData:
     if (y_tr.size and y_tr.min() < 0) or (y_te.size and y_te.min() < 0):
         raise DataError(f"data set loader {name!r}: labels must be >= 0")
     return x_tr, y_tr, x_te, y_te
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 load_dataset.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]

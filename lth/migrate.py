@@ -25,7 +25,7 @@ import pandas as pd
 from .config import ConfigError, stored_run_id
 from .quant.stage import QUANT_DIR, cell_id_of
 from .store import (COMPLETE, RunStore, StoreError, atomic_write_bytes, atomic_write_json, check_hparams,
-                    marked_file_problem, parquet_bytes, read_hparams, read_json)
+                    marked_file_problem, parquet_bytes, read_hparams, read_json, read_sums)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def migrate_run(move: Move) -> None:
             _migrate_cells(d, level, new_id)
             if store.level_problem(level) is not None:
                 continue  # incomplete: a rerun recomputes it anyway
-            sums = read_json(d / COMPLETE)["sha256"]
+            sums = read_sums(d / COMPLETE)
             files = {name: (d / name).read_bytes() for name in sums}
             changed = False
             for name in ("metrics.parquet", "quant.parquet"):
@@ -131,6 +131,8 @@ def _migrate_cells(level_dir: Path, level: int, new_id: str) -> None:
         meta = read_json(meta_path)
         if meta.get("run_id") == new_id:
             continue
+        if not isinstance(meta.get("arm"), str) or not isinstance(meta.get("setting"), dict):
+            continue  # a marker without its arm and setting: the quant stage recomputes the cell
         cid = cell_id_of(new_id, level, meta["arm"], meta["setting"])
         df = pd.read_parquet(table).assign(run_id=new_id, cell=cid)
         data = parquet_bytes(df)

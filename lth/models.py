@@ -139,7 +139,7 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) 
         raise ValueError(f"unknown init {cfg.init!r}; allowed: {', '.join(INITS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    module = builder(cfg, int(num_classes), tuple(int(d) for d in input_shape))
+    module = registry.MODELS.call(cfg.name, builder, cfg, int(num_classes), tuple(int(d) for d in input_shape))
     if not isinstance(module, nn.Module):
         raise ValueError(f"model builder {cfg.name!r} returned a {type(module).__name__}, not a flax.linen.Module")
     return module

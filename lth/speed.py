@@ -52,7 +52,8 @@ from .config import ConfigError
 from .prune.masks import prunable
 from .prune.nm import as_matrix, group_counts, groupable, nm_bytes, nm_compress
 from .quant import QuantSpec, fake_quant_model, from_quantized, layer_program, ptq, size_report
-from .store import RunStore, StoreError, atomic_write_bytes, load_tree, parquet_bytes, read_json
+from .store import (RunStore, StoreError, atomic_write_bytes, load_tree, parquet_bytes,
+                    read_members_file)
 from .stored import StoredRun
 from .models import structure_of
 from .prune.structured import chain_norms, chain_order, compact, compact_ops, is_structured
@@ -496,7 +497,7 @@ def open_ticket(run_dir: str | Path, level: int, member: int = 0, calib_examples
     run.check_level(level)
     cfg, store, data, model = run.cfg, run.store, run.data, run.model
     d = store.level_dir(level)
-    members = read_json(d / "members.json")
+    members = read_members_file(d / "members.json")
     if not 0 <= member < len(members):
         raise ConfigError(f"--member {member}: level {level} of {run_dir} has members 0..{len(members) - 1}")
     who = members[member]

@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -142,6 +143,59 @@ def read_json(path: str | Path) -> Any:
         raise StoreError(f"{path}: not valid JSON ({e})") from None
 
 
+def plain_name(name: Any, where: str | Path) -> str:
+    """``name`` when it is a file name inside its folder (a non-empty string without a path separator,
+    not ``.`` or ``..``); StoreError naming ``where`` (the file that lists it) otherwise. Names read from
+    store files go through here, so a crafted COMPLETE or MANIFEST.json cannot point outside the store."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise StoreError(f"{where}: entry {name!r} is not a file name in its folder (expected a plain name "
+                         "such as 'masks.msgpack'); the file is damaged or was edited")
+    return name
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def read_sums(path: str | Path) -> dict[str, str]:
+    """The ``{"sha256": {name: hex digest}}`` of a checksum file (a level's COMPLETE, MANIFEST.json),
+    every name a plain file name (:func:`plain_name`) and every digest 64 hex digits; StoreError naming
+    the file otherwise."""
+    path = Path(path)
+    obj = read_json(path)
+    sums = obj.get("sha256") if isinstance(obj, dict) else None
+    if not isinstance(sums, dict):
+        raise StoreError(f"{path}: not a checksum file (expected {{\"sha256\": {{file: sha256}}}})")
+    for name, digest in sums.items():
+        plain_name(name, path)
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise StoreError(f"{path}: the checksum of {name!r} is {digest!r}, not 64 hex digits; the file is "
+                             "damaged or was edited")
+    return sums
+
+
+def read_members_file(path: str | Path) -> list[dict]:
+    """A level's ``members.json`` (or ``small_dense.json``): a list of ``{"arm": str, "seed": int}`` with
+    an optional ``"copy": int >= 0``, checked entry by entry; StoreError naming the file otherwise."""
+    path = Path(path)
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise StoreError(f"{path}: expected a list of members, got {type(entries).__name__}")
+    out = []
+    for k, e in enumerate(entries):
+        ok = (isinstance(e, dict) and isinstance(e.get("arm"), str) and e["arm"] and _is_int(e.get("seed"))
+              and (_is_int(e.get("copy", 0)) and e.get("copy", 0) >= 0) and not set(e) - {"arm", "seed", "copy"})
+        if not ok:
+            raise StoreError(f"{path}: member {k} is {e!r}; expected {{\"arm\": name, \"seed\": integer}} with an "
+                             "optional \"copy\": integer >= 0 (the file is damaged or was edited)")
+        out.append({"arm": e["arm"], "seed": int(e["seed"]), **({"copy": int(e["copy"])} if e.get("copy") else {})})
+    return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_hparams(path: str | Path) -> dict:
     """A run's ``hparams.json`` as a dict; StoreError naming the file if it is not a JSON object."""
     h = read_json(path)
@@ -172,20 +226,27 @@ def check_hparams(path: str | Path, hparams: dict, run_id: str | None = None) ->
 SEEDS_KEY = "seeds"  # in a run-level weights file stacked over seeds: which seed each entry is
 
 
-def stacked_seeds(tree: dict, fallback=None) -> tuple[dict, list[int]]:
+def stacked_seeds(tree: dict, fallback=None, what: str = "a weights file") -> tuple[dict, list[int]]:
     """(the weights without the seeds record, the seed of each stacked entry) of a run-level weights
     file (``init.msgpack``, ``rewind.msgpack``). Files written before runs could grow have no record:
     their entries are the first K of ``fallback`` (the run's ``hparams.json`` seeds, which keep the
-    stored seeds first)."""
+    stored seeds first). StoreError naming ``what`` when the record is not one distinct integer per
+    stacked entry."""
+    if not isinstance(tree, dict):
+        raise StoreError(f"{what}: not a weights tree")
     tree = dict(tree)
     seeds = tree.pop(SEEDS_KEY, None)
-    if seeds is not None:
-        return tree, [int(x) for x in np.asarray(seeds).reshape(-1)]
     leaves = [x for x in _leaves(tree.get("params", {}))]
-    k = int(np.shape(leaves[0])[0]) if leaves else 0
+    k = int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
+    if seeds is not None:
+        rec = np.asarray(seeds)
+        if rec.dtype.kind not in "iu" or rec.ndim != 1 or len(rec) != k or len(set(rec.tolist())) != k:
+            raise StoreError(f"{what}: its seeds record {rec.tolist()!r} is not {k} distinct integers, one per "
+                             "stacked entry (the file is damaged or was edited)")
+        return tree, [int(x) for x in rec]
     fallback = [int(x) for x in (fallback or [])]
     if len(fallback) < k:
-        raise StoreError(f"a weights file stacks {k} seeds but records none, and hparams.json lists only "
+        raise StoreError(f"{what} stacks {k} seeds but records none, and hparams.json lists only "
                          f"{len(fallback)}")
     return tree, fallback[:k]
 
@@ -195,8 +256,13 @@ def with_seeds(tree: dict, seeds) -> dict:
     return {**tree, SEEDS_KEY: np.asarray([int(s) for s in seeds], np.int64)}
 
 
-def take_seeds(tree: Any, held: list[int], seeds) -> Any:
-    """The entries of a stacked tree for ``seeds`` (in that order), from one holding ``held``."""
+def take_seeds(tree: Any, held: list[int], seeds, what: str = "a weights file") -> Any:
+    """The entries of a stacked tree for ``seeds`` (in that order), from one holding ``held``, looked
+    up by value; StoreError naming ``what`` when it lacks one of them."""
+    held = [int(s) for s in held]
+    lack = [int(s) for s in seeds if int(s) not in held]
+    if lack:
+        raise StoreError(f"{what} holds seeds {held}, not {lack}")
     idx = np.asarray([held.index(int(s)) for s in seeds], int)
     return _map_leaves(lambda a: np.asarray(a)[idx], tree)
 
@@ -244,6 +310,8 @@ def marked_file_problem(path: str | Path, marker: str | Path) -> str | None:
         expected = read_json(marker)["sha256"]
     except (StoreError, KeyError, TypeError):
         return f"{marker} is unreadable"
+    if not isinstance(expected, str):
+        return f"{marker} is unreadable (its sha256 is not a string)"
     if not path.is_file():
         return f"{path} is missing"
     if sha256(path) != expected:
@@ -271,6 +339,17 @@ def _fp(fp: Any) -> str:
     return str(fp)
 
 
+def check_fingerprint(path: str | Path, hparams: dict, loaded: Any) -> None:
+    """StoreError naming ``path`` (a run's ``hparams.json``) when it records a ``data_fingerprint`` and
+    the data loaded now (fingerprint ``loaded``) is other data: results computed on it do not belong
+    in the run. Every command that computes from a stored run checks this (a rerun, each later stage)."""
+    stored = hparams.get("data_fingerprint")
+    if stored is not None and loaded is not None and stored != loaded:
+        run_id = hparams.get("run_id", Path(path).parent.name)
+        raise StoreError(f"{path}: run {run_id} was computed on other data: stored data fingerprint "
+                         f"{_fp(stored)}, loaded now {_fp(loaded)} (check $LTH_DATA_DIR and $LTH_CACHE_DIR)")
+
+
 def check_writable(folder: str | Path) -> Path:
     """StoreError naming ``folder`` unless a file can be created in it (checked before long work)."""
     folder = Path(folder)
@@ -290,9 +369,9 @@ def _folder_problem(d: Path) -> str | None:
     if not (d / COMPLETE).is_file():
         return f"{d} has no {COMPLETE} marker"
     try:
-        sums = read_json(d / COMPLETE)["sha256"]
-    except (StoreError, KeyError, TypeError):
-        return f"{d / COMPLETE} is unreadable"
+        sums = read_sums(d / COMPLETE)
+    except StoreError as e:
+        return str(e)
     for name, expected in sums.items():
         f = d / name
         if not f.is_file():
@@ -384,10 +463,7 @@ class RunStore:
             if old.get("run_id") != hparams.get("run_id"):
                 raise StoreError(f"{path} belongs to run {old.get('run_id')}, not {hparams.get('run_id')}")
             check_hparams(path, old, self.run_id)
-            a, b = old.get("data_fingerprint"), hparams.get("data_fingerprint")
-            if a is not None and b is not None and a != b:
-                raise StoreError(f"{path}: run {self.run_id} was computed on other data: stored data "
-                                 f"fingerprint {_fp(a)}, loaded now {_fp(b)} (check $LTH_DATA_DIR)")
+            check_fingerprint(path, old, hparams.get("data_fingerprint"))
         atomic_write_json(path, hparams)
 
     # Run-level files other than hparams.json go through write_file/read_file (write_tree/read_tree
@@ -397,10 +473,7 @@ class RunStore:
         path = self.path / MANIFEST
         if not path.exists():
             return None
-        m = read_json(path)
-        if not isinstance(m, dict) or not isinstance(m.get("sha256"), dict):
-            raise StoreError(f"{path}: not a manifest (expected {{\"sha256\": {{file: sha256}}}})")
-        return m["sha256"]
+        return read_sums(path)
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write a run-level file atomically, its checksum recorded first in MANIFEST.json.

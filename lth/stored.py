@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from . import registry
 from .config import ConfigError, ExperimentConfig
 from .data import load_dataset
 from .models import build_model
-from .store import (RunStore, StoreError, check_hparams, load_tree, read_hparams, read_json, read_parquet,
-                    stacked_seeds)
+from .store import (RunStore, StoreError, check_fingerprint, check_hparams, load_tree, read_hparams,
+                    read_members_file, read_parquet, stacked_seeds, take_seeds)
 
 PyTree = Any
 
@@ -67,7 +68,16 @@ class StoredRun:
         """Open ``run_dir``; ``data``/``model`` skip loading them again when the caller has them."""
         cfg, hparams = run_config(run_dir)
         RunStore(Path(run_dir).parent, Path(run_dir).name).finish_swaps()  # a level swap a killed grow left
+        source = str(Path(run_dir) / "hparams.json")
+        try:  # a stored run never makes lth import code it names (unless the user trusts it: --code)
+            if data is None:
+                registry.DATASETS.check_from_file(cfg.data.name, "data.name", source)
+            if model is None:
+                registry.MODELS.check_from_file(cfg.model.name, "model.name", source)
+        except registry.RegistryError as e:
+            raise ConfigError(str(e)) from None
         data = data if data is not None else load_dataset(cfg.data)
+        check_fingerprint(Path(run_dir) / "hparams.json", hparams, data.fingerprint)  # not other data
         model = model if model is not None else build_model(cfg.model, data.num_classes, data.input_shape)
         return cls(Path(run_dir), cfg, hparams, data, model)
 
@@ -103,7 +113,7 @@ class StoredRun:
         """The level's main population (every arm but small_dense), in stored member order; stability
         copies (``copy`` > 0 in members.json) are left out, so each (arm, seed) appears once."""
         d = self.check_level(level)
-        stored = read_json(d / "members.json")
+        stored = read_members_file(d / "members.json")
         keep = [k for k, m in enumerate(stored) if not m.get("copy", 0)]
         final = load_tree(d / "final.msgpack")
         masks = load_tree(d / "masks.msgpack")
@@ -127,20 +137,37 @@ class StoredRun:
         return Population(model, [("small_dense", int(s)) for s in rows["seed"]], final["params"],
                           final.get("batch_stats", {}) or {}, ones)
 
-    def weights_file(self, name: str) -> dict:
-        """A run-level weights file (``init.msgpack``, ``rewind.msgpack``) as ``{"params", "batch_stats"}``."""
-        return self.stacked(name)[0]
+    def weights_file(self, name: str, seeds) -> dict:
+        """A run-level weights file (``init.msgpack``, ``rewind.msgpack``) as ``{"params", "batch_stats"}``
+        stacked over ``seeds`` in that order (looked up by value; see :func:`seed_weights`)."""
+        return seed_weights(self.store, name, seeds, self.hparams.get("seeds"))[0]
 
     def stacked(self, name: str) -> tuple[dict, list[int]]:
         """A run-level weights file stacked over seeds: (``{"params", "batch_stats"}``, the seed of each entry)."""
-        tree, seeds = stacked_seeds(self.store.read_tree(name), self.hparams.get("seeds"))  # verified
-        return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}, seeds
+        return seed_weights(self.store, name, None, self.hparams.get("seeds"))
 
     def calib_x(self, batches: int) -> np.ndarray:
         """``batches`` training batches (a fixed random subset of the train split)."""
         n = min(len(self.data.x_train), batches * self.cfg.train.batch_size)
         idx = np.sort(np.random.default_rng(0).permutation(len(self.data.x_train))[:n])
         return np.asarray(self.data.x_train[idx])
+
+
+def seed_weights(store: RunStore, name: str, seeds=None, fallback=None) -> tuple[dict, list[int]]:
+    """(``{"params", "batch_stats"}`` stacked over seeds, those seeds) of a run-level weights file
+    (``init.msgpack``, ``rewind.msgpack``), verified against ``MANIFEST.json`` and looked up by its own
+    seeds record, never by position: ``seeds`` (default: every seed it holds, in its order) picks and
+    orders the entries. ``fallback``: the run's hparams seeds, for files written before the record.
+    StoreError naming the file when it is missing, damaged or lacks one of ``seeds``."""
+    path = store.path / name
+    tree, held = stacked_seeds(store.read_tree(name), fallback, str(path))  # verified
+    if not isinstance(tree.get("params"), dict):
+        raise StoreError(f"{path}: holds no params")
+    out = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+    if seeds is None:
+        return out, held
+    seeds = [int(s) for s in seeds]
+    return take_seeds(out, held, seeds, str(path)), seeds
 
 
 def _map(fn, tree):

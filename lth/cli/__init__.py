@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from ..config import ConfigError
     from ..data import DataError
+    from ..registry import RegistryError, trust
     from ..store import StoreError
 
+    trust(*getattr(args, "code", None) or [])  # user code named on the command line (--code)
     try:
         return COMMANDS[args.command].run(args)
-    except (ConfigError, DataError, StoreError) as e:
+    except (ConfigError, DataError, StoreError, RegistryError) as e:
         return error(str(e))
     except OSError as e:  # a full disk, a read-only folder, a path that is a folder: name it, no traceback
         where = f"{e.filename}: " if e.filename else ""

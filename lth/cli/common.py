@@ -38,6 +38,15 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def add_code_arg(p: argparse.ArgumentParser) -> None:
+    """``--code NAME`` (repeatable): user code a stored run names that the user trusts (main() passes it
+    to :func:`lth.registry.trust`); lth never imports code named inside a file otherwise."""
+    p.add_argument("--code", action="append", default=[], metavar="NAME",
+                   help="an import path (package.module:callable) or entry-point name that the run's "
+                        "model.name or data.name is, to allow lth to import it; a stored run never makes lth "
+                        "import code by itself (repeatable)")
+
+
 def ints(values) -> list[int]:
     """Sorted distinct values as plain ints (numpy scalars print as np.int64(0))."""
     return sorted({int(v) for v in values})

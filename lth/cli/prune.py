@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Command, error
+from .common import Command, error, add_code_arg
 
 
 def add_sensitivity(sub) -> None:
@@ -13,6 +13,7 @@ def add_sensitivity(sub) -> None:
                                    "ticket alone, by magnitude, to each density (no retraining), evaluate "
                                    "on val and test, write level_L/sensitivity.parquet and a figure.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id>")
+    add_code_arg(p)
     p.add_argument("--level", type=int, default=0, help="IMP level whose ticket is analysed (default 0)")
     p.add_argument("--densities", default="0.9,0.7,0.5,0.3,0.2,0.1,0.05",
                    help="comma-separated densities to prune each layer to (default 0.9,...,0.05)")
@@ -68,6 +69,7 @@ def add_compact(sub) -> None:
                                    "outputs equal the masked network's, and report parameter counts and "
                                    "measured inference latency of masked vs compact on the same batch.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id>")
+    add_code_arg(p)
     p.add_argument("--level", type=int, required=True, help="IMP level to compact")
     p.add_argument("--batch", type=int, default=1000, help="test examples in the timed batch (default 1000)")
 

@@ -13,7 +13,7 @@ import time
 from functools import wraps
 from pathlib import Path
 
-from .common import Command, error
+from .common import Command, error, add_code_arg
 
 def _csv(kind):
     def parse(text: str):
@@ -81,6 +81,7 @@ def add_quantize(sub) -> None:
                     "skipped. Settings: the defaults, then --config's [quant] table, "
                     "then --set quant.KEY=VALUE, then the options below. Prints the new rows.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
+    add_code_arg(p)
     p.add_argument("--config", default=None, metavar="TOML",
                    help="read the settings from the [quant] table of this TOML file; options given here "
                         "override it")
@@ -114,6 +115,7 @@ def add_export(sub) -> None:
                     "write it as a compressed file (header + packed sparse integer weights; no pickle), "
                     "atomically. Prints its size, compression vs fp32 dense and integer-inference accuracy.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
+    add_code_arg(p)
     p.add_argument("--level", type=int, required=True, help="the level whose ticket is exported")
     p.add_argument("--bits", type=int, required=True, help="weight bits: 8, 4, 3, 2 or 1 (binary)")
     p.add_argument("--out", required=True, help="the file to write, e.g. ticket_l8_4bit.lthq")
@@ -127,10 +129,14 @@ def add_eval_export(sub) -> None:
     p = sub.add_parser(
         "eval-export", help="reload an exported file and report its accuracy",
         description="Read a file written by `lth export`, check its checksum, run its integer model "
-                    "(int8 operands, int32 accumulation) on the data set it names and print the accuracy "
+                    "(int8 operands, int32 accumulation) on the data set it names (or --data) and print the accuracy "
                     "and sizes.")
     p.add_argument("file", help="a file written by `lth export`")
     p.add_argument("--split", choices=["test", "val"], default="test", help="split to evaluate (default: test)")
+    p.add_argument("--data", default=None, metavar="NAME",
+                   help="evaluate on this data set instead of the one the header names: a registered name, "
+                        "an entry point or an import path package.module:loader. The header's own name is "
+                        "used only when it is a built-in data set (a file never makes lth import code)")
 
 
 def _settings(args) -> dict:
@@ -233,7 +239,7 @@ def run_export(args) -> int:
 def run_eval_export(args) -> int:
     from ..quant import eval_export
 
-    r = eval_export(args.file, args.split)
+    r = eval_export(args.file, args.split, data=args.data)
     print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "
           f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} examples")
     print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), "

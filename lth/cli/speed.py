@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Command, error, int_list
+from .common import Command, error, int_list, add_code_arg
 
 
 def add_speed(sub) -> None:
@@ -16,6 +16,7 @@ def add_speed(sub) -> None:
                                    "latency is the best of several timed repeats after warm-up. Rows go to "
                                    "level_NNN/speed.parquet (analysis.load_speed; figures in `lth report`).")
     p.add_argument("run_dir", help="a run folder OUT/<run_id>")
+    add_code_arg(p)
     p.add_argument("--levels", default=None, help="comma-separated levels (default: every complete level)")
     p.add_argument("--batch", default="1,256", help="comma-separated batch sizes (default 1,256)")
     p.add_argument("--formats", default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import Command, int_list
+from .common import Command, int_list, add_code_arg
 
 
 def add_stability(sub) -> None:
@@ -17,6 +17,7 @@ def add_stability(sub) -> None:
                     "under RUN_DIR/stability_rewind/ (checksummed) and reused on a rerun; `lth report` draws "
                     "them.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id>")
+    add_code_arg(p)
     p.add_argument("--level", type=int, required=True, help="IMP level (0 = the dense network)")
     p.add_argument("--rewind-steps", required=True, help="comma-separated steps k, e.g. 0,100,500")
     p.add_argument("--points", type=int, default=None, help="points on the path (default: stability.points, 30)")

@@ -43,7 +43,8 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import load_dataset
 from ..models import build_model, structure_of
 from ..prune.masks import density, prunable
-from ..store import (COMPLETE, RunStore, load_tree, parquet_bytes, prepare_root, read_json, tree_bytes)
+from ..store import (COMPLETE, RunStore, StoreError, load_tree, parquet_bytes, prepare_root, read_sums,
+                     tree_bytes)
 from .runner import Member, metrics_table, progress_bar, sparsity_table, stored_init
 from ..train import Engine, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_numpy
@@ -105,8 +106,8 @@ def _check_level_checksums(f: Path, members: Path | None, blobs: dict[str, bytes
     if not marker.is_file():
         return
     try:
-        sums = read_json(marker).get("sha256", {})
-    except Exception:  # noqa: BLE001 - an unreadable marker: nothing to check against
+        sums = read_sums(marker)
+    except StoreError:  # an unreadable marker: nothing to check against
         return
     for path in (f, members):
         if path is None or path.name not in sums:

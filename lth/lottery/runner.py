@@ -53,8 +53,8 @@ from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_
 from ..prune.schedules import agp_density, oneshot_config
 from ..prune.signals import activation_sparsity
 from ..prune.structured import check_granularity, structured_prune
-from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json,
-                     read_parquet, stacked_seeds, take_seeds, tree_bytes, with_seeds)
+from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_members_file,
+                     read_parquet, read_sums, stacked_seeds, take_seeds, tree_bytes, with_seeds)
 from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
@@ -113,7 +113,7 @@ SMALL_DENSE_FILE = "small_dense.json"  # the small-dense members, in small_dense
 
 def read_members(level_dir) -> list[Member]:
     """The members of a stored level's main population, in stored order (``members.json``)."""
-    return [Member.from_json(d) for d in read_json(Path(level_dir) / MEMBERS_FILE)]
+    return [Member.from_json(d) for d in read_members_file(Path(level_dir) / MEMBERS_FILE)]
 
 
 def members_bytes(members) -> bytes:
@@ -124,7 +124,7 @@ def stored_members(level_dir: Path) -> tuple[list[Member], list[Member]]:
     """(main population, small-dense members) a complete level folder holds, in stored order."""
     main = read_members(level_dir)
     if (level_dir / SMALL_DENSE_FILE).is_file():
-        small = [Member.from_json(r) for r in read_json(level_dir / SMALL_DENSE_FILE)]
+        small = [Member.from_json(r) for r in read_members_file(level_dir / SMALL_DENSE_FILE)]
     elif (level_dir / "small_dense_final.msgpack").is_file():  # written before small_dense.json
         m = read_parquet(level_dir / "metrics.parquet")
         rows = m[m["arm"] == "small_dense"].drop_duplicates("seed").sort_values("member")
@@ -168,7 +168,7 @@ def _hparams_seeds(store: RunStore) -> list[int]:
 
 def read_stacked(store: RunStore, name: str) -> tuple[dict, list[int]]:
     """A verified run-level weights file stacked over seeds: (weights, the seed of each entry)."""
-    return stacked_seeds(store.read_tree(name), _hparams_seeds(store))
+    return stacked_seeds(store.read_tree(name), _hparams_seeds(store), str(store.path / name))
 
 
 def extend_stacked(store: RunStore, name: str, tree: dict, seeds) -> None:
@@ -204,7 +204,7 @@ def stored_init(store: RunStore, model, seeds, input_shape) -> dict:
             params, bs = init_population(model, seed_keys(new), input_shape)
             extend_stacked(store, "init.msgpack", {"params": to_numpy(params), "batch_stats": to_numpy(bs)}, new)
     tree, held = read_stacked(store, "init.msgpack")
-    return take_seeds(tree, held, seeds)
+    return take_seeds(tree, held, seeds, str(store.path / "init.msgpack"))
 
 
 @dataclass
@@ -358,7 +358,7 @@ class Lottery:
         if self.cfg.rewind.step == 0:
             return take_seeds(init, list(self.cfg.seeds), seeds)
         tree, held = read_stacked(self.store, "rewind.msgpack")
-        return take_seeds(tree, held, seeds)
+        return take_seeds(tree, held, seeds, str(self.store.path / "rewind.msgpack"))
 
     def prepare_level(self, level: int, init: dict, members: list[Member] | None = None) -> "LevelPlan":
         """``members`` of a level (default: every member this config wants; a rerun passes those the
@@ -549,7 +549,7 @@ class Lottery:
             frames["metrics.parquet"] = sm if base is None else pd.concat([base, sm], ignore_index=True)
         out: dict[str, bytes] = {}
         if grow:  # files this merge does not rewrite are kept as they are (e.g. agp.parquet)
-            for name in read_json(d / "COMPLETE")["sha256"]:
+            for name in read_sums(d / "COMPLETE"):  # plain names inside the level (checked)
                 out[name] = (d / name).read_bytes()
         out.update(new_files)
         if grow:  # a per-seed table of the new members (earlybird.parquet) goes after the stored rows

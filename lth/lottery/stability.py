@@ -328,7 +328,8 @@ def _rewind_compute(run, engine, level, steps, pairs, seeds, folder, keys, point
     d = run.level_dir(level)
     stored = read_members(d)
     masks = load_tree(d / "masks.msgpack")
-    init = run.weights_file("init.msgpack")
+    seeds = [s for s in seeds if any(s == seed for _, seed in pairs)]  # only the seeds with a pair
+    init = run.weights_file("init.msgpack", seeds)  # stacked in ``seeds`` order, by the file's own record
     dense = [Member("ticket", s) for s in seeds]
     ones = jax.tree.map(lambda p: np.ones(np.shape(p), bool), init["params"])
     # the dense run of every seed to the last k, as level 0 trained it (same rng and batch order); the
@@ -336,7 +337,7 @@ def _rewind_compute(run, engine, level, steps, pairs, seeds, folder, keys, point
     snaps = {0: init}
     late = [k for k in steps if k > 0]
     if late == [cfg.rewind.step] and run.store.has("rewind.msgpack"):
-        snaps[late[0]] = run.weights_file("rewind.msgpack")
+        snaps[late[0]] = run.weights_file("rewind.msgpack", seeds)
     elif late:
         t0 = time.time()
         state = engine.init(init["params"], init["batch_stats"], ones, member_rngs(dense, 0))

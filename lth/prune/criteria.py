@@ -129,5 +129,38 @@ def _obd(params: PyTree, sig: Signals) -> PyTree:
 
 
 def scores(params: PyTree, sig: Signals) -> PyTree:
-    """Per-weight scores of the criterion ``sig.cfg.criterion`` (higher = keep)."""
-    return registry.CRITERIA.resolve(sig.cfg.criterion)(params, sig)
+    """Per-weight scores of the criterion ``sig.cfg.criterion`` (higher = keep), checked: a tree shaped
+    like ``params`` with finite (or +-inf) real numbers; ValueError (one line) naming the criterion
+    otherwise. NaN scores are an error, never an arbitrary prune."""
+    name = sig.cfg.criterion
+    out = registry.CRITERIA.call(name, registry.CRITERIA.resolve(name), params, sig)
+    return checked_scores(name, params, out, f"seed {sig.seed}, level {sig.level}")
+
+
+def checked_scores(name: str, params: PyTree, out: Any, where: str) -> PyTree:
+    """``out`` (what criterion ``name`` returned for ``params``) as a numpy tree; ValueError naming the
+    criterion and the first bad leaf unless it has the structure and shapes of ``params`` and no NaN."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    try:
+        got = jax.tree_util.tree_flatten_with_path(out)[0]
+    except Exception:  # noqa: BLE001 - anything that is not a pytree
+        got = None
+    if out is None or got is None or [p for p, _ in got] != [p for p, _ in flat]:
+        have = {jax.tree_util.keystr(p) for p, _ in got or []}
+        lack = [jax.tree_util.keystr(p) for p, _ in flat if jax.tree_util.keystr(p) not in have]
+        raise registry.RegistryError(
+            f"criterion {name!r} returned {type(out).__name__}"
+            + (f" without scores for {', '.join(lack[:3])}" if out is not None and lack else
+               " of another structure" if out is not None else "")
+            + " (expected scores shaped like params: score(params, signals) -> scores)")
+    for (path, p), (_, v) in zip(flat, got):
+        a = np.asarray(v)
+        key = jax.tree_util.keystr(path)
+        if a.shape != np.shape(p) or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise registry.RegistryError(f"criterion {name!r}: scores for {key} have shape {a.shape} and dtype "
+                                         f"{a.dtype}; expected real numbers of the weights' shape {np.shape(p)}")
+        if np.issubdtype(a.dtype, np.inexact) and np.isnan(a).any():
+            why = ("the member's weights are not finite (it diverged)" if not np.isfinite(np.asarray(p)).all()
+                   else "NaN scores would prune arbitrarily")
+            raise registry.RegistryError(f"criterion {name!r} gave NaN scores for {key} ({where}): {why}")
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), [np.asarray(v) for _, v in got])

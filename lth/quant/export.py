@@ -52,6 +52,7 @@ from .numerics import qrange
 from .ptq import QuantizedTicket
 from .wiring import is_weight
 from ..config import ExperimentConfig
+from .. import registry
 from ..data import load_dataset
 from ..store import StoreError, atomic_write_bytes
 from ..prune.nm import groupable, index_bits
@@ -428,13 +429,28 @@ def payload_bytes(im: IntegerModel, nm: tuple[int, int] | None = None) -> int:
     return int(sum(a.nbytes for a in integer_arrays(im, nm)[0].values()))
 
 
-def eval_export(path: str | Path, split: str = "test") -> dict[str, Any]:
-    """Reload an export file, run its integer model on the data set it names, report accuracy."""
+def eval_export(path: str | Path, split: str = "test", data: str | None = None) -> dict[str, Any]:
+    """Reload an export file, run its integer model on the data set it names, report accuracy.
+
+    ``data``: the data set to evaluate on instead of the header's name (a registered name, an entry
+    point or an import path, given by the user). The header's own name is used only when it is one of
+    lth's built-in data sets: reading a file never imports or calls code named inside it.
+    """
     im, header = read_export(path)
     info = header.get("info", {})
-    if "data" not in info:
-        raise ExportError(f"{path}: the header names no data set to evaluate on")
-    data = load_dataset(ExperimentConfig.from_dict({"data": info["data"]}, str(path)).data)
+    if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
+        if data is None:
+            raise ExportError(f"{path}: the header names no data set to evaluate on; pass --data NAME")
+        info = {**(info if isinstance(info, dict) else {}), "data": {}}
+    raw = dict(info["data"])
+    if data is not None:
+        raw["name"] = data
+    else:
+        try:
+            registry.DATASETS.check_from_file(raw.get("name", "mnist1d"), "data.name", f"{path} (header)", "--data")
+        except registry.RegistryError as e:
+            raise ExportError(str(e)) from None
+    data = load_dataset(ExperimentConfig.from_dict({"data": raw}, str(path)).data)
     if tuple(data.input_shape) != tuple(im.input_shape):
         raise ExportError(f"{path}: model input shape {im.input_shape} does not match data set "
                           f"{data.name} {data.input_shape}")

@@ -168,7 +168,10 @@ def cell_problem(level_dir: Path, cid: str, seeds: Iterable[int] | None = None) 
     qdir = Path(level_dir) / QUANT_DIR
     problem = marked_file_problem(qdir / f"{cid}.parquet", qdir / f"{cid}.json")
     if problem is None and seeds is not None:
-        have = cell_seeds(level_dir, cid)
+        try:
+            have = cell_seeds(level_dir, cid)
+        except StoreError as e:  # a marker with malformed entries: the cell is recomputed
+            return str(e)
         lack = [int(s) for s in seeds if int(s) not in have]
         if lack:
             return f"cell {cid} covers seeds {have}, not {lack}"
@@ -181,6 +184,9 @@ def cell_seeds(level_dir: Path, cid: str) -> list[int]:
     qdir = Path(level_dir) / QUANT_DIR
     meta = read_json(qdir / f"{cid}.json")
     if isinstance(meta.get("seeds"), list):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in meta["seeds"]):
+            raise StoreError(f"{qdir / f'{cid}.json'}: its seeds {meta['seeds']!r} are not integers (the marker is "
+                             "damaged or was edited)")
         return [int(x) for x in meta["seeds"]]
     return [int(x) for x in pd.read_parquet(qdir / f"{cid}.parquet", columns=["seed"])["seed"]]
 
@@ -504,13 +510,14 @@ class QuantStage:
         if pop.members[0][0] == "small_dense":
             params, bs = init_population(pop.model, seed_keys([s for _, s in pop.members]), run.data.input_shape)
             return jax.device_get({"params": params, "batch_stats": bs})
-        rewind, seeds = run.stacked("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack")
+        seeds = sorted({seed for arm, seed in pop.members if not (arm == "reinit" and level > 0)})
+        rewind = run.weights_file("rewind.msgpack" if run.cfg.rewind.step > 0 else "init.msgpack", seeds)
         members = []
         for arm, seed in pop.members:
             if arm == "reinit" and level > 0:
                 members.append(reinit_weights(pop.model, seed, level, run.data.input_shape))
             else:
-                members.append(unstack(rewind, seeds.index(seed)))
+                members.append(unstack(rewind, seeds.index(seed)))  # by value: rewind is stacked in seeds order
         return stack(members)
 
 

@@ -150,17 +150,11 @@ def hessian_diagonal(model, params, batch_stats, batches, key: jax.Array, sample
 
     ``hutchinson``: E_z[z * (H z)] with Rademacher z (Hutchinson 1989; Yao et al. 2020), H z by
     forward-over-reverse differentiation; unbiased, ``samples`` probes per batch.
-    ``fisher``: the empirical Fisher diagonal, mean of squared per-batch gradients (a PSD
-    approximation of the Gauss-Newton diagonal, as in LeCun et al. 1990's practical OBD).
+    ``fisher``: the empirical Fisher diagonal :func:`empirical_fisher_diagonal` (mean over the
+    examples of the squared per-example gradients; PSD).
     """
     if method == "fisher":
-        grad = jax.jit(jax.grad(lambda p, x, y: _loss(model, p, batch_stats, x, y)))
-        total = None
-        for x, y in batches:
-            g = grad(params, jnp.asarray(x), jnp.asarray(y))
-            sq = jax.tree.map(jnp.square, g)
-            total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        return jax.tree.map(lambda t: t / len(batches), total)
+        return empirical_fisher_diagonal(model, params, batch_stats, batches)
     if method != "hutchinson":
         raise ValueError(f"unknown Hessian estimate {method!r}; expected 'hutchinson' or 'fisher'")
 
@@ -180,6 +174,53 @@ def hessian_diagonal(model, params, batch_stats, batches, key: jax.Array, sample
         est = probes(params, jnp.asarray(x), jnp.asarray(y), jax.random.split(jax.random.fold_in(key, i), samples))
         total = est if total is None else jax.tree.map(jnp.add, total, est)
     return jax.tree.map(lambda t: t / len(batches), total)
+
+
+FISHER_CHUNK = 64  # examples per vmapped gradient: bounds the memory to 64 copies of the gradient
+
+
+@functools.lru_cache(maxsize=64)
+def _sq_grad_sum_fn(model):
+    """Compiled ``(params, batch_stats, x [C, ...], y [C], w [C]) -> sum_i w_i (dl_i/dparams)^2``: the
+    per-example gradients of one chunk by ``jax.vmap`` of ``jax.grad`` (w = 0 marks padding)."""
+    def one(p, b, x, y):
+        return jax.grad(lambda q: _loss(model, q, b, x[None], y[None]))(p)
+
+    def chunk(p, b, x, y, w):
+        g = jax.vmap(one, in_axes=(None, None, 0, 0))(p, b, x, y)
+        return jax.tree.map(lambda t: jnp.tensordot(w, jnp.square(t), axes=1), g)
+
+    return jax.jit(chunk)
+
+
+def empirical_fisher_diagonal(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                              chunk: int = FISHER_CHUNK) -> PyTree:
+    """diag of the empirical Fisher ``F = 1/N sum_n g_n g_n^T``, ``g_n`` the gradient of example n's
+    cross-entropy at its observed label: ``1/N sum_n g_n^2`` over the N examples of ``batches``.
+
+    Per-example gradients (``jax.vmap(jax.grad)``, ``chunk`` examples at a time, the last chunk padded
+    with weight 0), not the square of a batch's mean gradient (about 1/B of it). Relation to diag(H):
+    the true Fisher (labels drawn from the model's own softmax, not the data's) is the generalized
+    Gauss-Newton matrix of the softmax cross-entropy, and equals H at an optimum where the model's
+    likelihood is the data's (the residual term of H vanishes there); the empirical Fisher puts the
+    observed labels in place of the model's, so it differs from both away from such an optimum
+    (Kunstner et al. 2019). Both Fishers are PSD; H need not be.
+    """
+    fn = _sq_grad_sum_fn(model)
+    total, n = None, 0
+    for x, y in batches:
+        x, y = np.asarray(x), np.asarray(y)
+        for i in range(0, len(x), chunk):
+            xc, yc = x[i:i + chunk], y[i:i + chunk]
+            pad = chunk - len(xc)
+            w = np.concatenate([np.ones(len(xc), np.float32), np.zeros(pad, np.float32)])
+            if pad:
+                xc = np.concatenate([xc, np.zeros((pad, *xc.shape[1:]), xc.dtype)])
+                yc = np.concatenate([yc, np.zeros(pad, yc.dtype)])
+            sq = fn(params, batch_stats, jnp.asarray(xc), jnp.asarray(yc), jnp.asarray(w))
+            total = sq if total is None else jax.tree.map(jnp.add, total, sq)
+            n += len(x[i:i + chunk])
+    return jax.tree.map(lambda t: t / n, total)
 
 
 def activation_sparsity(model, params, batch_stats, x: np.ndarray, chunk: int = 1000) -> dict[str, float]:

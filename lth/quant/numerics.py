@@ -133,10 +133,14 @@ def lsq_fake_quant(x, log_scale, zero_point, bits: int, scheme: str, grad_scale:
     """Fake quantization with a learned step size (LSQ, Esser et al. 2020, Eq. 1-3).
 
     The scale is ``exp(log_scale)`` (trained in the log domain as in TQT, Jain et al. 2019, so an
-    Adam step is a relative change and the scale stays positive). Gradients: ``x`` gets the
-    straight-through identity inside the range and 0 outside; the scale gets LSQ's
-    ``-x/s + round(x/s)`` inside and ``qmin - Z`` / ``qmax - Z`` outside, times ``grad_scale``.
-    ``zero_point`` is a constant (0 stays exactly 0).
+    Adam step is a relative change and the scale stays positive). As in the paper, ``v = x / s`` is
+    clipped in the real domain to ``(qmin - Z, qmax - Z)``, then rounded with a straight-through
+    round, so the gradients are Eq. 3's: ``x`` gets 1 strictly inside the range and 0 on or outside
+    its ends; the scale gets ``round(x/s) - x/s`` inside and ``qmin - Z`` / ``qmax - Z`` at or
+    beyond the ends, times ``grad_scale`` (the caller passes LSQ's ``1 / sqrt(N Qp)``). Rounding
+    first and clipping the code would split the gradient 50/50 wherever the rounded code lands on an
+    end (``jnp.clip`` at a tie): a third of the elements at 2 bits. The forward value is the same
+    either way (the ends are integers). ``zero_point`` is a constant (0 stays exactly 0).
     """
     s = jnp.exp(_scale_grad(log_scale, grad_scale))
     zero_point = jax.lax.stop_gradient(zero_point)
@@ -145,8 +149,12 @@ def lsq_fake_quant(x, log_scale, zero_point, bits: int, scheme: str, grad_scale:
         q = v + jax.lax.stop_gradient(jnp.sign(x) - v)
         return q * s
     qmin, qmax = qrange(bits, scheme)
-    q = jnp.clip(_round_ste(x / s) + zero_point, qmin, qmax)
-    return (q - zero_point) * s
+    lo, hi = qmin - zero_point, qmax - zero_point  # integer ends of v = x / s
+    v = x / s
+    inside = (v > lo) & (v < hi)
+    # where, not jnp.clip: outside the open range the end is a constant (no gradient through v)
+    v = jnp.where(inside, v, jnp.where(v <= lo, lo, hi))
+    return _round_ste(v) * s
 
 
 # ============================================================================ calibration

@@ -142,3 +142,22 @@ def test_the_config_accepts_exactly_the_registry_entries():
         assert PruneConfig(criterion="late_test_criterion").criterion == "late_test_criterion"
     finally:
         del CRITERIA["late_test_criterion"]
+
+
+def test_fisher_is_the_per_example_empirical_fisher():
+    """``hessian = "fisher"``: mean over examples of squared per-example gradients, against a Python loop
+    over single examples (batches of unequal size; chunks of 3 pad the last chunk of each batch)."""
+    model, params, batches = setup()
+    batches = [batches[0], (batches[1][0][:5], batches[1][1][:5])]  # 8 + 5 examples
+    grad = jax.grad(lambda p, x, y: _loss(model, p, {}, x, y))
+    per = [jax.tree.map(np.square, grad(params, jnp.asarray(x[i:i + 1]), jnp.asarray(y[i:i + 1])))
+           for x, y in batches for i in range(len(x))]
+    want = jax.tree.map(lambda *t: np.mean(t, axis=0), *per)
+    got = hessian_diagonal(model, params, {}, batches, jax.random.key(0), method="fisher")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-9)
+    from lth.prune.signals import empirical_fisher_diagonal
+
+    chunked = empirical_fisher_diagonal(model, params, {}, batches, chunk=3)
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-9)

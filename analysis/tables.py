@@ -130,7 +130,8 @@ def _run_title(run_id: str, g: pd.DataFrame, keys: list[str]) -> str:
     return f"run {run_id}" + (f" ({exp}{'; ' + swept if swept else ''})" if exp or swept else "")
 
 
-def summary_tables(summary: pd.DataFrame, split: str = "test", select: str = "accuracy") -> list[tuple[str, pd.DataFrame]]:
+def summary_tables(summary: pd.DataFrame, split: str = "test",
+                   select: str = "accuracy") -> list[tuple[str, pd.DataFrame]]:
     """Paper tables of a :func:`analysis.summary.summarize` table, per run (runs are never pooled): rows =
     weights remaining (%) with the dense network (level 0) its own first row, columns = arms. Three per
     run: ``split`` accuracy at the early-stop step, at the end of training (both %), and the early-stop

@@ -130,7 +130,7 @@ def per_seed(df: pd.DataFrame, select: str = "accuracy", split: str = "test") ->
         out.append(row)
     cols = keys + ["density", "diverged", "final_accuracy", "early_stop_step", "early_stop_val_accuracy",
                    "early_stop_val_loss", f"early_stop_{split}_accuracy", "last_step", "still_improving"]
-    return pd.DataFrame(out, columns=cols)
+    return pd.DataFrame(out, columns=list(dict.fromkeys(cols)))  # split="val": one early_stop_val_accuracy
 
 
 def summarize(df: pd.DataFrame, split: str = "test", select: str = "accuracy") -> pd.DataFrame:

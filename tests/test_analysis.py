@@ -293,3 +293,25 @@ def test_every_latex_table_of_the_report_compiles(store_root, tmp_path):
         assert (tmp_path / f"doc_{tex.stem}.pdf").stat().st_size > 1000
         log = (tmp_path / f"doc_{tex.stem}.log").read_text(errors="replace")
         assert "Missing character" not in log, tex.name
+
+
+def test_a_sweep_keeps_its_runs_apart_with_the_swept_key_as_a_column(store_root, tmp_path):
+    import shutil
+    from analysis.tables import summary_tables
+    root = tmp_path / "store"
+    shutil.copytree(store_root, root)
+    other = {**HPARAMS, "train": {"lr": 0.2}}
+    run2 = ExperimentConfig.from_dict(other).run_id
+    store = RunStore(root, run2)
+    store.path.mkdir()
+    (store.path / "hparams.json").write_text(json.dumps({**other, "run_id": run2}))
+    for level in range(LEVELS):
+        m = pd.read_parquet(root / RUN / f"level_{level:03d}" / "metrics.parquet").assign(run_id=run2)
+        m["accuracy"] -= 0.1
+        store.write_level(level, {"metrics.parquet": parquet_bytes(m)})
+    s = summarize(load_runs(root))
+    assert "train.lr" in s and set(s["train.lr"]) == {0.1, 0.2} and len(s) == 2 * (1 + (LEVELS - 1) * len(ARMS))
+    first = s[(s.run_id == RUN) & (s.arm == "ticket") & (s.level == 1)].iloc[0]
+    assert first["final_accuracy_mean"] == pytest.approx(np.mean([acc("ticket", 1, s_, 20) for s_ in SEEDS]))
+    captions = [c for c, _ in summary_tables(s)]
+    assert len(captions) == 6 and sum("train.lr = 0.2" in c for c in captions) == 3  # one set of tables per run

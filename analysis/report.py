@@ -23,11 +23,11 @@ def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFra
         notes = "diverged (training loss non-finite or far above its first value): " + "; ".join(
             f"run {r.run_id} level {r.level} {r.arm}: {r.diverged} of {r.seeds} seeds" for r in bad.itertuples())
     paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary), out, stem, dense_span=True,
-                                                      notes=notes)
+                                                      stack=True, notes=notes)
     if diffs is not None and not diffs.empty:
         diffs.to_csv(out / "paired_differences.csv", index=False)
         paths += [out / "paired_differences.csv"] + write_table_files(paired_tables(diffs, summary), out,
-                                                                      "paired_differences")
+                                                                      "paired_differences", stack=True)
     return paths
 
 

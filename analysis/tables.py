@@ -35,12 +35,23 @@ def _cell(v, float_format: str) -> str:
     return str(v)
 
 
+def _stacked(text: str) -> str:
+    """A paper cell ``mean ± h (min–max), note, ...`` with the min-max and each note on a line of its own
+    (a nested tabular: no package needed)."""
+    head, sep, tail = text.partition(" (")
+    if not sep:
+        return latex_escape(text)
+    parts = [head] + ("(" + tail).split(", ")
+    return r"\begin{tabular}[t]{@{}r@{}}" + r"\\".join(latex_escape(p) for p in parts) + r"\end{tabular}"
+
+
 def latex_table(df: pd.DataFrame, caption: str = "", float_format: str = "%.4g", index: bool = False,
-                dense_span: bool = False) -> str:
+                dense_span: bool = False, stack: bool = False) -> str:
     """A booktabs ``tabular`` (inside a ``table`` float with ``caption`` when one is given) of ``df``:
     every header and cell escaped with :func:`latex_escape`, NaN as an empty cell. ``dense_span``: a first
     row whose only non-empty value cell is its first spans all value columns (the dense network, shared
-    by every arm). Needs ``\\usepackage{booktabs}``."""
+    by every arm). ``stack``: value cells ``a (b)`` print ``(b)`` under ``a``, so a paper table of a few
+    arms fits a page. Needs ``\\usepackage{booktabs}``."""
     if index:
         df = df.reset_index()
     cols = list(df.columns)
@@ -48,14 +59,15 @@ def latex_table(df: pd.DataFrame, caption: str = "", float_format: str = "%.4g",
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(latex_escape(c) for c in cols) + r" \\",
              r"\midrule"]
     for i, row in enumerate(df.itertuples(index=False)):
-        cells = [latex_escape(_cell(v, float_format)) for v in row]
-        if dense_span and i == 0 and len(cells) > 2 and not any(cells[2:]):
+        texts = [_cell(v, float_format) for v in row]
+        cells = [latex_escape(texts[0])] + [(_stacked if stack else latex_escape)(t) for t in texts[1:]]
+        if dense_span and i == 0 and len(cells) > 2 and not any(texts[2:]):
             cells = [cells[0], r"\multicolumn{%d}{c}{%s}" % (len(cells) - 1, cells[1])]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
-        lines = [r"\begin{table}[htbp]", r"\centering", r"\caption{" + latex_escape(caption) + "}"] + lines + \
-                [r"\end{table}"]
+        lines = [r"\begin{table}[htbp]", r"\centering", r"\small", r"\caption{" + latex_escape(caption) + "}"] + \
+            lines + [r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -66,7 +78,7 @@ def markdown_table(df: pd.DataFrame, caption: str = "", float_format: str = ".4g
 
 
 def write_table_files(tables: list[tuple[str, pd.DataFrame]], out, stem: str, float_format: str = "%.4g",
-                      dense_span: bool = False, notes: str = "") -> list:
+                      dense_span: bool = False, stack: bool = False, notes: str = "") -> list:
     """Write ``(caption, table)`` pairs to ``<out>/<stem>.md`` and ``<out>/<stem>.tex`` (one ``table``
     float each, escaped); returns the two paths. ``notes``: a closing paragraph of the Markdown file."""
     from pathlib import Path
@@ -74,7 +86,7 @@ def write_table_files(tables: list[tuple[str, pd.DataFrame]], out, stem: str, fl
     out = Path(out)
     md = "\n".join(markdown_table(t, f"**{c}**" if c else "", float_format.lstrip("%")) for c, t in tables)
     (out / f"{stem}.md").write_text(md + (f"\n{notes}\n" if notes else ""))
-    tex = "\n".join(latex_table(t, c, float_format, dense_span=dense_span) for c, t in tables)
+    tex = "\n".join(latex_table(t, c, float_format, dense_span=dense_span, stack=stack) for c, t in tables)
     (out / f"{stem}.tex").write_text(tex)
     return [out / f"{stem}.md", out / f"{stem}.tex"]
 
@@ -181,7 +193,7 @@ def summary_tables(summary: pd.DataFrame, split: str = "test",
                     _layout(cells(es, 100, improving="mark"), arms, density)))
         out.append((f"{title}: {split} accuracy (%) at the end of training; {spread}; {note}.",
                     _layout(cells("final_accuracy", 100), arms, density)))
-        out.append((f"{title}: early-stop step ({how} on the validation split; iterations); mean (min–max); "
+        out.append((f"{title}: early-stop step (first step of {how}; iterations); mean (min–max); "
                     f"{note}; still improving: the peak is the last evaluated step, not an early stop.",
                     _layout(cells("early_stop_step", 1, fmt_int=True, improving="text"), arms, density)))
     return out

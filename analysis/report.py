@@ -8,26 +8,40 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import (float_ft_rows, float_rows, instability_table, load_runs, load_sparsity, load_stability,
-                   quant_rows)
-from .summary import spread_rule, summarize
+from .runs import float_ft_rows, float_rows, instability_table, load_runs, load_sparsity, load_stability, quant_rows
+from .summary import paired_differences, spread_rule, summarize
+from .tables import paired_tables, percent_columns, summary_tables, write_table_files
 
-TABLE_COLUMNS = ["experiment", "arm", "level", "density", "seeds", "diverged", "final_accuracy_mean",
-                 "final_accuracy_std", "best_accuracy_mean", "early_stop_step_mean"]
-
-
-def _write_tables(summary: pd.DataFrame, out: Path, stem: str) -> list[Path]:
+def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None) -> list[Path]:
+    """``<stem>.csv``: the tidy summary (one row per run, arm, level; accuracies as fractions);
+    ``<stem>.md`` / ``.tex``: the paper tables (:func:`analysis.tables.summary_tables`, percent);
+    with ``diffs`` (:func:`analysis.summary.paired_differences`) also ``paired_differences.csv/.md/.tex``."""
     summary.to_csv(out / f"{stem}.csv", index=False)
-    t = summary[[c for c in TABLE_COLUMNS if c in summary]].copy()
-    t["density"] = (100 * t["density"]).round(2)
-    for c in ("final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean"):
-        t[c] = (100 * t[c]).round(2)
-    t = t.rename(columns={"density": "weights remaining (%)", "final_accuracy_mean": "final acc (%)",
-                          "final_accuracy_std": "std (%)", "best_accuracy_mean": "best acc (%)",
-                          "early_stop_step_mean": "early-stop step"})
-    (out / f"{stem}.md").write_text(t.to_markdown(index=False, floatfmt=".2f") + "\n")
-    (out / f"{stem}.tex").write_text(t.to_latex(index=False, float_format="%.2f"))
-    return [out / f"{stem}.{ext}" for ext in ("csv", "md", "tex")]
+    notes = ""
+    if summary["diverged"].any():
+        bad = summary[summary["diverged"] > 0]
+        notes = "diverged (training loss non-finite or far above its first value): " + "; ".join(
+            f"run {r.run_id} level {r.level} {r.arm}: {r.diverged} of {r.seeds} seeds" for r in bad.itertuples())
+    paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary), out, stem, dense_span=True,
+                                                      stack=True, notes=notes)
+    if diffs is not None and not diffs.empty:
+        diffs.to_csv(out / "paired_differences.csv", index=False)
+        paths += [out / "paired_differences.csv"] + write_table_files(paired_tables(diffs, summary), out,
+                                                                      "paired_differences", stack=True)
+    return paths
+
+
+def _write_smallest(small: pd.DataFrame, out: Path) -> None:
+    """smallest_within_1pp.csv (fractions) and .md / .tex (accuracy and density in percent, escaped)."""
+    small.to_csv(out / "smallest_within_1pp.csv", index=False)
+    t = percent_columns(small, ["dense_float_accuracy", "density", "accuracy", "reference_accuracy",
+                               "judged_accuracy", "change"])
+    write_table_files([("", t)], out, "smallest_within_1pp")
+
+
+def _write_speed(t: pd.DataFrame, out: Path) -> None:
+    """speed.md / .tex from :func:`analysis.speed.speed_table` (escaped)."""
+    write_table_files([("", t)], out, "speed")
 
 
 def _mask_plans(root, out: Path) -> list:
@@ -79,16 +93,17 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(df)
-    _write_tables(summary, out, "summary")
+    _write_tables(summary, out, "summary", paired_differences(df))
     n_seeds = int(summary["seeds"].max())
     made: dict[str, str] = {}
     plans = [
         ("accuracy_vs_density", lambda: figures.accuracy_vs_density(df),
          f"Final test accuracy vs weights remaining per arm (mean, {spread_rule(n_seeds)})."),
-        ("best_accuracy_vs_density", lambda: figures.accuracy_vs_density(df, metric="best"),
-         f"Best test accuracy during training vs weights remaining (mean, {spread_rule(n_seeds)})."),
+        ("early_stop_accuracy_vs_density", lambda: figures.accuracy_vs_density(df, metric="early_stop_test"),
+         f"Test accuracy at the early-stop step (peak validation accuracy) vs weights remaining (mean, "
+         f"{spread_rule(n_seeds)})."),
         ("early_stop_vs_density", lambda: figures.early_stop_vs_density(df),
-         f"Early-stopping step (minimum validation loss) vs weights remaining ({n_seeds} seeds)."),
+         f"Early-stopping step (peak validation accuracy) vs weights remaining ({n_seeds} seeds)."),
         ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket"),
          "Test accuracy vs training step of the winning ticket at several sparsity levels (mean over seeds)."),
     ]
@@ -111,9 +126,7 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         pd.concat([quant, float_ft_rows(full)], ignore_index=True).to_csv(out / "quant.csv", index=False)
         small = figures.smallest_within(full)
         if not small.empty:
-            small.to_csv(out / "smallest_within_1pp.csv", index=False)
-            (out / "smallest_within_1pp.md").write_text(small.to_markdown(index=False, floatfmt=".4g") + "\n")
-            (out / "smallest_within_1pp.tex").write_text(small.to_latex(index=False, float_format="%.4g"))
+            _write_smallest(small, out)
     if set(figures.PAI_ARMS) & set(df["arm"]):
         plans.append(("pai_accuracy_vs_density", lambda: figures.pai_accuracy_vs_density(df),
                       f"Pruning at initialization (SNIP, GraSP, SynFlow at the ticket's per-layer counts, from the "
@@ -152,9 +165,7 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
                           "vs weights remaining per format and batch size; dotted lines: the density from which a "
                           "format beats dense."))
         speed.to_csv(out / "speed.csv", index=False)
-        t = speed_table(speed)
-        (out / "speed.md").write_text(t.to_markdown(index=False, floatfmt=".4g") + "\n")
-        (out / "speed.tex").write_text(t.to_latex(index=False, float_format="%.4g"))
+        _write_speed(speed_table(speed), out)
         c = cross.assign(crossover_density=100 * cross["crossover_density"],
                          first_faster_density=100 * cross["first_faster_density"],
                          best_at_density=100 * cross["best_at_density"])
@@ -173,8 +184,15 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
     if summary["diverged"].any():
         lines += ["", "Black crosses mark (run, arm, level) points where at least one seed diverged (training "
                   "loss non-finite or above 100x its first-step value; `diverged` column of the tables)."]
-    lines += ["", "## Tables", "", "- `summary.csv` / `summary.md` / `summary.tex`: one row per (run, arm, level): "
-              "density, seeds, diverged seeds, mean/std/95% CI of final and best test accuracy and early-stop step."]
+    lines += ["", "## Tables", "", "- `summary.csv`: one row per (run, arm, level), accuracies as fractions: density, "
+              "seeds (n), diverged and still-improving seeds, swept keys, and n/mean/std/min/max/95% CI (from 3 "
+              "seeds) of the final test accuracy, the test accuracy at the early-stop step "
+              "(`early_stop_test_accuracy`: the step of peak validation accuracy) and the early-stop step. "
+              "`summary.md` / `summary.tex`: the same as paper tables per run (rows: weights remaining, dense "
+              "first; columns: arms; percent)."]
+    if (out / "paired_differences.csv").is_file():
+        lines += ["- `paired_differences.csv` / `.md` / `.tex`: ticket minus each other arm, matched by run, level "
+                  "and seed (mean, min-max, 95% paired t-interval from 3 seeds, n; percentage points in .md/.tex)."]
     if (out / "smallest_within_1pp.csv").is_file() and not quant.empty:
         lines += ["- `quant.csv`: every quantized row (one per cell and seed), and QAT's float control (`method = "
                   "float_ft`: the same member fine-tuned in float with QAT's schedule).",

@@ -1,4 +1,8 @@
-"""Summaries over seeds: mean, std and 95% confidence interval per (run, arm, level)."""
+"""Summaries over seeds per (run, arm, level): the early-stop selection (on validation), the test
+accuracy read at it, the seed spread (n, min-max, 95% CI) and paired ticket-minus-control differences.
+
+Accuracies stay fractions (0.85) in every DataFrame here; the report's tables print them in percent.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import pandas as pd
 from scipy import stats
 
 GROUP = ["run_id", "experiment", "arm", "level"]
+SELECT = ("accuracy", "loss")  # early stop: the step of peak validation accuracy, or of minimum validation loss
+MIN_SEEDS_FOR_CI = 3  # DESIGN.md rule 4: min-max below 3 seeds, the 95% t-interval from 3 on
 
 
 def final_rows(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -48,32 +54,141 @@ def spread_rule(seeds: int) -> str:
     return f"min-max over {seeds} seed{'s' if seeds != 1 else ''}" if seeds < 3 else f"95% CI over {seeds} seeds"
 
 
-def summarize(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """One row per (run, arm, level): density, seeds, diverged (how many of the seeds diverged), and
-    mean/std/95% CI over seeds of the final and best ``split`` accuracy and of the early-stop step, and
-    the spread the figures draw (``*_spread_low/high``: min-max below 3 seeds, else the 95% CI)."""
-    d = df[(df["split"] == split) & _float(df)]
-    per_seed = (d.groupby(["run_id", "experiment", "arm", "level", "seed"], sort=False)
-                .apply(_per_seed, include_groups=False).reset_index())
+def spread_columns(values, prefix: str) -> dict[str, float]:
+    """``{prefix}_n, _mean, _std, _min, _max, _ci_low, _ci_high, _spread_low, _spread_high`` of the finite
+    ``values`` (one per seed). The 95% t-interval is NaN below 3 values (DESIGN.md rule 4); the spread is
+    the one the figures draw (:func:`seed_spread`)."""
+    x = np.asarray(values, float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    ci = _ci(pd.Series(x)) if n >= MIN_SEEDS_FOR_CI else (np.nan, np.nan)
+    lo, hi = seed_spread(x)[1:3]
+    return {f"{prefix}_n": n, f"{prefix}_mean": float(x.mean()) if n else np.nan,
+            f"{prefix}_std": float(x.std(ddof=1)) if n > 1 else (0.0 if n else np.nan),
+            f"{prefix}_min": float(x.min()) if n else np.nan, f"{prefix}_max": float(x.max()) if n else np.nan,
+            f"{prefix}_ci_low": ci[0], f"{prefix}_ci_high": ci[1],
+            f"{prefix}_spread_low": lo, f"{prefix}_spread_high": hi}
+
+
+def _check_select(select: str) -> None:
+    if select not in SELECT:
+        raise ValueError(f"select = {select!r}: the early-stop step is chosen on the validation split by "
+                         f"one of {', '.join(SELECT)} (analysis.summary.per_seed)")
+
+
+def swept_keys(df: pd.DataFrame) -> list[str]:
+    """The flattened hparams (dotted names, e.g. ``prune.rate``) whose values differ between the runs of
+    ``df``: the keys a sweep varied, which tell its runs apart in a table."""
+    if "run_id" not in df or df["run_id"].nunique() < 2:
+        return []
+    runs = df.drop_duplicates("run_id")
+    return [c for c in runs.columns if "." in c and runs[c].astype(str).nunique() > 1]
+
+
+def per_seed(df: pd.DataFrame, select: str = "accuracy", split: str = "test") -> pd.DataFrame:
+    """One row per (run, arm, level, seed) of the float training rows of a :func:`analysis.load_runs` table.
+
+    The early-stop step is selected on the validation split, never on ``split``: the first evaluated step
+    of peak validation accuracy (``select="accuracy"``, the default) or of minimum validation loss
+    (``select="loss"``, what the store's own ``early_stop_step`` column records). ``split`` (test) is
+    only read at that step, as Frankle & Carbin (2019) report test accuracy at the early-stop iteration.
+
+    Columns: run_id, experiment, arm, level, seed, density, diverged (bool), final_accuracy (``split``
+    accuracy at the last evaluated step), early_stop_step, early_stop_val_accuracy,
+    early_stop_val_loss, ``early_stop_{split}_accuracy``, last_step (the last evaluated step) and
+    still_improving (the early-stop step is the last evaluated step: validation had not peaked yet, so
+    training did not "stop early"). Without validation rows (``data.val_size = 0``) the early-stop
+    columns are NaN and still_improving is False. Accuracies are fractions.
+    """
+    _check_select(select)
+    keys = ["run_id", "experiment", "arm", "level", "seed"]
+    d = df[_float(df) & df["split"].isin([split, "val"])]
+    out = []
+    for key, g in d.groupby(keys, sort=False, dropna=False):
+        rep = g[g["split"] == split].sort_values("step")
+        if rep.empty:
+            continue
+        val = g[g["split"] == "val"].sort_values("step", kind="stable")
+        row = dict(zip(keys, key))
+        row["density"] = float(rep["density"].iloc[-1])
+        row["diverged"] = bool((g["diverged_step"] >= 0).any()) if "diverged_step" in g else False
+        row["final_accuracy"] = float(rep["accuracy"].iloc[-1])
+        if val.empty:
+            step, v = np.nan, None
+        else:
+            score = val["accuracy"] if select == "accuracy" else -val["loss"]
+            score = score.where(np.isfinite(score), -np.inf)
+            v = val.loc[score.idxmax()]  # idxmax: the first (earliest) step of the peak
+            step = int(v["step"])
+        at = rep[rep["step"] == step]["accuracy"]
+        row["early_stop_step"] = step
+        row["early_stop_val_accuracy"] = float(v["accuracy"]) if v is not None else np.nan
+        row["early_stop_val_loss"] = float(v["loss"]) if v is not None else np.nan
+        row[f"early_stop_{split}_accuracy"] = float(at.iloc[0]) if len(at) else np.nan
+        row["last_step"] = int(max(rep["step"].max(), val["step"].max() if len(val) else -1))
+        row["still_improving"] = bool(v is not None and step == int(val["step"].max()))
+        out.append(row)
+    cols = keys + ["density", "diverged", "final_accuracy", "early_stop_step", "early_stop_val_accuracy",
+                   "early_stop_val_loss", f"early_stop_{split}_accuracy", "last_step", "still_improving"]
+    return pd.DataFrame(out, columns=list(dict.fromkeys(cols)))  # split="val": one early_stop_val_accuracy
+
+
+def summarize(df: pd.DataFrame, split: str = "test", select: str = "accuracy") -> pd.DataFrame:
+    """One row per (run, arm, level) of the per-seed table (:func:`per_seed`): density, seeds (n),
+    diverged and still_improving (how many of the seeds), the swept keys (:func:`swept_keys`), and for
+    ``final_accuracy``, ``early_stop_{split}_accuracy`` and ``early_stop_step`` the spread over seeds
+    (:func:`spread_columns`: ``_n, _mean, _std, _min, _max, _ci_low, _ci_high`` (95% t-interval, NaN
+    below 3 seeds), ``_spread_low/high`` (what the figures draw)). The early-stop step is selected on
+    the validation split (``select``: peak accuracy or minimum loss); nothing is selected on ``split``.
+    Accuracies are fractions."""
+    seeds = per_seed(df, select=select, split=split)
+    sweep = swept_keys(df)
+    hp = df.drop_duplicates("run_id").set_index("run_id")[sweep] if sweep else None
     rows = []
-    for key, g in per_seed.groupby(GROUP, sort=False):
+    for key, g in seeds.groupby(GROUP, sort=False, dropna=False):
         row = dict(zip(GROUP, key))
+        if hp is not None:
+            row.update(hp.loc[key[0]].to_dict())
         row["density"] = float(g["density"].mean())
         row["seeds"] = int(g["seed"].nunique())
         row["diverged"] = int(g["diverged"].sum())  # seeds whose loss diverged (lth.train.diverged_steps)
-        for col in ("final_accuracy", "best_accuracy", "early_stop_step"):
-            row[f"{col}_mean"] = float(g[col].mean())
-            row[f"{col}_std"] = float(g[col].std(ddof=1)) if len(g) > 1 else 0.0
-            row[f"{col}_ci_low"], row[f"{col}_ci_high"] = _ci(g[col])
-            row[f"{col}_spread_low"], row[f"{col}_spread_high"] = seed_spread(g[col])[1:3]
+        row["still_improving"] = int(g["still_improving"].sum())  # seeds whose val peak is the last step
+        for col in ("final_accuracy", f"early_stop_{split}_accuracy", "early_stop_step"):
+            row.update(spread_columns(g[col], col))
         rows.append(row)
     out = pd.DataFrame(rows)
+    if out.empty:
+        return out
     return out.sort_values(["run_id", "arm", "level"], ignore_index=True)
 
 
-def _per_seed(g: pd.DataFrame) -> pd.Series:
-    g = g.sort_values("step")
-    diverged = bool((g["diverged_step"] >= 0).any()) if "diverged_step" in g else False
-    return pd.Series({"density": g["density"].iloc[-1], "final_accuracy": g["accuracy"].iloc[-1],
-                      "best_accuracy": g["accuracy"].max(), "early_stop_step": g["early_stop_step"].iloc[-1],
-                      "diverged": diverged})
+def paired_differences(df: pd.DataFrame, reference: str = "ticket", select: str = "accuracy",
+                       metrics=("early_stop_test_accuracy", "final_accuracy")) -> pd.DataFrame:
+    """``reference`` minus each other arm, matched by (run, level, seed): one row per (run, level, arm,
+    metric) where both arms have the seed, with the reference's density, n (matched seeds) and the
+    spread of the per-seed differences (``diff_mean, diff_std, diff_min, diff_max``, ``diff_ci_low/high``:
+    the 95% paired t-interval, NaN below 3 seeds). ``metrics`` are :func:`per_seed` columns; differences
+    are in accuracy fractions (0.01 = 1 percentage point). Levels where only the reference ran give no row."""
+    seeds = per_seed(df, select=select)
+    missing = [m for m in metrics if m not in seeds]
+    if missing:
+        raise ValueError(f"metrics {missing}: not per-seed columns; allowed: "
+                         f"{', '.join(c for c in seeds.columns if c.endswith('accuracy'))}")
+    keys = ["run_id", "level", "seed"]
+    ref = seeds[seeds["arm"] == reference].set_index(keys)
+    rows = []
+    for (run_id, experiment, arm, level), g in seeds[seeds["arm"] != reference].groupby(GROUP, sort=True):
+        g = g.set_index(keys)
+        both = g.index.intersection(ref.index)
+        if both.empty:
+            continue
+        for metric in metrics:
+            diff = ref.loc[both, metric] - g.loc[both, metric]
+            s = spread_columns(diff, "diff")
+            rows.append({"run_id": run_id, "experiment": experiment, "level": level,
+                         "density": float(ref.loc[both, "density"].mean()), "reference": reference, "arm": arm,
+                         "metric": metric, "n": s.pop("diff_n"),
+                         **{k: v for k, v in s.items() if "spread" not in k}})
+    cols = ["run_id", "experiment", "level", "density", "reference", "arm", "metric", "n", "diff_mean", "diff_std",
+            "diff_min", "diff_max", "diff_ci_low", "diff_ci_high"]
+    return pd.DataFrame(rows, columns=cols)

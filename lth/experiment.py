@@ -3,7 +3,8 @@
     >>> import lth
     >>> exp = lth.Experiment.from_toml("experiments/quickstart.toml").set(**{"prune.levels": 3})
     >>> df = exp.run("runs")            # trains (or resumes) levels 0..3, then the [quant] stage
-    >>> df[df.method == "float"].groupby(["arm", "level"]).accuracy.max()
+    >>> from analysis import summarize    # early stop selected on val, test accuracy read there
+    >>> summarize(df)[["arm", "level", "density", "early_stop_test_accuracy_mean"]]
 
 ``lth lottery`` and ``lth train`` run through :meth:`Experiment.execute`, so the CLI and a notebook
 take the same code path. An :class:`Experiment` is immutable: :meth:`Experiment.set` returns a new,

@@ -698,11 +698,11 @@ class Engine:
 
 
 def early_stop_steps(records: list[dict]) -> dict[int, int]:
-    """member -> step of minimum validation loss (test loss when there is no val split)."""
-    split = "val" if any(r["split"] == "val" for r in records) else "test"
+    """member -> first step of minimum validation loss; empty without a val split (``data.val_size = 0``):
+    the early-stop step is selected on validation only, never on test."""
     best: dict[int, tuple[float, int]] = {}
     for r in records:
-        if r["split"] != split:
+        if r["split"] != "val":
             continue
         loss = r["loss"] if np.isfinite(r["loss"]) else np.inf
         if r["member"] not in best or loss < best[r["member"]][0]:

@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from analysis import figures, load_runs, load_sparsity, summarize  # noqa: E402
-from analysis.report import write_report  # noqa: E402
+from analysis.report import _write_tables, write_report  # noqa: E402
 from lth.config import ExperimentConfig  # noqa: E402
 from lth.store import RunStore, parquet_bytes  # noqa: E402
 
@@ -24,6 +24,11 @@ RUN = ExperimentConfig.from_dict(HPARAMS).run_id  # hparams.json must hash to it
 def acc(arm, level, seed, step):
     base = 0.9 - (0.0 if arm == "ticket" else 0.05 * level)
     return base - 0.01 * seed - (0.1 if step == 10 else 0.0)
+
+
+def val_acc(arm, level, seed, step):
+    """Validation peaks at step 10 for odd seeds (test still rises to step 20), at step 20 for even ones."""
+    return acc(arm, level, seed, step) + (0.2 if seed % 2 and step == 10 else 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +47,10 @@ def store_root(tmp_path_factory):
                 member = a_i * len(SEEDS) + s
                 for step in (10, 20):
                     for split in ("train", "val", "test"):
+                        a = (val_acc if split == "val" else acc)(arm, level, s, step)
                         rows.append(dict(run_id=RUN, level=level, arm=arm, seed=s, member=member,
-                                         density=density, step=step, split=split, loss=1.0 - acc(arm, level, s, step),
-                                         accuracy=acc(arm, level, s, step), early_stop_step=10 + 10 * (s % 2),
+                                         density=density, step=step, split=split, loss=1.0 - a,
+                                         accuracy=a, early_stop_step=20 - 10 * (s % 2),  # min val loss
                                          wall_s=1.0))
                 for layer, d in (("dense_0/kernel", density), ("output/kernel", 0.9 ** level)):
                     sp.append(dict(level=level, arm=arm, seed=s, member=member, layer=layer, kind="dense",
@@ -66,7 +72,7 @@ def test_summary_means_std_and_ci(store_root):
     assert row["final_accuracy_std"] == pytest.approx(np.std(finals, ddof=1))
     half = 4.302652729911275 * np.std(finals, ddof=1) / np.sqrt(3)  # t(0.975, df=2)
     assert row["final_accuracy_ci_high"] == pytest.approx(np.mean(finals) + half)
-    assert row["early_stop_step_mean"] == pytest.approx(np.mean([10, 20, 10]))
+    assert row["early_stop_step_mean"] == pytest.approx(np.mean([20, 10, 20]))
     assert row["density"] == pytest.approx(0.64) and row["seeds"] == 3
 
 
@@ -90,7 +96,7 @@ def test_early_stop_and_learning_curves_and_layer_profile(store_root):
     df = load_runs(store_root)
     fig = figures.early_stop_vs_density(df)
     ys = fig.axes[0].get_lines()[0].get_ydata()
-    assert np.allclose(ys, np.mean([10, 20, 10]))
+    assert np.allclose(ys, np.mean([20, 10, 20]))
     fig = figures.learning_curves(df, "ticket")
     first = fig.axes[0].get_lines()[0]
     np.testing.assert_allclose(first.get_xdata(), [10, 20])
@@ -110,7 +116,8 @@ def test_report_writes_figures_tables_and_readme(store_root, tmp_path):
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert len(summary) == 1 + (LEVELS - 1) * len(ARMS)
     assert "\\begin{tabular}" in (tmp_path / "summary.tex").read_text()
-    assert "| experiment" in (tmp_path / "summary.md").read_text()
+    assert "| weights remaining (%)" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "paired_differences.csv").is_file() and (tmp_path / "paired_differences.tex").is_file()
     readme = (tmp_path / "README.md").read_text()
     assert all(f"`{stem}.pdf`" in readme for stem in made)
 
@@ -150,3 +157,161 @@ def test_quant_figures_plot_the_group_means_and_the_pareto_front(store_root, tmp
     assert np.allclose(two.final_accuracy_spread_low, two.final_accuracy_mean - two.final_accuracy_std / np.sqrt(2))
     made = write_report(root, tmp_path / "figs")
     assert {"quant_heatmap", "accuracy_vs_size"} <= set(made)
+
+
+def test_early_stop_is_selected_on_validation_and_test_is_read_at_that_step(store_root, tmp_path):
+    from analysis.summary import per_seed
+    df = load_runs(store_root)
+    seeds = per_seed(df).set_index(["arm", "level", "seed"])
+    odd, even = seeds.loc[("ticket", 1, 1)], seeds.loc[("ticket", 1, 2)]
+    # seed 1: validation peaks at step 10 although test accuracy still rises to step 20
+    assert odd["early_stop_step"] == 10 and not odd["still_improving"]
+    assert odd["early_stop_test_accuracy"] == pytest.approx(acc("ticket", 1, 1, 10))
+    assert odd["early_stop_val_accuracy"] == pytest.approx(val_acc("ticket", 1, 1, 10))
+    # seed 2: the peak is the last evaluated step: still improving, not stopped early
+    assert even["early_stop_step"] == 20 and even["still_improving"] and even["last_step"] == 20
+    s = summarize(df)
+    assert not [c for c in s.columns if c.startswith("best_accuracy")]  # no test-set maximum
+    row = s[(s.arm == "ticket") & (s.level == 1)].iloc[0]
+    assert row["early_stop_test_accuracy_mean"] == pytest.approx(
+        np.mean([acc("ticket", 1, 0, 20), acc("ticket", 1, 1, 10), acc("ticket", 1, 2, 20)]))
+    assert row["still_improving"] == 2 and row["early_stop_step_n"] == 3
+    _write_tables(s, tmp_path, "summary")
+    md = (tmp_path / "summary.md").read_text()
+    assert "still improving 2/3" in md and "stopped early" not in md and "peak validation accuracy" in md
+
+
+def test_early_stop_can_select_on_validation_loss_and_never_on_test():
+    from analysis.summary import per_seed
+    rows = []
+    points = {10: (0.3, 0.70, 0.50), 20: (0.4, 0.80, 0.60), 30: (0.5, 0.75, 0.90)}  # val loss, val acc, test acc
+    for step, (val_loss, val_a, test_a) in points.items():
+        rows += [dict(run_id="r", experiment="e", arm="ticket", level=1, seed=0, density=0.5, step=step, split="val",
+                      loss=val_loss, accuracy=val_a),
+                 dict(run_id="r", experiment="e", arm="ticket", level=1, seed=0, density=0.5, step=step, split="test",
+                      loss=1.0, accuracy=test_a)]
+    df = pd.DataFrame(rows)
+    by_acc, by_loss = per_seed(df).iloc[0], per_seed(df, select="loss").iloc[0]
+    assert by_acc["early_stop_step"] == 20 and by_acc["early_stop_test_accuracy"] == pytest.approx(0.60)
+    assert by_loss["early_stop_step"] == 10 and by_loss["early_stop_test_accuracy"] == pytest.approx(0.50)
+    assert not by_acc["still_improving"] and by_acc["final_accuracy"] == pytest.approx(0.90)
+    no_val = per_seed(df[df["split"] == "test"]).iloc[0]  # nothing to select on: not the test peak
+    assert np.isnan(no_val["early_stop_step"]) and np.isnan(no_val["early_stop_test_accuracy"])
+    with pytest.raises(ValueError, match="select = 'test'.*accuracy, loss"):
+        per_seed(df, select="test")
+
+
+def test_summary_tables_are_paper_tables_in_percent_with_n_and_min_max(store_root, tmp_path):
+    from analysis.tables import summary_tables
+    s = summarize(load_runs(store_root))
+    assert s["final_accuracy_mean"].between(0, 1).all()  # fractions in the DataFrame
+    caption, t = summary_tables(s)[1]  # final test accuracy
+    assert list(t.columns) == ["weights remaining (%)", "ticket", "random_prune"]  # rows: density; columns: arms
+    assert list(t["weights remaining (%)"]) == ["100 (dense)", "80", "64", "51.2"]  # dense its own first row
+    assert t.iloc[0]["random_prune"] == ""  # the dense network is not a random_prune result
+    finals = [100 * acc("random_prune", 2, s_, 20) for s_ in SEEDS]
+    half = 4.302652729911275 * np.std(finals, ddof=1) / np.sqrt(3)
+    assert t.iloc[2]["random_prune"] == f"{np.mean(finals):.2f} ± {half:.2f} ({min(finals):.2f}–{max(finals):.2f})"
+    assert "n = 3 seeds" in caption and "(%)" in caption
+    two = summary_tables(summarize(load_runs(store_root).query("seed < 2")))[1][1]
+    assert "±" not in two.iloc[2]["random_prune"] and "–" in two.iloc[2]["random_prune"]  # no CI below 3 seeds
+    two_s = summarize(load_runs(store_root).query("seed < 2"))
+    assert two_s["final_accuracy_ci_low"].isna().all()
+    assert (two_s["final_accuracy_min"] <= two_s["final_accuracy_max"]).all()
+
+
+def test_paired_differences_match_arms_by_run_level_and_seed(store_root, tmp_path):
+    from analysis.summary import paired_differences
+    df = load_runs(store_root)
+    d = paired_differences(df.query("not (arm == 'random_prune' and seed == 2 and level == 3)"))
+    assert set(d["arm"]) == {"random_prune"} and set(d["reference"]) == {"ticket"} and 0 not in set(d["level"])
+    one = d[(d.level == 2) & (d.metric == "final_accuracy")].iloc[0]
+    diffs = [acc("ticket", 2, s_, 20) - acc("random_prune", 2, s_, 20) for s_ in SEEDS]
+    assert one["n"] == 3 and one["diff_mean"] == pytest.approx(np.mean(diffs))
+    assert one["diff_min"] == pytest.approx(min(diffs)) and one["diff_ci_low"] == pytest.approx(np.mean(diffs))
+    three = d[(d.level == 3) & (d.metric == "final_accuracy")].iloc[0]
+    assert three["n"] == 2 and np.isnan(three["diff_ci_low"])  # seed 2 has no control: 2 pairs, no CI
+    es = d[(d.level == 1) & (d.metric == "early_stop_test_accuracy")].iloc[0]
+    assert es["diff_mean"] == pytest.approx(0.05)  # both arms stop on the same val peak per seed
+    _write_tables(summarize(df), tmp_path, "summary", paired_differences(df))
+    csv = pd.read_csv(tmp_path / "paired_differences.csv")
+    assert len(csv) == 2 * (LEVELS - 1)
+    md = (tmp_path / "paired_differences.md").read_text()
+    assert "ticket - random_prune" in md and "+5.00" in md and "n = 3 pairs" in md
+    assert "random\\_prune" in (tmp_path / "paired_differences.tex").read_text()
+
+
+def test_latex_escape_makes_text_safe():
+    from analysis.tables import latex_escape, latex_table
+    assert latex_escape("acc (%)") == r"acc (\%)"
+    assert latex_escape("random_prune") == r"random\_prune"
+    assert latex_escape("a&b#c$d{e}~^\\") == r"a\&b\#c\$d\{e\}\textasciitilde{}\textasciicircum{}\textbackslash{}"
+    assert latex_escape("1.0 ± 0.2 (0.8–1.2)") == r"1.0 \ensuremath{\pm} 0.2 (0.8--1.2)"
+    tex = latex_table(pd.DataFrame({"weights remaining (%)": [50.0], "arm_name": ["random_prune"]}), "n = 3 (%)")
+    assert r"weights remaining (\%) & arm\_name \\" in tex and r"\caption{n = 3 (\%)}" in tex
+    assert "%" not in tex.replace(r"\%", "")  # no bare % left to comment out a row
+
+
+def _store_with_quant_and_speed(store_root, root):
+    """A copy of the synthetic store with quant cells (sizes, so smallest_within_1pp has rows) and speed tables."""
+    import shutil
+    shutil.copytree(store_root, root)
+    for lv in range(3):
+        arms = ["ticket"] if lv == 0 else ARMS
+        q = [dict(run_id=RUN, level=lv, arm=a, seed=s_, density=0.8 ** lv, bits=b, scheme="sym",
+                  granularity="channel", calibration="minmax", method="ptq", accuracy=0.9 - 0.02 * (8 - b) - 0.01 * s_,
+                  float_accuracy=0.9, size_bytes=10 * b * (3 - lv), compression=10.0,
+                  float_size_bytes=320 * (3 - lv), fp32_dense_bytes=960)
+             for a in arms for s_ in SEEDS for b in (4, 8)]
+        (root / RUN / f"level_{lv:03d}" / "quant.parquet").write_bytes(parquet_bytes(pd.DataFrame(q)))
+        sp = [dict(run_id=RUN, experiment="synthetic_exp", model="mlp", member=0, format=f, batch=1, level=lv,
+                   density=0.8 ** lv, bytes=100, latency_s=1e-3 * (1 + lv), speedup=1.0 if f == "dense" else 1.1)
+              for f in ("dense", "bcoo")]
+        (root / RUN / f"level_{lv:03d}" / "speed.parquet").write_bytes(parquet_bytes(pd.DataFrame(sp)))
+    return root
+
+
+def test_every_latex_table_of_the_report_compiles(store_root, tmp_path):
+    import shutil
+    import subprocess
+    root = _store_with_quant_and_speed(store_root, tmp_path / "store")
+    out = tmp_path / "report"
+    write_report(root, out)
+    tables = sorted(out.glob("*.tex"))
+    names = {p.stem for p in tables}
+    assert {"summary", "paired_differences", "smallest_within_1pp", "speed"} <= names, names
+    assert "random\\_prune" in (out / "smallest_within_1pp.tex").read_text()
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex is not installed (Debian: texlive-latex-base texlive-latex-recommended)")
+    for tex in tables:
+        doc = tmp_path / f"doc_{tex.stem}.tex"
+        doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                       f"\\input{{{tex}}}\n\\end{{document}}\n")
+        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{tex.name}:\n{r.stdout[-2000:]}"
+        assert (tmp_path / f"doc_{tex.stem}.pdf").stat().st_size > 1000
+        log = (tmp_path / f"doc_{tex.stem}.log").read_text(errors="replace")
+        assert "Missing character" not in log, tex.name
+
+
+def test_a_sweep_keeps_its_runs_apart_with_the_swept_key_as_a_column(store_root, tmp_path):
+    import shutil
+    from analysis.tables import summary_tables
+    root = tmp_path / "store"
+    shutil.copytree(store_root, root)
+    other = {**HPARAMS, "train": {"lr": 0.2}}
+    run2 = ExperimentConfig.from_dict(other).run_id
+    store = RunStore(root, run2)
+    store.path.mkdir()
+    (store.path / "hparams.json").write_text(json.dumps({**other, "run_id": run2}))
+    for level in range(LEVELS):
+        m = pd.read_parquet(root / RUN / f"level_{level:03d}" / "metrics.parquet").assign(run_id=run2)
+        m["accuracy"] -= 0.1
+        store.write_level(level, {"metrics.parquet": parquet_bytes(m)})
+    s = summarize(load_runs(root))
+    assert "train.lr" in s and set(s["train.lr"]) == {0.1, 0.2} and len(s) == 2 * (1 + (LEVELS - 1) * len(ARMS))
+    first = s[(s.run_id == RUN) & (s.arm == "ticket") & (s.level == 1)].iloc[0]
+    assert first["final_accuracy_mean"] == pytest.approx(np.mean([acc("ticket", 1, s_, 20) for s_ in SEEDS]))
+    captions = [c for c, _ in summary_tables(s)]
+    assert len(captions) == 6 and sum("train.lr = 0.2" in c for c in captions) == 3  # one set of tables per run

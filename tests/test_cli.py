@@ -248,7 +248,9 @@ def test_divergence_is_printed_in_the_run_summary_and_marked_in_the_report(tiny_
     m["diverged_step"] = 23  # as if the member's loss had exploded at step 23
     store.write_level(1, {**files, "metrics.parquet": parquet_bytes(m)})
     print_summary(store.path, 1.0)
-    assert "diverged: level 1 ticket seed 0 at step 23" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "diverged: level 1 ticket seed 0 at step 23" in printed
+    assert "accuracy (%)" in printed and "density (%)" in printed  # a person reads percent
     assert main(["report", str(copy), "--out", str(tmp_path / "figs")]) == 0
     s = pd.read_csv(tmp_path / "figs" / "summary.csv").set_index("level")
     assert s.loc[1, "diverged"] == 1 and s.loc[0, "diverged"] == 0

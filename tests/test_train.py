@@ -151,6 +151,13 @@ def test_training_learns_and_early_stop_is_min_val_loss():
     assert early_stop_steps(res.records) == {0: best["step"]}
 
 
+def test_early_stop_is_never_selected_on_test():
+    rec = [{"member": 0, "step": st, "split": sp, "loss": lo, "accuracy": 0.5}
+           for st, sp, lo in ((10, "test", 0.9), (20, "test", 0.1), (10, "val", 0.2), (20, "val", 0.3))]
+    assert early_stop_steps(rec) == {0: 10}  # val loss minimum, although test loss is lower at 20
+    assert early_stop_steps([r for r in rec if r["split"] == "test"]) == {}  # no val split: nothing chosen
+
+
 def test_a_diverging_member_is_recorded_and_does_not_disturb_the_others():
     cfg = TrainConfig(optimizer="sgd", lr=1.0, batch_size=12, steps=40, eval_every=20)
     data = tiny_data()

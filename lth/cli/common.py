@@ -65,11 +65,12 @@ def int_list(text: str, what: str) -> list[int]:
 
 def print_summary(run_dir: Path, wall_s: float) -> None:
     from analysis import load_runs, final_accuracy
+    from analysis.tables import percent_columns
 
     df = load_runs(run_dir.parent, run_ids=[run_dir.name])
-    table = final_accuracy(df)
+    table = percent_columns(final_accuracy(df), ["density", "accuracy", "accuracy_std"])  # a person reads %
     print(f"run {run_dir.name}: {run_dir}  ({wall_s:.1f} s)")
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(table.to_string(float_format=lambda v: f"{v:.2f}"))
     if "diverged_step" in df:
         from ..train import DIVERGENCE_FACTOR
         bad = df[df["diverged_step"] >= 0].drop_duplicates(["level", "arm", "seed"])

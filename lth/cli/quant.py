@@ -207,7 +207,9 @@ def run_quantize(args) -> int:
                       write=not args.no_write, recompute=args.recompute, log=_log, **_settings(args))
     cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
             "accuracy", "float_accuracy", "size_bytes", "compression"]
-    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(df) else
+    from analysis.tables import percent_columns
+    shown = percent_columns(df[cols], ["density", "accuracy", "float_accuracy"]) if len(df) else df
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(df) else
           "nothing to compute: every cell is done (--recompute redoes them)")
     where = "" if args.no_write else " -> level_NNN/quant/"
     print(f"{len(df)} rows in {time.time() - t0:.1f} s{where}")
@@ -230,8 +232,8 @@ def run_export(args) -> int:
                      **kw, **rest)
     print(f"wrote {r['path']}: {r['file_bytes']} bytes on disk, payload {r['size_bytes']} bytes, "
           f"{r['compression']:.1f}x smaller than fp32 dense ({r['fp32_dense_bytes']} bytes)")
-    print(f"test accuracy: integer {r['integer_accuracy']:.4f}, fake-quant {r['fake_quant_accuracy']:.4f}, "
-          f"prediction agreement {r['agreement']:.4f}")
+    print(f"test accuracy: integer {100 * r['integer_accuracy']:.2f}%, "
+          f"fake-quant {100 * r['fake_quant_accuracy']:.2f}%, prediction agreement {100 * r['agreement']:.2f}%")
     return 0
 
 
@@ -241,7 +243,7 @@ def run_eval_export(args) -> int:
 
     r = eval_export(args.file, args.split, data=args.data)
     print(f"{r['path']}: {r['model']} level {r['level']} {r['method']} {r['bits']}-bit {r['scheme']}, "
-          f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} examples")
+          f"{r['split']} accuracy {100 * r['accuracy']:.2f}% on {r['n']} examples")
     print(f"size: payload {r['size_bytes']} bytes ({r['compression']:.1f}x vs fp32 dense), "
           f"file {r['file_bytes']} bytes")
     return 0

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -212,8 +213,10 @@ def test_cli_export_and_eval_export(stored_run, tmp_path, capsys):
     rc = _run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out)]))
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file() and "smaller than fp32 dense" in text and "agreement" in text
+    assert re.search(r"integer \d+\.\d\d%, fake-quant \d+\.\d\d%", text)  # accuracy in percent
     assert _run(parser.parse_args(["eval-export", str(out)])) == 0
-    assert "test accuracy" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "test accuracy" in text and re.search(r"accuracy \d+\.\d\d% on \d+ examples", text)  # percent
     with pytest.raises(StoreError, match="level 3 is not complete"):  # cli.main prints it, exit code 2
         _run(parser.parse_args(["export", str(stored_run), "--level", "3", "--bits", "8", "--out", str(out)]))
     assert _run(parser.parse_args(["export", str(stored_run), "--level", "0", "--bits", "8", "--out", str(out),

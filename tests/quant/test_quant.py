@@ -366,7 +366,7 @@ def test_cli_quantize_prints_the_table(stored_run, capsys):
                               "--arms", "ticket"])
     assert _run(args) == 0
     out = capsys.readouterr().out
-    assert "compression" in out and "1 rows" in out
+    assert "compression" in out and "1 rows" in out and "accuracy (%)" in out
     args = parser.parse_args(["quantize", str(stored_run), "--levels", "1", "--no-write", "--set", "quant.bits=[8, 4]",
                               "--set", 'quant.arms=["ticket"]'])
     assert _run(args) == 0 and "2 rows" in capsys.readouterr().out

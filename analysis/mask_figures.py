@@ -51,23 +51,6 @@ def seed_overlap_heatmaps(seeds: pd.DataFrame, ticket: pd.DataFrame, most: int =
     return fig
 
 
-def level_overlap_heatmap(levels: pd.DataFrame) -> plt.Figure:
-    """Level x level Jaccard of one seed's ticket masks (all prunable weights), mean over seeds."""
-    s = levels[levels["layer"] == ALL]
-    mean = s.groupby(["level_a", "level_b"])["jaccard"].mean()
-    ids = sorted(set(s["level_a"]) | set(s["level_b"]))
-    m = pd.DataFrame(np.eye(len(ids)), index=ids, columns=ids)
-    for (a, b), v in mean.items():
-        m.loc[a, b] = m.loc[b, a] = v
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(0.35 * len(ids) + 2.6, 0.35 * len(ids) + 2), constrained_layout=True)
-        im = _heat(ax, m, f"ticket masks: overlap between levels (mean over {s['seed'].nunique()} seeds)")
-        ax.set_xlabel("level")
-        ax.set_ylabel("level")
-        fig.colorbar(im, ax=ax, shrink=0.8, label="Jaccard")
-    return fig
-
-
 def overlap_vs_density(ticket: pd.DataFrame, seeds: pd.DataFrame) -> plt.Figure:
     """Jaccard of the ticket (all prunable weights) with one-shot magnitude pruning of the init and of
     the trained dense network, and between seeds, vs weights remaining; chance ``d / (2 - d)`` dotted."""

@@ -45,8 +45,8 @@ PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflo
 BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}
 # quantization methods: each its own marker and line style (PTQ and QAT are different models)
 METHOD_STYLE = {"float": dict(marker="o", linestyle="-", fillstyle="full", label="float"),
-                "qat": dict(marker="o", linestyle="-", fillstyle="full", label="QAT"),
                 "ptq": dict(marker="s", linestyle="--", fillstyle="none", label="PTQ"),
+                "qat": dict(marker="o", linestyle="-", fillstyle="full", label="QAT"),
                 "float_ft": dict(marker="*", linestyle=":", fillstyle="full", label="float, fine-tuned as QAT")}
 
 
@@ -119,6 +119,11 @@ def density_axis(ax, densities) -> None:
     ticks = sorted(set(np.round(densities, 3)), reverse=True)
     if len(ticks) > 8:
         ticks = ticks[:: max(1, len(ticks) // 8)]
+    kept = []  # ticks of several runs may lie close together: keep one label where they would overlap
+    for t in ticks:
+        if not kept or kept[-1] / max(t, 1e-12) > 1.12:
+            kept.append(t)
+    ticks = kept
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{100 * t:.3g}" for t in ticks])
     ax.minorticks_off()
@@ -193,19 +198,27 @@ def _density_figure(df: pd.DataFrame, y: str, scale: float, ylabel: str, title: 
             ax.set_title(name, fontsize=9)
         axes[0].set_ylabel(ylabel)
         fig.suptitle(f"{_title(df)}: {title}", fontsize=11)
-        axes[-1].legend(title=_seeds_note(summarize(df, split=split)), title_fontsize=8, fontsize=legend_size)
+        handles, names = axes[-1].get_legend_handles_labels()
+        if len(handles) > 5:  # beside the axes, never over the curves
+            w, h = fig.get_size_inches()
+            fig.set_size_inches(w + 2.8, h)
+            fig.legend(handles, names, loc="outside right upper", title=_seeds_note(summarize(df, split=split)),
+                       title_fontsize=8, fontsize=min(legend_size, 7))
+        else:
+            axes[-1].legend(title=_seeds_note(summarize(df, split=split)), title_fontsize=8, fontsize=legend_size)
     return fig
 
 
 def _dense_reference(ax, s: pd.DataFrame, y: str, scale: float, labels: dict) -> None:
     """A dotted horizontal line at each run's dense network (level 0): the accuracy to keep."""
     dense = s[s["level"] == 0].drop_duplicates("run_id")
-    for r_i, row in enumerate(dense.itertuples()):
-        many = dense["run_id"].nunique() > 1
-        line = ax.axhline(getattr(row, f"{y}_mean") * scale, color=ARM_COLOR["dense"], linewidth=1,
-                          linestyle=(0, (1, 2 + r_i)),
-                          label="dense (100% weights)" + (f" ({labels.get(row.run_id, row.run_id)})" if many else ""))
-        line.run_id, line.arm = row.run_id, "dense"
+    values = dense[f"{y}_mean"].round(9)
+    for r_i, (v, runs) in enumerate(dense.groupby(values, sort=False)["run_id"]):  # runs sharing a dense net: one line
+        many = values.nunique() > 1
+        line = ax.axhline(float(v) * scale, color=ARM_COLOR["dense"], linewidth=1, linestyle=(0, (1, 2 + r_i)),
+                          label="dense (100% weights)" + (f" ({', '.join(labels.get(r, r) for r in runs)})"
+                                                          if many else ""))
+        line.run_id, line.arm = runs.iloc[0], "dense"
 
 
 def _seeds_note(summary: pd.DataFrame) -> str:
@@ -239,12 +252,18 @@ def early_stop_vs_density(df: pd.DataFrame, by: str | None = None) -> plt.Figure
     if missing is None:
         return _density_figure(df, "early_stop_step", 1, "early-stop step (iterations)",
                                "early-stopping step vs weights remaining", by=by)
+    return _missing_figure(missing, f"{_title(df)}: early-stopping step vs weights remaining")
+
+
+def _missing_figure(text: str, title: str) -> plt.Figure:
+    """One empty frame that says what the figure would need."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
-        say_missing(ax, missing)
+        say_missing(ax, text)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{_title(df)}: early-stopping step vs weights remaining")
+        ax.grid(False)
+        ax.set_title(title)
     return fig
 
 
@@ -259,6 +278,8 @@ def learning_curves(df: pd.DataFrame, arm: str = "ticket", split: str = "test", 
         levels = [levels[i] for i in np.linspace(0, len(levels) - 1, max_levels).round().astype(int)]
     levels = levels or [0]
     missing = _too_few_evals(d, "learning curves")
+    if missing:
+        return _missing_figure(missing, f"{_title(df)}: learning curves")
     from .runs import run_labels
     labels = run_labels(df) if len(runs) > 1 else {}
     with plt.rc_context(STYLE):
@@ -329,6 +350,10 @@ def layer_density_profile(sparsity: pd.DataFrame, arm: str = "ticket") -> plt.Fi
                     linestyle=LINESTYLES[i % len(LINESTYLES)], color=PALETTE[i % len(PALETTE)], markersize=4,
                     label=layer)
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(plain if hi / max(lo, 1e-12) < 10 else matplotlib.ticker.NullFormatter())
         ax.set_xticks(table.index)
         ax.set_xlabel("IMP level (layers spread about each level)")
         ax.set_ylabel("weights remaining in layer (%)")
@@ -399,16 +424,20 @@ def quant_settings(quant: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in QUANT_SETTING if c in q]
     if q.empty:
         return pd.DataFrame(columns=cols + ["setting"])
-    out = q[cols].apply(_as_key).drop_duplicates().reset_index(drop=True)
-    varying = [c for c in cols if c != "method" and out[c].nunique() > 1]
-    out["setting"] = [method_style(r["method"])["label"] + "".join(f", {c} {r[c]}" for c in varying)
+    out = q[cols].apply(_as_key).drop_duplicates()
+    order = {m: i for i, m in enumerate(METHOD_STYLE)}
+    out = out.sort_values(cols, key=lambda c: c.map(order).fillna(len(order)) if c.name == "method" else c)
+    out = out.reset_index(drop=True)
+    # name the keys that differ between settings of one method (QAT's schedule is no PTQ setting)
+    varying = {m: [c for c in cols if c != "method" and g[c].nunique() > 1] for m, g in out.groupby("method")}
+    out["setting"] = [method_style(r["method"])["label"] + "".join(f", {c} {r[c]}" for c in varying[r["method"]])
                       for _, r in out.iterrows()]
     return out
 
 
 def _as_key(col: pd.Series) -> pd.Series:
     """A column as text to group by: missing values are "" (pandas' string type keeps NaN missing)."""
-    return col.astype(object).where(col.notna(), "").map(str)
+    return col.astype(object).where(col.notna(), "").map(lambda v: f"{v:.6g}" if isinstance(v, float) else str(v))
 
 
 def _setting_frame(quant: pd.DataFrame) -> pd.DataFrame:

@@ -266,8 +266,9 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
         lines += ["Members of different runs are never averaged together. Runs and the settings that tell them "
                   "apart (also columns of `summary.csv`):", "", "| run | " + " | ".join(keys or ["run"]) + " |",
                   "|---" * (1 + max(1, len(keys))) + "|"]
-        lines += [f"| {r} | " + " | ".join(labels[r].split(", ") if keys else [r]) + " |" for r in run_ids
-                  if r in set(df["run_id"])]
+        values = table.set_index("run_id")
+        lines += [f"| {r} | " + " | ".join([str(values.loc[r, k]) for k in keys] if keys else [r]) + " |"
+                  for r in run_ids if r in set(df["run_id"])]
         lines.append("")
     lines += ["## Figures", ""]
     lines += [f"- `{stem}.pdf` / `{stem}.png`: {cap}" for stem, cap in made.items()]

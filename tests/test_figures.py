@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -77,6 +78,12 @@ def quant_table(run_id, level, density, float_ft=False):
                              accuracy=0.93 - 0.01 * s, float_accuracy=0.88, size_bytes=3200,
                              float_size_bytes=3200.0, fp32_dense_bytes=3200, compression=1.0))
     return rows
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    matplotlib.pyplot.close("all")
 
 
 BASE = {"name": "synthetic", "train": {"lr": 0.1}, "seeds": SEEDS, "arms": ["ticket", "reinit"]}

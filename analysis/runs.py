@@ -268,8 +268,9 @@ def instability_table(stability: pd.DataFrame) -> pd.DataFrame:
 # by them), where its logs go, and its own id
 _NOT_SWEPT = {"seeds", "arms", "prune.levels", "run_id", "name"}
 _NOT_SWEPT_PREFIX = ("log.",)
-# the settings that make two runs different experiments (a task, not a sweep point of one)
-EXPERIMENT_PREFIX = ("data.", "model.")
+# the settings that make two runs different experiments (another task or architecture, not a sweep point
+# of one experiment: a sweep over train.lr, prune.rate, model.width or data.train_size stays one experiment)
+EXPERIMENT_KEYS = ("data.name", "data.path", "model.name", "model.widths")
 
 
 def _full_settings(h: dict) -> dict:
@@ -342,10 +343,10 @@ def with_settings(df: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> pd.D
 
 
 def experiments(runs: pd.DataFrame) -> dict[str, list[str]]:
-    """The experiments of a :func:`run_table`: runs with the same name, data and model settings are one
-    experiment (its other swept settings are sweep points). Name -> run ids; a name shared by
-    different data or models gets the first run id appended."""
-    cols = ["experiment"] + [c for c in runs.columns if c.startswith(EXPERIMENT_PREFIX)]
+    """The experiments of a :func:`run_table`: runs with the same name, data set and model (the
+    :data:`EXPERIMENT_KEYS`) are one experiment; its other swept settings are sweep points. Name -> run
+    ids; a name shared by different data sets or models gets the first run id appended."""
+    cols = ["experiment"] + [c for c in EXPERIMENT_KEYS if c in runs.columns]
     key = runs[cols].map(repr).agg("|".join, axis=1)
     groups: dict[str, list[str]] = {}
     for k in dict.fromkeys(key):

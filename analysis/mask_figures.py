@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .figures import STYLE, density_axis, plt  # noqa: F401 - plt: the Agg-configured pyplot
+from .figures import GREY, STYLE, arm_color, density_axis, plt  # noqa: F401 - plt: the Agg-configured pyplot
 from .masks import ALL
 
 
@@ -51,23 +51,6 @@ def seed_overlap_heatmaps(seeds: pd.DataFrame, ticket: pd.DataFrame, most: int =
     return fig
 
 
-def level_overlap_heatmap(levels: pd.DataFrame) -> plt.Figure:
-    """Level x level Jaccard of one seed's ticket masks (all prunable weights), mean over seeds."""
-    s = levels[levels["layer"] == ALL]
-    mean = s.groupby(["level_a", "level_b"])["jaccard"].mean()
-    ids = sorted(set(s["level_a"]) | set(s["level_b"]))
-    m = pd.DataFrame(np.eye(len(ids)), index=ids, columns=ids)
-    for (a, b), v in mean.items():
-        m.loc[a, b] = m.loc[b, a] = v
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(0.35 * len(ids) + 2.6, 0.35 * len(ids) + 2), constrained_layout=True)
-        im = _heat(ax, m, f"ticket masks: overlap between levels (mean over {s['seed'].nunique()} seeds)")
-        ax.set_xlabel("level")
-        ax.set_ylabel("level")
-        fig.colorbar(im, ax=ax, shrink=0.8, label="Jaccard")
-    return fig
-
-
 def overlap_vs_density(ticket: pd.DataFrame, seeds: pd.DataFrame) -> plt.Figure:
     """Jaccard of the ticket (all prunable weights) with one-shot magnitude pruning of the init and of
     the trained dense network, and between seeds, vs weights remaining; chance ``d / (2 - d)`` dotted."""
@@ -78,11 +61,14 @@ def overlap_vs_density(ticket: pd.DataFrame, seeds: pd.DataFrame) -> plt.Figure:
           else pd.Series(dtype=float))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
-        ax.plot(g["density"], g["trained"], marker="o", label="vs one-shot |w| of trained dense")
-        ax.plot(g["density"], g["init"], marker="s", label="vs one-shot |w| of init")
+        ticket = arm_color("ticket")  # every line is about ticket masks: the ticket's colour, told apart by style
+        ax.plot(g["density"], g["trained"], marker="o", color=ticket, label="vs one-shot |w| of trained dense")
+        ax.plot(g["density"], g["init"], marker="s", linestyle="--", color=ticket, fillstyle="none",
+                label="vs one-shot |w| of init")
         if not sd.empty:
-            ax.plot(g["density"], sd.reindex(g.index).to_numpy(), marker="^", label="between seeds")
-        ax.plot(g["density"], g["chance"], linestyle=":", color="gray", label="chance, d / (2 - d)")
+            ax.plot(g["density"], sd.reindex(g.index).to_numpy(), marker="^", linestyle="-.", color=ticket,
+                    label="between seeds")
+        ax.plot(g["density"], g["chance"], linestyle=":", color=GREY, label="chance, d / (2 - d)")
         density_axis(ax, g["density"])
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("Jaccard overlap of ticket masks")
@@ -101,10 +87,11 @@ def earlybird_distance(eb: pd.DataFrame, threshold: float = 0.1) -> plt.Figure:
             for layer, g in r.groupby("layer", sort=True):
                 m = g.groupby("epoch")["distance"].mean()
                 if layer == ALL:
-                    ax.plot(m.index, m.to_numpy(), marker="o", markersize=3, linewidth=2, label=f"all layers{tag}")
+                    ax.plot(m.index, m.to_numpy(), marker="o", markersize=3, linewidth=2, color=arm_color("dense"),
+                            label=f"all layers{tag}")
                 else:
                     ax.plot(m.index, m.to_numpy(), linewidth=0.8, alpha=0.7, label=f"{layer}{tag}")
-        ax.axhline(threshold, color="gray", linestyle=":", label=f"{threshold} (You et al.)")
+        ax.axhline(threshold, color=GREY, linestyle=":", label=f"{threshold} (You et al.)")
         ax.set_yscale("log")
         ax.set_xlabel("epoch of the dense run")
         ax.set_ylabel("mask distance to previous epoch")

@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import figures
-from .runs import float_ft_rows, float_rows, instability_table, load_runs, load_sparsity, load_stability, quant_rows
+from .runs import (experiments, float_ft_rows, float_rows, instability_table, load_runs, load_sparsity,
+                   load_stability, quant_rows, run_labels, run_table, swept_keys, with_settings)
 from .summary import paired_differences, spread_rule, summarize
 from .tables import paired_tables, percent_columns, summary_tables, write_table_files
 
@@ -44,12 +45,14 @@ def _write_speed(t: pd.DataFrame, out: Path) -> None:
     write_table_files([("", t)], out, "speed")
 
 
-def _mask_plans(root, out: Path) -> list:
+def _mask_plans(root, out: Path, run_ids=None) -> list:
     """Write the mask-analysis tables; the figures they support as (stem, make, caption) plans."""
     from . import mask_figures as mf
     from .masks import ALL, mask_analysis
 
     tables = mask_analysis(root)
+    if run_ids is not None:
+        tables = {k: t[t["run_id"].isin(set(run_ids))] if "run_id" in t else t for k, t in tables.items()}
     plans = []
     ticket, seeds, levels, eb = tables["ticket"], tables["seeds"], tables["levels"], tables["earlybird"]
     if not ticket.empty and (ticket["level"] > 0).any():
@@ -65,7 +68,6 @@ def _mask_plans(root, out: Path) -> list:
         for run_id in sorted(ticket["run_id"].unique()):
             tag = f"_{run_id}" if ticket["run_id"].nunique() > 1 else ""
             tk, sd_run = ticket[ticket["run_id"] == run_id], seeds[seeds["run_id"] == run_id] if not seeds.empty else seeds
-            lv = levels[levels["run_id"] == run_id]
             plans.append((f"mask_overlap_vs_density{tag}", lambda tk=tk, sd_run=sd_run: mf.overlap_vs_density(tk, sd_run),
                           f"Run {run_id}: Jaccard overlap of the ticket masks (all prunable weights) with one-shot "
                           "magnitude pruning of the init and of the trained dense network at the ticket's per-layer "
@@ -73,9 +75,6 @@ def _mask_plans(root, out: Path) -> list:
             if not sd_run.empty and (sd_run["level"] > 0).any():
                 plans.append((f"mask_overlap_seeds{tag}", lambda sd_run=sd_run, tk=tk: mf.seed_overlap_heatmaps(sd_run, tk),
                               f"Run {run_id}: seed x seed Jaccard of the ticket masks at several levels."))
-            if lv["level_b"].nunique() > 1:
-                plans.append((f"mask_overlap_levels{tag}", lambda lv=lv: mf.level_overlap_heatmap(lv),
-                              f"Run {run_id}: level x level Jaccard of each seed's ticket masks (mean over seeds)."))
     if not eb.empty:
         eb.to_csv(out / "earlybird.csv", index=False)
         plans.append(("earlybird_distance", lambda: mf.earlybird_distance(eb),
@@ -84,45 +83,135 @@ def _mask_plans(root, out: Path) -> list:
     return plans
 
 
-def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
-    """Write every figure the data supports and the summary tables; returns {file stem: caption}."""
-    full = load_runs(root)
+def write_report(root: str | Path, out: str | Path, runs: list[str] | None = None, by: str | None = None
+                 ) -> dict[str, str]:
+    """Write every figure the data supports and the summary tables; returns {file stem: caption}.
+
+    Members of different runs are never averaged together: figures draw one line per (run, arm) or one
+    figure per run, and the tables have a column per setting that differs between the runs (e.g.
+    ``prune.rate``). ``runs``: the run ids to report (default: all under ``root``); ``by``: a setting to
+    facet the accuracy figures by (one panel per value). A folder holding several experiments (different
+    names, data or models) gets one subfolder each and a README.md listing them."""
+    table = run_table(root)
+    if table.empty:
+        from .runs import NotAStoreError
+        raise NotAStoreError(f"{root} is not an lth store: no <run_id>/hparams.json inside")
+    if runs is not None:
+        unknown = sorted(set(runs) - set(table["run_id"]))
+        if unknown:
+            raise ValueError(f"--runs: no run {', '.join(unknown)} in {root}; its runs: "
+                             f"{', '.join(table['run_id'])}")
+        table = table[table["run_id"].isin(set(runs))].reset_index(drop=True)
+    if by is not None and by not in table.columns:
+        raise ValueError(f"--by {by}: not a setting of these runs; settings that differ between them: "
+                         f"{', '.join(swept_keys(table)) or 'none (one run)'} (any dotted setting, e.g. prune.rate)")
+    groups = experiments(table)
+    if len(groups) == 1:
+        return _write_experiment(root, out, table, next(iter(groups.values())), by)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    lines = ["# lth report", "", f"Source: `{Path(root).resolve()}`: {len(groups)} experiments (runs with a "
+             "different name, data or model), one folder each; members of different runs are never averaged "
+             "together.", "", "| folder | runs | settings that differ between its runs |", "| --- | --- | --- |"]
+    for name, ids in groups.items():
+        folder = _slug(name)
+        sub = table[table["run_id"].isin(ids)]
+        try:
+            m = _write_experiment(root, out / folder, table, ids, by)
+        except ValueError as e:  # an experiment with no completed level yet
+            lines.append(f"| {folder} (not drawn: {e}) | {', '.join(ids)} | |")
+            continue
+        made.update({f"{folder}/{k}": v for k, v in m.items()})
+        lines.append(f"| [`{folder}/`]({folder}/README.md) | {', '.join(ids)} | "
+                     f"{', '.join(swept_keys(sub)) or '(one run)'} |")
+    lines.append("")
+    (out / "README.md").write_text("\n".join(lines))
+    return made
+
+
+def _with_keys(summary: pd.DataFrame, table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``summary`` with a column per swept setting (merged on run_id), placed after run_id."""
+    if not keys:
+        return summary
+    out = summary.merge(table[["run_id"] + keys], on="run_id", how="left")
+    first = list(summary.columns[:1]) + keys
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def _slug(name: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "experiment"
+
+
+def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, run_ids: list[str],
+                      by: str | None = None) -> dict[str, str]:
+    """The report of one experiment: the runs ``run_ids`` of ``table`` (a :func:`run_table`)."""
+    table = table[table["run_id"].isin(set(run_ids))]
+    keys = swept_keys(table)
+    full = load_runs(root, run_ids=run_ids)
+    full = with_settings(full, table, keys + ([by] if by and by not in keys else []))
     df = float_rows(full)
     if df.empty:
         raise ValueError(f"{root}: the store has no completed level yet; nothing to report")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(table, keys)
     summary = summarize(df)
+    summary = _with_keys(summary, table, keys)
     _write_tables(summary, out, "summary", paired_differences(df))
     n_seeds = int(summary["seeds"].max())
     made: dict[str, str] = {}
+    runs_note = (f" One line per run (line style), labelled by the settings that differ: {', '.join(keys)}."
+                 if len(run_ids) > 1 and keys else "")
+    facet_note = f" One panel per {by}." if by else ""
     plans = [
-        ("accuracy_vs_density", lambda: figures.accuracy_vs_density(df),
-         f"Final test accuracy vs weights remaining per arm (mean, {spread_rule(n_seeds)})."),
-        ("early_stop_accuracy_vs_density", lambda: figures.accuracy_vs_density(df, metric="early_stop_test"),
+        ("accuracy_vs_density", lambda: figures.accuracy_vs_density(df, by=by),
+         f"Final test accuracy vs weights remaining per arm (mean, {spread_rule(n_seeds)}); dotted: the dense "
+         f"network.{runs_note}{facet_note}"),
+        ("early_stop_accuracy_vs_density", lambda: figures.accuracy_vs_density(df, metric="early_stop_test", by=by),
          f"Test accuracy at the early-stop step (peak validation accuracy) vs weights remaining (mean, "
-         f"{spread_rule(n_seeds)})."),
-        ("early_stop_vs_density", lambda: figures.early_stop_vs_density(df),
-         f"Early-stopping step (peak validation accuracy) vs weights remaining ({n_seeds} seeds)."),
+         f"{spread_rule(n_seeds)}).{runs_note}{facet_note}"),
+        ("early_stop_vs_density", lambda: figures.early_stop_vs_density(df, by=by),
+         f"Early-stopping step (peak validation accuracy) vs weights remaining ({n_seeds} seeds).{runs_note}"
+         f"{facet_note}"),
         ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket"),
-         "Test accuracy vs training step of the winning ticket at several sparsity levels (mean over seeds)."),
+         "Test accuracy vs training step of the winning ticket (solid) and its random reinit (dashed) at "
+         "several levels (mean and seed band; one row per run)."),
     ]
+
+    def per_run(stem: str, frame: pd.DataFrame, make, caption: str) -> None:
+        """One figure per run of ``frame`` (suffix ``_<run_id>`` when there are several): it draws one."""
+        ids = [r for r in run_ids if r in set(frame["run_id"])]
+        for run_id in ids:
+            part = frame[frame["run_id"] == run_id]
+            if len(ids) > 1 or len(run_ids) > 1:
+                plans.append((f"{stem}_{run_id}", lambda part=part: make(part),
+                              f"Run {run_id} ({labels.get(run_id, run_id)}): {caption}"))
+            else:
+                plans.append((stem, lambda part=part: make(part), caption))
+
     if "small_dense" in set(df["arm"]):
-        plans.append(("sparse_vs_dense", lambda: figures.sparse_vs_dense(df),
-                      f"Large-sparse tickets vs small-dense models at matched non-zero parameter count "
-                      f"(mean, std over {n_seeds} seeds)."))
+        per_run("sparse_vs_dense", df[df["run_id"].isin(df.loc[df["arm"] == "small_dense", "run_id"])],
+                figures.sparse_vs_dense,
+                f"Large-sparse tickets vs small-dense models at matched non-zero parameter count "
+                f"(mean, std over {n_seeds} seeds).")
     quant = quant_rows(full)
     if not quant.empty:
-        plans.append(("accuracy_vs_size", lambda: figures.accuracy_vs_size(full),
-                      "Test accuracy vs compressed size in bytes (log) of every arm x bit width (float32 = the "
-                      "network stored sparse), with the Pareto front: which is most accurate at equal bytes. "
-                      "Error bars: min-max over seeds below 3 seeds, else 95% CI."))
-        plans.append(("accuracy_vs_bits", lambda: figures.accuracy_vs_bits(full),
-                      "Test accuracy vs weight bits per arm at a few densities (PTQ dashed, QAT solid)."))
+        with_quant = full[full["run_id"].isin(set(quant["run_id"]))]
+        per_run("accuracy_vs_size", with_quant, figures.accuracy_vs_size,
+                "Test accuracy vs compressed size in bytes (log) of every arm x bit width x method (colour: arm; "
+                "marker: bits; hollow: PTQ; float32 = the network stored sparse), with the Pareto front: which is "
+                "most accurate at equal bytes. Error bars: min-max over seeds below 3 seeds, else 95% CI.")
+        per_run("accuracy_vs_bits", with_quant, figures.accuracy_vs_bits,
+                "Test accuracy vs weight bits per arm (colour) and quantization setting (marker and line: "
+                "PTQ hollow squares, dashed; QAT filled circles, solid, from its float_ft control where "
+                "computed) at a few densities.")
         if (quant["arm"] == "ticket").any():
-            plans.append(("quant_heatmap", lambda: figures.quant_heatmap(quant),
-                          "Test accuracy of quantized tickets per weight bits and weights remaining (mean over "
-                          "seeds and settings)."))
+            per_run("quant_heatmap", quant, figures.quant_heatmap,
+                    "Test accuracy of quantized tickets per weight bits and weights remaining, one panel per "
+                    "quantization setting (mean over seeds only); top row: the float network (for QAT: float "
+                    "fine-tuned with QAT's schedule, where computed).")
         pd.concat([quant, float_ft_rows(full)], ignore_index=True).to_csv(out / "quant.csv", index=False)
         small = figures.smallest_within(full)
         if not small.empty:
@@ -132,29 +221,33 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
                       f"Pruning at initialization (SNIP, GraSP, SynFlow at the ticket's per-layer counts, from the "
                       f"ticket's start weights; dashed: their masks shuffled within each layer) beside the ticket "
                       f"and random pruning: final test accuracy vs weights remaining (mean, {spread_rule(n_seeds)})."))
-    plans += _mask_plans(root, out)
+    plans += _mask_plans(root, out, run_ids)
     sparsity = load_sparsity(root)
+    sparsity = sparsity[sparsity["run_id"].isin(set(run_ids))] if not sparsity.empty else sparsity
     if not sparsity.empty and sparsity["level"].nunique() > 1:
-        plans.append(("layer_density_profile", lambda: figures.layer_density_profile(sparsity),
-                      "Weights remaining per prunable layer across IMP levels (winning ticket, mean over seeds)."))
+        per_run("layer_density_profile", sparsity, figures.layer_density_profile,
+                "Weights remaining per prunable layer across IMP levels (winning ticket, mean over seeds; each "
+                "layer its own marker and line style, spread a little about each level so none hides another).")
     stability = load_stability(root)
+    stability = stability[stability["run_id"].isin(set(run_ids))] if not stability.empty else stability
     if not stability.empty:
         stage = stability[stability["source"] == "stage"]
         if not stage.empty:
-            plans.append(("error_along_path", lambda: figures.error_along_path(stability),
-                          "Test error along the linear path between two copies trained with different SGD noise "
-                          "(Frankle et al. 2020), per level and arm (mean and seed spread)."))
+            per_run("error_along_path", stability, figures.error_along_path,
+                    "Test error along the linear path between two copies trained with different SGD noise "
+                    "(Frankle et al. 2020), per level and arm (mean and seed spread).")
             if stage["level"].nunique() > 1:
-                plans.append(("instability_vs_density", lambda: figures.instability_vs_density(stability),
-                              "Instability (max test error on the path minus the mean of the endpoint errors, "
-                              "percentage points) vs weights remaining per arm (mean and seed spread)."))
+                per_run("instability_vs_density", stability, figures.instability_vs_density,
+                        "Instability (max test error on the path minus the mean of the endpoint errors, "
+                        "percentage points) vs weights remaining per arm (mean and seed spread).")
         if (stability["source"] == "rewind").any():
-            plans.append(("instability_vs_rewind", lambda: figures.instability_vs_rewind(stability),
-                          "Instability vs rewind step k (`lth stability`): the level's masks with the dense "
-                          "run's weights at step k, two copies each (mean and seed spread)."))
+            per_run("instability_vs_rewind", stability[stability["source"] == "rewind"], figures.instability_vs_rewind,
+                    "Instability vs rewind step k (`lth stability`): the level's masks with the dense "
+                    "run's weights at step k, two copies each (mean and seed spread).")
         instability_table(stability).to_csv(out / "instability.csv", index=False)
     from .speed import crossover, load_speed, speed_table
     speed = load_speed(root)
+    speed = speed[speed["run_id"].isin(set(run_ids))] if not speed.empty else speed
     if not speed.empty:
         cross = crossover(speed)
         for run_id, sp in speed.groupby("run_id", sort=True):  # one figure per run (model)
@@ -179,7 +272,16 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, str]:
         plt.close(fig)
         made[stem] = caption
     lines = ["# lth report", "", f"Source: `{Path(root).resolve()}`; {df['run_id'].nunique()} run(s), "
-             f"{n_seeds} seed(s).", "", "## Figures", ""]
+             f"{n_seeds} seed(s).", ""]
+    if len(run_ids) > 1:
+        lines += ["Members of different runs are never averaged together. Runs and the settings that tell them "
+                  "apart (also columns of `summary.csv`):", "", "| run | " + " | ".join(keys or ["run"]) + " |",
+                  "|---" * (1 + max(1, len(keys))) + "|"]
+        values = table.set_index("run_id")
+        lines += [f"| {r} | " + " | ".join([str(values.loc[r, k]) for k in keys] if keys else [r]) + " |"
+                  for r in run_ids if r in set(df["run_id"])]
+        lines.append("")
+    lines += ["## Figures", ""]
     lines += [f"- `{stem}.pdf` / `{stem}.png`: {cap}" for stem, cap in made.items()]
     if summary["diverged"].any():
         lines += ["", "Black crosses mark (run, arm, level) points where at least one seed diverged (training "

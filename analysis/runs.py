@@ -318,3 +318,97 @@ def instability_table(stability: pd.DataFrame) -> pd.DataFrame:
     ends = stability.sort_values("alpha").groupby(keys, sort=True)["test_error"]
     out["error_0"], out["error_1"] = ends.first(), ends.last()
     return out.reset_index()
+
+
+# ---------------------------------------------------------------------------- runs apart: swept keys, experiments
+
+# settings that never tell two runs apart as results: how many members a run holds (a stored run grows
+# by them), where its logs go, and its own id
+_NOT_SWEPT = {"seeds", "arms", "prune.levels", "run_id", "name"}
+_NOT_SWEPT_PREFIX = ("log.",)
+# the settings that make two runs different experiments (another task or architecture, not a sweep point
+# of one experiment: a sweep over train.lr, prune.rate, model.width or data.train_size stays one experiment)
+EXPERIMENT_KEYS = ("data.name", "data.path", "model.name", "model.widths")
+
+
+def _full_settings(h: dict) -> dict:
+    """Every setting of a run's hparams, defaults filled in (a run's hparams.json may leave them out)."""
+    from lth.config import ConfigError, ExperimentConfig
+
+    try:
+        return ExperimentConfig.from_dict({k: v for k, v in h.items() if k not in ("run_id", "mask")}).to_dict()
+    except (ConfigError, TypeError, ValueError):  # an older or hand-made hparams.json: its own settings
+        return h
+
+
+def run_table(root: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """One row per run under ``root``: run_id, experiment and every setting flattened with dotted names
+    (``prune.rate``, ``train.lr``, ...), defaults filled in."""
+    rows = []
+    for run in _run_dirs(Path(root)):
+        if run_ids is not None and run.name not in set(run_ids):
+            continue
+        h = _hparams(run)
+        flat = _flatten(_full_settings(h))
+        rows.append({"run_id": run.name, "experiment": h.get("name", ""),
+                     **{k: v for k, v in flat.items() if k not in ("run_id", "name")}})
+    return pd.DataFrame(rows)
+
+
+def _settings_of(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of a runs table or a :func:`load_runs` table: run_id and its dotted settings."""
+    cols = ["run_id"] + [c for c in df.columns if "." in c]
+    return df[cols].drop_duplicates("run_id").set_index("run_id")
+
+
+def swept_keys(df: pd.DataFrame) -> list[str]:
+    """The dotted settings whose value differs between the runs of ``df`` (a :func:`run_table` or a
+    :func:`load_runs` table), in column order; members of runs are told apart by these keys."""
+    s = _settings_of(df)
+    keys = []
+    for c in s.columns:
+        if c in _NOT_SWEPT or c.startswith(_NOT_SWEPT_PREFIX):
+            continue
+        if s[c].map(repr).nunique() > 1:  # repr: NaN, tuples and None compare by value
+            keys.append(c)
+    return keys
+
+
+def run_labels(df: pd.DataFrame, keys: list[str] | None = None) -> dict[str, str]:
+    """run_id -> ``"prune.rate=0.2, train.lr=0.1"`` from the swept keys (default :func:`swept_keys`);
+    the run id itself when no key tells the runs apart."""
+    keys = swept_keys(df) if keys is None else keys
+    s = _settings_of(df) if keys else pd.DataFrame(index=pd.Index(df["run_id"].unique(), name="run_id"))
+    out = {}
+    for run_id, row in s.iterrows():
+        out[run_id] = ", ".join(f"{k}={_fmt(row[k])}" for k in keys) if keys else str(run_id)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "[" + ",".join(map(str, v)) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def with_settings(df: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``df`` with the ``keys`` columns of ``runs`` (a :func:`run_table`) merged on run_id (replacing any
+    column of that name: hparams.json may leave a default out, the runs table fills it in)."""
+    keys = [k for k in keys if k in runs.columns]
+    extra = runs.set_index("run_id")[keys]
+    out = df.drop(columns=[k for k in keys if k in df.columns])
+    return out.join(extra, on="run_id")
+
+
+def experiments(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """The experiments of a :func:`run_table`: runs with the same name, data set and model (the
+    :data:`EXPERIMENT_KEYS`) are one experiment; its other swept settings are sweep points. Name -> run
+    ids; a name shared by different data sets or models gets the first run id appended."""
+    cols = ["experiment"] + [c for c in EXPERIMENT_KEYS if c in runs.columns]
+    key = runs[cols].map(repr).agg("|".join, axis=1)
+    groups: dict[str, list[str]] = {}
+    for k in dict.fromkeys(key):
+        ids = sorted(runs.loc[key == k, "run_id"])
+        name = str(runs.loc[key == k, "experiment"].iloc[0]) or "experiment"
+        groups[name if name not in groups and (runs["experiment"] == name).sum() == len(ids) else f"{name}_{ids[0]}"] = ids
+    return groups

@@ -14,6 +14,13 @@ def add_report(sub) -> None:
                                    ".tex, .md: one row per run x arm x level), with a README.md listing them.")
     p.add_argument("root", help="results folder (store root or one run folder)")
     p.add_argument("--out", default="figures", help="folder for figures and tables (default: ./figures)")
+    p.add_argument("--runs", default=None, metavar="ID,...",
+                   help="report only these run ids (comma-separated; default: every run in the folder). Runs are "
+                        "never averaged together: each is its own line or figure, labelled by the settings that "
+                        "differ; several experiments (names, data or models) get one subfolder each")
+    p.add_argument("--by", default=None, metavar="KEY",
+                   help="facet the accuracy and early-stop figures by a setting, one panel per value (a dotted "
+                        "hparams key, e.g. prune.rate)")
 
 
 def run_report(args) -> int:
@@ -21,7 +28,10 @@ def run_report(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         return error(f"--out {args.out} exists and is a file; choose a folder for the figures")
     try:
-        made = write_report(args.root, args.out)
+        runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs is not None else None
+        if runs is not None and not runs:
+            return error("--runs: give one or more run ids, comma-separated (the folder names under the store)")
+        made = write_report(args.root, args.out, runs=runs, by=args.by)
     except ValueError as e:  # NotAStoreError, or a store with no completed level
         return error(str(e))
     print(f"wrote {len(made)} figures and summary tables to {args.out}/ (see {args.out}/README.md)")

@@ -118,7 +118,7 @@ def test_lottery_with_pai_arms_and_report_through_the_cli(tmp_path, capsys):
     assert main(["lottery", str(exp), "--out", str(tmp_path / "runs")]) == 0
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "figs")]) == 0
     figs = tmp_path / "figs"
-    for stem in ("pai_accuracy_vs_density", "mask_overlap_seeds", "mask_overlap_levels", "mask_overlap_vs_density",
+    for stem in ("pai_accuracy_vs_density", "mask_overlap_seeds", "mask_overlap_vs_density",
                  "earlybird_distance"):
         assert (figs / f"{stem}.png").is_file() and (figs / f"{stem}.pdf").is_file(), stem
     ticket = pd.read_csv(figs / "mask_ticket.csv")

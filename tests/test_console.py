@@ -105,3 +105,29 @@ def test_every_member_is_a_wandb_run_grouped_by_run_id(stored):
     assert [row[0] for row in rows] == [0, 1]  # one table over the levels
     steps = [h["global_step"] for h in ticket["history"] if "global_step" in h]
     assert steps == sorted(steps) and len(steps) == 4  # 2 evaluations a level, levels 0 and 1
+
+
+def test_the_sweep_bar_shows_the_busy_runs_stage_and_no_rate_before_a_pruned_level(stored, tmp_path, capsys):
+    from lth.cli.sweep import _SweepBar
+    from lth.store import RunStore
+    from lth.sweep import SweepPoint
+    import shutil
+    exp, stored_out = stored
+    out = tmp_path / "runs"  # a copy: this test adds a level
+    shutil.copytree(stored_out / exp.run_id, out / exp.run_id, ignore=shutil.ignore_patterns("wandb"))
+    point = SweepPoint(("prune.levels=3",), exp.set(**{"prune.levels": 3}).config)
+    bar = _SweepBar([point], out, enabled=True)
+    bar.POLL_S = 3600  # refreshed by hand below
+    with RunStore(out, exp.run_id).lock():  # the run is busy: its stage shows
+        with bar:
+            assert bar.bar.n == 2 and bar.bar.initial == 2  # levels done before: not part of the rate
+            bar._refresh()
+            assert bar.bar.desc == "sweep: train level 2/3: "  # tqdm adds ': '
+            assert bar.bar.format_dict["rate"] is None and not bar.warm
+            (out / exp.run_id / "level_002").mkdir()  # a pruned level completes (a copy of level 1's files)
+            for f in (out / exp.run_id / "level_001").iterdir():
+                (out / exp.run_id / "level_002" / f.name).write_bytes(f.read_bytes())
+            bar._refresh()
+            assert bar.warm and (bar.bar.n, bar.bar.initial) == (3, 3)  # the clock restarts after compiling
+            assert bar.bar.desc == "sweep: train level 3/3: "
+    assert "sweep: train level 2/3" in capsys.readouterr().err

@@ -117,7 +117,9 @@ class _SweepBar:
 
     Its description names the stage each busy run is in (:func:`lth.sweep.run_stage`: train level L,
     stability, quant cells). The rate, and so the ETA, leaves out the levels found done at the start
-    and the first level completed here (it includes compiling): until then the ETA is unknown."""
+    and those completed until the first pruned level is (level 0 compiles the dense population's
+    programs, the first pruned level the pruned population's, and each the quant stage's): until then
+    the ETA is unknown."""
 
     POLL_S = 2.0
 
@@ -129,7 +131,9 @@ class _SweepBar:
         self.enabled, self.runs_done, self.n_runs = enabled, 0, len(points)
         self.complete: set[tuple[int, int]] = set()  # (point, level) seen complete: not hashed again
         self.frontier = [0] * len(points)  # per point: the levels before it have nothing left (run_stage)
-        self.warm = False  # a level completed while we watched: compiling is behind us
+        self.warm = False  # a pruned level completed while we watched: compiling is behind us
+        self.started = False  # the first count (levels done before the sweep) is behind us
+        self.compiled = False
 
     def _count(self) -> int:
         for i, (s, levels) in enumerate(self.stores):
@@ -137,6 +141,9 @@ class _SweepBar:
                 if (i, level) not in self.complete and (s.level_dir(level) / "COMPLETE").exists() \
                         and s.is_complete(level):
                     self.complete.add((i, level))
+                    if self.started and level >= min(1, levels):  # a pruned level (or a dense-only run)
+                        self.compiled = True
+        self.started = True
         return len(self.complete)
 
     def _stages(self) -> list[str]:
@@ -170,11 +177,11 @@ class _SweepBar:
     def _refresh(self):
         from ..sweep import stages_text
         n = self._count()
-        if n > self.bar.n and not self.warm:  # the first level done here (it compiled): restart the clock
-            self.warm = True
-            self.bar.n = n
-            self.bar.initial, self.bar.start_t = n, self.bar._time()
-            self.bar.last_print_n, self.bar.last_print_t = n, self.bar.start_t
+        if not self.warm:  # no rate yet (tqdm shows ?); once compiled, the clock restarts from here
+            self.warm = self.compiled
+            self.bar.n = self.bar.initial = self.bar.last_print_n = n
+            if self.warm:
+                self.bar.start_t = self.bar.last_print_t = self.bar._time()
         elif n > self.bar.n:
             self.bar.update(n - self.bar.n)
         stages = stages_text(self._stages())

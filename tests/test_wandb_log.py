@@ -149,3 +149,36 @@ def test_report_figures_are_logged_as_images(tmp_path):
     assert len(report["images"]) == 1 and report["images"][0].startswith("accuracy_vs_density")
     assert report["summary"]["figures/tiny/accuracy_vs_density/_type"] == "image-file"
     assert log_report(tmp_path / "runs", tmp_path / "figures", mode="disabled") is None
+
+
+def test_lth_report_wandb_logs_the_figures_it_wrote(tmp_path, monkeypatch, capsys):
+    import analysis.report
+    from lth.cli import main
+
+    def fake_report(root, out):  # the figures of a report, without drawing them
+        Path(out).mkdir(parents=True)
+        Path(out, "accuracy_vs_density.png").write_bytes(_png())
+        return {"accuracy_vs_density": "caption"}
+
+    monkeypatch.setattr(analysis.report, "write_report", fake_report)
+    run_dir = tmp_path / "runs" / "abc123"
+    run_dir.mkdir(parents=True)
+    (run_dir / "hparams.json").write_text(json.dumps({"name": "tiny", "log": {"wandb": "disabled"}}))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "figs"), "--wandb"]) == 0
+    assert "W&B: nothing logged" in capsys.readouterr().out  # the runs say log.wandb = disabled
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "figs2"), "--wandb", "offline"]) == 0
+    assert "logged the figures to W&B run abc123/report" in capsys.readouterr().out
+    assert offline_runs(run_dir)["abc123/report"]["images"]
+
+
+def _png() -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    plt.figure(figsize=(1, 1))
+    plt.savefig(buf, format="png")
+    plt.close()
+    return buf.getvalue()

@@ -121,9 +121,25 @@ class Experiment:
         return self.results(out)
 
     def results(self, out: str | Path = "runs") -> "pd.DataFrame":
-        """This run's rows of :func:`analysis.load_runs` (completed levels only): float rows, one per
-        (arm, seed, level, step, split) with ``bits = 32``, ``method = "float"``, accuracy, loss,
+        """This experiment's rows of :func:`analysis.load_runs` (completed levels only): float rows, one
+        per (arm, seed, level, step, split) with ``bits = 32``, ``method = "float"``, accuracy, loss,
         density; and quantized rows, one per (quant cell, seed) with ``bits``, ``method`` (ptq/qat),
-        ``size_bytes``. Every setting is a column with its dotted name (``prune.rate``)."""
+        ``size_bytes``. Every setting is a column with its dotted name (``prune.rate``).
+
+        Only the members this experiment asks for (its seeds, arms and levels: :func:`requested_rows`);
+        a store grown by another experiment of the same run id keeps more, which
+        ``analysis.load_runs(out, run_ids=[exp.run_id])`` reads."""
         from analysis import load_runs
-        return load_runs(out, run_ids=[self.run_id])
+        return requested_rows(load_runs(out, run_ids=[self.run_id]), self._config)
+
+
+def requested_rows(df: "pd.DataFrame", cfg: ExperimentConfig) -> "pd.DataFrame":
+    """The rows of ``df`` (a :func:`analysis.load_runs` table) of the members ``cfg`` asks for: levels
+    0..prune.levels, its seeds, and per level its arms (level 0: the dense ``ticket``; small-dense where
+    asked). A run's store may hold more (another experiment of the same run id grew it)."""
+    from .lottery.runner import wanted_members
+
+    wanted = {(level, m.arm, m.seed) for level in range(cfg.prune.levels + 1)
+              for ms in wanted_members(cfg, level) for m in ms if m.copy == 0}
+    keys = zip(df["level"].astype(int), df["arm"].astype(str), df["seed"].astype(int))
+    return df[[k in wanted for k in keys]].reset_index(drop=True)

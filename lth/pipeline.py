@@ -131,12 +131,18 @@ def run_experiments(cfgs: Iterable[ExperimentConfig], out: str | Path, *, progre
         return run
 
     def after_level(lot: Lottery, level: int) -> None:
+        sink = lot.sink  # W&B gets each later stage's rows too (None: disabled)
         if stability_pending(lot.cfg, lot.store.path, [level]):
-            stabs.setdefault(lot.cfg.run_id, StabilityStage(stored(lot), lot.cfg.stability, log=log)).run_level(level)
+            rows = stabs.setdefault(lot.cfg.run_id, StabilityStage(stored(lot), lot.cfg.stability,
+                                                                   log=log)).run_level(level)
+            if sink is not None:
+                sink.log_stability(level, rows)
         for cfg, qc in stages[lot.cfg.run_id]:
             if level not in quant_levels(cfg, qc) or not pending(cfg, lot.store.path, qc, [level]):
                 continue
-            QuantStage(stored(lot), qc, log=log, cfg=cfg).run_level(level)
+            rows = QuantStage(stored(lot), qc, log=log, cfg=cfg).run_level(level)
+            if sink is not None:
+                sink.log_quant(level, rows)
 
     status = run_group(list(first.values()), root, progress=progress, finished=finished, after_level=after_level)
     for rid, s in status.items():

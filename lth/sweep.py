@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_raw, parse_override
 from .lottery.groups import population_key
-from .pipeline import run_experiments, run_status
+from .pipeline import run_experiments, run_status, stability_pending
 from .store import prepare_root
 from .wandb_log import flatten
 
@@ -233,3 +233,40 @@ def status_of(points: list[SweepPoint], out: str | Path) -> list[tuple[SweepPoin
         else:
             rows.append((p, f"new: train {s['of']} levels{cells}"))
     return rows
+
+
+def run_stage(cfg: ExperimentConfig, out: str | Path, start: int = 0) -> tuple[int, str | None]:
+    """What the pipeline of ``cfg`` in ``out`` computes next, in its order (a level's training, then
+    that level's stability paths, then its quant cells): ``(level, "train level L/N" | "stability
+    level L" | "quant level L (k cells)")``, or ``(levels + 1, None)`` when nothing is left. Levels
+    before ``start`` are taken as done (a caller that polls remembers where it got). Reads file names,
+    members files and checksums of the level it stops at only: no data, no compiling."""
+    from .lottery.runner import stored_members, wanted_members
+    from .quant.stage import pending, quant_levels
+    from .store import RunStore
+
+    store = RunStore(out, cfg.run_id)
+    last = cfg.prune.levels
+    for level in range(start, last + 1):
+        d = store.level_dir(level)
+        if not (d / "COMPLETE").is_file():
+            return level, f"train level {level}/{last}"
+        have = stored_members(d)
+        if any(m not in held for want, held in zip(wanted_members(cfg, level), have) for m in want):
+            return level, f"train level {level}/{last}"
+        if stability_pending(cfg, store.path, [level]):
+            return level, f"stability level {level}"
+        if cfg.quant is not None and level in quant_levels(cfg, cfg.quant):
+            cells = len(pending(cfg, store.path, cfg.quant, [level]))
+            if cells:
+                return level, f"quant level {level} ({cells} cell{'s' if cells > 1 else ''})"
+    return last + 1, None
+
+
+def stages_text(stages: Iterable[str]) -> str:
+    """The stages running now, for a progress bar: each distinct one once, with how many runs are in it
+    (``"train level 2/5 in 3 runs, quant level 1 (4 cells)"``); ``""`` for none."""
+    counts: dict[str, int] = {}
+    for st in stages:
+        counts[st] = counts.get(st, 0) + 1
+    return ", ".join(st + (f" in {n} runs" if n > 1 else "") for st, n in counts.items())

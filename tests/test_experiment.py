@@ -81,7 +81,8 @@ def test_a_first_run_in_a_fresh_home_prints_no_warnings(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "LTH_COMPILE"))}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(ROOT))
     env.pop("LTH_CACHE_DIR", None)
-    sets = ["prune.levels=1", "quant.bits=[8]", "train.steps=20", "seeds=[0]", 'arms=["ticket"]']
+    sets = ["prune.levels=1", "quant.bits=[8]", "train.steps=20", "train.eval_every=10",  # 2 points a level
+            "seeds=[0]", 'arms=["ticket"]']
     r = subprocess.run([sys.executable, "-m", "lth", "lottery", str(path), "--out", str(tmp_path / "runs"),
                         "--no-progress", *(a for s in sets for a in ("--set", s))],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

@@ -63,11 +63,13 @@ def int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def print_summary(run_dir: Path, wall_s: float) -> None:
+def print_summary(run_dir: Path, wall_s: float, df=None) -> None:
+    """The final accuracy per (level, arm) of a run: of ``df`` (its rows, e.g. only the members an
+    experiment asked for), default every row the run's folder holds."""
     from analysis import load_runs, final_accuracy
     from analysis.tables import percent_columns
 
-    df = load_runs(run_dir.parent, run_ids=[run_dir.name])
+    df = load_runs(run_dir.parent, run_ids=[run_dir.name]) if df is None else df
     table = percent_columns(final_accuracy(df), ["density", "accuracy", "accuracy_std"])  # a person reads %
     print(f"run {run_dir.name}: {run_dir}  ({wall_s:.1f} s)")
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))

@@ -62,7 +62,7 @@ def run_experiment_file(args, train_only: bool) -> int:
     log = None if args.no_progress else (lambda msg: print(f"{'lth' if 'stability' in msg else 'quant'}: {msg}",
                                                            file=sys.stderr, flush=True))
     store = exp.execute(args.out, progress=not args.no_progress and exp.config.log.progress, log=log)
-    print_summary(store.path, time.time() - t0)
+    print_summary(store.path, time.time() - t0, exp.results(args.out))  # the members asked for, not all stored
     return 0
 
 

@@ -21,6 +21,9 @@ def add_report(sub) -> None:
     p.add_argument("--by", default=None, metavar="KEY",
                    help="facet the accuracy and early-stop figures by a setting, one panel per value (a dotted "
                         "hparams key, e.g. prune.rate)")
+    p.add_argument("--wandb", nargs="?", const="runs", default=None, choices=["runs", "offline", "online"],
+                   help="also log the figures (PNG) as images to W&B, in a run '<run id>/report' of the run's "
+                        "group (mode: the runs' log.wandb, or offline/online)")
 
 
 def run_report(args) -> int:
@@ -35,6 +38,11 @@ def run_report(args) -> int:
     except ValueError as e:  # NotAStoreError, or a store with no completed level
         return error(str(e))
     print(f"wrote {len(made)} figures and summary tables to {args.out}/ (see {args.out}/README.md)")
+    if args.wandb is not None:
+        from ..wandb_log import log_report
+        name = log_report(args.root, args.out, None if args.wandb == "runs" else args.wandb)
+        print(f"logged the figures to W&B run {name}" if name else "W&B: nothing logged (log.wandb = 'disabled' "
+              "or no PNG figure)")
     return 0
 
 

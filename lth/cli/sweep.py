@@ -113,37 +113,80 @@ def _wait_for_runs(points, out) -> None:
 
 
 class _SweepBar:
-    """One bar over all levels of all runs, fed by polling the shared store (works for any executor)."""
+    """One bar over all levels of all runs, fed by polling the shared store (works for any executor).
+
+    Its description names the stage each busy run is in (:func:`lth.sweep.run_stage`: train level L,
+    stability, quant cells). The rate, and so the ETA, leaves out the levels found done at the start
+    and those completed until the first pruned level is (level 0 compiles the dense population's
+    programs, the first pruned level the pruned population's, and each the quant stage's): until then
+    the ETA is unknown."""
+
+    POLL_S = 2.0
 
     def __init__(self, points, out, enabled: bool):
         from ..store import RunStore
+        self.points, self.out = points, out
         self.stores = [(RunStore(out, p.run_id), p.cfg.prune.levels) for p in points]
         self.total = sum(levels + 1 for _, levels in self.stores)
         self.enabled, self.runs_done, self.n_runs = enabled, 0, len(points)
+        self.complete: set[tuple[int, int]] = set()  # (point, level) seen complete: not hashed again
+        self.frontier = [0] * len(points)  # per point: the levels before it have nothing left (run_stage)
+        self.warm = False  # a pruned level completed while we watched: compiling is behind us
+        self.started = False  # the first count (levels done before the sweep) is behind us
+        self.compiled = False
 
     def _count(self) -> int:
-        return sum(s.is_complete(level) for s, levels in self.stores for level in range(levels + 1)
-                   if (s.level_dir(level) / "COMPLETE").exists())
+        for i, (s, levels) in enumerate(self.stores):
+            for level in range(levels + 1):
+                if (i, level) not in self.complete and (s.level_dir(level) / "COMPLETE").exists() \
+                        and s.is_complete(level):
+                    self.complete.add((i, level))
+                    if self.started and level >= min(1, levels):  # a pruned level (or a dense-only run)
+                        self.compiled = True
+        self.started = True
+        return len(self.complete)
+
+    def _stages(self) -> list[str]:
+        from ..sweep import run_stage
+        out = []
+        for i, ((s, _), p) in enumerate(zip(self.stores, self.points)):
+            if s.busy_owner() is None:
+                continue
+            self.frontier[i], stage = run_stage(p.cfg, self.out, self.frontier[i])
+            if stage is not None:
+                out.append(stage)
+        return out
 
     def __enter__(self):
         if not self.enabled:
             return self
         import threading
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.total, desc="sweep", unit="level", file=sys.stderr, dynamic_ncols=True)
+        done = self._count()  # resumed levels: not part of the rate
+        self.bar = tqdm(total=self.total, initial=done, desc="sweep", unit="level", file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
         return self
 
     def _poll(self):
-        while not self.stop.wait(1.0):
+        while not self.stop.wait(self.POLL_S):
             self._refresh()
 
     def _refresh(self):
+        from ..sweep import stages_text
         n = self._count()
-        self.bar.update(n - self.bar.n)
-        self.bar.set_postfix(runs=f"{self.runs_done}/{self.n_runs}")
+        if not self.warm:  # no rate yet (tqdm shows ?); once compiled, the clock restarts from here
+            self.warm = self.compiled
+            self.bar.n = self.bar.initial = self.bar.last_print_n = n
+            if self.warm:
+                self.bar.start_t = self.bar.last_print_t = self.bar._time()
+        elif n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+        stages = stages_text(self._stages())
+        self.bar.set_description(f"sweep: {stages}" if stages else "sweep", refresh=False)
+        self.bar.set_postfix(runs=f"{self.runs_done}/{self.n_runs}", **({} if self.warm else {"eta": "after 1st level"}))
 
     def run_done(self, outcome, done: int, total: int) -> None:
         self.runs_done = done

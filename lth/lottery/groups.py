@@ -14,7 +14,7 @@ from typing import Callable
 from ..config import ExperimentConfig
 from ..store import RunBusyError, RunStore, parquet_bytes, prepare_root
 from ..wandb_log import WandbSink
-from .runner import LevelPlan, Lottery, open_sink, population_key, run_is_finished
+from .runner import LevelPlan, Lottery, open_sink, population_key, run_is_finished, warn_few_evals
 
 
 def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
@@ -56,6 +56,7 @@ def run_group(cfgs, out: str | Path, *, progress: bool | None = None,
             lots.append(Lottery(cfg, root, progress=progress, share=lots[0] if lots else None))
         for lot in lots:  # before any work: a damaged rewind file is refused, not rewritten
             lot.check_rewind_file()
+        warn_few_evals(lots)  # before any training
         sinks: dict[str, WandbSink | None] = {}
         for lot in lots:
             sinks[lot.cfg.run_id] = sink = open_sink(lot)

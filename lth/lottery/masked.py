@@ -280,7 +280,7 @@ class MaskedRun:
         })
         if cfg.log.wandb != "disabled":
             sink = WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, self.run_id, flatten(self.hparams()),
-                             store.path / "wandb")
+                             store.path)
             try:
                 sink.log_level(0, engine.num_steps, df.to_dict("records"))
             finally:

@@ -55,7 +55,7 @@ from ..prune.signals import activation_sparsity
 from ..prune.structured import check_granularity, structured_prune
 from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_members_file,
                      read_parquet, read_sums, stacked_seeds, take_seeds, tree_bytes, with_seeds)
-from ..train import Engine, TrainResult, early_stop_steps, final_lr, init_population, init_variables, stack, unstack
+from ..train import Engine, TrainResult, early_stop_steps, eval_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
 from .arms import ARMS, ArmStart
@@ -284,6 +284,7 @@ class Lottery:
         check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps)  # before any level trains
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
+        self.sink: WandbSink | None = None  # set by open_sink
 
     # ------------------------------------------------------------------ fixed weights
     def hparams(self) -> dict:
@@ -525,7 +526,7 @@ class Lottery:
         main = old_main + list(members)
         # small-dense baselines: those this config wants and the level lacks
         small_missing = self.missing(level)[1]
-        small_frames = []
+        small_frames, small_new = [], None
         if old_small:
             small_frames.append(old_metrics[old_metrics["arm"] == "small_dense"])
         small_final = load_tree(d / "small_dense_final.msgpack") if old_small else None
@@ -537,6 +538,7 @@ class Lottery:
             df, fin = self._train_small_dense(level, [m.seed for m in small_missing], ticket_mask,
                                               ticket_density, width)
             small_frames.append(df)
+            small_new = df
             small_final = fin if small_final is None else concat_stacked(small_final, fin)
         small = old_small + small_missing
         if small_frames:  # numbered after the (grown) main population, in small_dense_final's order
@@ -567,8 +569,11 @@ class Lottery:
             out["small_dense_final.msgpack"] = tree_bytes(small_final)
         store.write_level(level, out)
         self.trained_levels.append(level)
-        if log is not None and metrics is not None:  # copies are stability measurements, not runs of their own
-            log.log_level(level, plan.engine.num_steps, metrics[metrics["copy"] == 0].to_dict("records"))
+        if log is not None:  # every member trained now, small-dense too; copies are stability measurements
+            new = [f[f["copy"] == 0] for f in (metrics, small_new) if f is not None]
+            if new:
+                log.log_level(level, plan.engine.num_steps, pd.concat(new, ignore_index=True).to_dict("records"),
+                              frames.get("sparsity.parquet"))
 
     def _small_dense_target(self, level, stored_dir, old_main, members, masks, can_prune):
         """The ticket mask whose non-zero count the small-dense models match, and its density: the
@@ -738,6 +743,7 @@ def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None
     if run_is_finished(store, cfg):  # every wanted member of every wanted level is stored
         return store
     lottery = Lottery(cfg, out, progress=progress)
+    warn_few_evals([lottery])
     sink = open_sink(lottery)
     try:
         return lottery.run(sink)
@@ -746,9 +752,37 @@ def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None
             sink.close()
 
 
+def few_evals_warning(cfg: ExperimentConfig, num_steps: int, steps_per_epoch: int) -> str | None:
+    """One line (None when all is well) when a level of ``cfg`` evaluates at its last step only
+    (``train.eval_every``, default one epoch, >= the steps a level trains): its learning curve is one
+    point and its early-stop step can only be the last step."""
+    every = cfg.train.eval_every or steps_per_epoch
+    spans = [num_steps] + ([num_steps - cfg.rewind.step] if cfg.prune.levels >= 1 else [])
+    n = min(spans)  # steps of the shortest level: levels >= 1 start at the rewind step
+    if len([s for s in eval_steps(cfg.train, num_steps, steps_per_epoch) if num_steps - n < s <= num_steps]) >= 2:
+        return None
+    what = f"train.eval_every = {cfg.train.eval_every}" if cfg.train.eval_every else f"one evaluation per epoch ({every} steps)"
+    return (f"lth: warning: {what} >= the {n} steps of a level, so a level is evaluated at its last step only: no "
+            f"learning curve, and the early-stop step is always the last step; set train.eval_every to less than "
+            f"{n // 2 + 1} (e.g. --set train.eval_every={max(1, n // 10)}, 10 points a level)")
+
+
+def warn_few_evals(lotteries: list[Lottery]) -> None:
+    """Print :func:`few_evals_warning` of each run to stderr before any training, each text once."""
+    said = set()
+    for lot in lotteries:
+        msg = few_evals_warning(lot.cfg, lot.engine.num_steps, lot.engine.order.spe)
+        if msg is not None and msg not in said:
+            said.add(msg)
+            print(msg, file=sys.stderr, flush=True)
+
+
 def open_sink(lottery: Lottery) -> WandbSink | None:
+    """The run's W&B sink (None with ``log.wandb = 'disabled'``), also kept as ``lottery.sink`` for the
+    later stages of the pipeline."""
     cfg = lottery.cfg
     if cfg.log.wandb == "disabled":
         return None
-    return WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, cfg.run_id, flatten(cfg.to_dict()),
-                     lottery.store.path / "wandb")
+    lottery.sink = WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, cfg.run_id, flatten(cfg.to_dict()),
+                             lottery.store.path)
+    return lottery.sink

@@ -209,7 +209,7 @@ def test_wandb_offline_logs_and_a_wandb_failure_is_not_fatal(tmp_path, monkeypat
     cfg = tiny(prune={"levels": 1}, arms=["ticket", "reinit"], log={"wandb": "offline", "progress": False})
     monkeypatch.setenv("WANDB_MODE", "offline")
     store = run_lottery(cfg, tmp_path / "ok")
-    runs = sorted(p.name for p in (store.path / "wandb" / "wandb").glob("offline-run-*"))
+    runs = sorted(p.name for p in (store.path / "wandb").glob("offline-run-*"))  # <run>/wandb/, not wandb/wandb
     assert len(runs) == 4  # (ticket, reinit) x 2 seeds
     import wandb
 

@@ -174,19 +174,18 @@ def paired_differences(df: pd.DataFrame, reference: str = "ticket", select: str 
     if missing:
         raise ValueError(f"metrics {missing}: not per-seed columns; allowed: "
                          f"{', '.join(c for c in seeds.columns if c.endswith('accuracy'))}")
+    if len(seeds) and reference not in set(seeds["arm"]):
+        raise ValueError(f"reference = {reference!r} is not an arm of the table; arms: "
+                         f"{', '.join(sorted(map(str, seeds['arm'].unique())))} (analysis.summary.paired_differences)")
     keys = ["run_id", "level", "seed"]
-    ref = seeds[seeds["arm"] == reference].set_index(keys)
+    ref = seeds.loc[seeds["arm"] == reference, keys + ["density", *metrics]]
+    pairs = seeds[seeds["arm"] != reference].merge(ref, on=keys, suffixes=("", "_ref"))  # matched seeds only
     rows = []
-    for (run_id, experiment, arm, level), g in seeds[seeds["arm"] != reference].groupby(GROUP, sort=True):
-        g = g.set_index(keys)
-        both = g.index.intersection(ref.index)
-        if both.empty:
-            continue
+    for (run_id, experiment, arm, level), g in pairs.groupby(GROUP, sort=True, dropna=False):
         for metric in metrics:
-            diff = ref.loc[both, metric] - g.loc[both, metric]
-            s = spread_columns(diff, "diff")
+            s = spread_columns(g[f"{metric}_ref"] - g[metric], "diff")
             rows.append({"run_id": run_id, "experiment": experiment, "level": level,
-                         "density": float(ref.loc[both, "density"].mean()), "reference": reference, "arm": arm,
+                         "density": float(g["density_ref"].mean()), "reference": reference, "arm": arm,
                          "metric": metric, "n": s.pop("diff_n"),
                          **{k: v for k, v in s.items() if "spread" not in k}})
     cols = ["run_id", "experiment", "level", "density", "reference", "arm", "metric", "n", "diff_mean", "diff_std",

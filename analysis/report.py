@@ -13,6 +13,7 @@ from .runs import (experiments, float_ft_rows, float_rows, instability_table, lo
 from .summary import paired_differences, spread_rule, summarize
 from .tables import paired_tables, percent_columns, summary_tables, write_table_files
 
+
 def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None) -> list[Path]:
     """``<stem>.csv``: the tidy summary (one row per run, arm, level; accuracies as fractions);
     ``<stem>.md`` / ``.tex``: the paper tables (:func:`analysis.tables.summary_tables`, percent);

@@ -102,35 +102,35 @@ def per_seed(df: pd.DataFrame, select: str = "accuracy", split: str = "test") ->
     """
     _check_select(select)
     keys = ["run_id", "experiment", "arm", "level", "seed"]
-    d = df[_float(df) & df["split"].isin([split, "val"])]
-    out = []
-    for key, g in d.groupby(keys, sort=False, dropna=False):
-        rep = g[g["split"] == split].sort_values("step")
-        if rep.empty:
-            continue
-        val = g[g["split"] == "val"].sort_values("step", kind="stable")
-        row = dict(zip(keys, key))
-        row["density"] = float(rep["density"].iloc[-1])
-        row["diverged"] = bool((g["diverged_step"] >= 0).any()) if "diverged_step" in g else False
-        row["final_accuracy"] = float(rep["accuracy"].iloc[-1])
-        if val.empty:
-            step, v = np.nan, None
-        else:
-            score = val["accuracy"] if select == "accuracy" else -val["loss"]
-            score = score.where(np.isfinite(score), -np.inf)
-            v = val.loc[score.idxmax()]  # idxmax: the first (earliest) step of the peak
-            step = int(v["step"])
-        at = rep[rep["step"] == step]["accuracy"]
-        row["early_stop_step"] = step
-        row["early_stop_val_accuracy"] = float(v["accuracy"]) if v is not None else np.nan
-        row["early_stop_val_loss"] = float(v["loss"]) if v is not None else np.nan
-        row[f"early_stop_{split}_accuracy"] = float(at.iloc[0]) if len(at) else np.nan
-        row["last_step"] = int(max(rep["step"].max(), val["step"].max() if len(val) else -1))
-        row["still_improving"] = bool(v is not None and step == int(val["step"].max()))
-        out.append(row)
-    cols = keys + ["density", "diverged", "final_accuracy", "early_stop_step", "early_stop_val_accuracy",
-                   "early_stop_val_loss", f"early_stop_{split}_accuracy", "last_step", "still_improving"]
-    return pd.DataFrame(out, columns=list(dict.fromkeys(cols)))  # split="val": one early_stop_val_accuracy
+    f = df[_float(df)]
+    rep = f[f["split"] == split].sort_values("step", kind="stable")
+    val = f[f["split"] == "val"]
+    out = rep.groupby(keys, sort=False, dropna=False).agg(
+        density=("density", "last"), final_accuracy=("accuracy", "last"), last_step=("step", "max"))
+    if "diverged_step" in f:
+        div = (f["diverged_step"] >= 0).groupby([f[k] for k in keys], sort=False, dropna=False).any()
+        out["diverged"] = div.reindex(out.index, fill_value=False).astype(bool)
+    else:
+        out["diverged"] = False
+    score = val["accuracy"] if select == "accuracy" else -val["loss"]
+    # the first (earliest) step of the peak: sort by score descending, then step ascending
+    v = (val.assign(_score=score.where(np.isfinite(score), -np.inf))
+         .sort_values(["_score", "step"], ascending=[False, True], kind="stable")
+         .groupby(keys, sort=False, dropna=False).head(1).set_index(keys))
+    out["early_stop_step"] = v["step"].reindex(out.index).astype(float)
+    out["early_stop_val_accuracy"] = v["accuracy"].reindex(out.index)
+    out["early_stop_val_loss"] = v["loss"].reindex(out.index)
+    at = rep.set_index(keys + ["step"])["accuracy"]
+    at = at[~at.index.duplicated()]
+    idx = pd.MultiIndex.from_arrays([*(out.index.get_level_values(k) for k in keys), out["early_stop_step"]])
+    out[f"early_stop_{split}_accuracy"] = at.reindex(idx).to_numpy()
+    val_last = val.groupby(keys, sort=False, dropna=False)["step"].max().reindex(out.index)
+    out["last_step"] = np.fmax(out["last_step"], val_last).astype(int)
+    out["still_improving"] = (out["early_stop_step"] == val_last).to_numpy()
+    cols = ["density", "diverged", "final_accuracy", "early_stop_step", "early_stop_val_accuracy",
+            "early_stop_val_loss", f"early_stop_{split}_accuracy", "last_step", "still_improving"]
+    out = out[list(dict.fromkeys(cols))].reset_index()  # split="val": one early_stop_val_accuracy column
+    return out
 
 
 def summarize(df: pd.DataFrame, split: str = "test", select: str = "accuracy") -> pd.DataFrame:
@@ -174,19 +174,18 @@ def paired_differences(df: pd.DataFrame, reference: str = "ticket", select: str 
     if missing:
         raise ValueError(f"metrics {missing}: not per-seed columns; allowed: "
                          f"{', '.join(c for c in seeds.columns if c.endswith('accuracy'))}")
+    if len(seeds) and reference not in set(seeds["arm"]):
+        raise ValueError(f"reference = {reference!r} is not an arm of the table; arms: "
+                         f"{', '.join(sorted(map(str, seeds['arm'].unique())))} (analysis.summary.paired_differences)")
     keys = ["run_id", "level", "seed"]
-    ref = seeds[seeds["arm"] == reference].set_index(keys)
+    ref = seeds.loc[seeds["arm"] == reference, keys + ["density", *metrics]]
+    pairs = seeds[seeds["arm"] != reference].merge(ref, on=keys, suffixes=("", "_ref"))  # matched seeds only
     rows = []
-    for (run_id, experiment, arm, level), g in seeds[seeds["arm"] != reference].groupby(GROUP, sort=True):
-        g = g.set_index(keys)
-        both = g.index.intersection(ref.index)
-        if both.empty:
-            continue
+    for (run_id, experiment, arm, level), g in pairs.groupby(GROUP, sort=True, dropna=False):
         for metric in metrics:
-            diff = ref.loc[both, metric] - g.loc[both, metric]
-            s = spread_columns(diff, "diff")
+            s = spread_columns(g[f"{metric}_ref"] - g[metric], "diff")
             rows.append({"run_id": run_id, "experiment": experiment, "level": level,
-                         "density": float(ref.loc[both, "density"].mean()), "reference": reference, "arm": arm,
+                         "density": float(g["density_ref"].mean()), "reference": reference, "arm": arm,
                          "metric": metric, "n": s.pop("diff_n"),
                          **{k: v for k, v in s.items() if "spread" not in k}})
     cols = ["run_id", "experiment", "level", "density", "reference", "arm", "metric", "n", "diff_mean", "diff_std",

@@ -231,6 +231,8 @@ def test_paired_differences_match_arms_by_run_level_and_seed(store_root, tmp_pat
     assert one["diff_min"] == pytest.approx(min(diffs)) and one["diff_ci_low"] == pytest.approx(np.mean(diffs))
     three = d[(d.level == 3) & (d.metric == "final_accuracy")].iloc[0]
     assert three["n"] == 2 and np.isnan(three["diff_ci_low"])  # seed 2 has no control: 2 pairs, no CI
+    with pytest.raises(ValueError, match="reference = 'tickt' is not an arm.*random_prune, ticket"):
+        paired_differences(df, reference="tickt")
     es = d[(d.level == 1) & (d.metric == "early_stop_test_accuracy")].iloc[0]
     assert es["diff_mean"] == pytest.approx(0.05)  # both arms stop on the same val peak per seed
     _write_tables(summarize(df), tmp_path, "summary", paired_differences(df))

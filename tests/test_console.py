@@ -81,7 +81,8 @@ def test_the_sweep_bar_names_the_stage(stored, monkeypatch):
     assert run_stage(exp.set(**{"prune.levels": 3}).config, out) == (2, "train level 2/3")
     assert run_stage(exp.set(seeds=[0, 1, 2]).config, out) == (0, "train level 0/1")  # grows by a seed
     assert run_stage(exp.set(**{"quant.bits": [8, 4]}).config, out) == (0, "quant level 0 (2 cells)")
-    assert run_stage(exp.set(**{"quant.bits": [8], "quant.levels": "last"}).config, out) == (1, "quant level 1 (2 cells)")
+    last = exp.set(**{"quant.bits": [8], "quant.levels": "last"}).config
+    assert run_stage(last, out) == (1, "quant level 1 (2 cells)")  # ticket and small_dense
     import lth.sweep
     monkeypatch.setattr(lth.sweep, "stability_pending", lambda c, d, levels: [lv for lv in levels if lv == 1])
     assert run_stage(cfg, out) == (1, "stability level 1")

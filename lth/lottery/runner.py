@@ -55,7 +55,8 @@ from ..prune.signals import activation_sparsity
 from ..prune.structured import check_granularity, structured_prune
 from ..store import (RunStore, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_parquet,
                      stacked_seeds, take_seeds, tree_bytes, with_seeds)
-from ..train import Engine, TrainResult, early_stop_steps, eval_steps, final_lr, init_population, init_variables, stack, unstack
+from ..train import (Engine, TrainResult, early_stop_steps, eval_steps, final_lr, init_population, init_variables,
+                     stack, unstack)
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
 from .arms import ARMS, ArmStart
@@ -744,9 +745,10 @@ def few_evals_warning(cfg: ExperimentConfig, num_steps: int, steps_per_epoch: in
     every = cfg.train.eval_every or steps_per_epoch
     spans = [num_steps] + ([num_steps - cfg.rewind.step] if cfg.prune.levels >= 1 else [])
     n = min(spans)  # steps of the shortest level: levels >= 1 start at the rewind step
-    if len([s for s in eval_steps(cfg.train, num_steps, steps_per_epoch) if num_steps - n < s <= num_steps]) >= 2:
+    if sum(num_steps - n < s <= num_steps for s in eval_steps(cfg.train, num_steps, steps_per_epoch)) >= 2:
         return None
-    what = f"train.eval_every = {cfg.train.eval_every}" if cfg.train.eval_every else f"one evaluation per epoch ({every} steps)"
+    what = (f"train.eval_every = {cfg.train.eval_every}" if cfg.train.eval_every
+            else f"one evaluation per epoch ({every} steps)")
     return (f"lth: warning: {what} >= the {n} steps of a level, so a level is evaluated at its last step only: no "
             f"learning curve, and the early-stop step is always the last step; set train.eval_every to less than "
             f"{n // 2 + 1} (e.g. --set train.eval_every={max(1, n // 10)}, 10 points a level)")

@@ -102,6 +102,7 @@ def test_every_member_is_a_wandb_run_grouped_by_run_id(stored):
     levels = small["tables"]["levels"]
     assert [row[levels["columns"].index("level")] for row in levels["data"]] == [1]
     ticket = runs[f"{rid}/ticket/0"]
+    assert ticket["summary"]["masks/dense_0/kernel/density"] < 1  # a real level's mask summary (no W&B failure)
     rows = ticket["tables"]["levels"]["data"]
     assert [row[0] for row in rows] == [0, 1]  # one table over the levels
     steps = [h["global_step"] for h in ticket["history"] if "global_step" in h]

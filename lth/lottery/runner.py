@@ -756,12 +756,14 @@ def few_evals_warning(cfg: ExperimentConfig, num_steps: int, steps_per_epoch: in
 
 def warn_few_evals(lotteries: list[Lottery]) -> None:
     """Print :func:`few_evals_warning` of each run to stderr before any training, each text once."""
+    from tqdm import tqdm  # its write() keeps a progress bar on screen (lth sweep's) intact
+
     said = set()
     for lot in lotteries:
         msg = few_evals_warning(lot.cfg, lot.engine.num_steps, lot.engine.order.spe)
         if msg is not None and msg not in said:
             said.add(msg)
-            print(msg, file=sys.stderr, flush=True)
+            tqdm.write(msg, file=sys.stderr)
 
 
 def open_sink(lottery: Lottery) -> WandbSink | None:

@@ -87,6 +87,7 @@ def test_level_row_reads_final_and_early_stop_accuracy():
     assert row["best_val_accuracy"] == pytest.approx(0.63) and row["early_stop_at_last_step"] is False
     assert quant_label({"method": "float_ft", "bits": 4, "scheme": "sym"}) == "float_ft/w4"
     assert quant_label({"method": "ptq", "bits": 8, "scheme": "asym"}, ["scheme"]) == "ptq/w8/asym"
+    assert quant_label({"method": "float_ft", "bits": float("nan")}) == "float_ft"
 
 
 def test_the_sink_writes_one_grouped_run_per_member_with_tables_and_summaries(tmp_path):

@@ -560,7 +560,7 @@ class Lottery:
             new = [f[f["copy"] == 0] for f in (metrics, small_new) if f is not None]
             if new:
                 log.log_level(level, plan.engine.num_steps, pd.concat(new, ignore_index=True).to_dict("records"),
-                              frames.get("sparsity.parquet"))
+                              sparsity=frames.get("sparsity.parquet"))
 
     def _small_dense_target(self, level, stored_dir, old_main, members, masks, can_prune):
         """The ticket mask whose non-zero count the small-dense models match, and its density: the

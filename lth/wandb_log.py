@@ -22,6 +22,7 @@ uploads them later):
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -77,7 +78,9 @@ def level_row(rows) -> dict:
 def quant_label(row: dict, varying: Iterable[str] = ()) -> str:
     """``<method>/w<bits>`` plus each of ``varying`` settings (those that differ within the rows),
     e.g. ``qat/w4``, ``float_ft/w4``, ``ptq/w8/asym/tensor``."""
-    parts = [str(row.get("method", "?")), f"w{int(row['bits'])}" if "bits" in row else ""]
+    bits = row.get("bits")
+    has_bits = isinstance(bits, numbers.Real) and bits == bits  # not missing, not NaN
+    parts = [str(row.get("method", "?")), f"w{int(bits)}" if has_bits else ""]
     parts += [f"{k}{row[k]}" if k == "act_bits" else str(row[k]) for k in varying if k in row]
     return "/".join(p for p in parts if p)
 

@@ -87,14 +87,16 @@ def test_level_row_reads_final_and_early_stop_accuracy():
     assert row["best_val_accuracy"] == pytest.approx(0.63) and row["early_stop_at_last_step"] is False
     assert quant_label({"method": "float_ft", "bits": 4, "scheme": "sym"}) == "float_ft/w4"
     assert quant_label({"method": "ptq", "bits": 8, "scheme": "asym"}, ["scheme"]) == "ptq/w8/asym"
+    assert quant_label({"method": "float_ft", "bits": float("nan")}) == "float_ft"
 
 
 def test_the_sink_writes_one_grouped_run_per_member_with_tables_and_summaries(tmp_path):
     run_dir = tmp_path / "runs" / "abc123"
     sink = WandbSink("offline", "lth-test", "tiny", "abc123", {"train.lr": 0.1}, run_dir)
     sink.log_level(0, 20, _metric_rows(0, "ticket", 0, 1.0))
-    sparsity = pd.DataFrame([{"level": 1, "arm": "ticket", "seed": 0, "member": 0, "layer": "Dense_0", "kind": "weight",
-                              "shape": "(4, 3)", "count": 12, "kept": 6, "nonzero": 6, "density": 0.5, "prunable": True}])
+    sparsity = pd.DataFrame([{"level": 1, "arm": "ticket", "seed": 0, "member": 0, "layer": "Dense_0",
+                              "kind": "weight", "shape": "(4, 3)", "count": 12, "kept": 6, "nonzero": 6,
+                              "density": 0.5, "prunable": True}])
     sink.log_level(1, 20, _metric_rows(1, "ticket", 0, 0.5) + _metric_rows(1, "small_dense", 0, 0.5), sparsity)
     quant = pd.DataFrame([{"run_id": "abc123", "cell": "c", "level": 1, "arm": "ticket", "seed": 0, "bits": 4,
                            "method": m, "scheme": "sym", "accuracy": a, "float_accuracy": 0.7}

@@ -186,7 +186,8 @@ class _SweepBar:
             self.bar.update(n - self.bar.n)
         stages = stages_text(self._stages())
         self.bar.set_description(f"sweep: {stages}" if stages else "sweep", refresh=False)
-        self.bar.set_postfix(runs=f"{self.runs_done}/{self.n_runs}", **({} if self.warm else {"eta": "after 1st level"}))
+        self.bar.set_postfix(runs=f"{self.runs_done}/{self.n_runs}",
+                             **({} if self.warm else {"eta": "after 1st level"}))
 
     def run_done(self, outcome, done: int, total: int) -> None:
         self.runs_done = done

@@ -573,7 +573,7 @@ class Lottery:
             new = [f[f["copy"] == 0] for f in (metrics, small_new) if f is not None]
             if new:
                 log.log_level(level, plan.engine.num_steps, pd.concat(new, ignore_index=True).to_dict("records"),
-                              frames.get("sparsity.parquet"))
+                              sparsity=frames.get("sparsity.parquet"))
 
     def _small_dense_target(self, level, stored_dir, old_main, members, masks, can_prune):
         """The ticket mask whose non-zero count the small-dense models match, and its density: the
@@ -759,9 +759,10 @@ def few_evals_warning(cfg: ExperimentConfig, num_steps: int, steps_per_epoch: in
     every = cfg.train.eval_every or steps_per_epoch
     spans = [num_steps] + ([num_steps - cfg.rewind.step] if cfg.prune.levels >= 1 else [])
     n = min(spans)  # steps of the shortest level: levels >= 1 start at the rewind step
-    if len([s for s in eval_steps(cfg.train, num_steps, steps_per_epoch) if num_steps - n < s <= num_steps]) >= 2:
+    if sum(num_steps - n < s <= num_steps for s in eval_steps(cfg.train, num_steps, steps_per_epoch)) >= 2:
         return None
-    what = f"train.eval_every = {cfg.train.eval_every}" if cfg.train.eval_every else f"one evaluation per epoch ({every} steps)"
+    what = (f"train.eval_every = {cfg.train.eval_every}" if cfg.train.eval_every
+            else f"one evaluation per epoch ({every} steps)")
     return (f"lth: warning: {what} >= the {n} steps of a level, so a level is evaluated at its last step only: no "
             f"learning curve, and the early-stop step is always the last step; set train.eval_every to less than "
             f"{n // 2 + 1} (e.g. --set train.eval_every={max(1, n // 10)}, 10 points a level)")
@@ -769,12 +770,14 @@ def few_evals_warning(cfg: ExperimentConfig, num_steps: int, steps_per_epoch: in
 
 def warn_few_evals(lotteries: list[Lottery]) -> None:
     """Print :func:`few_evals_warning` of each run to stderr before any training, each text once."""
+    from tqdm import tqdm  # its write() keeps a progress bar on screen (lth sweep's) intact
+
     said = set()
     for lot in lotteries:
         msg = few_evals_warning(lot.cfg, lot.engine.num_steps, lot.engine.order.spe)
         if msg is not None and msg not in said:
             said.add(msg)
-            print(msg, file=sys.stderr, flush=True)
+            tqdm.write(msg, file=sys.stderr)
 
 
 def open_sink(lottery: Lottery) -> WandbSink | None:

@@ -289,7 +289,7 @@ def test_wandb_hears_of_each_member_once(tmp_path):
     class Sink:
         rows: list = []
 
-        def log_level(self, level, steps, rows):
+        def log_level(self, level, steps, rows, sparsity=None):
             self.rows += rows
 
     cfg = tiny(prune={"levels": 0}, train={"steps": 20}, stability={"enabled": True})

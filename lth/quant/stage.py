@@ -314,7 +314,8 @@ class QuantStage:
                 rows["param_count"] = [int(info[m][1]) for m in pop.members]
                 computed.append(rows)
                 if setting.method == FLOAT_FT:
-                    ft_acc.update({(a, int(sd)): float(x) for a, sd, x in zip(rows["arm"], rows["seed"], rows["accuracy"])})
+                    ft_acc.update({(a, int(sd)): float(x)
+                                   for a, sd, x in zip(rows["arm"], rows["seed"], rows["accuracy"])})
                 if self.log is not None:
                     self._log_rows(level, setting, rows, ft_acc)
             rows = pd.concat(computed, ignore_index=True)

@@ -348,7 +348,7 @@ class QuantStage:
 
     def _stored_float_ft(self, level: int, arm: str) -> dict[int, float]:
         """seed -> test accuracy of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
-        level_dir = self.run.path / f"level_{level:03d}"
+        level_dir = self.run.level_dir(level)
         cid = cell_id(self.run.run_id, level, arm, float_ft_setting(self.qc))
         if cell_problem(level_dir, cid) is not None:
             return {}

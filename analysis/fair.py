@@ -62,8 +62,11 @@ def with_reference(df: pd.DataFrame) -> pd.DataFrame:
                           f"left out of the comparison; rerun the quant stage (`lth quantize`) to add it",
                           stacklevel=2)
             qat = qat[~lack]
-    rows = pd.concat([r for r in (fl, plain, qat) if len(r)], ignore_index=True) if len(fl) + len(plain) + len(qat) \
-        else pd.DataFrame(columns=list(df.columns) + ["reference", "reference_accuracy"])
+    parts = [r for r in (fl, plain, qat) if len(r)]
+    if not parts:
+        return pd.DataFrame(columns=list(dict.fromkeys([*df.columns, "float_accuracy", "reference", "reference_accuracy",
+                                                        "change", "judged_accuracy"])))
+    rows = pd.concat(parts, ignore_index=True)
     rows["change"] = rows["accuracy"] - rows["reference_accuracy"]
     rows["judged_accuracy"] = rows["float_accuracy"] + rows["change"]
     return rows.assign(arm=np.where(rows["level"] == 0, "dense", rows["arm"]))

@@ -18,7 +18,8 @@ def _float(level, acc, size, seed):
 
 def _quant(method, bits, acc, size, seed, float_acc):
     return dict(run_id=RUN, level=1, arm="ticket", seed=seed, split="test", method=method, bits=bits,
-                scheme="float" if method == "float_ft" else "sym", granularity="" if method == "float_ft" else "channel",
+                scheme="float" if method == "float_ft" else "sym",
+                granularity="" if method == "float_ft" else "channel",
                 calibration="" if method == "float_ft" else "minmax", act_bits=32 if method == "float_ft" else 8,
                 accuracy=acc, size_bytes=size, density=0.5, float_accuracy=float_acc,
                 **(SCHEDULE if method != "ptq" else {"qat_start": "", "qat_steps": 0, "qat_lr": 0.0}))

@@ -320,7 +320,8 @@ class QuantStage:
                 rows["param_count"] = [int(info[m][1]) for m in pop.members]
                 computed.append(rows)
                 if setting.method == FLOAT_FT:
-                    ft_acc.update({(a, int(sd)): float(x) for a, sd, x in zip(rows["arm"], rows["seed"], rows["accuracy"])})
+                    ft_acc.update({(a, int(sd)): float(x)
+                                   for a, sd, x in zip(rows["arm"], rows["seed"], rows["accuracy"])})
                 if self.log is not None:
                     self._log_rows(level, setting, rows, ft_acc)
             rows = pd.concat(computed, ignore_index=True)
@@ -353,7 +354,7 @@ class QuantStage:
 
     def _stored_float_ft(self, level: int, arm: str) -> dict[int, float]:
         """seed -> test accuracy of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
-        level_dir = self.run.path / f"level_{level:03d}"
+        level_dir = self.run.level_dir(level)
         cid = cell_id(self.run.run_id, level, arm, float_ft_setting(self.qc))
         if cell_problem(level_dir, cid) is not None:
             return {}

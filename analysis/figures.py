@@ -197,12 +197,15 @@ def _density_figure(df: pd.DataFrame, y: str, scale: float, ylabel: str, title: 
             _density_axis(ax, s["density"])
             ax.set_title(name, fontsize=9)
         axes[0].set_ylabel(ylabel)
-        fig.suptitle(f"{_title(df)}: {title}", fontsize=11)
+        if len(axes) == 1:  # the axes' own title: a figure title would run into a legend beside the axes
+            axes[0].set_title(f"{_title(df)}: {title}")
+        else:
+            fig.suptitle(f"{_title(df)}: {title}", fontsize=11)
         handles, names = axes[-1].get_legend_handles_labels()
         if len(handles) > 5:  # beside the axes, never over the curves
             w, h = fig.get_size_inches()
             fig.set_size_inches(w + 2.8, h)
-            fig.legend(handles, names, loc="outside right upper", title=_seeds_note(summarize(df, split=split)),
+            fig.legend(handles, names, loc="outside right center", title=_seeds_note(summarize(df, split=split)),
                        title_fontsize=8, fontsize=min(legend_size, 7))
         else:
             axes[-1].legend(title=_seeds_note(summarize(df, split=split)), title_fontsize=8, fontsize=legend_size)
@@ -250,8 +253,16 @@ def early_stop_vs_density(df: pd.DataFrame, by: str | None = None) -> plt.Figure
     fewer than 2 evaluations per level the step can only be the last one: the axes say so instead."""
     missing = _too_few_evals(df, "an early-stopping step")
     if missing is None:
-        return _density_figure(df, "early_stop_step", 1, "early-stop step (iterations)",
-                               "early-stopping step vs weights remaining", by=by)
+        fig = _density_figure(df, "early_stop_step", 1, "early-stop step (iterations)",
+                              "early-stopping step vs weights remaining", by=by)
+        d = df[(df["method"] == "float") if "method" in df else slice(None)]
+        last = d.groupby(["run_id", "arm", "seed", "level"])["step"].transform("max")
+        if len(d) and (d["early_stop_step"] == last).all():  # flat at the end: say why
+            for ax in fig.axes[:1]:
+                ax.text(0.02, 0.04, "every early-stop step is the member's last evaluation:\nstill improving "
+                        "when training ended (train longer to see an early stop)", transform=ax.transAxes,
+                        fontsize=7, va="bottom", bbox=dict(boxstyle="round", facecolor="white", edgecolor=GREY))
+        return fig
     return _missing_figure(missing, f"{_title(df)}: early-stopping step vs weights remaining")
 
 

@@ -217,6 +217,13 @@ def test_one_evaluation_per_level_is_said_not_drawn_empty(tmp_path):
     assert any("eval_every" in t.get_text() and "step 20" in t.get_text() for t in fig.axes[0].texts)
 
 
+def test_an_early_stop_at_every_last_step_is_said(sweep):
+    root, ids = sweep  # two evaluations a level, every early-stop step the last one
+    fig = figures.early_stop_vs_density(load_runs(root, run_ids=[ids[0.2]]))
+    assert fig.axes[0].get_lines()
+    assert any("still improving" in t.get_text() for t in fig.axes[0].texts)
+
+
 # ---------------------------------------------------------------------------- item 9: what a reviewer asked for
 
 def test_accuracy_figure_has_a_dense_line_and_says_weights_remaining(sweep):
@@ -226,7 +233,8 @@ def test_accuracy_figure_has_a_dense_line_and_says_weights_remaining(sweep):
     dense = [ln for ln in fig.axes[0].get_lines() if getattr(ln, "arm", None) == "dense"]
     level0 = summarize(df).query("level == 0")["final_accuracy_mean"].iloc[0]
     assert len(dense) == 1 and np.allclose(dense[0].get_ydata(), 100 * level0)
-    assert "weights remaining" in fig._suptitle.get_text()
+    titles = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes]
+    assert any("accuracy vs weights remaining" in t for t in titles)
 
 
 def test_learning_curves_pair_the_ticket_with_its_reinit_dashed_with_seed_bands(sweep):

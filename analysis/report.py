@@ -35,9 +35,13 @@ def _mask_plans(root, out: Path, run_ids=None) -> list:
     from . import mask_figures as mf
     from .masks import ALL, mask_analysis
 
-    tables = mask_analysis(root)
-    if run_ids is not None:
-        tables = {k: t[t["run_id"].isin(set(run_ids))] if "run_id" in t else t for k, t in tables.items()}
+    from .runs import run_dirs
+    if run_ids is None:
+        tables = mask_analysis(root)
+    else:  # the chosen runs only: the analysis reads every mask of a run it is given
+        parts = [mask_analysis(d) for d in run_dirs(Path(root)) if d.name in set(run_ids)]
+        tables = {k: pd.concat([t[k] for t in parts if not t[k].empty] or [pd.DataFrame()], ignore_index=True)
+                  for k in ("ticket", "seeds", "levels", "earlybird")}
     plans = []
     ticket, seeds, levels, eb = tables["ticket"], tables["seeds"], tables["levels"], tables["earlybird"]
     if not ticket.empty and (ticket["level"] > 0).any():

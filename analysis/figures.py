@@ -611,7 +611,7 @@ def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
     bits; a QAT line starts from its float_ft control (float fine-tuned with QAT's schedule) where the
     store has it. One run."""
     _one_run(df, "accuracy_vs_bits")
-    points = compression_points(df)
+    points = compression_points(df.assign(size_bytes=df["size_bytes"].fillna(0)))  # sizes are not drawn here
     levels = sorted(points["level"].unique())
     quantized_levels = sorted(points.loc[points["bits"] < 32, "level"].unique())
     pick = quantized_levels or levels

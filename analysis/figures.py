@@ -39,7 +39,8 @@ ARM_STYLE = {
     "synflow": dict(color=ARM_COLOR["synflow"], marker="h", label="SynFlow"),
     "snip_shuffle": dict(color=ARM_COLOR["snip"], marker="P", linestyle="--", label="SNIP, shuffled per layer"),
     "grasp_shuffle": dict(color=ARM_COLOR["grasp"], marker="X", linestyle="--", label="GraSP, shuffled per layer"),
-    "synflow_shuffle": dict(color=ARM_COLOR["synflow"], marker="h", linestyle="--", label="SynFlow, shuffled per layer"),
+    "synflow_shuffle": dict(color=ARM_COLOR["synflow"], marker="h", linestyle="--",
+                            label="SynFlow, shuffled per layer"),
 }
 PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")
 BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}

@@ -123,7 +123,8 @@ def _with_keys(summary: pd.DataFrame, table: pd.DataFrame, keys: list[str]) -> p
     """``summary`` with a column per swept setting (merged on run_id), placed after run_id."""
     if not keys:
         return summary
-    out = summary.merge(table[["run_id"] + keys], on="run_id", how="left")
+    missing = [k for k in keys if k not in summary.columns]  # summarize may carry them already
+    out = summary.merge(table[["run_id"] + missing], on="run_id", how="left") if missing else summary
     first = list(summary.columns[:1]) + keys
     return out[first + [c for c in out.columns if c not in first]]
 

@@ -490,6 +490,7 @@ def quant_heatmap(quant: pd.DataFrame, method: str | None = None, arm: str = "ti
     ``fig.heatmap_tables``: setting label -> the plotted table (row 32 = float); ``fig.heatmap_table``: the
     first."""
     _one_run(quant, "quant_heatmap")
+    quant = quant[quant["method"] != "float"]  # a load_runs table will do: its quant and float_ft rows
     q = _setting_frame(quant[quant["arm"] == arm])
     if method is not None:
         q = q[q["method"].isin([method, "float_ft"] if method == "qat" else [method])]
@@ -606,6 +607,21 @@ def accuracy_vs_size(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _float_ft_points(df: pd.DataFrame) -> pd.DataFrame:
+    """The float_ft rows of a load_runs table as :func:`compression_points` rows (mean and seed spread)."""
+    ft = df[df["method"] == "float_ft"] if "method" in df else df.iloc[:0]
+    if ft.empty:
+        return pd.DataFrame()
+    ft = ft.assign(arm=np.where(ft["level"] == 0, "dense", ft["arm"]))
+    out = []
+    for key, g in ft.groupby(POINT_KEYS, sort=False, dropna=False):
+        mean, lo, hi, rule = seed_spread(g["accuracy"])
+        out.append({**dict(zip(POINT_KEYS, key)), "size_bytes": float(g["size_bytes"].mean()),
+                    "density": float(g["density"].mean()), "accuracy": mean, "low": lo, "high": hi,
+                    "seeds": int(g["seed"].nunique()), "rule": rule})
+    return pd.DataFrame(out)
+
+
 def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
     """Test accuracy vs weight bits at a few densities (one panel each; dense at 100%): one line per arm
     (colour) and quantization setting (marker and line style: the method), from the float network at 32
@@ -613,6 +629,8 @@ def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
     store has it. One run."""
     _one_run(df, "accuracy_vs_bits")
     points = compression_points(df.assign(size_bytes=df["size_bytes"].fillna(0)))  # sizes are not drawn here
+    if not (points["method"] == "float_ft").any():  # QAT's float controls are references, not compressed models
+        points = pd.concat([points, _float_ft_points(df)], ignore_index=True)
     levels = sorted(points["level"].unique())
     quantized_levels = sorted(points.loc[points["bits"] < 32, "level"].unique())
     pick = quantized_levels or levels

@@ -198,7 +198,7 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
                 "PTQ hollow squares, dashed; QAT filled circles, solid, from its float_ft control where "
                 "computed) at a few densities.")
         if (quant["arm"] == "ticket").any():
-            per_run("quant_heatmap", quant, figures.quant_heatmap,
+            per_run("quant_heatmap", with_quant, figures.quant_heatmap,
                     "Test accuracy of quantized tickets per weight bits and weights remaining, one panel per "
                     "quantization setting (mean over seeds only); top row: the float network (for QAT: float "
                     "fine-tuned with QAT's schedule, where computed).")

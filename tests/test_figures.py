@@ -191,7 +191,7 @@ def test_float_ft_is_the_float_reference_of_qat(tmp_path):
     root = tmp_path / "runs"
     make_run(root, BASE, levels=2, quant=lambda r, lv, d: quant_table(r, lv, d, float_ft=True))
     full = load_runs(root)
-    fig = figures.quant_heatmap(quant_rows(full))
+    fig = figures.quant_heatmap(full)
     assert set(fig.heatmap_tables) == {"PTQ", "QAT"}  # float_ft is no panel of its own
     assert fig.heatmap_tables["QAT"].loc[32, 0.8] == pytest.approx(np.mean([0.93 - 0.01 * s for s in SEEDS]))
     assert fig.heatmap_tables["PTQ"].loc[32, 0.8] == pytest.approx(0.88)
@@ -200,6 +200,8 @@ def test_float_ft_is_the_float_reference_of_qat(tmp_path):
     fig = figures.accuracy_vs_bits(full)
     starts = {ln.method: ln.start for ln in fig.axes[0].get_lines() if hasattr(ln, "start")}
     assert starts == {"ptq": "float", "qat": "float_ft"}
+    qat = [ln for ln in fig.axes[0].get_lines() if getattr(ln, "method", None) == "qat"][0]
+    assert qat.get_ydata()[-1] == pytest.approx(100 * np.mean([0.93 - 0.01 * s for s in SEEDS]))  # at 32 bits
     unsized = full.assign(size_bytes=np.nan)  # the bits figure draws no sizes: it needs none
     fig = figures.accuracy_vs_bits(unsized)
     assert {ln.method: ln.start for ln in fig.axes[0].get_lines() if hasattr(ln, "start")} == starts

@@ -39,7 +39,8 @@ ARM_STYLE = {
     "synflow": dict(color=ARM_COLOR["synflow"], marker="h", label="SynFlow"),
     "snip_shuffle": dict(color=ARM_COLOR["snip"], marker="P", linestyle="--", label="SNIP, shuffled per layer"),
     "grasp_shuffle": dict(color=ARM_COLOR["grasp"], marker="X", linestyle="--", label="GraSP, shuffled per layer"),
-    "synflow_shuffle": dict(color=ARM_COLOR["synflow"], marker="h", linestyle="--", label="SynFlow, shuffled per layer"),
+    "synflow_shuffle": dict(color=ARM_COLOR["synflow"], marker="h", linestyle="--",
+                            label="SynFlow, shuffled per layer"),
 }
 PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")
 BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}
@@ -197,12 +198,15 @@ def _density_figure(df: pd.DataFrame, y: str, scale: float, ylabel: str, title: 
             _density_axis(ax, s["density"])
             ax.set_title(name, fontsize=9)
         axes[0].set_ylabel(ylabel)
-        fig.suptitle(f"{_title(df)}: {title}", fontsize=11)
+        if len(axes) == 1:  # the axes' own title: a figure title would run into a legend beside the axes
+            axes[0].set_title(f"{_title(df)}: {title}")
+        else:
+            fig.suptitle(f"{_title(df)}: {title}", fontsize=11)
         handles, names = axes[-1].get_legend_handles_labels()
         if len(handles) > 5:  # beside the axes, never over the curves
             w, h = fig.get_size_inches()
             fig.set_size_inches(w + 2.8, h)
-            fig.legend(handles, names, loc="outside right upper", title=_seeds_note(summarize(df, split=split)),
+            fig.legend(handles, names, loc="outside right center", title=_seeds_note(summarize(df, split=split)),
                        title_fontsize=8, fontsize=min(legend_size, 7))
         else:
             axes[-1].legend(title=_seeds_note(summarize(df, split=split)), title_fontsize=8, fontsize=legend_size)
@@ -250,8 +254,16 @@ def early_stop_vs_density(df: pd.DataFrame, by: str | None = None) -> plt.Figure
     fewer than 2 evaluations per level the step can only be the last one: the axes say so instead."""
     missing = _too_few_evals(df, "an early-stopping step")
     if missing is None:
-        return _density_figure(df, "early_stop_step", 1, "early-stop step (iterations)",
-                               "early-stopping step vs weights remaining", by=by)
+        fig = _density_figure(df, "early_stop_step", 1, "early-stop step (iterations)",
+                              "early-stopping step vs weights remaining", by=by)
+        d = df[(df["method"] == "float") if "method" in df else slice(None)]
+        last = d.groupby(["run_id", "arm", "seed", "level"])["step"].transform("max")
+        if len(d) and (d["early_stop_step"] == last).all():  # flat at the end: say why
+            for ax in fig.axes[:1]:
+                ax.text(0.02, 0.04, "every early-stop step is the member's last evaluation:\nstill improving "
+                        "when training ended (train longer to see an early stop)", transform=ax.transAxes,
+                        fontsize=7, va="bottom", bbox=dict(boxstyle="round", facecolor="white", edgecolor=GREY))
+        return fig
     return _missing_figure(missing, f"{_title(df)}: early-stopping step vs weights remaining")
 
 
@@ -478,6 +490,7 @@ def quant_heatmap(quant: pd.DataFrame, method: str | None = None, arm: str = "ti
     ``fig.heatmap_tables``: setting label -> the plotted table (row 32 = float); ``fig.heatmap_table``: the
     first."""
     _one_run(quant, "quant_heatmap")
+    quant = quant[quant["method"] != "float"]  # a load_runs table will do: its quant and float_ft rows
     q = _setting_frame(quant[quant["arm"] == arm])
     if method is not None:
         q = q[q["method"].isin([method, "float_ft"] if method == "qat" else [method])]
@@ -594,13 +607,30 @@ def accuracy_vs_size(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _float_ft_points(df: pd.DataFrame) -> pd.DataFrame:
+    """The float_ft rows of a load_runs table as :func:`compression_points` rows (mean and seed spread)."""
+    ft = df[df["method"] == "float_ft"] if "method" in df else df.iloc[:0]
+    if ft.empty:
+        return pd.DataFrame()
+    ft = ft.assign(arm=np.where(ft["level"] == 0, "dense", ft["arm"]))
+    out = []
+    for key, g in ft.groupby(POINT_KEYS, sort=False, dropna=False):
+        mean, lo, hi, rule = seed_spread(g["accuracy"])
+        out.append({**dict(zip(POINT_KEYS, key)), "size_bytes": float(g["size_bytes"].mean()),
+                    "density": float(g["density"].mean()), "accuracy": mean, "low": lo, "high": hi,
+                    "seeds": int(g["seed"].nunique()), "rule": rule})
+    return pd.DataFrame(out)
+
+
 def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
     """Test accuracy vs weight bits at a few densities (one panel each; dense at 100%): one line per arm
     (colour) and quantization setting (marker and line style: the method), from the float network at 32
     bits; a QAT line starts from its float_ft control (float fine-tuned with QAT's schedule) where the
     store has it. One run."""
     _one_run(df, "accuracy_vs_bits")
-    points = compression_points(df)
+    points = compression_points(df.assign(size_bytes=df["size_bytes"].fillna(0)))  # sizes are not drawn here
+    if not (points["method"] == "float_ft").any():  # QAT's float controls are references, not compressed models
+        points = pd.concat([points, _float_ft_points(df)], ignore_index=True)
     levels = sorted(points["level"].unique())
     quantized_levels = sorted(points.loc[points["bits"] < 32, "level"].unique())
     pick = quantized_levels or levels

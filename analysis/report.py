@@ -51,9 +51,13 @@ def _mask_plans(root, out: Path, run_ids=None) -> list:
     from . import mask_figures as mf
     from .masks import ALL, mask_analysis
 
-    tables = mask_analysis(root)
-    if run_ids is not None:
-        tables = {k: t[t["run_id"].isin(set(run_ids))] if "run_id" in t else t for k, t in tables.items()}
+    from .runs import run_dirs
+    if run_ids is None:
+        tables = mask_analysis(root)
+    else:  # the chosen runs only: the analysis reads every mask of a run it is given
+        parts = [mask_analysis(d) for d in run_dirs(Path(root)) if d.name in set(run_ids)]
+        tables = {k: pd.concat([t[k] for t in parts if not t[k].empty] or [pd.DataFrame()], ignore_index=True)
+                  for k in ("ticket", "seeds", "levels", "earlybird")}
     plans = []
     ticket, seeds, levels, eb = tables["ticket"], tables["seeds"], tables["levels"], tables["earlybird"]
     if not ticket.empty and (ticket["level"] > 0).any():
@@ -135,7 +139,8 @@ def _with_keys(summary: pd.DataFrame, table: pd.DataFrame, keys: list[str]) -> p
     """``summary`` with a column per swept setting (merged on run_id), placed after run_id."""
     if not keys:
         return summary
-    out = summary.merge(table[["run_id"] + keys], on="run_id", how="left")
+    missing = [k for k in keys if k not in summary.columns]  # summarize may carry them already
+    out = summary.merge(table[["run_id"] + missing], on="run_id", how="left") if missing else summary
     first = list(summary.columns[:1]) + keys
     return out[first + [c for c in out.columns if c not in first]]
 
@@ -209,7 +214,7 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
                 "PTQ hollow squares, dashed; QAT filled circles, solid, from its float_ft control where "
                 "computed) at a few densities.")
         if (quant["arm"] == "ticket").any():
-            per_run("quant_heatmap", quant, figures.quant_heatmap,
+            per_run("quant_heatmap", with_quant, figures.quant_heatmap,
                     "Test accuracy of quantized tickets per weight bits and weights remaining, one panel per "
                     "quantization setting (mean over seeds only); top row: the float network (for QAT: float "
                     "fine-tuned with QAT's schedule, where computed).")

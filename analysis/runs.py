@@ -410,5 +410,6 @@ def experiments(runs: pd.DataFrame) -> dict[str, list[str]]:
     for k in dict.fromkeys(key):
         ids = sorted(runs.loc[key == k, "run_id"])
         name = str(runs.loc[key == k, "experiment"].iloc[0]) or "experiment"
-        groups[name if name not in groups and (runs["experiment"] == name).sum() == len(ids) else f"{name}_{ids[0]}"] = ids
+        alone = name not in groups and (runs["experiment"] == name).sum() == len(ids)
+        groups[name if alone else f"{name}_{ids[0]}"] = ids
     return groups

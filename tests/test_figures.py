@@ -191,7 +191,7 @@ def test_float_ft_is_the_float_reference_of_qat(tmp_path):
     root = tmp_path / "runs"
     make_run(root, BASE, levels=2, quant=lambda r, lv, d: quant_table(r, lv, d, float_ft=True))
     full = load_runs(root)
-    fig = figures.quant_heatmap(quant_rows(full))
+    fig = figures.quant_heatmap(full)
     assert set(fig.heatmap_tables) == {"PTQ", "QAT"}  # float_ft is no panel of its own
     assert fig.heatmap_tables["QAT"].loc[32, 0.8] == pytest.approx(np.mean([0.93 - 0.01 * s for s in SEEDS]))
     assert fig.heatmap_tables["PTQ"].loc[32, 0.8] == pytest.approx(0.88)
@@ -200,6 +200,11 @@ def test_float_ft_is_the_float_reference_of_qat(tmp_path):
     fig = figures.accuracy_vs_bits(full)
     starts = {ln.method: ln.start for ln in fig.axes[0].get_lines() if hasattr(ln, "start")}
     assert starts == {"ptq": "float", "qat": "float_ft"}
+    qat = [ln for ln in fig.axes[0].get_lines() if getattr(ln, "method", None) == "qat"][0]
+    assert qat.get_ydata()[-1] == pytest.approx(100 * np.mean([0.93 - 0.01 * s for s in SEEDS]))  # at 32 bits
+    unsized = full.assign(size_bytes=np.nan)  # the bits figure draws no sizes: it needs none
+    fig = figures.accuracy_vs_bits(unsized)
+    assert {ln.method: ln.start for ln in fig.axes[0].get_lines() if hasattr(ln, "start")} == starts
 
 
 # ---------------------------------------------------------------------------- item 8: too few evaluations
@@ -217,6 +222,13 @@ def test_one_evaluation_per_level_is_said_not_drawn_empty(tmp_path):
     assert any("eval_every" in t.get_text() and "step 20" in t.get_text() for t in fig.axes[0].texts)
 
 
+def test_an_early_stop_at_every_last_step_is_said(sweep):
+    root, ids = sweep  # two evaluations a level, every early-stop step the last one
+    fig = figures.early_stop_vs_density(load_runs(root, run_ids=[ids[0.2]]))
+    assert fig.axes[0].get_lines()
+    assert any("still improving" in t.get_text() for t in fig.axes[0].texts)
+
+
 # ---------------------------------------------------------------------------- item 9: what a reviewer asked for
 
 def test_accuracy_figure_has_a_dense_line_and_says_weights_remaining(sweep):
@@ -226,7 +238,8 @@ def test_accuracy_figure_has_a_dense_line_and_says_weights_remaining(sweep):
     dense = [ln for ln in fig.axes[0].get_lines() if getattr(ln, "arm", None) == "dense"]
     level0 = summarize(df).query("level == 0")["final_accuracy_mean"].iloc[0]
     assert len(dense) == 1 and np.allclose(dense[0].get_ydata(), 100 * level0)
-    assert "weights remaining" in fig._suptitle.get_text()
+    titles = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes]
+    assert any("accuracy vs weights remaining" in t for t in titles)
 
 
 def test_learning_curves_pair_the_ticket_with_its_reinit_dashed_with_seed_bands(sweep):

@@ -157,7 +157,7 @@ def test_lth_report_wandb_logs_the_figures_it_wrote(tmp_path, monkeypatch, capsy
     import analysis.report
     from lth.cli import main
 
-    def fake_report(root, out):  # the figures of a report, without drawing them
+    def fake_report(root, out, **kw):  # the figures of a report, without drawing them
         Path(out).mkdir(parents=True)
         Path(out, "accuracy_vs_density.png").write_bytes(_png())
         return {"accuracy_vs_density": "caption"}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, legacy_filled
 from .data import load_dataset
 from .models import build_model
 from .store import (RunStore, StoreError, check_hparams, load_tree, read_hparams, read_json, read_parquet,
@@ -31,7 +31,7 @@ def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
     hparams = read_hparams(path / "hparams.json")
     check_hparams(path / "hparams.json", hparams, path.name)  # not edited after its results were made
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    raw = {k: v for k, v in hparams.items() if k in known and k != "quant"}  # quant: not the run's identity
+    raw = {k: v for k, v in legacy_filled(hparams).items() if k in known and k != "quant"}  # quant: not the run's identity
     return ExperimentConfig.from_dict(raw, str(path / "hparams.json")), hparams
 
 

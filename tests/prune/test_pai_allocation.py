@@ -13,7 +13,8 @@ import pytest
 from lth.config import ExperimentConfig, PruneConfig, stored_run_id
 from lth.lottery.arms import ARMS, ArmStart
 from lth.prune.criteria import CRITERIA, Signals
-from lth.prune.masks import keep_counts, keep_global, prune_by_score
+from lth.prune.masks import keep_global, prune_by_score
+from lth.prune.signals import synflow_schedule
 
 
 class MLP(nn.Module):
@@ -75,18 +76,17 @@ def test_global_allocation_keeps_the_tickets_overall_count_at_the_methods_own_la
 
 
 def test_global_synflow_prunes_on_the_global_exponential_schedule():
-    t, cfg, _ = _start({"synflow_rounds": 1})
+    t, _, _ = _start({"synflow_rounds": 1})
     total = sum(_layer_counts(t.mask, t.can_prune))
     one = CRITERIA["synflow"](t.weights["params"], dataclasses.replace(t.signals(t.weights), keep=total,
                                                                        can_prune=t.can_prune))
     dense = CRITERIA["synflow"](t.weights["params"], t.signals(t.weights))  # one evaluation, no pruning
     want = keep_global(dense, t.can_prune, total)  # one round: the global top-k of the dense scores
-    for s, w, p in zip(jax.tree.leaves(one), jax.tree.leaves(want), jax.tree.leaves(t.can_prune)):
+    for s, w in zip(jax.tree.leaves(one), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.isfinite(s), w)
     many, _, _ = _start({"synflow_rounds": 30})
     many_mask = ARMS["synflow"](many)[1]
     assert sum(_layer_counts(many_mask, many.can_prune)) == total
-    from lth.prune.signals import synflow_schedule
     n = sum(int(np.size(m)) for m, p in zip(jax.tree.leaves(t.mask), jax.tree.leaves(t.can_prune)) if p)
     sched = synflow_schedule(total, n, 30)
     assert sched[-1] == total and sched[0] == int(np.floor(n * (total / n) ** (1 / 30) + 0.5))

@@ -28,9 +28,20 @@ class ConfigError(ValueError):
     """A bad experiment setting. The message names the key, the value and what is allowed."""
 
 
-def _spec(check=None, allowed: str | None = None, result: bool = True, doc: str = ""):
-    """Field metadata: an extra predicate with its human description, and whether it changes results."""
-    return {"check": check, "allowed": allowed, "result": result, "doc": doc}
+_NO_LEGACY = object()
+
+
+def _spec(check=None, allowed: str | None = None, result: bool = True, doc: str = "", legacy=_NO_LEGACY,
+          applies=None):
+    """Field metadata: an extra predicate with its human description, and whether it changes results.
+
+    ``legacy``: for a field added with a default that changes results, the value that stores written
+    before it existed were computed with; ``applies(cfg)``: whether the field changes this run's results
+    at all. The run id then leaves the legacy value out instead of the default, and the field out where
+    it does not apply (:func:`_with_legacy_fields`), so old stores keep their ids and a run that the new
+    default changes gets a new one; a stored hparams.json without the field reads as the legacy value
+    (:func:`legacy_filled`)."""
+    return {"check": check, "allowed": allowed, "result": result, "doc": doc, "legacy": legacy, "applies": applies}
 
 
 def _f(default, **kw):
@@ -46,6 +57,7 @@ _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow", "snip_shuffle",
         "grasp_shuffle", "synflow_shuffle")
+PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")  # pruning at init
 # Quantization settings (lth.quant implements them; listed here so config imports no quantization code)
 QUANT_BITS = (8, 4, 3, 2, 1)
 QUANT_SCHEMES = ("sym", "asym")
@@ -203,7 +215,24 @@ class PruneConfig:
     synflow_rounds: int = _f(100, check=lambda v: v >= 1, allowed="an integer >= 1",
                              doc="SynFlow pruning rounds of the synflow arms (exponential density schedule "
                                  "per layer, Tanaka et al. 2020)")
-    hessian: Literal["hutchinson", "fisher"] = _f("hutchinson", doc="diagonal Hessian estimate for obd")
+    pai_allocation: Literal["global", "ticket"] = _f(
+        "global", legacy="ticket", applies=lambda cfg: bool(set(cfg.arms) & set(PAI_ARMS)),
+        doc="how the pruning-at-init arms (snip, grasp, synflow and their shuffles) spend the ticket's survivors. "
+            "global: as published (and in Frankle et al. 2021), each method ranks every prunable weight "
+            "together and keeps the ticket's overall count, choosing its own per-layer densities (synflow: "
+            "the exponential schedule on the global density); the *_shuffle arms permute within each layer "
+            "at those counts. ticket: each layer keeps its highest scores, as many as the ticket keeps there "
+            "(the ticket's layer budget filled by another score; the only behaviour of stores written "
+            "before this setting, which read as ticket)")
+    grasp_temperature: float = _f(
+        200.0, check=_pos[0], allowed=_pos[1], legacy=1.0,
+        applies=lambda cfg: bool({"grasp", "grasp_shuffle"} & set(cfg.arms)) or cfg.prune.criterion == "grasp",
+        doc="GraSP's softmax temperature T: its g and Hg are of the cross-entropy of logits / T (the "
+            "authors run T = 200; 1 = no temperature, as stores written before this setting)")
+    hessian: Literal["hutchinson", "fisher"] = _f(
+        "hutchinson", doc="diagonal Hessian estimate for obd: hutchinson (unbiased diag(H), Rademacher probes) "
+                          "or fisher (the per-example empirical Fisher diagonal, mean of squared per-example "
+                          "gradients; PSD)")
     hessian_samples: int = _f(8, check=lambda v: v >= 1, allowed="an integer >= 1",
                               doc="Hutchinson probes per batch for obd")
     schedule: Literal["imp", "oneshot", "gradual"] = _f(
@@ -423,9 +452,11 @@ class ExperimentConfig:
     def result_dict(self) -> dict[str, Any]:
         """The fields that change results, omitting those at their default.
 
-        Omitting defaults keeps old run ids valid when a new field with a default is added.
+        Omitting defaults keeps old run ids valid when a new field with a default is added. A field
+        whose new default changes results (``legacy`` in its metadata) is left out at its legacy value
+        instead, and where it does not apply to the run (:func:`_with_legacy_fields`).
         """
-        return _result_fields(self)
+        return _with_legacy_fields(self, _result_fields(self))
 
     def identity_dict(self) -> dict[str, Any]:
         """What names a run's results: :meth:`result_dict` without ``prune.levels``, ``seeds`` and
@@ -515,6 +546,47 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
                           f"{cfg.model.name!r} (only by 'mlp'); remove it, or scale the model with model.width")
 
 
+def _legacy_fields():
+    """``(section, field)`` of every section field with a ``legacy`` value."""
+    for sec in dataclasses.fields(ExperimentConfig):
+        tp = sec.default_factory  # the sections that are always there (a [quant] table may be None)
+        if not dataclasses.is_dataclass(tp):
+            continue
+        for f in dataclasses.fields(tp):
+            if f.metadata.get("legacy", _NO_LEGACY) is not _NO_LEGACY:
+                yield sec, f
+
+
+def _with_legacy_fields(cfg: "ExperimentConfig", d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (:func:`_result_fields` of ``cfg``) with each field that has a ``legacy`` value in it only where
+    it applies to ``cfg`` and differs from the legacy value: a store written before the field existed
+    hashes to its old id, and a run that the new default changes to a new one."""
+    for sec, f in _legacy_fields():
+        if not sec.metadata.get("result", True):
+            continue
+        part = dict(d.get(sec.name, {}))
+        part.pop(f.name, None)
+        v = getattr(getattr(cfg, sec.name), f.name)
+        applies = f.metadata.get("applies")
+        if v != f.metadata["legacy"] and (applies is None or applies(cfg)):
+            part[f.name] = _to_jsonable(v)
+        if part:
+            d[sec.name] = part
+        else:
+            d.pop(sec.name, None)
+    return d
+
+
+def legacy_filled(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's settings with every field it lacks that has a ``legacy`` value set to that value
+    (the run was computed before the field existed, with the legacy behaviour)."""
+    out = dict(hparams)
+    for sec, f in _legacy_fields():
+        if isinstance(out.get(sec.name), dict) and f.name not in out[sec.name]:
+            out[sec.name] = {**out[sec.name], f.name: f.metadata["legacy"]}
+    return out
+
+
 def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json", *, legacy: bool = False) -> str:
     """The run id that a stored ``hparams.json`` hashes to (its settings; for a ``train --mask`` run
     also its ``mask`` entry, as :func:`lth.lottery.masked.run_id` does). ``legacy``: the id under the
@@ -523,7 +595,7 @@ def stored_run_id(hparams: dict[str, Any], where: str = "hparams.json", *, legac
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     token = _RESOLVE_NAMES.set(False)  # hashing only: a user model's module need not be importable here
     try:
-        cfg = ExperimentConfig.from_dict({k: v for k, v in hparams.items() if k in names}, where)
+        cfg = ExperimentConfig.from_dict({k: v for k, v in legacy_filled(hparams).items() if k in names}, where)
     finally:
         _RESOLVE_NAMES.reset(token)
     mask = hparams.get("mask")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import registry
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, legacy_filled
 from .data import load_dataset
 from .models import build_model
 from .store import (RunStore, StoreError, check_fingerprint, check_hparams, load_tree, read_hparams,
@@ -32,7 +32,7 @@ def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
     hparams = read_hparams(path / "hparams.json")
     check_hparams(path / "hparams.json", hparams, path.name)  # not edited after its results were made
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    raw = {k: v for k, v in hparams.items() if k in known and k != "quant"}  # quant: not the run's identity
+    raw = {k: v for k, v in legacy_filled(hparams).items() if k in known and k != "quant"}  # quant: not the run's identity
     return ExperimentConfig.from_dict(raw, str(path / "hparams.json")), hparams
 
 

@@ -10,11 +10,13 @@ a narrower dense model apart from the level's population (:meth:`lth.lottery.run
 - ``shuffle``: the ticket's mask permuted within each layer, rewind-point weights;
 - ``snip``, ``grasp``, ``synflow``: pruning at initialization (Lee et al. 2019; Wang et al. 2020;
   Tanaka et al. 2020): the criterion of that name scores the ticket's start weights (the rewind
-  point: the init for ``rewind.step = 0``, the dense run's step-k weights for late rewinding), and
-  each layer keeps its highest scores, exactly as many as the ticket keeps in that layer;
-  the start weights are the ticket's;
-- ``snip_shuffle``, ``grasp_shuffle``, ``synflow_shuffle``: those masks permuted within each layer
-  (the layerwise-shuffle ablation of Frankle et al. 2021), same start weights.
+  point: the init for ``rewind.step = 0``, the dense run's step-k weights for late rewinding) and
+  keeps as many weights as the ticket keeps in all: ranked over every prunable weight together, as
+  published (``prune.pai_allocation = "global"``, the method chooses its per-layer densities), or
+  per layer at the ticket's counts (``"ticket"``); the start weights are the ticket's;
+- ``snip_shuffle``, ``grasp_shuffle``, ``synflow_shuffle``: those masks permuted within each layer,
+  so at the method's own per-layer counts (the layerwise-shuffle ablation of Frankle et al. 2021),
+  same start weights.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import numpy as np
 
 from ..prune.criteria import CRITERIA, Signals
-from ..prune.masks import keep_counts, random_mask_like, shuffle_mask
+from ..prune.masks import keep_counts, keep_global, random_mask_like, shuffle_mask
 from ..train import init_population, unstack
 from ..trees import to_numpy
 
@@ -97,12 +99,19 @@ def shuffle(t: ArmStart) -> tuple[dict, Any]:
 
 
 def pai_mask(t: ArmStart, criterion: str) -> Any:
-    """The mask that ``criterion`` gives the ticket's start weights at the ticket's per-layer counts."""
+    """The mask that ``criterion`` gives the ticket's start weights with as many survivors as the ticket:
+    pooled over the prunable leaves (``prune.pai_allocation = "global"``) or per leaf (``"ticket"``)."""
     if t.memo is not None and criterion in t.memo:
         return t.memo[criterion]
     counts = jax.tree.map(lambda m: int(np.sum(m)), t.mask)
-    sig = dataclasses.replace(t.signals(t.weights), keep=counts)
-    mask = keep_counts(CRITERIA[criterion](t.weights["params"], sig), counts)
+    sig = t.signals(t.weights)
+    if sig.cfg.pai_allocation == "ticket":
+        sig = dataclasses.replace(sig, keep=counts)
+        mask = keep_counts(CRITERIA[criterion](t.weights["params"], sig), counts)
+    else:
+        total = sum(c for c, p in zip(jax.tree.leaves(counts), jax.tree.leaves(t.can_prune)) if p)
+        sig = dataclasses.replace(sig, keep=total, can_prune=t.can_prune)
+        mask = keep_global(CRITERIA[criterion](t.weights["params"], sig), t.can_prune, total)
     if t.memo is not None:
         t.memo[criterion] = mask
     return mask

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import registry
 from ..config import PruneConfig
+from ..models import layer_kinds, structure_of
 from ..trees import to_device, to_numpy
 from .signals import hessian_diagonal, hessian_gradient_product, mean_gradient, synflow_scores
 
@@ -55,9 +56,10 @@ class Signals:
     """What a criterion may use besides the weights of one trained member.
 
     ``batches()``: the member's first ``prune.criterion_batches`` training batches ``[(x, y), ...]``.
-    ``input_shape``: one example's shape (data-free criteria); ``keep``: per leaf, the survivors the
-    caller will keep (pruning-at-init arms), which iterative criteria (synflow) prune towards; None
-    for IMP, where the rates decide.
+    ``input_shape``: one example's shape (data-free criteria); ``keep``: the survivors the caller will
+    keep (pruning-at-init arms), which iterative criteria (synflow) prune towards: per leaf, or one int
+    for all ``can_prune`` leaves pooled (``prune.pai_allocation = "global"``); None for IMP, where the
+    rates decide. ``can_prune``: per leaf, prunable (needed with an int ``keep``).
     """
     model: Any
     params: PyTree
@@ -67,7 +69,8 @@ class Signals:
     cfg: PruneConfig
     batches: Callable[[], list]
     input_shape: tuple | None = None
-    keep: PyTree | None = None
+    keep: PyTree | int | None = None
+    can_prune: PyTree | None = None
 
 
 Criterion = Callable[[PyTree, Signals], PyTree]
@@ -105,18 +108,29 @@ def _snip(params: PyTree, sig: Signals) -> PyTree:
     return _saliency(params, sig)
 
 
+def kernel_leaves(model, params: PyTree) -> PyTree:
+    """Per leaf bool: a Dense/Conv kernel (what GraSP differentiates; not biases or norm parameters)."""
+    return jax.tree.map(lambda k: k in ("dense", "conv", "output"), layer_kinds(params, structure_of(model)))
+
+
 @register("grasp")
 def _grasp(params: PyTree, sig: Signals) -> PyTree:
+    """GraSP as its authors run it: the loss of ``logits / prune.grasp_temperature`` (T = 200), ``g`` and
+    ``H g`` over the kernels only (``H_ww g_w``; a bias entry scores ``b (H_bw g_w)``)."""
     p, b = to_device(params), to_device(sig.batch_stats)
-    return grasp_scores(params, to_numpy(hessian_gradient_product(sig.model, p, b, sig.batches())))
+    hg = hessian_gradient_product(sig.model, p, b, sig.batches(), sig.cfg.grasp_temperature,
+                                  kernel_leaves(sig.model, params))
+    return grasp_scores(params, to_numpy(hg))
 
 
 @register("synflow")
 def _synflow(params: PyTree, sig: Signals) -> PyTree:
     """SynFlow (Tanaka et al. 2020): data-free; iterative over ``prune.synflow_rounds`` rounds towards
-    ``sig.keep`` when given (see :func:`lth.prune.signals.synflow_scores`), else one evaluation."""
+    ``sig.keep`` when given, per leaf or pooled over ``sig.can_prune`` (see
+    :func:`lth.prune.signals.synflow_scores`), else one evaluation."""
     shape = sig.input_shape if sig.input_shape is not None else np.shape(sig.batches()[0][0])[1:]
-    return synflow_scores(sig.model, params, sig.batch_stats, shape, sig.keep, sig.cfg.synflow_rounds)
+    return synflow_scores(sig.model, params, sig.batch_stats, shape, sig.keep, sig.cfg.synflow_rounds,
+                          sig.can_prune)
 
 
 @register("obd")

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import PruneConfig
 from ..models import Structure, layer_key, layer_kind, path_names
 from .criteria import magnitude_scores
+from .signals import top_count_global
 
 PyTree = Any
 
@@ -148,6 +149,14 @@ def keep_counts(scores: PyTree, counts: PyTree) -> PyTree:
         return _keep_top(s, np.ones(s.shape, bool), int(k))
 
     return jax.tree.map(one, scores, counts)
+
+
+def keep_global(scores: PyTree, can_prune: PyTree, k: int) -> PyTree:
+    """Mask keeping the ``k`` highest scores of all ``can_prune`` leaves pooled (ties: the earlier leaf in
+    tree order, then the lower index); the other leaves stay all True. Pruning at initialization with
+    the method's own per-layer allocation."""
+    ones = jax.tree.map(lambda s: np.ones(np.shape(s), bool), scores)
+    return top_count_global(scores, ones, can_prune, int(k))
 
 
 def random_mask_like(mask: PyTree, can_prune: PyTree, rng: np.random.Generator) -> PyTree:

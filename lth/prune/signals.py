@@ -19,45 +19,55 @@ from ..models import ACTIVATIONS, path_names
 PyTree = Any
 
 
-def _loss(model, params, batch_stats, x, y):
+def _loss(model, params, batch_stats, x, y, temperature=1.0):
+    """Mean cross-entropy of the logits divided by ``temperature`` (GraSP's T; 1: the plain loss)."""
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     logits = model.apply(variables, x, train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits / temperature, y).mean()
 
 
 @functools.lru_cache(maxsize=64)
 def _grad_fn(model):
-    """Compiled ``(params, batch_stats, x, y) -> dL/dparams``, one per model (reused across members)."""
-    return jax.jit(jax.grad(lambda p, b, x, y: _loss(model, p, b, x, y)))
+    """Compiled ``(params, batch_stats, x, y, temperature) -> dL/dparams``, one per model (reused across
+    members; the temperature is traced, so it costs no compile)."""
+    return jax.jit(jax.grad(lambda p, b, x, y, t: _loss(model, p, b, x, y, t)))
 
 
 @functools.lru_cache(maxsize=64)
 def _hvp_fn(model):
-    """Compiled ``(params, batch_stats, v, x, y) -> H v`` (forward-over-reverse: jax.jvp of jax.grad)."""
-    def hvp(p, b, v, x, y):
-        return jax.jvp(jax.grad(lambda q: _loss(model, q, b, x, y)), (p,), (v,))[1]
+    """Compiled ``(params, batch_stats, v, x, y, temperature) -> H v`` (forward-over-reverse: jax.jvp of
+    jax.grad)."""
+    def hvp(p, b, v, x, y, t):
+        return jax.jvp(jax.grad(lambda q: _loss(model, q, b, x, y, t)), (p,), (v,))[1]
     return jax.jit(hvp)
 
 
-def mean_gradient(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> PyTree:
-    """Gradient of the mean cross-entropy, averaged over ``batches`` (SNIP uses one or a few)."""
+def mean_gradient(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                  temperature: float = 1.0) -> PyTree:
+    """Gradient of the mean cross-entropy (of ``logits / temperature``), averaged over ``batches`` (SNIP
+    uses one or a few)."""
     grad = _grad_fn(model)
     total = None
     for x, y in batches:
-        g = grad(params, batch_stats, jnp.asarray(x), jnp.asarray(y))
+        g = grad(params, batch_stats, jnp.asarray(x), jnp.asarray(y), temperature)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return jax.tree.map(lambda t: t / len(batches), total)
 
 
-def hessian_gradient_product(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> PyTree:
-    """``H g``: the loss Hessian times its gradient ``g``, both of the mean cross-entropy averaged over
-    ``batches`` (GraSP's signal, Wang et al. 2020, eq. 8). ``g`` is held fixed (computed first, over all
-    batches), then ``H_b g`` of each batch is averaged; exact, no sampling."""
-    g = mean_gradient(model, params, batch_stats, batches)
+def hessian_gradient_product(model, params, batch_stats, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                             temperature: float = 1.0, weights: PyTree | None = None) -> PyTree:
+    """``H g``: the loss Hessian times its gradient ``g``, both of the mean cross-entropy of ``logits /
+    temperature`` averaged over ``batches`` (GraSP's signal, Wang et al. 2020, eq. 8, with the authors'
+    temperature). ``g`` is held fixed (computed first, over all batches), then ``H_b g`` of each batch
+    is averaged; exact, no sampling. ``weights`` (per leaf bool): restrict ``g`` to those leaves, so the
+    weight entries of the result are ``H_ww g_w`` (GraSP differentiates the weights only, not biases)."""
+    g = mean_gradient(model, params, batch_stats, batches, temperature)
+    if weights is not None:
+        g = jax.tree.map(lambda gi, w: gi if w else jnp.zeros_like(gi), g, weights)
     hvp = _hvp_fn(model)
     total = None
     for x, y in batches:
-        hg = hvp(params, batch_stats, g, jnp.asarray(x), jnp.asarray(y))
+        hg = hvp(params, batch_stats, g, jnp.asarray(x), jnp.asarray(y), temperature)
         total = hg if total is None else jax.tree.map(jnp.add, total, hg)
     return jax.tree.map(lambda t: t / len(batches), total)
 
@@ -90,6 +100,25 @@ def top_count_mask(score: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     return keep.reshape(np.shape(mask))
 
 
+def top_count_global(scores: PyTree, mask: PyTree, can_prune: PyTree, k: int) -> PyTree:
+    """Mask keeping the ``k`` highest scores among the surviving entries of every ``can_prune`` leaf
+    pooled (ties to the earlier leaf, then the lower index: :func:`top_count_mask` on the concatenation
+    in tree order); the other leaves keep their mask."""
+    leaves_s, treedef = jax.tree.flatten(scores)
+    leaves_m = [np.asarray(m, bool) for m in treedef.flatten_up_to(mask)]
+    idx = [i for i, p in enumerate(treedef.flatten_up_to(can_prune)) if p]
+    new = [m.copy() for m in leaves_m]
+    if idx:
+        flat = np.concatenate([np.asarray(leaves_s[i], np.float64).ravel() for i in idx])
+        keep = top_count_mask(flat, np.concatenate([leaves_m[i].ravel() for i in idx]), k)
+        off = 0
+        for i in idx:
+            n = leaves_m[i].size
+            new[i] = keep[off:off + n].reshape(leaves_m[i].shape)
+            off += n
+    return jax.tree.unflatten(treedef, new)
+
+
 def _linearised_stats(batch_stats: PyTree) -> PyTree:
     """Batch-norm running statistics replaced by mean 0, variance 1: in inference mode every batch norm
     is then the positive map ``|scale| x / sqrt(1 + eps) + |bias|`` of SynFlow's linearised network."""
@@ -116,7 +145,8 @@ def _synflow_program(model, input_shape: tuple):
     return jax.jit(scores_of)
 
 
-def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None, rounds: int) -> PyTree:
+def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | int | None, rounds: int,
+                   can_prune: PyTree | None = None) -> PyTree:
     """SynFlow scores (Tanaka et al. 2020): ``|theta * dR/dtheta|`` with ``R = 1^T f(1; |theta|)``, the
     output sum of the network with every parameter in absolute value on an all-ones input (data-free).
 
@@ -124,14 +154,25 @@ def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None,
     over ``rounds`` rounds on the exponential schedule of :func:`synflow_schedule`, recomputing the
     scores on the masked network each round; the result is the last round's scores, ``-inf`` where a
     round pruned the weight, so keeping the ``keep`` highest gives the final mask exactly. ``keep =
-    None``: one evaluation on the given weights, no pruning. Batch norms run in inference mode with
+    None``: one evaluation on the given weights, no pruning. ``keep`` an int (with ``can_prune``, per
+    leaf bool): the survivors among all prunable weights together, pruned globally on the exponential
+    schedule of the global density (Tanaka et al. 2020, Algorithm 1: ``N (k/N)^(r/R)`` of the N prunable
+    weights after round r), each round keeping the highest scores of every prunable leaf pooled; the
+    other leaves are never pruned. Batch norms run in inference mode with
     mean 0 and variance 1 and absolute scale and bias (:func:`_linearised_stats`), so the network
     stays a positive linear map; computed in float64 against overflow of the product of layers.
     """
     sizes = jax.tree.map(lambda p: int(np.size(p)), params)
-    if keep is None:
-        keep, rounds = sizes, 1
-    schedule = synflow_schedule(keep, sizes, rounds)
+    pooled = isinstance(keep, (int, np.integer))
+    if pooled:
+        if can_prune is None:
+            raise ValueError("synflow_scores: a global keep count needs can_prune (which leaves are pruned)")
+        total = sum(int(n) for n, p in zip(jax.tree.leaves(sizes), jax.tree.leaves(can_prune)) if p)
+        schedule = synflow_schedule(int(keep), total, rounds)
+    else:
+        if keep is None:
+            keep, rounds = sizes, 1
+        schedule = synflow_schedule(keep, sizes, rounds)
     with jax.enable_x64(True):
         absp = jax.tree.map(lambda p: jnp.abs(jnp.asarray(p, jnp.float64)), params)
         bs = _linearised_stats(jax.tree.map(lambda b: jnp.asarray(b, jnp.float64), batch_stats or {}))
@@ -139,7 +180,10 @@ def synflow_scores(model, params, batch_stats, input_shape, keep: PyTree | None,
         mask = jax.tree.map(lambda p: np.ones(np.shape(p), bool), params)
         for r in range(rounds):  # each round: scores on the device, the exact top-k on the host
             scores = jax.device_get(program(absp, bs, mask))
-            mask = jax.tree.map(lambda sc, m, c: top_count_mask(sc, m, int(c[r])), scores, mask, schedule)
+            if pooled:
+                mask = top_count_global(scores, mask, can_prune, int(schedule[r]))
+            else:
+                mask = jax.tree.map(lambda sc, m, c: top_count_mask(sc, m, int(c[r])), scores, mask, schedule)
         scores = jax.device_get(program(absp, bs, mask))
     return jax.tree.map(lambda sc, m: np.where(m, sc, -np.inf), scores, mask)
 

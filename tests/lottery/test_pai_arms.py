@@ -1,5 +1,7 @@
-"""Pruning-at-init arms: the ticket's exact per-layer counts, the ticket's start weights, their criterion's
-mask; the early-bird table of the dense level; an end-to-end run through the CLI and `lth report`."""
+"""Pruning-at-init arms: the ticket's exact overall count (each method's own per-layer counts), the ticket's
+start weights, their criterion's mask; the early-bird table of the dense level; an end-to-end run through the CLI and `lth report`."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ from lth.data import load_dataset
 from lth.lottery.arms import ARMS
 from lth.lottery.runner import Lottery
 from lth.prune.criteria import CRITERIA
-from lth.prune.masks import keep_counts, magnitude_prune
+from lth.prune.masks import keep_global, magnitude_prune
 from lth.store import load_tree
 from lth.train import unstack
 
@@ -33,7 +35,7 @@ def _counts(tree):
     return [int(np.sum(x)) for x in jax.tree.leaves(tree)]
 
 
-def test_every_pai_arm_keeps_the_tickets_exact_per_layer_counts(pai_run):
+def test_every_pai_arm_keeps_the_tickets_exact_overall_count(pai_run):
     cfg, run = pai_run
     for level in (1, 2):
         members = pd.read_json(run / f"level_00{level}" / "members.json")
@@ -45,10 +47,11 @@ def test_every_pai_arm_keeps_the_tickets_exact_per_layer_counts(pai_run):
             for arm in PAI:
                 k = members.index[(members.arm == arm) & (members.seed == seed)][0]
                 mask = unstack(masks, k)
-                assert _counts(mask) == _counts(ticket), (level, seed, arm)
+                assert sum(_counts(mask)) == sum(_counts(ticket)), (level, seed, arm)  # biases: all kept in both
                 assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(ticket)))
                 seen.append(mask)
-            for plain, shuffled in zip(seen[:3], seen[3:]):  # the shuffle ablation moves the mask
+            for plain, shuffled in zip(seen[:3], seen[3:]):  # the shuffle ablation moves the mask, within layers
+                assert _counts(plain) == _counts(shuffled)
                 assert not np.array_equal(plain["dense_0"]["kernel"], shuffled["dense_0"]["kernel"])
 
 
@@ -64,10 +67,11 @@ def test_pai_arms_start_from_the_tickets_weights_with_their_criterions_mask(pai_
         start = plan.weights[k]  # rewind.step = 0: the init of the seed
         for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(unstack(init["params"], cfg.seeds.index(m.seed)))):
             np.testing.assert_array_equal(a, b)
-        if m.arm in ("snip", "grasp"):
-            counts = jax.tree.map(lambda x: int(np.sum(x)), plan.masks[ticket[m.seed]])
-            sig = lot.signals(start, m.seed, 2)
-            want = keep_counts(CRITERIA[m.arm](start["params"], sig), counts)
+        if m.arm in ("snip", "grasp"):  # prune.pai_allocation = "global": one top-k over the prunable weights
+            total = sum(int(np.sum(x)) for x, p in zip(jax.tree.leaves(plan.masks[ticket[m.seed]]),
+                                                       jax.tree.leaves(plan.can_prune)) if p)
+            sig = dataclasses.replace(lot.signals(start, m.seed, 2), can_prune=plan.can_prune)
+            want = keep_global(CRITERIA[m.arm](start["params"], sig), plan.can_prune, total)
             for a, b in zip(jax.tree.leaves(plan.masks[k]), jax.tree.leaves(want)):
                 np.testing.assert_array_equal(a, b)
 
@@ -138,5 +142,5 @@ def test_with_late_rewinding_pai_arms_start_from_the_rewind_point(tmp_path):
     for w in plan.weights:  # every arm, the ticket included, starts from the step-10 weights
         for a, b in zip(jax.tree.leaves(w["params"]), jax.tree.leaves(unstack(rewind["params"], 0))):
             np.testing.assert_array_equal(a, b)
-    counts = [_counts(m) for m in plan.masks]
+    counts = [sum(_counts(m)) for m in plan.masks]
     assert counts[0] == counts[1] == counts[2]

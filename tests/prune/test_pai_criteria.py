@@ -80,7 +80,7 @@ def test_snip_equals_weight_times_finite_difference_gradient():
 
 def test_grasp_equals_weight_times_hessian_gradient_product():
     model, params, bs, batches = _setup(TwoLayer(relu=True))
-    got = CRITERIA["grasp"](params, _signals(model, params, bs, batches, criterion="grasp"))
+    got = CRITERIA["grasp"](params, _signals(model, params, bs, batches, criterion="grasp", grasp_temperature=1.0))
     flat, unravel = jax.flatten_util.ravel_pytree(jax.tree.map(jnp.asarray, params))
 
     def loss(v, x, y):
@@ -88,6 +88,8 @@ def test_grasp_equals_weight_times_hessian_gradient_product():
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
 
     g = sum(jax.grad(loss)(flat, x, y) for x, y in batches) / len(batches)
+    g = jax.flatten_util.ravel_pytree(  # over the weights only: the bias entries of g are 0
+        jax.tree_util.tree_map_with_path(lambda p, t: t * (p[-1].key == "kernel"), unravel(g)))[0]
     h = sum(jax.hessian(loss)(flat, x, y) for x, y in batches) / len(batches)
     want = unravel(flat * (h @ g))  # -S(-w) of Wang et al. 2020: higher = keep
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

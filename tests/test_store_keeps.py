@@ -205,5 +205,5 @@ def test_readers_skip_a_damaged_file_naming_it_and_lth_speed_recomputes_it(store
     said = []
     tables = mask_analysis(out, say=said.append)
     assert set(tables["ticket"]["level"]) == {0} and any(str(members) in s for s in said), said
-    with pytest.raises(StoreError, match="members.json: member 0 has no arm and seed"):
+    with pytest.raises(StoreError, match=r"members.json: member 0 is \{'arm': 'ticket'\}; expected"):
         measure_run(run, [1], batches=[1], formats=["dense"], repeats=1, min_time=0.0)

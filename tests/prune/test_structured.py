@@ -81,7 +81,7 @@ def test_compact_network_equals_the_masked_network(cfg, shape, granularity):
 
 def test_structured_rejects_what_the_model_does_not_declare():
     model, params = init(ModelConfig(name="mlp", widths=(4,)), (3,))
-    with pytest.raises(ValueError, match="'layer' is not supported by MLP; it supports weight, neuron, filter, n:m"):
+    with pytest.raises(ValueError, match="'layer' is not supported by MLP; it supports weight, neuron, n:m"):
         structured_prune(params, ones(params), PruneConfig(granularity="layer"), model)
     resnet = build_model(ModelConfig(name="resnet20", width=0.25), 10, (8, 8, 3))
     with pytest.raises(ValueError, match="'filter' is not supported by ResNet; it supports weight, layer, n:m"):

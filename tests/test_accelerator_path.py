@@ -1,7 +1,7 @@
 """The accelerator code path, run on the CPU: a population vmapped whole (``train.member_batch = K``,
 what a GPU does by default) stores the results of one member at a time (the CPU default), to float
 rounding, through every stage that runs a population: training an MLP and a conv net with batch norm,
-the stability path, the quant stage (PTQ, QAT) and a run that grows; and the same with the population
+the stability path, the quant stage (PTQ, QAT and whatever else its cells hold) and a run that grows; and the same with the population
 sharded over 2 host devices (a subprocess: the device count is fixed before jax starts).
 
 ``benchmarks/gpu.sh`` runs this file on a GPU machine, where the same comparison checks the GPU's
@@ -112,7 +112,8 @@ def test_vmapped_mlp_population_its_stability_quant_and_grow_equal_member_at_a_t
     paths = pd.concat([pd.read_parquet(p) for p in a.glob("level_001/stability/*.parquet")])
     assert len(paths[["arm", "seed", "point"]].drop_duplicates()) == 4 * 3  # 4 paths of 3 points
     q = pd.concat([pd.read_parquet(p) for p in a.glob("level_001/quant/*.parquet")])
-    assert sorted(set(q.method)) == ["ptq", "qat"] and len(q) == 2 * 2 * 2  # methods x arms x seeds
+    # ptq and qat (and QAT's float_ft control where the stage writes one) of 2 arms x 2 seeds
+    assert {"ptq", "qat"} <= set(q.method) and len(q[q.method.isin(["ptq", "qat"])]) == 2 * 2 * 2
 
 
 def test_vmapped_conv_net_with_batch_norm_equals_member_at_a_time(tmp_path, monkeypatch):

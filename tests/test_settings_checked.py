@@ -14,7 +14,7 @@ from lth.data import MAX_CLASSES, DataError, load_dataset
 from lth.lottery.runner import Lottery
 from lth.models import MLP
 from lth.pipeline import run_experiment
-from lth.registry import DATASETS, MODELS
+from lth.registry import MODELS
 from lth.sweep import expand
 
 from helpers import tiny

@@ -53,6 +53,11 @@ def _f(default, **kw):
 _pos = (lambda v: v > 0, "a number > 0")
 _nonneg = (lambda v: v >= 0, "a number >= 0")
 _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+# The step counter of a train state is int32; a longer run would wrap its schedule around.
+MAX_STEPS = 2**31 - 1
+# Points of a stability path: the path program holds a loss and an error per point and test example
+# (and vmaps over the points off CPU); Frankle et al. 2020 use 30.
+MAX_PATH_POINTS = 1000
 
 
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow", "snip_shuffle",
@@ -139,7 +144,7 @@ class TrainConfig:
     batch_size: int = _f(60, check=lambda v: v >= 1, allowed="an integer >= 1", doc="examples per step")
     epochs: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
                             doc="training length in passes over the train split (default 10; not with steps)")
-    steps: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
+    steps: int | None = _f(None, check=lambda v: 1 <= v <= MAX_STEPS, allowed=f"an integer in [1, {MAX_STEPS}]",
                            doc="training length in steps (not with epochs)")
     schedule: Literal["constant", "step", "cosine"] = _f("constant", doc="learning-rate schedule")
     milestones: tuple[int, ...] = _f((), check=lambda v: all(m >= 1 for m in v) and list(v) == sorted(v),
@@ -164,7 +169,8 @@ class TrainConfig:
         doc="how a segment between evaluations runs: scan = one compiled lax.scan over its steps; step = "
             "one compiled step at a time, dispatched from the host (for XLA CPU, which runs convolutions "
             "other than NHWC x HWIO far slower inside a loop). auto: step on CPU for models with such "
-            "convolutions, else scan. Speed only: both run the same steps in the same order")
+            "convolutions, else scan. Speed only: both run the same steps in the same order, with the same "
+            "results to float rounding (XLA may fuse a step differently inside a loop)")
 
     def __post_init__(self):
         if self.epochs is not None and self.steps is not None:
@@ -314,7 +320,7 @@ class QuantConfig:
     bias_correction: bool = _f(False, doc="PTQ: empirical bias correction (Nagel et al. 2019)")
     cle: bool = _f(False, doc="PTQ: cross-layer equalization before quantizing (Nagel et al. 2019)")
     learned_scale: bool = _f(False, doc="QAT learns the scales (LSQ) instead of recomputing ranges")
-    qat_steps: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
+    qat_steps: int | None = _f(None, check=lambda v: 1 <= v <= MAX_STEPS, allowed=f"an integer in [1, {MAX_STEPS}]",
                                doc="QAT fine-tuning steps; default one epoch (full training from the rewind point)")
     qat_lr: float | None = _f(None, check=_pos[0], allowed=_pos[1],
                               doc="QAT learning rate (constant); default train.lr / 10")
@@ -352,7 +358,8 @@ class StabilityConfig:
 
     enabled: bool = _f(False, result=False, doc="train a second copy of each chosen (arm, seed) and "
                                                 "measure the error barrier between the two")
-    points: int = _f(30, result=False, check=lambda v: v >= 2, allowed="an integer >= 2",
+    points: int = _f(30, result=False, check=lambda v: 2 <= v <= MAX_PATH_POINTS,
+                     allowed=f"an integer in [2, {MAX_PATH_POINTS}]",
                      doc="evenly spaced points of the linear path between the copies, endpoints included")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "snip", "grasp", "synflow", "snip_shuffle",
                         "grasp_shuffle", "synflow_shuffle"], ...] | None = _f(
@@ -654,6 +661,8 @@ _NO = object()
 
 def _coerce(tp, v):
     """Return v converted to type tp, or _NO when it does not fit."""
+    if type(v).__module__ == "numpy" and hasattr(v, "tolist"):  # np.int64(3), np.array([0, 1]): numbers, lists
+        v = v.tolist()
     origin = typing.get_origin(tp)
     if origin is Literal:
         return v if isinstance(v, str) and v in typing.get_args(tp) else _NO

@@ -111,6 +111,10 @@ class Dataset:
 DATASETS: dict[str, Loader] = registry.DATASETS.entries  # the built-in and registered loaders by name
 DEFAULT_VAL_SIZE: dict[str, int] = {}
 NUM_CLASSES: dict[str, int] = {}
+# Most classes a data set may have (the output layer's width): beyond any classification benchmark
+# (ImageNet-21k has 21,841) and a byte or word vocabulary; a stray huge label would otherwise build
+# a model that exhausts memory.
+MAX_CLASSES = 2**20
 
 
 def register(name: str, *, val_size: int = 5000, num_classes: int = 10) -> Callable[[Loader], Loader]:
@@ -231,8 +235,16 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
     for a in (*xs, *ys):
         a.setflags(write=False)
     num_classes = NUM_CLASSES.get(cfg.name, getattr(loader, "num_classes", None))
+    top = int(max(y_train.max(initial=0), y_test.max(initial=0)))
     if num_classes is None:  # a user loader without a num_classes attribute: the largest label + 1
-        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+        if top >= MAX_CLASSES:
+            raise DataError(f"data set loader {cfg.name!r}: the largest label is {top}, so the model would get "
+                            f"{top + 1} outputs; lth allows at most {MAX_CLASSES} classes (labels 0..{MAX_CLASSES - 1}): "
+                            "number the classes 0, 1, ...")
+        num_classes = top + 1
+    elif top >= int(num_classes):
+        raise DataError(f"data set {cfg.name!r}: a label is {top}, but the data set has num_classes = {num_classes} "
+                        f"(labels 0..{int(num_classes) - 1}); fix the labels or the loader's num_classes")
     return Dataset(cfg.name, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], int(num_classes))
 
 

@@ -13,7 +13,6 @@ validated one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +22,21 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .store import RunStore
+
+
+def _plain(value: Any, where: str, key: str = "") -> Any:
+    """A deep copy of ``value`` with numpy scalars and arrays as Python numbers and lists (tuples as
+    lists); ConfigError (one line, naming the key) for a value that no setting can hold."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v, where, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where, key) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # np.int64(3), np.array([0, 1])
+        return _plain(value.tolist(), where, key)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"{where}: {key or 'config'} = {value!r} is not allowed; expected a number, string, true/false, "
+                      "list or table")
 
 
 class Experiment:
@@ -44,12 +58,14 @@ class Experiment:
     def from_dict(cls, d: dict[str, Any], where: str = "dict") -> "Experiment":
         """From a raw dict shaped like the TOML file (``{"prune": {"levels": 3}, "seeds": [0, 1]}``);
         missing keys take their defaults. ConfigError naming ``where`` and the key for a bad value."""
-        return cls(ExperimentConfig.from_dict(json.loads(json.dumps(d)), where))
+        return cls(ExperimentConfig.from_dict(_plain(d, where), where))
 
     def set(self, **settings: Any) -> "Experiment":
         """A new Experiment with ``settings`` changed: dotted keys for section fields
-        (``.set(**{"prune.levels": 3, "train.lr": 0.01}, seeds=[0, 1])``); ``None`` restores a
-        key's default (``"quant": None`` drops the quant stage). Validated like a file: ConfigError."""
+        (``.set(**{"prune.levels": 3, "train.lr": 0.01}, seeds=[0, 1])``), or a section's table
+        (``.set(prune={"levels": 3})``), which changes only the keys it names, as ``--set`` does;
+        ``None`` restores a key's default (``"quant": None`` drops the quant stage). Numpy scalars
+        and arrays count as numbers and lists. Validated like a file: ConfigError."""
         raw = self._config.to_dict()
         for key, value in settings.items():
             path = key.split(".")
@@ -59,6 +75,11 @@ class Experiment:
             if len(path) == 1:
                 if value is None:
                     raw.pop(key, None)
+                elif key in SECTIONS and isinstance(value, dict) and isinstance(raw.get(key), dict):
+                    # a section's table changes the keys it names, as --set does; the others are kept
+                    raw[key] = {**raw[key], **value}
+                    for k in [k for k, v in value.items() if v is None]:
+                        raw[key].pop(k)
                 else:
                     raw[key] = value
                 continue

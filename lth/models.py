@@ -145,6 +145,27 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) 
     return module
 
 
+def check_output_width(model: nn.Module, num_classes: int, input_shape: Sequence[int]) -> None:
+    """ValueError unless ``model`` maps ``[B, *input_shape]`` to logits ``[B, num_classes]`` (traced
+    abstractly: nothing is computed). Too many logits would train classes no label names; too few (or
+    labels >= the logits) run to NaN."""
+    x = jax.ShapeDtypeStruct((2, *(int(d) for d in input_shape)), jnp.float32)
+
+    def logits(x):
+        return model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
+
+    try:
+        shape = tuple(jax.eval_shape(logits, x).shape)
+    except Exception as e:  # a user model that does not run on this input: say which, in one line
+        raise ValueError(f"the model does not run on inputs of shape {tuple(input_shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if shape != (2, num_classes):
+        width = shape[-1] if len(shape) == 2 else shape
+        raise ValueError(f"the model gives logits of width {width} (output shape {shape} for a batch of 2), but the "
+                         f"data set has {num_classes} classes; its output layer must have num_classes = "
+                         f"{num_classes} units (the builder's second argument)")
+
+
 def scale_width(base: int, width: float) -> int:
     """Hidden width after the multiplier: ``max(1, round(base * width))``."""
     return max(1, round(base * width))

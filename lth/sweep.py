@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,15 @@ def sweep_axes(path: str | Path) -> dict[str, list]:
 
 
 def _toml_value(v: Any) -> str:
-    return json.dumps(v)  # JSON scalars and lists are valid TOML values
+    """``v`` (a value read from TOML: scalar, list or table) as a TOML value, for ``--set``-style
+    overrides: a table is an inline table (``{"dense_0" = 0.3}``), not JSON."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return json.dumps(v)  # JSON strings, numbers and booleans are valid TOML values
 
 
 def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[SweepPoint]:

@@ -6,7 +6,7 @@ the segment runs over the population axis K (seeds and controls): vmapped, or on
 member inside the same program (``train.member_batch``, :func:`population_program`). K = 1 is the
 same code. Where XLA runs a model's step far slower inside a loop (convolutions on CPU,
 :func:`segment_strategy`), the same step is dispatched from the host one compiled step at a time
-instead, with bitwise-identical results.
+instead, with the same results to float rounding (XLA may fuse a step differently inside a loop).
 
 With ``data.augment`` (:data:`lth.data.AUGMENTATIONS`) every step augments its gathered batch in the
 same compiled program, keyed by ``fold_in(key(member's data seed), global step)`` (:func:`make_batch_fn`):
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from .config import TrainConfig
+from .config import MAX_STEPS, TrainConfig
 from .data import AUGMENTATIONS, augment_key
 
 PyTree = Any
@@ -67,7 +67,11 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
     """Training length in steps: ``train.steps`` if set, else ``epochs`` full passes (last partial batch dropped)."""
     if cfg.steps is not None:
         return cfg.steps
-    return (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch(cfg, n_train)
+    steps = (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch(cfg, n_train)
+    if steps > MAX_STEPS:  # the state's step counter is int32
+        raise ValueError(f"train.epochs = {cfg.epochs} is {steps} steps, more than a run may have ({MAX_STEPS}); "
+                         "use fewer epochs")
+    return steps
 
 
 def make_schedule(cfg: TrainConfig, num_steps: int) -> optax.Schedule:
@@ -263,7 +267,9 @@ _LOOP_FAST_CONV = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 def segment_strategy(cfg: TrainConfig, model, input_shape: Sequence[int]) -> str:
-    """How a segment runs (``train.segment``): "scan" or "step"; both give bitwise-identical results.
+    """How a segment runs (``train.segment``): "scan" or "step"; both run the same steps on the same
+    batches and agree to float rounding: XLA may fuse a step inside a loop body differently than at the
+    top level (an MLP differs in the last bits, ~1e-9; lth's conv layers give the same bits).
 
     "scan": the whole segment is one compiled ``lax.scan`` (:func:`make_segment_fn`), Python touches
     nothing between evaluations. "step": one compiled step per call, dispatched from the host
@@ -520,6 +526,10 @@ class TrainResult:
             diverged={pos[k]: v for k, v in self.diverged.items() if k in pos})
 
 
+# Most batch indices one segment gathers (int32: 64 MiB); longer segments run as several pieces.
+SEGMENT_INDICES = 2**24
+
+
 # A member diverged at the first step whose training loss is not finite or exceeds this multiple of
 # its first-step loss (at least 1: a run that starts near zero loss, e.g. fine-tuning, needs a loss
 # of 100 to count). Its row keeps training with the others; metrics record the step (diverged_step).
@@ -652,6 +662,10 @@ class Engine:
         snaps = {s for s in snapshot_steps if start <= s <= stop}
         watch = {s for s in observe_steps if start <= s <= stop} if observe is not None else set()
         bounds = sorted(set(evals) | {s for s in snaps | watch if s > start})
+        # no segment's batch indices ([S, B] per member, on the host and the device) above
+        # SEGMENT_INDICES: a long segment (QAT's single one, a large eval_every) is cut into pieces
+        piece = max(1, SEGMENT_INDICES // (self.cfg.batch_size * (1 if shared else len(seeds))))
+        bounds = sorted(set(bounds) | {p for a, b in zip([start, *bounds], bounds) for p in range(a + piece, b, piece)})
         records: list[dict] = []
         snapshots: dict[int, PyTree] = {}
         if start in snaps:

@@ -91,7 +91,7 @@ def add_quantize(sub) -> None:
                    help="comma-separated arms to quantize (default: every arm of the run)")
     p.add_argument("--recompute", action="store_true", help="recompute cells that are already done")
     p.add_argument("--levels", type=_csv(int), default=None,
-                   help="comma-separated levels to quantize (default: every complete level)")
+                   help="comma-separated levels to quantize (default: quant.levels; its default: every complete level)")
     p.add_argument("--bits", type=_csv(int), default=None,
                    help="weight bit widths, comma-separated, from 8,4,3,2,1 (1 = binary) (default: 8,4,2)")
     p.add_argument("--method", type=_csv(str), default=None,

@@ -41,7 +41,7 @@ from flax import traverse_util
 from .. import __version__
 from ..config import ConfigError, ExperimentConfig
 from ..data import load_dataset
-from ..models import build_model, structure_of
+from ..models import build_model, check_output_width, structure_of
 from ..prune.masks import density, prunable
 from ..store import (COMPLETE, RunStore, StoreError, load_tree, parquet_bytes, prepare_root, read_sums,
                      tree_bytes)
@@ -220,6 +220,7 @@ class MaskedRun:
         self.data = load_dataset(cfg.data)
         try:
             self.model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
+            check_output_width(self.model, self.data.num_classes, self.data.input_shape)
             shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0],
                                     jax.random.key(0))
         except ValueError as e:  # model/data mismatch

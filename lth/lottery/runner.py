@@ -45,7 +45,7 @@ import pandas as pd
 from .. import __version__
 from ..config import ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
-from ..models import build_model, structure_of
+from ..models import build_model, check_output_width, structure_of
 from ..prune.baselines import count_at_width, match_width
 from ..prune.criteria import Signals, magnitude_scores
 from ..prune.criteria import scores as criterion_scores
@@ -264,6 +264,7 @@ class Lottery:
             self.data = load_dataset(cfg.data)
             try:
                 self.model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
+                check_output_width(self.model, self.data.num_classes, self.data.input_shape)
                 self.engine = Engine(self.model, self.data, cfg.train)
             except ValueError as e:  # model/data mismatch, batch larger than the data set
                 raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None

@@ -22,6 +22,7 @@ Two uses, both stored with a checksummed marker written last (like the quant cel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -296,9 +297,12 @@ def rewind_stability(run_dir: str | Path, level: int, rewind_steps: Sequence[int
     run = StoredRun.open(run_dir)
     cfg = run.cfg
     sc = cfg.stability
-    points, bn_batches = points or sc.points, bn_batches or sc.bn_batches
-    if points < 2:
-        raise ConfigError(f"--points {points}: expected an integer >= 2")
+    points = sc.points if points is None else points
+    bn_batches = sc.bn_batches if bn_batches is None else bn_batches
+    fields = {f.name: f.metadata for f in dataclasses.fields(StabilityConfig)}
+    for flag, name, v in (("--points", "points", points), ("--bn-batches", "bn_batches", bn_batches)):
+        if not fields[name]["check"](v):
+            raise ConfigError(f"{flag} {v}: expected {fields[name]['allowed']} (stability.{name})")
     d = run.check_level(level)
     engine = Engine(run.model, run.data, cfg.train)
     steps = sorted({int(k) for k in rewind_steps})

@@ -112,6 +112,22 @@ def nm_prune(params: PyTree, mask: PyTree, cfg, structure=None) -> PyTree:
     return jax.tree.map(one, params, mask, rates, can)
 
 
+def grouped_fan_ins(params: PyTree, cfg, structure=None) -> tuple[dict[str, int], dict[str, int]]:
+    """(kernels that ``nm_prune`` prunes, the other prunable kernels): layer name -> fan-in. A prunable
+    kernel with rate > 0 is pruned when its fan-in is a multiple of ``cfg.m``. ``params`` may hold
+    shapes only (``jax.eval_shape``)."""
+    rates, can = layer_rates(params, cfg, structure), prunable(params, cfg, structure)
+    grouped, other = {}, {}
+    for (path, p), r, ok in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(rates),
+                                jax.tree.leaves(can)):
+        shape = np.shape(p)
+        if not ok or r == 0.0 or len(shape) < 2:
+            continue
+        name = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        (grouped if groupable(shape, cfg.m) else other)[name] = int(np.prod(shape[:-1]))
+    return grouped, other
+
+
 def is_nm(mask: np.ndarray, n: int, m: int) -> bool:
     """Whether a kernel mask has at most ``n`` survivors in every group of ``m`` (False if not groupable)."""
     return groupable(np.shape(mask), m) and bool(group_counts(mask, m).max() <= n)

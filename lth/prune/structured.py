@@ -45,7 +45,7 @@ from ..models import ChainNet, Structure, build_model, structure_of
 from ..store import load_tree
 from ..stored import StoredRun
 from ..train import apply_mask, unstack
-from .nm import nm_prune
+from .nm import grouped_fan_ins, nm_prune
 
 PyTree = Any
 BLOCK = re.compile(r"stage(\d+)_block(\d+)")  # residual block submodules of lth.models.ResNet
@@ -86,7 +86,8 @@ def granularities(structure: Structure) -> list[str]:
         hidden = structure.chain_layers()[:-1]
         if any(op["op"] == "dense" for op in hidden):
             out.append("neuron")
-        out.append("filter")
+        if any(op["op"] == "conv" for op in hidden):
+            out.append("filter")
     if structure.blocks:
         out.append("layer")
     return out + ["n:m"]
@@ -98,13 +99,16 @@ def check_granularity(cfg: PruneConfig, model, params: PyTree, model_name: str) 
     block exists). Run before any level trains."""
     st = model if isinstance(model, Structure) else structure_of(model)
     g = cfg.granularity
-    if g in ("weight", "n:m"):
+    if g == "weight":
+        return
+    if g == "n:m":
+        _check_nm_prunes(cfg, params, st, model_name)
         return
     fits = granularities(st)
     if g not in fits:
         why = ("it declares no droppable residual blocks (Structure.blocks)" if g == "layer" else
-               "it has no hidden dense layer" if st.chain is not None else
-               "it declares no plain chain of layers (Structure.chain)")
+               "it declares no plain chain of layers (Structure.chain)" if st.chain is None else
+               "it has no hidden dense layer" if g == "neuron" else "it has no convolution")
         raise ConfigError(f"prune.granularity = {g!r} is not allowed with model.name = {model_name!r} ({why}); "
                           f"with {model_name} use prune.granularity = {', '.join(map(repr, fits))}")
     try:
@@ -114,6 +118,34 @@ def check_granularity(cfg: PruneConfig, model, params: PyTree, model_name: str) 
             chain_order(st, params)
     except ValueError as e:
         raise ConfigError(f"prune.granularity = {g!r} with model.name = {model_name!r}: {e}") from None
+    if g in ("neuron", "filter") and cfg.levels > 0:
+        _check_units_prune(cfg, st, model_name)
+
+
+def _check_nm_prunes(cfg: PruneConfig, params: PyTree, st: Structure, model_name: str) -> None:
+    """ConfigError when IMP towards N:M would prune no kernel: none that is pruned has a fan-in that
+    is a multiple of ``prune.m`` (such kernels stay dense, :mod:`lth.prune.nm`)."""
+    grouped, other = grouped_fan_ins(params, cfg, st)
+    if grouped or cfg.levels == 0:
+        return
+    fans = ", ".join(f"{k} {v}" for k, v in other.items()) or "none: every kernel is excluded or has rate 0"
+    raise ConfigError(f"prune.granularity = 'n:m' with prune.m = {cfg.m} prunes nothing in model.name = "
+                      f"{model_name!r}: a kernel is grouped only when its fan-in is a multiple of m, and no pruned "
+                      f"kernel's is (fan-ins: {fans}); use a prune.m that divides one of them")
+
+
+def _check_units_prune(cfg: PruneConfig, st: Structure, model_name: str) -> None:
+    """ConfigError when neuron/filter pruning would remove no unit: every hidden layer of the kind is
+    excluded or has rate 0 (:func:`structured_prune` skips those)."""
+    kind = "conv" if cfg.granularity == "filter" else "dense"
+    layers = [op["layer"] for op in st.chain_layers()[:-1] if op["op"] == kind]
+    rate = (cfg.conv_rate if cfg.conv_rate is not None else cfg.rate) if kind == "conv" else cfg.rate
+    rates = {n: (cfg.rates or {}).get(n, rate) for n in layers if n not in cfg.exclude}
+    if any(r > 0 for r in rates.values()):
+        return
+    raise ConfigError(f"prune.granularity = {cfg.granularity!r} prunes nothing in model.name = {model_name!r}: its "
+                      f"hidden {kind} layers ({', '.join(layers)}) are all in prune.exclude or have rate 0; "
+                      "give one of them a rate > 0")
 
 
 def chain_order(structure: Structure, params: PyTree) -> list[str]:

@@ -49,11 +49,14 @@ def qrange(bits: int, scheme: str) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
-def _check_bits_scheme(bits: int, scheme: str) -> None:
-    if bits not in BITS:
-        raise ValueError(f"bits = {bits!r} is not supported; allowed: {', '.join(map(str, BITS))}")
+def _check_bits_scheme(bits: int, scheme: str, of: str = "") -> None:
+    """ValueError naming the setting (``of = "act_"``: the activations') unless bits and scheme exist."""
+    allowed = [b for b in BITS if not of or b > 1]  # no binary activations
+    if bits not in allowed:
+        what = "activation" if of else "weight"
+        raise ValueError(f"{of}bits = {bits!r} is not supported ({what} bits); allowed: {', '.join(map(str, allowed))}")
     if scheme not in SCHEMES:
-        raise ValueError(f"scheme = {scheme!r} is not supported; allowed: {', '.join(SCHEMES)}")
+        raise ValueError(f"{of}scheme = {scheme!r} is not supported; allowed: {', '.join(SCHEMES)}")
 
 
 def scale_zero_point(lo, hi, bits: int, scheme: str) -> tuple[jax.Array, jax.Array]:
@@ -241,9 +244,7 @@ class QuantSpec:
             if c not in CALIBRATIONS:
                 raise ValueError(f"calibration = {c!r}; allowed: {', '.join(CALIBRATIONS)}")
         if self.act_bits is not None:
-            _check_bits_scheme(self.act_bits, self.act_scheme)
-            if self.act_bits == 1:
-                raise ValueError("act_bits = 1 is not supported (binary activations); use 2..8")
+            _check_bits_scheme(self.act_bits, self.act_scheme, "act_")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile = {self.percentile!r}; expected a number in (50, 100]")
 

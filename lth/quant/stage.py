@@ -539,8 +539,8 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
     """Add quant cells to a stored run (``lth quantize``): the stage's code path on a finished run.
 
     ``config`` (default: the defaults) with ``bits_list``, ``methods`` and ``settings`` (any
-    :class:`~lth.config.QuantConfig` field) replaced. ``levels`` defaults to every complete level
-    (not ``quant.levels``). Cells already done are skipped (``recompute`` redoes them). Returns the
+    :class:`~lth.config.QuantConfig` field) replaced. ``levels`` defaults to ``quant.levels`` (its
+    default ``"all"``: every complete level). Cells already done are skipped (``recompute`` redoes them). Returns the
     rows computed now; columns :data:`COLUMNS`.
     """
     if bits_list is not None:
@@ -550,7 +550,9 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
     qc = quant_config(config, **settings)
     run = StoredRun.open(run_dir)
     complete = run.complete_levels()
-    levels = complete if levels is None else [int(x) for x in levels]
+    if levels is None:
+        levels = complete if qc.levels == "all" else quant_levels(run.cfg, qc)
+    levels = [int(x) for x in levels]
     missing = [x for x in levels if x not in complete]
     if missing:
         raise ConfigError(f"{run.path}: level(s) {', '.join(map(str, missing))} are not complete; complete "

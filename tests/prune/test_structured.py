@@ -81,7 +81,7 @@ def test_compact_network_equals_the_masked_network(cfg, shape, granularity):
 
 def test_structured_rejects_what_the_model_does_not_declare():
     model, params = init(ModelConfig(name="mlp", widths=(4,)), (3,))
-    with pytest.raises(ValueError, match="'layer' is not supported by MLP; it supports weight, neuron, filter, n:m"):
+    with pytest.raises(ValueError, match="'layer' is not supported by MLP; it supports weight, neuron, n:m"):
         structured_prune(params, ones(params), PruneConfig(granularity="layer"), model)
     resnet = build_model(ModelConfig(name="resnet20", width=0.25), 10, (8, 8, 3))
     with pytest.raises(ValueError, match="'filter' is not supported by ResNet; it supports weight, layer, n:m"):
@@ -265,7 +265,7 @@ def test_granularity_is_checked_against_what_the_model_declares():
         check_granularity(PruneConfig(granularity="layer"), mlp, mlp_params, "mlp")
     msg = str(e.value)
     assert "prune.granularity = 'layer'" in msg and "model.name = 'mlp'" in msg and "residual blocks" in msg
-    assert "'weight', 'neuron', 'filter', 'n:m'" in msg
+    assert "'weight', 'neuron', 'n:m'" in msg  # no convolution: no filters
     resnet = build_model(RESNET, 10, IMAGE)
     shapes = jax.eval_shape(lambda: resnet.init(jax.random.key(0), jnp.zeros((1, *IMAGE))))["params"]
     check_granularity(PruneConfig(granularity="layer"), resnet, shapes, "resnet20")
@@ -333,3 +333,30 @@ def test_vgg_filters_take_their_batch_norm_entries_and_next_inputs_with_them():
             assert not a[..., removed[f"bn_{i}"]].any() and a[..., ~removed[f"bn_{i}"]].any()
         if not train:
             np.testing.assert_array_equal(logits, fn(masked, other)[0])
+
+
+def test_a_granularity_that_would_prune_nothing_is_an_error_before_any_work():
+    """n:m with an m that divides no pruned kernel's fan-in, filters of a model without convolutions,
+    neurons of excluded layers: every level would train at density 1.0."""
+    from lth.config import ConfigError
+    from lth.prune.structured import check_granularity
+    mlp, params = init(ModelConfig(name="mlp", widths=(24, 16)), (40,))  # fan-ins 40, 24, 16
+    check_granularity(PruneConfig(granularity="n:m", m=4, levels=2), mlp, params, "mlp")
+    with pytest.raises(ConfigError, match=r"prune.granularity = 'n:m' with prune.m = 7 prunes nothing in model.name = "
+                                          r"'mlp'.*fan-ins: dense_0 40, dense_1 24, output 16"):
+        check_granularity(PruneConfig(granularity="n:m", n=2, m=7, levels=2), mlp, params, "mlp")
+    # m = 5 divides only dense_0's fan-in: excluding it leaves nothing
+    with pytest.raises(ConfigError, match=r"fan-ins: dense_1 24, output 16\)"):
+        check_granularity(PruneConfig(granularity="n:m", m=5, levels=1, exclude=("dense_0",)), mlp, params, "mlp")
+    with pytest.raises(ConfigError, match=r"prune.granularity = 'filter' is not allowed with model.name = 'mlp' "
+                                          r"\(it has no convolution\); with mlp use prune.granularity = 'weight', "
+                                          r"'neuron', 'n:m'"):
+        check_granularity(PruneConfig(granularity="filter", levels=1), mlp, params, "mlp")
+    with pytest.raises(ConfigError, match=r"'neuron' prunes nothing in model.name = 'mlp': its hidden dense layers "
+                                          r"\(dense_0, dense_1\) are all in prune.exclude or have rate 0"):
+        check_granularity(PruneConfig(granularity="neuron", levels=1, exclude=("dense_0",), rates={"dense_1": 0.0}),
+                          mlp, params, "mlp")
+    conv, conv_params = init(ModelConfig(name="conv2", width=0.1), (8, 8, 3))
+    check_granularity(PruneConfig(granularity="filter", levels=1), conv, conv_params, "conv2")
+    # no level prunes: the dense run is what was asked for
+    check_granularity(PruneConfig(granularity="n:m", m=7, levels=0), mlp, params, "mlp")

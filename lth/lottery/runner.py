@@ -723,8 +723,8 @@ def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
         last[0] = step
         post = {"loss": f"{metrics['train'][0]:.3f}"}
         if "val" in metrics:
-            post["val_acc"] = f"{metrics['val'][1]:.3f}"
-        post["test_acc"] = f"{metrics['test'][1]:.3f}"
+            post["val_acc"] = f"{100 * metrics['val'][1]:.2f}%"  # a person reads percent
+        post["test_acc"] = f"{100 * metrics['test'][1]:.2f}%"
         bar.set_postfix(post)
 
     try:

@@ -56,7 +56,7 @@ def latex_table(df: pd.DataFrame, caption: str = "", float_format: str = "%.4g",
         df = df.reset_index()
     cols = list(df.columns)
     spec = "l" + "r" * (len(cols) - 1)
-    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(latex_escape(c) for c in cols) + r" \\",
+    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(_header(str(c)) for c in cols) + r" \\",
              r"\midrule"]
     for i, row in enumerate(df.itertuples(index=False)):
         texts = [_cell(v, float_format) for v in row]
@@ -66,9 +66,21 @@ def latex_table(df: pd.DataFrame, caption: str = "", float_format: str = "%.4g",
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
-        lines = [r"\begin{table}[htbp]", r"\centering", r"\small", r"\caption{" + latex_escape(caption) + "}"] + \
+        lines = [r"\begin{table}[htbp]", r"\centering", r"\small", r"\setlength{\tabcolsep}{3pt}",
+                 r"\caption{" + latex_escape(caption) + "}"] + \
             lines + [r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def _header(name: str) -> str:
+    """An escaped column header; a long one of several words on two lines (a nested tabular, no extra
+    package), so that a table of many columns fits the page width."""
+    words = name.split()
+    if len(name) <= 8 or len(words) < 2:
+        return latex_escape(name)
+    cut = min(range(1, len(words)), key=lambda i: abs(len(" ".join(words[:i])) - len(" ".join(words[i:]))))
+    top, bottom = " ".join(words[:cut]), " ".join(words[cut:])
+    return r"\begin{tabular}[b]{@{}c@{}}" + latex_escape(top) + r" \\ " + latex_escape(bottom) + r"\end{tabular}"
 
 
 def markdown_table(df: pd.DataFrame, caption: str = "", float_format: str = ".4g", index: bool = False) -> str:

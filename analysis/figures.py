@@ -554,6 +554,11 @@ def compression_points(df: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=POINT_KEYS + ["size_bytes", "density", "accuracy", "low", "high", "seeds", "rule"])
     rows = rows.assign(arm=np.where(rows["level"] == 0, "dense", rows["arm"]))
+    return _spread_points(rows)
+
+
+def _spread_points(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per :data:`POINT_KEYS` group: mean size, density and accuracy with its seed spread."""
     out = []
     for key, g in rows.groupby(POINT_KEYS, sort=False, dropna=False):
         mean, lo, hi, rule = seed_spread(g["accuracy"])
@@ -613,13 +618,7 @@ def _float_ft_points(df: pd.DataFrame) -> pd.DataFrame:
     if ft.empty:
         return pd.DataFrame()
     ft = ft.assign(arm=np.where(ft["level"] == 0, "dense", ft["arm"]))
-    out = []
-    for key, g in ft.groupby(POINT_KEYS, sort=False, dropna=False):
-        mean, lo, hi, rule = seed_spread(g["accuracy"])
-        out.append({**dict(zip(POINT_KEYS, key)), "size_bytes": float(g["size_bytes"].mean()),
-                    "density": float(g["density"].mean()), "accuracy": mean, "low": lo, "high": hi,
-                    "seeds": int(g["seed"].nunique()), "rule": rule})
-    return pd.DataFrame(out)
+    return _spread_points(ft)
 
 
 def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:

@@ -25,10 +25,10 @@ def np_hessian(x, damp=0.01):
     return h + damp * np.mean(np.diag(h)) * np.eye(len(h))
 
 
-def np_obs_sweep(w, h, choose_block, project, block):
+def np_obs_sweep(w, h, choose_block, project, block, copy=True):
     """Column by column, the paper's OBS update with the explicit inverse Hessian of the remaining
     columns. ``choose_block(w_block, d2, start)`` gets d2_c = [H_{c:}^-1]_cc for the block's columns."""
-    w = w.astype(np.float64).copy()
+    w = w.astype(np.float64).copy() if copy else w
     rows, cols = w.shape
     hinv = np.linalg.inv(h)
     mask = np.ones_like(w)
@@ -60,20 +60,6 @@ def np_unstructured_chooser(rows, cols, block, density):
 
 
 def np_obs_sweep_live(w, h, choose_block, project, block):
-    """np_obs_sweep, updating ``w`` in place so that a group's grid sees the current weights."""
-    rows, cols = w.shape
-    hinv = np.linalg.inv(h)
-    mask = np.ones_like(w)
-    for start in range(0, cols, block):
-        end = min(start + block, cols)
-        d2 = np.array([np.linalg.inv(h[c:, c:])[0, 0] for c in range(start, end)])
-        mask[:, start:end] = choose_block(w[:, start:end], d2, start)
-        for j in range(start, end):
-            q = project(w[:, j] * mask[:, j], j) * mask[:, j]
-            err = (w[:, j] - q) / hinv[j, j]
-            w[:, j:] -= np.outer(err, hinv[j, j:])
-            w[:, j] = q
-            hinv = hinv - np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
-    return w, mask
-
-
+    """:func:`np_obs_sweep` updating ``w`` in place, so that a caller's projection (GPTQ's group grids)
+    sees the current weights."""
+    return np_obs_sweep(w, h, choose_block, project, block, copy=False)

@@ -19,7 +19,7 @@ import numpy as np
 from ..config import PruneConfig
 from ..models import Structure, layer_key, layer_kind, path_names
 from .criteria import magnitude_scores
-from .signals import top_count_global
+from .signals import scatter_flat, top_count_global
 
 PyTree = Any
 
@@ -113,13 +113,7 @@ def prune_by_score(scores: PyTree, mask: PyTree, params_like: PyTree, cfg: Prune
     flat_m = np.concatenate([leaves_m[i].ravel() for i in idx])
     remaining = int(flat_m.sum())
     keep = _keep_top(flat_s, flat_m, remaining - _n_prune(cfg.rate, remaining))
-    new = [m.copy() for m in leaves_m]
-    off = 0
-    for i in idx:
-        n = leaves_m[i].size
-        new[i] = keep[off:off + n].reshape(leaves_m[i].shape)
-        off += n
-    return jax.tree.unflatten(treedef, new)
+    return jax.tree.unflatten(treedef, scatter_flat(keep, leaves_m, idx))
 
 
 def magnitude_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:

@@ -107,16 +107,24 @@ def top_count_global(scores: PyTree, mask: PyTree, can_prune: PyTree, k: int) ->
     leaves_s, treedef = jax.tree.flatten(scores)
     leaves_m = [np.asarray(m, bool) for m in treedef.flatten_up_to(mask)]
     idx = [i for i, p in enumerate(treedef.flatten_up_to(can_prune)) if p]
-    new = [m.copy() for m in leaves_m]
-    if idx:
-        flat = np.concatenate([np.asarray(leaves_s[i], np.float64).ravel() for i in idx])
-        keep = top_count_mask(flat, np.concatenate([leaves_m[i].ravel() for i in idx]), k)
-        off = 0
-        for i in idx:
-            n = leaves_m[i].size
-            new[i] = keep[off:off + n].reshape(leaves_m[i].shape)
-            off += n
-    return jax.tree.unflatten(treedef, new)
+    if not idx:
+        return jax.tree.unflatten(treedef, [m.copy() for m in leaves_m])
+    flat = np.concatenate([np.asarray(leaves_s[i], np.float64).ravel() for i in idx])
+    keep = top_count_mask(flat, np.concatenate([leaves_m[i].ravel() for i in idx]), k)
+    return jax.tree.unflatten(treedef, scatter_flat(keep, leaves_m, idx))
+
+
+def scatter_flat(flat: np.ndarray, leaves: list, idx: list[int]) -> list:
+    """``leaves`` (copies) with the leaves at ``idx`` replaced by consecutive pieces of ``flat``, each
+    reshaped to its leaf: the inverse of concatenating those leaves raveled (a global ranking's mask
+    back into layers)."""
+    new = [m.copy() for m in leaves]
+    off = 0
+    for i in idx:
+        n = leaves[i].size
+        new[i] = flat[off:off + n].reshape(leaves[i].shape)
+        off += n
+    return new
 
 
 def _linearised_stats(batch_stats: PyTree) -> PyTree:

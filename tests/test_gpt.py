@@ -170,3 +170,23 @@ def test_lottery_keeps_pruned_attention_and_mlp_weights_exactly_zero(corpus, tmp
     assert checked == 2 * 6
     metrics = run.metrics(1)
     assert {"perplexity", "bits_per_byte"} <= set(metrics.columns)
+
+
+def test_tied_embeddings_drop_the_head():
+    shapes, models = {}, {}
+    for tie in (False, True):
+        models[tie] = model = build_model(ModelConfig(name="gpt", depth=1, dim=16, heads=2, tie_embeddings=tie),
+                                          256, (8,))
+        shapes[tie] = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8))))["params"]
+        assert structure_of(model).output == (() if tie else ("output",))
+    assert "output" in shapes[False] and "output" not in shapes[True]
+    kinds = {"/".join(str(getattr(q, "key", q)) for q in path): kind for path, kind in
+             jax.tree_util.tree_flatten_with_path(layer_kinds(shapes[False], structure_of(models[False])))[0]}
+    for name, kind in kinds.items():
+        if name.endswith("kernel") and ("/attn/" in name or "/mlp/" in name):
+            assert kind == "dense", name
+        elif name.endswith("bias") and ("/attn/" in name or "/mlp/" in name):
+            assert kind == "bias", name
+        else:  # embeddings, layer norms, the head
+            assert kind == "frozen", name
+    assert set(shapes[False]) - {"output"} == set(shapes[True])

@@ -21,6 +21,10 @@ TINY_GPT = ModelConfig(name="gpt", depth=1, dim=16, heads=2, mlp_ratio=2.0)
 
 @pytest.fixture
 def corpus(tmp_path):
+    return _write_corpus(tmp_path)
+
+
+def _write_corpus(tmp_path):
     """A small UTF-8 corpus (real words, repeated with variation) as a file."""
     words = "the lottery ticket hypothesis says dense networks contain sparse subnetworks that train well é".split()
     rng = np.random.default_rng(0)
@@ -39,12 +43,13 @@ def test_causal_mask_position_t_never_sees_t_plus_1():
     model = build_model(TINY_GPT, 256, (12,))
     x = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.float32)
     params = model.init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
-    base = np.asarray(model.apply({"params": params}, x))
+    apply = jax.jit(model.apply)
+    base = np.asarray(apply({"params": params}, x))
     assert base.shape == (2, 12, 256)
     for t in (0, 4, 10):
         y = x.copy()
         y[:, t + 1] = (y[:, t + 1] + 7) % 256
-        out = np.asarray(model.apply({"params": params}, y))
+        out = np.asarray(apply({"params": params}, y))
         np.testing.assert_array_equal(out[:, :t + 1], base[:, :t + 1])  # the past never sees the future
         assert np.abs(out[:, t + 1:] - base[:, t + 1:]).max() > 1e-4  # the change does reach later positions
 
@@ -97,17 +102,27 @@ def test_pystdlib_fingerprint_records_python_version():
     assert fp["train_bytes"] + d.x_val.size + d.x_test.size <= 2 * 2**20 + 2 * 64
 
 
-def test_lm_metrics_are_exp_and_log2_of_mean_token_loss(corpus):
-    d = text_data(corpus)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny GPT trained with AdamW, clipping and warmup + cosine: seeds [0, 1] together and seed 1 alone."""
+    d = text_data(_write_corpus(tmp_path_factory.mktemp("text")))
     model = build_model(TINY_GPT, d.num_classes, d.input_shape)
     check_output_width(model, d.num_classes, d.input_shape)
     cfg = TrainConfig(optimizer="adamw", lr=3e-3, batch_size=8, steps=6, eval_every=3, clip_norm=1.0,
                       warmup_steps=2, schedule="cosine", weight_decay=0.01)
     engine = Engine(model, d, cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, *d.input_shape)))["params"]
-    ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
-    state = engine.init(stack([params]), {}, stack([ones]), jax.random.key(0)[None])
-    result = engine.run(state, [0])
+    seeds = [0, 1]
+    params = [model.init(jax.random.key(s), jnp.zeros((1, *d.input_shape)))["params"] for s in seeds]
+    rng = np.random.default_rng(1)
+    masks = [jax.tree.map(lambda p: rng.random(p.shape) < 0.6, p) for p in params]
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    together = engine.run(engine.init(stack(params), {}, stack(masks), keys), seeds)
+    alone = engine.run(engine.init(stack(params[1:]), {}, stack(masks[1:]), keys[1:]), seeds[1:])
+    return d, model, together, alone
+
+
+def test_lm_metrics_are_exp_and_log2_of_mean_token_loss(trained):
+    d, model, _, result = trained
     rows = [r for r in result.records if r["split"] in ("val", "test")]
     assert rows
     for r in rows:
@@ -115,7 +130,7 @@ def test_lm_metrics_are_exp_and_log2_of_mean_token_loss(corpus):
         assert r["bits_per_byte"] == pytest.approx(r["loss"] / math.log(2), rel=1e-12)
     # the val loss is the mean next-token loss over every position of the fixed val windows
     final = unstack(result.state.params, 0)
-    logits = model.apply({"params": final}, d.x_val)
+    logits = jax.jit(model.apply)({"params": final}, d.x_val)
     direct = float(optax.softmax_cross_entropy_with_integer_labels(logits, d.y_val).mean())
     last_val = [r for r in rows if r["split"] == "val"][-1]
     assert last_val["loss"] == pytest.approx(direct, rel=1e-5)
@@ -124,21 +139,13 @@ def test_lm_metrics_are_exp_and_log2_of_mean_token_loss(corpus):
     assert lm_metrics(math.log(2)) == {"perplexity": pytest.approx(2.0), "bits_per_byte": pytest.approx(1.0)}
 
 
-def test_population_equals_alone(corpus):
-    d = text_data(corpus)
-    model = build_model(TINY_GPT, d.num_classes, d.input_shape)
-    engine = Engine(model, d, TrainConfig(optimizer="adam", lr=3e-3, batch_size=8, steps=6, eval_every=3))
-    seeds = [0, 1]
-    params = [model.init(jax.random.key(s), jnp.zeros((1, 8)))["params"] for s in seeds]
-    rng = np.random.default_rng(1)
-    masks = [jax.tree.map(lambda p: rng.random(p.shape) < 0.6, p) for p in params]
-    keys = jnp.stack([jax.random.key(s) for s in seeds])
-    together = engine.run(engine.init(stack(params), {}, stack(masks), keys), seeds)
-    alone = engine.run(engine.init(stack(params[1:]), {}, stack(masks[1:]), keys[1:]), seeds[1:])
+def test_population_equals_alone(trained):
+    _, _, together, alone = trained
     for a, b in zip(jax.tree.leaves(unstack(together.state.params, 1)), jax.tree.leaves(unstack(alone.state.params, 0))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([r["loss"] for r in together.records if r["member"] == 1],
                                [r["loss"] for r in alone.records], rtol=1e-5)
+    assert not np.allclose(together.records[0]["loss"], together.records[1]["loss"])  # the members differ
 
 
 def test_lottery_keeps_pruned_attention_and_mlp_weights_exactly_zero(corpus, tmp_path):
@@ -190,3 +197,17 @@ def test_tied_embeddings_drop_the_head():
         else:  # embeddings, layer norms, the head
             assert kind == "frozen", name
     assert set(shapes[False]) - {"output"} == set(shapes[True])
+
+
+def test_clip_norm_bounds_the_gradient_and_adamw_decay_is_decoupled():
+    from lth.train import make_optimizer
+
+    g = {"w": jnp.full((4,), 10.0)}
+    tx = make_optimizer(TrainConfig(optimizer="sgd", lr=1.0, clip_norm=0.5))
+    u, _ = tx.update(g, tx.init(g), g)
+    assert float(optax.tree.norm(u)) == pytest.approx(0.5, rel=1e-6)
+    # zero gradient: adam's direction is 0, so the update is the decoupled decay alone, -wd * param
+    p, zero = {"w": jnp.asarray([1.0, -2.0, 0.0])}, {"w": jnp.zeros(3)}
+    tx = make_optimizer(TrainConfig(optimizer="adamw", weight_decay=0.1))
+    u, _ = tx.update(zero, tx.init(p), p)
+    np.testing.assert_allclose(np.asarray(u["w"]), [-0.1, 0.2, 0.0], rtol=1e-6)

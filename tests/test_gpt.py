@@ -90,6 +90,10 @@ def test_text_errors_are_one_line(tmp_path):
     small.write_text("x" * 100)
     with pytest.raises(DataError, match="too few for data.context"):
         load_dataset(DataConfig(name="text", path=str(small), context=64))
+    with pytest.raises(ValueError, match="model.context = 4 is shorter than the data's windows"):
+        build_model(ModelConfig(name="gpt", context=4, dim=16, heads=2), 256, (8,))
+    with pytest.raises(ValueError, match=r"needs token windows \[T\]"):
+        build_model(TINY_GPT, 10, (28, 28, 1))
 
 
 def test_pystdlib_fingerprint_records_python_version():

@@ -110,6 +110,11 @@ class DataConfig:
                     "crop_flip: a random crop of the image's own size from it zero-padded by 4 pixels, and a "
                     "random horizontal flip, per example, keyed by (the member's data seed, step); "
                     "eval is never augmented")
+    path: str | None = _f(None, doc="data.name = 'text': a UTF-8 file or a folder of them (read in sorted "
+                                    "order, recursively), bytes as tokens")
+    context: int = _f(128, check=lambda v: v >= 1, allowed="an integer >= 1",
+                      doc="text data sets (text, pystdlib): tokens (bytes) per window; an example is "
+                          "x = bytes[i:i+context], y = bytes[i+1:i+context+1]")
 
     def __post_init__(self):
         _check_entry(DATASETS, "data.name", self.name)
@@ -129,6 +134,18 @@ class ModelConfig:
     width: float = _f(1.0, check=_pos[0], allowed=_pos[1],
                       doc="multiplier on every hidden layer's width (small-dense baselines)")
     init: Literal["glorot_normal", "kaiming_normal"] = _f("glorot_normal", doc="weight init scheme")
+    depth: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1", doc="transformer blocks (vit, gpt)")
+    dim: int = _f(128, check=lambda v: v >= 1, allowed="an integer >= 1",
+                  doc="transformer embedding width (vit, gpt); the width multiplier scales it")
+    heads: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
+                    doc="attention heads per block (vit, gpt); must divide dim")
+    mlp_ratio: float = _f(4.0, check=_pos[0], allowed=_pos[1],
+                          doc="MLP hidden width of a transformer block as a multiple of dim (vit, gpt)")
+    context: int = _f(0, check=_nonneg[0], allowed="an integer >= 0",
+                      doc="gpt: positions of the learned position embedding; 0 = the data's window "
+                          "(data.context); windows longer than this are an error")
+    tie_embeddings: bool = _f(False, doc="gpt: the output head is the transposed token embedding (no head "
+                                          "layer of its own)")
 
     def __post_init__(self):
         _check_entry(MODELS, "model.name", self.name)
@@ -136,11 +153,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: Literal["sgd", "adam"] = _f("adam", doc="optax optimizer")
+    optimizer: Literal["sgd", "adam", "adamw"] = _f(
+        "adam", doc="optax optimizer; adamw: Adam with decoupled weight decay (Loshchilov & Hutter 2019) of "
+                    "train.weight_decay times the step's lr")
     lr: float = _f(1.2e-3, check=_pos[0], allowed=_pos[1], doc="peak learning rate")
     momentum: float = _f(0.0, check=_frac[0], allowed=_frac[1], doc="sgd momentum")
     nesterov: bool = _f(False, doc="nesterov momentum for sgd")
-    weight_decay: float = _f(0.0, check=_nonneg[0], allowed=_nonneg[1], doc="L2 penalty coefficient")
+    weight_decay: float = _f(0.0, check=_nonneg[0], allowed=_nonneg[1],
+                             doc="L2 penalty coefficient (decoupled decay with optimizer = adamw)")
+    clip_norm: float | None = _f(None, check=_pos[0], allowed="a number > 0 or none",
+                                 doc="clip the gradient to this global L2 norm before the optimizer; none = no clipping")
     batch_size: int = _f(60, check=lambda v: v >= 1, allowed="an integer >= 1", doc="examples per step")
     epochs: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1",
                             doc="training length in passes over the train split (default 10; not with steps)")

@@ -201,6 +201,8 @@ def _load_cached(cfg: DataConfig, _data_root: Path, _cache_root: Path) -> Datase
         arrays = registry.DATASETS.call(cfg.name, loader, cfg, passthrough=(DataError,))
     except registry.RegistryError as e:
         raise DataError(str(e)) from None
+    if isinstance(arrays, TokenStream):  # a text corpus: split by position, windows (TextDataset)
+        return _text_dataset(cfg, arrays)
     x_train, y_train, x_test, y_test = _checked(cfg.name, arrays)
     _check_loader_attrs(cfg.name, loader)
     n = len(x_train)
@@ -499,3 +501,170 @@ def cifar10(cfg: DataConfig) -> RawData:
     x_train = np.concatenate([b[0] for b in batches[:5]])
     y_train = np.concatenate([b[1] for b in batches[:5]])
     return x_train, y_train, batches[5][0], batches[5][1]
+
+
+# ---------------------------------------------------------------------------- text (bytes as tokens)
+
+VOCAB_BYTES = 256  # a byte-level vocabulary: every byte value is a token
+TEXT_SPLIT = (0.8, 0.1, 0.1)  # train/val/test fractions of the bytes, by position (contiguous)
+PYSTDLIB_BYTES = 2 * 2**20  # the pystdlib corpus: the first 2 MiB of the concatenated files
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """What a text loader returns instead of four arrays: the corpus as one uint8 byte stream ``[L]``,
+    and what identifies it beyond its bytes (``info``: e.g. the Python version, the number of files),
+    recorded in the data set's fingerprint."""
+
+    tokens: np.ndarray
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class TextDataset(Dataset):
+    """A byte-level language-modelling data set: bytes are tokens, split by position.
+
+    ``train_tokens [L]`` (uint8) is the train part of the stream; an example is the window starting at
+    byte i: ``x = train_tokens[i:i+T]``, ``y = train_tokens[i+1:i+T+1]`` (T = ``context``), and
+    ``x_train``/``y_train`` ``[L - T, T]`` are zero-copy views of every such window, so a batch index
+    is a window start (the engine gathers windows from the resident stream, :mod:`lth.train`). Val and
+    test are the fixed non-overlapping windows (starts 0, T, 2T, ...) of their parts: ``x [N, T]``
+    float32 byte values, ``y [N, T]`` int32 next bytes.
+    """
+
+    train_tokens: np.ndarray = None  # type: ignore[assignment]
+    context: int = 0
+    info: tuple = ()  # sorted (key, value) pairs of TokenStream.info
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """Split sizes (windows), bytes and a sha256 (16 hex digits) of the train stream, the val and
+        test windows and the context, plus the loader's info (e.g. the Python version)."""
+        h = hashlib.sha256()
+        h.update(f"context={self.context}".encode())
+        for a in (self.train_tokens, self.x_val, self.y_val, self.x_test, self.y_test):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).data)
+        return {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test),
+                "train_bytes": len(self.train_tokens), "sha256": h.hexdigest()[:16], **dict(self.info)}
+
+
+def split_by_position(n: int, fractions=TEXT_SPLIT) -> tuple[slice, slice, slice]:
+    """Contiguous train/val/test slices of ``n`` bytes in that order, covering ``[0, n)`` with no overlap."""
+    a = int(n * fractions[0])
+    b = a + int(n * fractions[1])
+    return slice(0, a), slice(a, b), slice(b, n)
+
+
+def fixed_windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """The non-overlapping windows of a stream: ``x [N, T]`` float32 and ``y [N, T]`` int32 (the next bytes),
+    starts 0, T, 2T, ... while the window and its next byte fit."""
+    n = max(0, (len(tokens) - 1) // context)
+    x = tokens[:n * context].reshape(n, context)
+    y = tokens[1:n * context + 1].reshape(n, context)
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def _text_dataset(cfg: DataConfig, stream: TokenStream) -> TextDataset:
+    tokens = np.asarray(stream.tokens)
+    if tokens.ndim != 1 or tokens.dtype != np.uint8:
+        raise DataError(f"text data set {cfg.name!r}: the loader's TokenStream.tokens must be uint8 bytes [L], "
+                        f"got {tokens.dtype} {tokens.shape}")
+    if cfg.val_size not in (None, 0):
+        raise DataError(f"data.val_size = {cfg.val_size} does not apply to the text data set {cfg.name!r}: it "
+                        "splits by position (80% train, 10% val, 10% test); use none (default) or 0 (no val split)")
+    if cfg.train_size:
+        raise DataError(f"data.train_size = {cfg.train_size} does not apply to the text data set {cfg.name!r}; "
+                        "use 0 (the whole train part)")
+    T = cfg.context
+    fractions = TEXT_SPLIT if cfg.val_size is None else (0.8, 0.0, 0.2)
+    tr, va, te = split_by_position(len(tokens), fractions)
+    train = np.array(tokens[tr])  # an own copy: the views below must not outlive a caller's buffer
+    if len(train) < T + 1 or len(tokens[te]) < T + 1 or (va.stop > va.start and len(tokens[va]) < T + 1):
+        raise DataError(f"text data set {cfg.name!r}: {len(tokens)} bytes are too few for data.context = {T}: "
+                        f"the test part ({len(tokens[te])} bytes) and every other part need at least context + 1; "
+                        "lower data.context or use a larger corpus")
+    x_train = np.lib.stride_tricks.sliding_window_view(train[:-1], T)
+    y_train = np.lib.stride_tricks.sliding_window_view(train[1:], T)
+    x_val, y_val = fixed_windows(tokens[va], T) if va.stop > va.start else (
+        np.zeros((0, T), np.float32), np.zeros((0, T), np.int32))
+    x_test, y_test = fixed_windows(tokens[te], T)
+    for a in (train, x_val, y_val, x_test, y_test):
+        a.setflags(write=False)
+    info = tuple(sorted((str(k), v) for k, v in stream.info.items()))
+    return TextDataset(cfg.name, x_train, y_train, x_val, y_val, x_test, y_test, VOCAB_BYTES,
+                       train_tokens=train, context=T, info=info)
+
+
+def read_text_bytes(path: str | Path) -> tuple[np.ndarray, dict]:
+    """The bytes of a UTF-8 file, or of every file under a folder (sorted by relative path, recursively,
+    concatenated), as uint8 ``[L]``; DataError naming the path when it is missing, empty or not UTF-8."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"data.path = {str(path)!r} does not exist; give a UTF-8 text file or a folder of them")
+    blobs = []
+    for f in files:
+        try:
+            blob = f.read_bytes()
+            blob.decode("utf-8")
+        except OSError as e:
+            raise DataError(f"{f}: cannot read ({e})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start}); data.name = 'text' reads "
+                            "UTF-8 files only") from None
+        blobs.append(blob)
+    data = b"".join(blobs)
+    if not data:
+        raise DataError(f"data.path = {str(path)!r}: no bytes (empty file or folder)")
+    return np.frombuffer(data, np.uint8), {"files": len(files)}
+
+
+@register("text", num_classes=VOCAB_BYTES)
+def text(cfg: DataConfig) -> TokenStream:
+    """The UTF-8 file or folder ``data.path``, bytes as tokens."""
+    if not cfg.path:
+        raise DataError("data.name = 'text' needs data.path: a UTF-8 text file or a folder of them "
+                        "(e.g. --set data.path=corpus.txt); data.name = 'pystdlib' needs none")
+    tokens, info = read_text_bytes(cfg.path)
+    return TokenStream(tokens, info)
+
+
+def pystdlib_files() -> list[Path]:
+    """The running Python's standard-library ``.py`` files, sorted by relative path: every file under
+    ``sysconfig.get_paths()["stdlib"]`` except installed packages (site-/dist-packages) and caches."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if p.is_file() and not skip & set(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+@register("pystdlib", num_classes=VOCAB_BYTES)
+def pystdlib(cfg: DataConfig) -> TokenStream:
+    """The zero-setup text corpus: the running Python's standard-library source (:func:`pystdlib_files`
+    concatenated, cut at :data:`PYSTDLIB_BYTES`). Real code, no download, on every machine that runs lth;
+    the fingerprint records the Python version, so a run on another Python is told apart."""
+    import platform
+
+    chunks, total, used = [], 0, 0
+    for f in pystdlib_files():
+        if total >= PYSTDLIB_BYTES:
+            break
+        try:
+            blob = f.read_bytes()
+        except OSError:
+            continue  # an unreadable file: the sha256 in the fingerprint records what was read
+        chunks.append(blob)
+        total += len(blob)
+        used += 1
+    data = b"".join(chunks)[:PYSTDLIB_BYTES]
+    if len(data) < 2**16:
+        raise DataError(f"pystdlib: found only {len(data)} bytes of .py files under the standard library of "
+                        f"{sys.executable}; use data.name = 'text' with data.path")
+    return TokenStream(np.frombuffer(data, np.uint8),
+                       {"python": platform.python_version(), "files": used})

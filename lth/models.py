@@ -159,7 +159,7 @@ def check_output_width(model: nn.Module, num_classes: int, input_shape: Sequence
     except Exception as e:  # a user model that does not run on this input: say which, in one line
         raise ValueError(f"the model does not run on inputs of shape {tuple(input_shape)}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if shape != (2, num_classes):
+    if shape != (2, num_classes) and shape != (2, *(int(d) for d in input_shape), num_classes):  # or per token
         width = shape[-1] if len(shape) == 2 else shape
         raise ValueError(f"the model gives logits of width {width} (output shape {shape} for a batch of 2), but the "
                          f"data set has {num_classes} classes; its output layer must have num_classes = "
@@ -591,3 +591,6 @@ def param_count(params: PyTree) -> int:
 
 def _shape(x) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+from . import gpt as _gpt  # noqa: E402,F401  (registers "gpt"; it imports this module's helpers)

@@ -102,11 +102,19 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         opt = optax.sgd(1.0, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
     elif cfg.optimizer == "adam":
         opt = optax.adam(1.0)
+    elif cfg.optimizer == "adamw":
+        # decoupled decay: the step's lr multiplies (adam direction + wd * param), as torch's AdamW;
+        # a pruned weight is +0.0, so its decay term is 0 too
+        opt = optax.adamw(1.0, weight_decay=cfg.weight_decay)
     else:  # validated in config
         raise ValueError(cfg.optimizer)
-    if cfg.weight_decay:
+    if cfg.weight_decay and cfg.optimizer != "adamw":
         # Coupled L2 (as torch's weight_decay): added to the gradient before the optimizer.
         opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
+    if cfg.clip_norm is not None:
+        # first, as torch's clip_grad_norm_ before the step; masked gradients are zero, so the norm
+        # is over the surviving weights' gradients only
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt
 
 
@@ -322,14 +330,20 @@ def _conv_params(jaxpr) -> Iterable[dict]:
                     yield from _conv_params(sub)
 
 
-def make_batch_fn(augment: Callable | None) -> Callable:
+def make_batch_fn(augment: Callable | None, window: int = 0) -> Callable:
     """``(state, x_train, y_train, i [B], data_key uint32 [2]) -> (x [B, ...], y [B])`` of one member.
 
     Gathers the batch by index; with an augmentation (:data:`lth.data.AUGMENTATIONS`) the inputs are
     augmented with :func:`lth.data.augment_key` of the member's data key and its global step, so a
     step's augmentation is the same in a population or alone, resumed or not.
+
+    ``window`` T > 0 (text, :class:`lth.data.TextDataset`): ``x_train`` is the train byte stream ``[L]``
+    and ``i`` are window starts: ``x = stream[i:i+T]``, ``y = stream[i+1:i+T+1]``, both ``[B, T]``.
     """
     def batch(state, x_train, y_train, i, data_key):
+        if window:
+            pos = i[:, None] + jnp.arange(window, dtype=i.dtype)
+            return x_train[pos], x_train[pos + 1].astype(jnp.int32)
         x = x_train[i]
         if augment is not None:
             x = augment(augment_key(jax.random.wrap_key_data(data_key), state.step), x)
@@ -339,7 +353,8 @@ def make_batch_fn(augment: Callable | None) -> Callable:
 
 
 def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
-                    member_batch: int | None = None, augment: Callable | None = None) -> Callable:
+                    member_batch: int | None = None, augment: Callable | None = None,
+                    window: int = 0) -> Callable:
     """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2]) -> (pop_state, metrics [K, S])``.
 
     ``idx`` holds the example indices of S steps: ``[S, B]`` shared by all members or ``[K, S, B]``.
@@ -348,7 +363,7 @@ def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
     Members are computed ``member_batch`` at a time (:func:`population_program`).
     """
     step = make_train_step(model, tx, lr_fn)
-    batch = make_batch_fn(augment)
+    batch = make_batch_fn(augment, window)
 
     def member(state, x_train, y_train, idx, data_key):
         def body(s, i):
@@ -361,7 +376,8 @@ def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
 
 
 def make_step_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
-                 member_batch: int | None = None, augment: Callable | None = None) -> Callable:
+                 member_batch: int | None = None, augment: Callable | None = None,
+                 window: int = 0) -> Callable:
     """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2]) -> (pop_state, metrics [K])``: one step.
 
     The "step" segment strategy (:func:`segment_strategy`): the same step as :func:`make_segment_fn`'s
@@ -370,7 +386,7 @@ def make_step_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
     unrolled.
     """
     step = make_train_step(model, tx, lr_fn)
-    batch = make_batch_fn(augment)
+    batch = make_batch_fn(augment, window)
 
     def member(state, x_train, y_train, idx, data_key):
         return step(state, *batch(state, x_train, y_train, idx, data_key))
@@ -396,6 +412,8 @@ def _eval_chunk(model, params, batch_stats, x, y, v):
     logits, _ = _forward(model, params, batch_stats, x, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    if loss.ndim > 1:  # a label per token (y [n, T]): each example's mean over its tokens
+        loss, correct = (a.reshape(a.shape[0], -1).mean(1) for a in (loss, correct))
     return jnp.sum(loss * v), jnp.sum(correct * v)
 
 
@@ -454,7 +472,7 @@ def chunk_split(x: np.ndarray, y: np.ndarray, chunk: int, chunks: int | None = N
     c = max(math.ceil(n / chunk), chunks or 0)
     pad = c * chunk - n
     xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(c, chunk, *x.shape[1:])
-    ys = np.concatenate([y, np.zeros(pad, y.dtype)]).reshape(c, chunk)
+    ys = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)]).reshape(c, chunk, *y.shape[1:])  # y [N] or [N, T]
     valid = (np.arange(c * chunk) < n).astype(np.float32).reshape(c, chunk)
     return jax.device_put((xs, ys, valid))  # a host copy: jnp.asarray would compile a program per shape
 
@@ -578,15 +596,22 @@ class Engine:
         self.order = DataOrder(len(data.x_train), cfg.batch_size)
         self.num_steps = total_steps(cfg, len(data.x_train))
         self.lr_fn = lr_fn = lr_fn if lr_fn is not None else make_schedule(cfg, self.num_steps)
-        self.x_train = jax.device_put(np.asarray(data.x_train))
-        self.y_train = jax.device_put(np.asarray(data.y_train))
+        # text (lth.data.TextDataset): the train byte stream is resident, batches are windows gathered
+        # from it by start index; every window has the same length, so the mean over windows of a
+        # window's mean token loss is the mean token loss
+        self.window = int(getattr(data, "context", 0)) if getattr(data, "train_tokens", None) is not None else 0
+        if self.window:
+            self.x_train = self.y_train = jax.device_put(np.asarray(data.train_tokens))
+        else:
+            self.x_train = jax.device_put(np.asarray(data.x_train))
+            self.y_train = jax.device_put(np.asarray(data.y_train))
         self.eval_sets = {name: chunk_split(x, y, cfg.eval_batch_size)
                           for name, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test))
                           if len(x)}
         self.member_batch = mb = member_batch_size(cfg)
         self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
         make = make_segment_fn if self.segment == "scan" else make_step_fn
-        self._segment = {shared: make(model, tx, lr_fn, shared, mb, aug_fn) for shared in (True, False)}
+        self._segment = {shared: make(model, tx, lr_fn, shared, mb, aug_fn, self.window) for shared in (True, False)}
         self._eval = make_eval_fn(model, mb, self.segment)
         self._remask = None
 
@@ -704,11 +729,18 @@ class Engine:
                 for split, (l, a) in rows.items():
                     for k in range(K):
                         records.append({"member": k, "step": b, "split": split,
-                                        "loss": float(l[k]), "accuracy": float(a[k])})
+                                        "loss": float(l[k]), "accuracy": float(a[k]),
+                                        **(lm_metrics(float(l[k])) if self.window else {})})
                 acc_loss, acc_acc, acc_n = np.zeros(K), np.zeros(K), 0
                 if progress is not None:
                     progress(b, {s: (float(np.mean(l)), float(np.mean(a))) for s, (l, a) in rows.items()})
         return TrainResult(state=state, records=records, snapshots=snapshots, diverged=diverged)
+
+
+def lm_metrics(loss: float) -> dict[str, float]:
+    """A language model's metrics from its mean next-token loss (nats per token, bytes as tokens):
+    ``perplexity = exp(loss)`` and ``bits_per_byte = loss / ln 2``."""
+    return {"perplexity": float(np.exp(loss)), "bits_per_byte": float(loss / np.log(2))}
 
 
 def early_stop_steps(records: list[dict]) -> dict[int, int]:

@@ -456,7 +456,8 @@ class Lottery:
         index = [k for k in index if members[k].copy == 0]
         if not earlybird_applies(self.cfg) or not index:
             return None
-        return EarlyBird(self.cfg, can_prune, [members[k].seed for k in index], index, self.engine.order.spe)
+        return EarlyBird(self.cfg, can_prune, [members[k].seed for k in index], index, self.engine.order.spe,
+                         self.structure)
 
     def run_plan(self, level: int, plan: "LevelPlan", state, bar, earlybirds: list | None = None):
         """Train a prepared level: (TrainResult, final masks per member, extra level files).
@@ -667,7 +668,7 @@ class Lottery:
         return metrics_table(self.cfg.run_id, level, members, densities, records, wall_s, diverged)
 
     def _sparsity_table(self, level, members, final_params, masks, can_prune) -> pd.DataFrame:
-        return sparsity_table(level, members, final_params, masks, can_prune)
+        return sparsity_table(level, members, final_params, masks, can_prune, self.structure)
 
     def level_bar(self, level: int, total: int, what: str = "", start: int | None = None):
         """Progress of one level's ``total`` steps; level L > 0 starts at the rewind step unless ``start``."""
@@ -692,17 +693,18 @@ def metrics_table(run_id: str, level: int, members, densities, records, wall_s: 
     df["wall_s"] = wall_s
     cols = ["run_id", "level", "arm", "seed", "copy", "member", "density", "step", "split", "loss", "accuracy",
             "early_stop_step", "diverged_step", "wall_s"]
+    cols += [c for c in ("perplexity", "bits_per_byte") if c in df]  # language models (lth.train.lm_metrics)
     return df[cols]
 
 
-def sparsity_table(level: int, members, final_params, masks, can_prune) -> pd.DataFrame:
+def sparsity_table(level: int, members, final_params, masks, can_prune, structure=None) -> pd.DataFrame:
     """Per member and layer: shape, count, non-zeros and density of the trained weights (stability copies
     left out: they share copy 0's mask)."""
     rows = []
     for k, m in enumerate(members):
         if getattr(m, "copy", 0):
             continue
-        for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune):
+        for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune, structure):
             rows.append({"level": level, "arm": m.arm, "seed": m.seed, "member": k, **r})
     return pd.DataFrame.from_records(rows)
 

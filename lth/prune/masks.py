@@ -116,9 +116,10 @@ def prune_by_score(scores: PyTree, mask: PyTree, params_like: PyTree, cfg: Prune
     return jax.tree.unflatten(treedef, scatter_flat(keep, leaves_m, idx))
 
 
-def magnitude_prune(params: PyTree, mask: PyTree, cfg: PruneConfig) -> PyTree:
-    """IMP step: prune a fraction of the *remaining* weights with the smallest |w|."""
-    return prune_by_score(magnitude_scores(params), mask, params, cfg)
+def magnitude_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, structure: Structure | None = None) -> PyTree:
+    """IMP step: prune a fraction of the *remaining* weights with the smallest |w| (``structure``: what
+    the model declares, e.g. its frozen embeddings, :func:`lth.models.structure_of`)."""
+    return prune_by_score(magnitude_scores(params), mask, params, cfg, structure)
 
 
 def prune_to_density(scores: PyTree, mask: PyTree, can_prune: PyTree, target: float) -> PyTree:

@@ -177,3 +177,10 @@ def make_mask_update(can_prune, *, delta_t: int, end_step: int, alpha: float) ->
 def update_steps(start: int, stop: int, *, delta_t: int, end_step: int) -> list[int]:
     """The global steps in ``[start, stop)`` at which :func:`make_mask_update` updates masks."""
     return [t for t in range(max(start, 1), min(stop, end_step)) if t % delta_t == 0]
+
+
+def training_flops(f_sparse: float, f_dense: float, steps: int, batch: int, dense_grad_steps: int = 0) -> float:
+    """Training FLOPs of one member, as counted by Evci et al. 2020 (App. H): a step costs ``3 f_S``
+    per example (forward, gradient w.r.t. activations, w.r.t. weights), ``f_S`` the sparse forward
+    FLOPs; at each of RigL's ``dense_grad_steps`` the weight gradient is dense: ``2 f_S + f_D``."""
+    return batch * ((steps - dense_grad_steps) * 3.0 * f_sparse + dense_grad_steps * (2.0 * f_sparse + f_dense))

@@ -2,6 +2,8 @@
 counts and zeros at every step, RigL's grow by the dense gradient checked by hand, resume and population
 equal to uninterrupted and alone) and a tiny lottery level (ERK budgets, stored masks, dst.parquet)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,3 +176,19 @@ def test_dst_runs_train_alone_and_bad_settings_name_the_field():
         tiny(prune={"distribution": "er"})
     with pytest.raises(ConfigError, match="prune.dst_delta_t"):
         tiny(prune={"dst_delta_t": 0})
+
+
+def test_step_by_step_segments_update_masks_as_the_scan(setup):
+    cfg, data, model, engine, params, bs, mask, can = setup
+    fn = make_mask_update(can, delta_t=DT, end_step=END, alpha=0.3)
+    stepper = Engine(model, data, dataclasses.replace(cfg.train, segment="step"), mask_fn=fn)
+    assert stepper.segment == "step"
+    modes = [SET, RIGL]
+    out = []
+    for e in (engine, stepper):
+        st = e.init(stack([params] * 2), stack([bs] * 2), stack([mask] * 2), seed_keys([0, 0]))
+        res = e.run(st, [0, 0], stop=8, evaluate=False, member_args=modes)
+        out.append((to_numpy(res.state.mask), res.mask_info[6]["regrown"]))
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+        assert np.array_equal(a, b)
+    assert np.array_equal(out[0][1], out[1][1]) and out[0][1].min() > 0

@@ -38,6 +38,8 @@ def main(run: Path) -> pd.DataFrame:
     rows, cumulative, f_dense = [], 0.0, None
     for level in range(pc["levels"] + 1):
         d = run / f"level_{level:03d}"
+        if not (d / "COMPLETE").is_file():  # a run still training: the levels done so far
+            break
         members = json.loads((d / "members.json").read_text())
         masks = load_tree(d / "masks.msgpack")
         m = pd.read_parquet(d / "metrics.parquet")

@@ -192,3 +192,18 @@ def test_step_by_step_segments_update_masks_as_the_scan(setup):
     for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
         assert np.array_equal(a, b)
     assert np.array_equal(out[0][1], out[1][1]) and out[0][1].min() > 0
+
+
+def test_mask_analysis_compares_each_arms_final_mask_with_the_ticket(dst_run):
+    from analysis.masks import mask_analysis
+
+    cfg, d = dst_run
+    arms = mask_analysis(d.parent)["arms"]
+    assert set(arms.arm) == {"static", "set", "rigl"}
+    members = pd.read_json(d / "members.json")
+    masks = load_tree(d / "masks.msgpack")
+    k_t, k_r = (int(members.index[members.arm == a][0]) for a in ("ticket", "rigl"))
+    a, b = masks["dense_1"]["kernel"][k_r], masks["dense_1"]["kernel"][k_t]
+    row = arms[(arms.arm == "rigl") & (arms.layer == "dense_1/kernel")].iloc[0]
+    assert row.jaccard_ticket == pytest.approx((a & b).sum() / (a | b).sum())
+    assert row.density == pytest.approx(a.mean())

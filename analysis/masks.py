@@ -83,6 +83,7 @@ class _Run:
 
         self.run_id = run.name
         self.masks: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: bool mask}
+        self.arm_masks: dict[int, dict[tuple[str, int], dict]] = {}  # level -> (arm, seed) -> masks of the other arms
         self.final: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: trained weights}
         self.layers: list[str] = []
         if not (run / "init.msgpack").is_file():  # nothing to compare with (e.g. a table-only store)
@@ -113,6 +114,9 @@ class _Run:
                     "those seeds are left out")
             tickets = {s: k for s, k in tickets.items() if s in self.init}
             self.masks[level] = {s: {n: masks[n][k].astype(bool) for n in self.layers} for s, k in tickets.items()}
+            self.arm_masks[level] = {(m["arm"], m["seed"]): {n: masks[n][k].astype(bool) for n in self.layers}
+                                     for k, m in enumerate(members)
+                                     if m["arm"] != "ticket" and not m.get("copy") and m["seed"] in tickets}
             self.final[level] = {s: {n: final[n][k] for n in self.layers} for s, k in tickets.items()}
 
 
@@ -150,6 +154,26 @@ def ticket_table(run: _Run) -> pd.DataFrame:
                              "jaccard_oneshot_trained": ov_trained.get(layer, np.nan),
                              "jaccard_random": random_jaccard(d),
                              "sign_flip": flips[layer][0] / flips[layer][1] if flips[layer][1] else np.nan})
+    return pd.DataFrame(rows)
+
+
+def arm_table(run: _Run) -> pd.DataFrame:
+    """Per (seed, level, arm, layer): the arm's (final) mask against the same seed's ticket: ``density``,
+    ``jaccard_ticket`` and chance ``jaccard_random`` (two independent random masks of densities p and q:
+    ``pq / (p + q - pq)``). For set/rigl the mask is the one they ended training with."""
+    rows = []
+    for level in sorted(run.arm_masks):
+        for (arm, seed), mask in run.arm_masks[level].items():
+            ticket = run.masks[level][seed]
+            ov = _layer_overlap(mask, ticket, run.layers)
+            for layer in [*run.layers, ALL]:
+                names = run.layers if layer == ALL else [layer]
+                size = sum(mask[n].size for n in names)
+                p = sum(int(mask[n].sum()) for n in names) / size
+                q = sum(int(ticket[n].sum()) for n in names) / size
+                rows.append({"run_id": run.run_id, "seed": seed, "level": level, "arm": arm, "layer": layer,
+                             "density": p, "jaccard_ticket": ov[layer],
+                             "jaccard_random": p * q / (p + q - p * q) if p + q else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -207,7 +231,8 @@ def mask_analysis(root: str | Path, say=None) -> dict[str, pd.DataFrame]:
       weights whose sign after the level's training differs from init);
     - ``seeds``: per (run_id, level, layer, seed_a, seed_b): ``jaccard``;
     - ``levels``: per (run_id, seed, level_a, level_b, layer): ``jaccard``;
-    - ``earlybird``: :func:`load_earlybird`.
+    - ``earlybird``: :func:`load_earlybird`;
+    - ``arms``: per (run_id, seed, level, arm, layer) the other arms' masks against the ticket (:func:`arm_table`).
 
     ``layer`` is a prunable leaf (``dense_0/kernel``) or ``'all'`` (every prunable weight together).
     """
@@ -219,4 +244,5 @@ def mask_analysis(root: str | Path, say=None) -> dict[str, pd.DataFrame]:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     return {"ticket": cat(ticket_table(r) for r in runs), "seeds": cat(seed_table(r) for r in runs),
-            "levels": cat(level_table(r) for r in runs), "earlybird": load_earlybird(root)}
+            "levels": cat(level_table(r) for r in runs), "earlybird": load_earlybird(root),
+            "arms": cat(arm_table(r) for r in runs)}

@@ -70,13 +70,15 @@ def _mask_plans(root, out: Path, run_ids=None) -> list:
     else:  # the chosen runs only: the analysis reads every mask of a run it is given
         parts = [mask_analysis(d) for d in run_dirs(Path(root)) if d.name in set(run_ids)]
         tables = {k: pd.concat([t[k] for t in parts if not t[k].empty] or [pd.DataFrame()], ignore_index=True)
-                  for k in ("ticket", "seeds", "levels", "earlybird")}
+                  for k in ("ticket", "seeds", "levels", "earlybird", "arms")}
     plans = []
     ticket, seeds, levels, eb = tables["ticket"], tables["seeds"], tables["levels"], tables["earlybird"]
     if not ticket.empty and (ticket["level"] > 0).any():
         ticket.to_csv(out / "mask_ticket.csv", index=False)
         seeds.to_csv(out / "mask_seeds.csv", index=False)
         levels.to_csv(out / "mask_levels.csv", index=False)
+        if not tables["arms"].empty:
+            tables["arms"].to_csv(out / "mask_arms.csv", index=False)
         t = ticket[ticket["layer"] == ALL].groupby(["run_id", "level"]).mean(numeric_only=True).reset_index()
         if not seeds.empty:
             sd = seeds[seeds["layer"] == ALL].groupby(["run_id", "level"])["jaccard"].mean().rename("jaccard_seeds")
@@ -331,6 +333,9 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
                   "of the trained dense network at the same per-layer counts, chance `d / (2 - d)`, and the "
                   "fraction of surviving weights whose sign changed from init; `mask_seeds.csv`: Jaccard between "
                   "seeds per level; `mask_levels.csv`: between levels per seed; `mask_summary.md`: means over seeds."]
+        if (out / "mask_arms.csv").is_file():
+            lines += ["- `mask_arms.csv`: per (run, seed, level, arm, layer) the other arms' masks (set/rigl: the final "
+                      "one) against the same seed's ticket: density, Jaccard, and chance `pq / (p + q - pq)`."]
     if (out / "earlybird.csv").is_file():
         lines += ["- `earlybird.csv`: per (run, seed, epoch, layer) of the dense run, the normalized Hamming distance "
                   "between the level-1 magnitude masks of successive epochs (early-bird detection)."]

@@ -61,7 +61,8 @@ MAX_PATH_POINTS = 1000
 
 
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow", "snip_shuffle",
-        "grasp_shuffle", "synflow_shuffle")
+        "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl")
+DST_ARMS = ("static", "set", "rigl")  # sparse from scratch (lth.prune.dst)
 PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")  # pruning at init
 # Quantization settings (lth.quant implements them; listed here so config imports no quantization code)
 QUANT_BITS = (8, 4, 3, 2, 1)
@@ -273,6 +274,22 @@ class PruneConfig:
                             doc="AGP: steps between mask updates (dt)")
     agp_updates: int = _f(10, check=lambda v: v >= 1, allowed="an integer >= 1",
                           doc="AGP: number of mask updates n (final sparsity reached at t0 + n dt)")
+    distribution: Literal["erk", "uniform", "ticket"] = _f(
+        "erk", applies=lambda cfg: bool(set(cfg.arms) & set(DST_ARMS)),
+        doc="per-layer budgets of the sparse-from-scratch arms (static, set, rigl) at the ticket's overall "
+            "count: erk (Evci et al. 2020, density ~ (n_in + n_out) / (n_in n_out), layers over 1 made dense), "
+            "uniform (every prunable layer at the same density) or ticket (the ticket's per-layer counts)")
+    dst_delta_t: int = _f(100, check=lambda v: v >= 1, allowed="an integer >= 1",
+                          applies=lambda cfg: bool({"set", "rigl"} & set(cfg.arms)),
+                          doc="set/rigl: steps between mask updates (updates at global steps dt, 2 dt, ...)")
+    dst_end: float = _f(0.75, check=lambda v: 0 <= v <= 1, allowed="a fraction in [0, 1]",
+                        applies=lambda cfg: bool({"set", "rigl"} & set(cfg.arms)),
+                        doc="set/rigl: no mask update from this fraction of training on (global step "
+                            "round(dst_end * steps))")
+    dst_drop_fraction: float = _f(0.3, check=lambda v: 0 <= v <= 1, allowed="a fraction in [0, 1]",
+                                  applies=lambda cfg: bool({"set", "rigl"} & set(cfg.arms)),
+                                  doc="set/rigl: drop fraction alpha at step 0, cosine-annealed to 0 at dst_end "
+                                      "(RigL Eq. 1)")
 
     def __post_init__(self):
         _check_entry(CRITERIA, "prune.criterion", self.criterion)
@@ -428,12 +445,14 @@ class ExperimentConfig:
                                 allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
                                 doc="one member per seed (not part of the run id: more seeds grow a stored run)")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow",
-                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle"], ...] = _f(
+                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
         allowed="a list of distinct arms starting with 'ticket'",
         doc="ticket and controls (reinit, random_prune, shuffle), small_dense baselines, and pruning-at-init "
             "arms at the ticket's per-layer counts from the ticket's start weights (snip, grasp, synflow) "
-            "with their layerwise-shuffle ablations (snip_shuffle, grasp_shuffle, synflow_shuffle); not part of "
+            "with their layerwise-shuffle ablations (snip_shuffle, grasp_shuffle, synflow_shuffle), sparse from "
+            "scratch from the ticket's start weights at its overall count (static: a random mask kept fixed; set, "
+            "rigl: drop and grow every prune.dst_delta_t steps); not part of "
             "the run id: more arms grow a stored run")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -185,13 +185,23 @@ def _forward(model, params, batch_stats, x, train: bool):
     return model.apply({"params": params}, x, train=train), batch_stats
 
 
-def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule) -> Callable:
-    """Pure masked step for one member: ``(state, x [B, ...], y [B]) -> (state, {loss, accuracy})``.
+MaskFn = Callable[..., tuple[PyTree, PyTree]]
+
+
+def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
+                    mask_fn: MaskFn | None = None) -> Callable:
+    """Pure masked step for one member: ``(state, x [B, ...], y [B], t, arg) -> (state, {loss, accuracy})``.
 
     ``tx`` gives the update direction at unit lr (:func:`make_optimizer`); ``lr_fn(step)`` scales it.
+    ``mask_fn(t, params, mask, grads, rng, arg) -> (mask, info)``: a pure function that may change the
+    mask at the step's start (sparse training with moving masks); ``t`` is the global step (the same
+    scalar for every member, so a ``lax.cond`` on it stays a branch under ``vmap``), ``grads`` the dense
+    gradient of this step's loss w.r.t. all weights (pruned ones included), ``arg`` the member's entry of
+    ``Engine.run``'s ``member_args``; ``info`` (a pytree of arrays) is returned as the step's metric
+    ``"mask"``. The new mask is applied as :func:`remask` does, then the step trains with it.
     """
 
-    def step(state: TrainState, x, y):
+    def step(state: TrainState, x, y, t=None, arg=None):
         rng, _ = jax.random.split(state.rng)
 
         def loss_fn(params):
@@ -200,6 +210,10 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
             return loss, (logits, bs)
 
         (loss, (logits, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        extra = {}
+        if mask_fn is not None:
+            mask, extra["mask"] = mask_fn(t, state.params, state.mask, grads, state.rng, arg)
+            state = remask(state, mask, tx)
         # pruned weights get no gradient, so no moments and an exactly zero update (module doc)
         grads = apply_mask(grads, state.mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -208,7 +222,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
         params = optax.apply_updates(state.params, updates)
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
         new = state.replace(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state, rng=rng)
-        return new, {"loss": loss, "accuracy": acc}
+        return new, {"loss": loss, "accuracy": acc, **extra}
 
     return step
 
@@ -354,44 +368,51 @@ def make_batch_fn(augment: Callable | None, window: int = 0) -> Callable:
 
 def make_segment_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
                     member_batch: int | None = None, augment: Callable | None = None,
-                    window: int = 0) -> Callable:
-    """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2]) -> (pop_state, metrics [K, S])``.
+                    window: int = 0, mask_fn: MaskFn | None = None) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2], t0, args [K]) -> (pop_state,
+    metrics [K, S])``; ``t0``: the global step of the segment's first step; ``args``: the members'
+    ``mask_fn`` arguments (:func:`make_train_step`); ``window``: text data's context (windows gathered
+    from the token stream).
 
     ``idx`` holds the example indices of S steps: ``[S, B]`` shared by all members or ``[K, S, B]``.
     The data set stays resident; each step gathers its batch by index inside the scan and augments
     it there (``augment``, keyed by the member's ``data_keys`` row and step: :func:`make_batch_fn`).
     Members are computed ``member_batch`` at a time (:func:`population_program`).
     """
-    step = make_train_step(model, tx, lr_fn)
+    step = make_train_step(model, tx, lr_fn, mask_fn)
     batch = make_batch_fn(augment, window)
 
-    def member(state, x_train, y_train, idx, data_key):
-        def body(s, i):
-            return step(s, *batch(s, x_train, y_train, i, data_key))
+    def member(state, x_train, y_train, idx, data_key, t0, arg):
+        def body(s, it):
+            i, t = it
+            return step(s, *batch(s, x_train, y_train, i, data_key), t, arg)
 
-        return jax.lax.scan(body, state, idx)
+        # the step counter of the scan, not of the (per-member) state: unbatched under vmap
+        return jax.lax.scan(body, state, (idx, t0 + jnp.arange(idx.shape[0], dtype=jnp.int32)))
 
-    pop = population_program(member, (0, None, None, None if shared_order else 0, 0), member_batch)
+    pop = population_program(member, (0, None, None, None if shared_order else 0, 0, None, 0), member_batch)
     return jax.jit(pop, donate_argnums=(0,))
 
 
 def make_step_fn(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, shared_order: bool,
                  member_batch: int | None = None, augment: Callable | None = None,
-                 window: int = 0) -> Callable:
-    """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2]) -> (pop_state, metrics [K])``: one step.
+                 window: int = 0, mask_fn: MaskFn | None = None) -> Callable:
+    """Compiled ``(pop_state [K], x_train, y_train, idx, data_keys [K, 2], t, args [K]) -> (pop_state,
+    metrics [K])``: one step (global step ``t``).
 
     The "step" segment strategy (:func:`segment_strategy`): the same step as :func:`make_segment_fn`'s
     scan body with no loop around it; ``idx`` ``[B]`` (shared) or ``[K, B]`` is already on the device,
     the batch is gathered (and augmented) there, the state's buffers are donated. Member groups are
     unrolled.
     """
-    step = make_train_step(model, tx, lr_fn)
+    step = make_train_step(model, tx, lr_fn, mask_fn)
     batch = make_batch_fn(augment, window)
 
-    def member(state, x_train, y_train, idx, data_key):
-        return step(state, *batch(state, x_train, y_train, idx, data_key))
+    def member(state, x_train, y_train, idx, data_key, t, arg):
+        return step(state, *batch(state, x_train, y_train, idx, data_key), t, arg)
 
-    pop = population_program(member, (0, None, None, None if shared_order else 0, 0), member_batch, unroll=True)
+    pop = population_program(member, (0, None, None, None if shared_order else 0, 0, None, 0), member_batch,
+                             unroll=True)
     return jax.jit(pop, donate_argnums=(0,))
 
 
@@ -526,6 +547,8 @@ class TrainResult:
     records: list[dict]  # tidy metric rows: member, step, split, loss, accuracy
     snapshots: dict[int, PyTree] = field(default_factory=dict)  # step -> {params, batch_stats} [K, ...] (host)
     diverged: dict[int, int] = field(default_factory=dict)  # member -> first diverged step (see diverged_steps)
+    # the mask_fn's info of every step (Engine(mask_fn=...)): {(global step t): info [K, ...]} (host)
+    mask_info: dict[int, PyTree] = field(default_factory=dict)
 
     def select(self, members: Sequence[int]) -> "TrainResult":
         """The result of the members ``members`` (renumbered 0..len-1 in that order), on the host."""
@@ -541,7 +564,8 @@ class TrainResult:
             state=jax.tree.map(take, self.state),
             records=[{**r, "member": pos[r["member"]]} for r in self.records if r["member"] in pos],
             snapshots={s: jax.tree.map(take, t) for s, t in self.snapshots.items()},
-            diverged={pos[k]: v for k, v in self.diverged.items() if k in pos})
+            diverged={pos[k]: v for k, v in self.diverged.items() if k in pos},
+            mask_info={s: jax.tree.map(take, t) for s, t in self.mask_info.items()})
 
 
 # Most batch indices one segment gathers (int32: 64 MiB); longer segments run as several pieces.
@@ -580,10 +604,13 @@ class Engine:
     """
 
     def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None,
-                 augment: str | None = None):
+                 augment: str | None = None, mask_fn: MaskFn | None = None):
         """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning). ``augment``
         (a name of :data:`lth.data.AUGMENTATIONS`) augments the training batches; default the data
-        set's own ``augment`` (``data.augment``), else none. Evaluation is never augmented."""
+        set's own ``augment`` (``data.augment``), else none. Evaluation is never augmented.
+        ``mask_fn``: a pure function of the global step that may change the masks inside the compiled
+        segment (:func:`make_train_step`; e.g. sparse training's drop and grow); the engine knows
+        nothing of what it does."""
         self.model, self.data, self.cfg = model, data, cfg
         self.augment = augment if augment is not None else getattr(data, "augment", "none")
         if self.augment not in AUGMENTATIONS:
@@ -611,7 +638,9 @@ class Engine:
         self.member_batch = mb = member_batch_size(cfg)
         self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
         make = make_segment_fn if self.segment == "scan" else make_step_fn
-        self._segment = {shared: make(model, tx, lr_fn, shared, mb, aug_fn, self.window) for shared in (True, False)}
+        self.mask_fn = mask_fn
+        self._segment = {shared: make(model, tx, lr_fn, shared, mb, aug_fn, window=self.window, mask_fn=mask_fn)
+                         for shared in (True, False)}
         self._eval = make_eval_fn(model, mb, self.segment)
         self._remask = None
 
@@ -642,24 +671,26 @@ class Engine:
         return out
 
     def _train_segment(self, state: TrainState, idx: np.ndarray, shared: bool,
-                       keys: np.ndarray) -> tuple[TrainState, dict]:
+                       keys: np.ndarray, t0: int = 0, args=None) -> tuple[TrainState, dict]:
         """Train over the example indices ``idx`` (``[S, B]`` shared or ``[K, S, B]``) with the members'
-        data keys ``keys [K, 2]``, the configured way (:func:`segment_strategy`): ``(state, {loss,
-        accuracy} [K, S] on the host)``."""
+        data keys ``keys [K, 2]`` from global step ``t0``, the configured way (:func:`segment_strategy`):
+        ``(state, {loss, accuracy} [K, S] on the host)``; ``args [K]``: the members' ``mask_fn`` arguments."""
         by_member = population_sharding(keys.shape[0])
         where = None if shared else by_member
         keys = jax.device_put(keys, by_member)
+        args = jax.device_put(np.zeros(keys.shape[0], np.int32) if args is None else args, by_member)
         if self.segment == "scan":
-            state, m = self._segment[shared](state, self.x_train, self.y_train, jax.device_put(idx, where), keys)
+            state, m = self._segment[shared](state, self.x_train, self.y_train, jax.device_put(idx, where), keys,
+                                             np.int32(t0), args)
             return state, jax.device_get(m)
         # every step's indices go to the device in one transfer; the steps are queued without waiting
         rows = jax.device_put(list(idx) if shared else list(idx.swapaxes(0, 1)), where)
         ms = []
-        for i in rows:
-            state, m = self._segment[shared](state, self.x_train, self.y_train, i, keys)
+        for j, i in enumerate(rows):
+            state, m = self._segment[shared](state, self.x_train, self.y_train, i, keys, np.int32(t0 + j), args)
             ms.append(m)
         ms = jax.device_get(ms)
-        return state, {key: np.stack([m[key] for m in ms], 1) for key in ms[0]}
+        return state, jax.tree.map(lambda *xs: np.stack(xs, 1), *ms)
 
     @staticmethod
     def _snapshot(state: TrainState) -> PyTree:
@@ -668,7 +699,7 @@ class Engine:
     def run(self, state: TrainState, data_seeds: Sequence[int], *, start: int = 0, stop: int | None = None,
             snapshot_steps: Iterable[int] = (), progress: Callable[[int, dict], None] | None = None,
             evaluate: bool = True, observe_steps: Iterable[int] = (),
-            observe: Callable[[int, PyTree], None] | None = None) -> TrainResult:
+            observe: Callable[[int, PyTree], None] | None = None, member_args=None) -> TrainResult:
         """Train the population from step ``start`` to ``stop`` (default: the configured length).
 
         ``data_seeds[k]`` fixes member k's batch order and, with ``data.augment``, its augmentation
@@ -676,7 +707,8 @@ class Engine:
         Evaluates at the eval steps (``evaluate=False``: records the training loss only), keeps a host
         copy of params and batch_stats at each snapshot step. ``observe(step, host copy)`` is called at
         each of ``observe_steps`` (e.g. epoch ends) and nothing is kept; extra segment boundaries change
-        no numbers (the batch order is a function of the step).
+        no numbers (the batch order is a function of the step). ``member_args [K]`` (int): each member's
+        argument of the engine's ``mask_fn`` (default 0); its per-step info lands in ``mask_info``.
         """
         stop = self.num_steps if stop is None else stop
         seeds = [int(s) for s in data_seeds]
@@ -700,6 +732,8 @@ class Engine:
         K = len(seeds)
         keys = np.stack([data_key_data(seeds[0] if shared else s) for s in seeds])
         diverged: dict[int, int] = {}
+        mask_info: dict[int, PyTree] = {}
+        args = None if member_args is None else np.asarray(member_args, np.int32)
         first_loss = None
         pos, acc_loss, acc_acc, acc_n = start, np.zeros(K), np.zeros(K), 0
         for b in bounds:
@@ -707,7 +741,10 @@ class Engine:
                 idx = self.order.indices(seeds[0], pos, b)
             else:
                 idx = np.stack([self.order.indices(s, pos, b) for s in seeds])
-            state, m = self._train_segment(state, idx, shared, keys)
+            state, m = self._train_segment(state, idx, shared, keys, pos, args)
+            if "mask" in m:
+                for j in range(b - pos):
+                    mask_info[pos + j] = jax.tree.map(lambda x: x[:, j], m["mask"])
             loss = np.asarray(m["loss"], np.float64)
             acc = np.asarray(m["accuracy"], np.float64)
             if first_loss is None:
@@ -734,7 +771,7 @@ class Engine:
                 acc_loss, acc_acc, acc_n = np.zeros(K), np.zeros(K), 0
                 if progress is not None:
                     progress(b, {s: (float(np.mean(l)), float(np.mean(a))) for s, (l, a) in rows.items()})
-        return TrainResult(state=state, records=records, snapshots=snapshots, diverged=diverged)
+        return TrainResult(state=state, records=records, snapshots=snapshots, diverged=diverged, mask_info=mask_info)
 
 
 def lm_metrics(loss: float) -> dict[str, float]:

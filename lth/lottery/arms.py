@@ -16,7 +16,12 @@ a narrower dense model apart from the level's population (:meth:`lth.lottery.run
   per layer at the ticket's counts (``"ticket"``); the start weights are the ticket's;
 - ``snip_shuffle``, ``grasp_shuffle``, ``synflow_shuffle``: those masks permuted within each layer,
   so at the method's own per-layer counts (the layerwise-shuffle ablation of Frankle et al. 2021),
-  same start weights.
+  same start weights;
+- ``static``, ``set``, ``rigl``: sparse from scratch (:mod:`lth.prune.dst`): the ticket's start weights
+  with a uniformly random mask keeping the ticket's overall count, spread over the layers by
+  ``prune.distribution`` (ERK by default); the three arms of a seed start from the same mask. ``static``
+  keeps it; ``set`` and ``rigl`` drop and grow during training (the runner passes the engine the
+  update, :func:`lth.prune.dst.make_mask_update`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax
 import numpy as np
 
 from ..prune.criteria import CRITERIA, Signals
+from ..prune.dst import layer_counts
 from ..prune.masks import keep_counts, keep_global, random_mask_like, shuffle_mask
 from ..train import init_population, unstack
 from ..trees import to_numpy
@@ -38,6 +44,7 @@ REINIT_KEY = 1_000_003
 RANDOM_MASK = 1
 SHUFFLE_MASK = 2
 PAI_SHUFFLE = {"snip": 4, "grasp": 5, "synflow": 6}
+DST_MASK = 3
 
 
 @dataclass(frozen=True)
@@ -131,3 +138,41 @@ def _pai_arms(criterion: str) -> None:
 
 for _name in ("snip", "grasp", "synflow"):
     _pai_arms(_name)
+
+
+def dst_mask(t: ArmStart, distribution: str) -> Any:
+    """The start mask of the sparse-from-scratch arms: as many weights as the ticket keeps over its
+    prunable leaves, per leaf by ``distribution`` (:func:`lth.prune.dst.layer_counts`), each leaf's
+    survivors drawn uniformly at random (``rng([seed, level, DST_MASK])``); other leaves kept whole."""
+    flat = jax.tree_util.tree_flatten_with_path(t.mask)[0]
+    can = jax.tree.leaves(t.can_prune)
+    names = {jax.tree_util.keystr(path): np.asarray(m).shape for (path, m), p in zip(flat, can) if p}
+    ticket = {jax.tree_util.keystr(path): int(np.sum(m)) for (path, m), p in zip(flat, can) if p}
+    counts = layer_counts(names, sum(ticket.values()), distribution, ticket)
+    rng = np.random.default_rng([t.seed, t.level, DST_MASK])
+    out = []
+    for (path, m), p in zip(flat, can):
+        m = np.asarray(m, bool)
+        if not p:
+            out.append(m.copy())
+            continue
+        keep = np.zeros(m.size, bool)
+        keep[rng.choice(m.size, size=counts[jax.tree_util.keystr(path)], replace=False)] = True
+        out.append(keep.reshape(m.shape))
+    return jax.tree.unflatten(jax.tree.structure(t.mask), out)
+
+
+def _dst_arm(name: str) -> None:
+    def arm(t: ArmStart) -> tuple[dict, Any]:
+        if t.memo is not None and "dst" in t.memo:
+            return t.weights, t.memo["dst"]
+        mask = dst_mask(t, t.signals(t.weights).cfg.distribution)
+        if t.memo is not None:
+            t.memo["dst"] = mask
+        return t.weights, mask
+
+    register(name)(arm)
+
+
+for _name in ("static", "set", "rigl"):
+    _dst_arm(_name)

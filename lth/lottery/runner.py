@@ -43,11 +43,12 @@ import optax
 import pandas as pd
 
 from .. import __version__
-from ..config import ConfigError, ExperimentConfig, check_against_model
+from ..config import DST_ARMS, ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
 from ..models import build_model, check_output_width, structure_of
 from ..prune.baselines import count_at_width, match_width
 from ..prune.criteria import Signals, magnitude_scores
+from ..prune.dst import MODES, make_mask_update, update_steps
 from ..prune.criteria import scores as criterion_scores
 from ..prune.masks import density, layer_table, prunable, prune_by_score, prune_to_density, sparsity_rows
 from ..prune.schedules import agp_density, oneshot_config
@@ -225,7 +226,7 @@ def population_key(cfg: ExperimentConfig) -> str | None:
     in how they prune (rate, scope, criterion, granularity, ...). AGP (``prune.schedule = 'gradual'``)
     updates masks during training and always trains alone.
     """
-    if cfg.prune.schedule == "gradual":
+    if cfg.prune.schedule == "gradual" or set(cfg.arms) & set(DST_ARMS):  # masks move in training: alone
         return None
     d = cfg.to_dict()
     for key in ("name", "seeds", "arms", "log", "quant", "stability", "prune"):
@@ -269,6 +270,7 @@ class Lottery:
             except ValueError as e:  # model/data mismatch, batch larger than the data set
                 raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None
         self._finetune_engine: Engine | None = None
+        self._dst_engines: dict[bool, Engine] = {}  # finetune? -> the engine with the set/rigl mask update
         pc = cfg.prune
         if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
             raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
@@ -409,7 +411,24 @@ class Lottery:
                 starts[m.arm, m.seed] = ARMS[m.arm](ticket)
         weights = [starts[m.arm, m.seed][0] for m in members]
         masks = [starts[m.arm, m.seed][1] for m in members]
+        if any(m.arm in ("set", "rigl") for m in members):  # the whole population in the moving-mask engine
+            engine = self._dst_engine(cfg.rewind.mode == "finetune", can_prune)
         return LevelPlan(members, weights, masks, can_prune, cfg.rewind.step, engine)
+
+    def _dst_engine(self, finetune: bool, can_prune) -> Engine:
+        """The level's engine (same schedule) with SET/RigL's drop and grow inside its compiled segments."""
+        if finetune not in self._dst_engines:
+            base = self._finetune() if finetune else self.engine
+            pc = self.cfg.prune
+            fn = make_mask_update(can_prune, delta_t=pc.dst_delta_t, end_step=self.dst_end_step(),
+                                  alpha=pc.dst_drop_fraction)
+            self._dst_engines[finetune] = Engine(self.model, self.data, self.cfg.train, lr_fn=base.lr_fn,
+                                                 mask_fn=fn)
+        return self._dst_engines[finetune]
+
+    def dst_end_step(self) -> int:
+        """The global step from which set/rigl no longer update masks: ``round(prune.dst_end * steps)``."""
+        return int(round(self.cfg.prune.dst_end * self.engine.num_steps))
 
     def signals(self, member: dict, seed: int, level: int) -> Signals:
         """What a criterion may use to score ``member`` ``{'params', 'batch_stats'}`` of ``seed``."""
@@ -473,12 +492,20 @@ class Lottery:
             eb = self.earlybird(plan.members, list(range(len(plan.members))), plan.can_prune)
             earlybirds = [eb] if eb is not None else []
         watch = earlybirds if level == 0 else []
+        moving = plan.engine.mask_fn is not None
         result = plan.engine.run(state, [data_seed(m) for m in plan.members], start=plan.start,
                                  snapshot_steps=self.snapshot_steps(level), progress=bar,
                                  observe_steps=epoch_ends(plan.engine.num_steps, plan.engine.order.spe) if watch else (),
-                                 observe=(lambda step, w: [e(step, w) for e in watch]) if watch else None)
+                                 observe=(lambda step, w: [e(step, w) for e in watch]) if watch else None,
+                                 member_args=[MODES.get(m.arm, 0) for m in plan.members] if moving else None)
         files = {"earlybird.parquet": parquet_bytes(watch[0].table())} if own and watch else {}
-        return result, plan.masks, files
+        if not moving:
+            return result, plan.masks, files
+        # set/rigl: the masks they end with (every other member's is the one it started with)
+        host = to_numpy(result.state.mask)
+        masks = [unstack(host, k) if m.arm in MODES else plan.masks[k] for k, m in enumerate(plan.members)]
+        files["dst.parquet"] = parquet_bytes(dst_table(plan, result, self.dst_end_step(), self.cfg.prune.dst_delta_t))
+        return result, masks, files
 
     def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,
                      log: WandbSink | None) -> None:
@@ -695,6 +722,21 @@ def metrics_table(run_id: str, level: int, members, densities, records, wall_s: 
             "early_stop_step", "diverged_step", "wall_s"]
     cols += [c for c in ("perplexity", "bits_per_byte") if c in df]  # language models (lth.train.lm_metrics)
     return df[cols]
+
+
+def dst_table(plan: "LevelPlan", result: TrainResult, end_step: int, delta_t: int) -> pd.DataFrame:
+    """Per set/rigl member, update step and prunable layer: the weights regrown there (``dst.parquet``)."""
+    names = [jax.tree_util.keystr(p, simple=True, separator="/")
+             for (p, _), c in zip(jax.tree_util.tree_flatten_with_path(plan.can_prune)[0],
+                                  jax.tree.leaves(plan.can_prune)) if c]
+    rows = []
+    for t in update_steps(plan.start, plan.engine.num_steps, delta_t=delta_t, end_step=end_step):
+        regrown = np.asarray(result.mask_info[t]["regrown"])  # [K, L]
+        for k, m in enumerate(plan.members):
+            if m.arm in ("set", "rigl"):
+                rows += [{"arm": m.arm, "seed": m.seed, "copy": m.copy, "step": t, "layer": n,
+                          "regrown": int(regrown[k, j])} for j, n in enumerate(names)]
+    return pd.DataFrame(rows, columns=["arm", "seed", "copy", "step", "layer", "regrown"])
 
 
 def sparsity_table(level: int, members, final_params, masks, can_prune, structure=None) -> pd.DataFrame:

@@ -66,3 +66,11 @@ def test_set_grows_at_random_and_keeps_the_count_under_jit():
     m2, _, _ = step(w, mask, jax.random.key(2))
     assert float(m1.sum()) == float(mask.sum()) == float(m2.sum())
     assert not np.array_equal(np.asarray(m1), np.asarray(m2))  # the regrown set depends on the draw
+
+
+def test_training_flops_count_rigls_dense_gradients():
+    from lth.prune.dst import training_flops
+
+    assert training_flops(10.0, 100.0, steps=50, batch=2) == 2 * 50 * 30.0
+    # 3 of 50 steps pay the dense weight gradient: 2 f_S + f_D instead of 3 f_S
+    assert training_flops(10.0, 100.0, steps=50, batch=2, dense_grad_steps=3) == 2 * (47 * 30.0 + 3 * 120.0)

@@ -307,8 +307,7 @@ def size_report(qt: QuantizedTicket, nm: tuple[int, int] | None = None) -> dict[
         best, nbytes = _best_encoding(sizes, nm_size)
         sparse += nbytes + side
         int8 += q.size + side
-        layers[key] = {"n": int(q.size), "nnz": sizes["nnz"], "encoding": best, "bytes": nbytes + side,
-                       "quantizer_bytes": side}
+        layers[key] = {"n": int(q.size), "nnz": sizes["nnz"], "encoding": best, "bytes": nbytes + side}
     fp32 = n_all * 4
     size = sparse + other + acts
     return {"fp32_dense_bytes": fp32, "fp16_dense_bytes": n_all * 2, "int8_dense_bytes": int8 + other + acts,

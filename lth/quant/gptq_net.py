@@ -48,7 +48,7 @@ def check_gptq_model(params: PyTree, where: str = "quant.method") -> None:
                          "use ptq or qat, or a model of Dense layers")
 
 
-def _inputs_program(model, key: str, member_batch: int | None):
+def layer_inputs_program(model, key: str, member_batch: int | None):
     """Compiled ``(params [K], batch_stats [K], x [N, ...]) -> inputs of layer key [K, N', in]``."""
     def build():
         def member(p, b, x):
@@ -107,7 +107,7 @@ def gptq_population(model, params: PyTree, batch_stats: PyTree, masks: PyTree, s
     wq: dict[str, dict] = {}
     for key in order:
         kernel = get_layer(params, key)["kernel"]  # [K, in, out]
-        x = _inputs_program(model, key, member_batch)(params, batch_stats, x_cal)  # [K, N, in]
+        x = layer_inputs_program(model, key, member_batch)(params, batch_stats, x_cal)  # [K, N, in]
         m = jnp.asarray(get_layer(masks, key)["kernel"], jnp.float32)
         w_new, qp = run(jnp.swapaxes(kernel, 1, 2), x, jnp.swapaxes(m, 1, 2))
         params = set_leaf(params, key, "kernel", jnp.swapaxes(w_new, 1, 2))

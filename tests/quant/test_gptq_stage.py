@@ -14,7 +14,7 @@ from lth.models import MLP
 from lth.prune.oneshot import reconstruction_error
 from lth.quant import QuantSpec, fake_quant_predict, ptq_population, quantize_run, read_cells, size_report
 from lth.quant.gptq import round_to_nearest
-from lth.quant.gptq_net import _inputs_program, gptq_population
+from lth.quant.gptq_net import layer_inputs_program, gptq_population
 from lth.quant.stage import cell_id, settings_of
 from lth.quant.wiring import expand_groups
 from lth.stored import StoredRun
@@ -122,7 +122,7 @@ def test_gptq_beats_round_to_nearest_ptq_on_a_trained_mlp(trained_mlp, gptq_mlp)
         # each layer's reconstruction error on the inputs GPTQ saw (earlier layers already quantized)
         one = jax.tree.map(lambda a: jnp.asarray(a)[None], gq[k].params)
         for layer in ("dense_0", "dense_1", "output"):
-            x = np.asarray(_inputs_program(model, layer, None)(one, {}, jnp.asarray(calib))[0])
+            x = np.asarray(layer_inputs_program(model, layer, None)(one, {}, jnp.asarray(calib))[0])
             w = np.asarray(params[layer]["kernel"][k]).T
             e_gptq = reconstruction_error(w, np.asarray(gq[k].params[layer]["kernel"]).T, x)
             e_rtn = reconstruction_error(w, round_to_nearest(w, bits=bits), x)

@@ -70,20 +70,22 @@ def layer_inputs_program(model, key: str, member_batch: int | None):
     return cached(("gptq_inputs", key, member_batch), model, build)
 
 
-def _gptq_program(spec: QuantSpec, group_size: int | None, act_order: bool, damp: float, member_batch: int | None):
-    """Compiled ``(w [K, out, in], x [K, N, in], mask [K, out, in]) -> (w_q, params)`` of a population."""
+def _gptq_program(spec: QuantSpec, group_size: int | None, act_order: bool, damp: float, density: float | None,
+                  member_batch: int | None):
+    """Compiled ``(w [K, out, in], x [K, N, in], mask [K, out, in]) -> (w_q, params, mask)`` of a population."""
     def member(w, x, m):
-        wq, _, params = gptq(w, x, bits=spec.bits, scheme=spec.scheme, group_size=group_size, act_order=act_order,
-                             damp=damp, mask=m)
-        return wq, params
+        wq, mask, params = gptq(w, x, bits=spec.bits, scheme=spec.scheme, group_size=group_size,
+                                act_order=act_order, damp=damp, mask=m, density=density)
+        return wq, params, mask
 
-    return cached(("gptq", spec.bits, spec.scheme, group_size, act_order, damp, member_batch), None,
+    return cached(("gptq", spec.bits, spec.scheme, group_size, act_order, damp, density, member_batch), None,
                   lambda: jax.jit(population_program(member, (0, 0, 0), member_batch)))
 
 
 def gptq_population(model, params: PyTree, batch_stats: PyTree, masks: PyTree, spec: QuantSpec,
                     calib_x: np.ndarray, *, group_size: int | None = None, act_order: bool = False,
-                    damp: float = 0.01, member_batch: int | None = None) -> list[QuantizedTicket]:
+                    damp: float = 0.01, density: float | None = None, member_batch: int | None = None,
+                    return_masks: bool = False):
     """GPTQ of every member of a population ``[K, ...]`` (one compiled program per layer shape).
 
     Args:
@@ -91,8 +93,12 @@ def gptq_population(model, params: PyTree, batch_stats: PyTree, masks: PyTree, s
       spec: bits and scheme of the weight grid, activation quantization (``act_bits``, PTQ's).
       calib_x: calibration inputs ``[N, ...]`` (the same as PTQ's).
 
+      density: the joint SparseGPT + GPTQ pass: each layer pruned further to this fraction of its weights
+        among the member's survivors (:func:`lth.quant.gptq.survivor_chooser`); None: the mask as it is.
+
     Returns:
-      One :class:`QuantizedTicket` per member (kernels dequantized on their grid, pruned weights 0).
+      One :class:`QuantizedTicket` per member (kernels dequantized on their grid, pruned weights 0);
+      with ``return_masks`` also the masks ``[K, ...]`` the kernels have (bool; new ones with ``density``).
     """
     if spec.bits < 2:
         raise ValueError(f"gptq needs bits >= 2, got {spec.bits}")
@@ -102,18 +108,21 @@ def gptq_population(model, params: PyTree, batch_stats: PyTree, masks: PyTree, s
                        np.asarray(calib_x[:1]))
     params = jax.tree.map(jnp.asarray, params)
     batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-    run = _gptq_program(spec, group_size, act_order, damp, member_batch)
+    run = _gptq_program(spec, group_size, act_order, damp, density, member_batch)
+    masks_out = jax.tree.map(lambda a: np.asarray(a, bool), masks)
     x_cal = jnp.asarray(calib_x)
     wq: dict[str, dict] = {}
     for key in order:
         kernel = get_layer(params, key)["kernel"]  # [K, in, out]
         x = layer_inputs_program(model, key, member_batch)(params, batch_stats, x_cal)  # [K, N, in]
         m = jnp.asarray(get_layer(masks, key)["kernel"], jnp.float32)
-        w_new, qp = run(jnp.swapaxes(kernel, 1, 2), x, jnp.swapaxes(m, 1, 2))
+        w_new, qp, m_new = run(jnp.swapaxes(kernel, 1, 2), x, jnp.swapaxes(m, 1, 2))
+        masks_out = set_leaf(masks_out, key, "kernel", np.swapaxes(np.asarray(m_new), 1, 2) > 0)
         params = set_leaf(params, key, "kernel", jnp.swapaxes(w_new, 1, 2))
         if group_size is None:  # PTQ's per-channel layout
             wq[key] = {"scale": qp["scale"][:, 0], "zero_point": qp["zero_point"][:, 0]}
         else:
             wq[key] = {"scale": qp["scale"], "zero_point": qp["zero_point"], "group_index": qp["group_index"]}
     qts = quantized_population(model, params, batch_stats, wq, spec, calib_x, member_batch=member_batch)
-    return [round_biases(qt) for qt in qts]
+    qts = [round_biases(qt) for qt in qts]
+    return (qts, masks_out) if return_masks else qts

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
+from ..config import GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_quant
 from ..lottery.arms import reinit_weights
 from ..models import structure_of
 from ..prune.masks import density, prunable
@@ -99,9 +99,10 @@ class Setting:
         s = self.spec
         if s is None:
             return f"{self.method} (float, QAT's schedule)"
-        if self.method == "gptq":
+        if self.method in GPTQ_METHODS:
             g, o = self.option("group_size"), self.option("act_order")
-            return f"gptq {s.bits}-bit {s.scheme_name}/{f'group{g}' if g else 'channel'}{' act-order' if o else ''}"
+            d = f" density {self.option('joint_density')}" if self.method == "sparsegpt_gptq" else ""
+            return f"{self.method}{d} {s.bits}-bit {s.scheme_name}/{f'group{g}' if g else 'channel'}{' act-order' if o else ''}"
         return f"{self.method} {s.bits}-bit {s.scheme_name}/{s.granularity}/{s.calibration}"
 
 
@@ -117,7 +118,7 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
                     spec = QuantSpec(bits, scheme, gran, cal, qc.act_bits if qc.activations else None,
                                      qc.act_scheme, None, qc.percentile)
                     for method in qc.method:
-                        if method == "gptq":
+                        if method in GPTQ_METHODS:
                             continue  # its own grid: one setting per (bits, scheme), below
                         if method == "ptq":
                             opts = {"calib_batches": qc.calib_batches, "bias_correction": qc.bias_correction,
@@ -128,8 +129,9 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
                             opts = {"calib_batches": qc.calib_batches, "learned_scale": qc.learned_scale,
                                     "qat_steps": qc.qat_steps, "qat_lr": qc.qat_lr, "qat_start": qc.qat_start}
                         out.append(Setting(spec, method, tuple(sorted(opts.items()))))
-            if "gptq" in qc.method:
-                out.append(gptq_setting(qc, bits, scheme))
+            for method in qc.method:
+                if method in GPTQ_METHODS:
+                    out.append(gptq_setting(qc, bits, scheme, method))
     if "qat" in qc.method:  # every member that gets QAT gets its float control
         out.append(float_ft_setting(qc))
     return out
@@ -138,13 +140,14 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
 GPTQ_OPTIONS = ("calib_batches", "group_size", "act_order", "gptq_damp")  # what a gptq cell depends on
 
 
-def gptq_setting(qc: QuantConfig, bits: int, scheme: str) -> Setting:
+def gptq_setting(qc: QuantConfig, bits: int, scheme: str, method: str = "gptq") -> Setting:
     """The ``gptq`` setting of ``bits`` and ``scheme``: GPTQ fits its own min-max grid (per channel, or per
     ``quant.group_size`` inputs), so ``quant.granularity`` and ``quant.calibration`` do not apply (its
     activations are calibrated min-max, as PTQ's default). Keyed by :data:`GPTQ_OPTIONS` besides."""
     spec = QuantSpec(bits, scheme, "channel", "minmax", qc.act_bits if qc.activations else None, qc.act_scheme,
                      None, qc.percentile)
-    return Setting(spec, "gptq", tuple(sorted((k, getattr(qc, k)) for k in GPTQ_OPTIONS)))
+    names = GPTQ_OPTIONS + (("joint_density",) if method == "sparsegpt_gptq" else ())
+    return Setting(spec, method, tuple(sorted((k, getattr(qc, k)) for k in names)))
 
 
 def float_ft_setting(qc: QuantConfig) -> Setting:
@@ -337,8 +340,9 @@ class QuantStage:
                 t0 = time.time()
                 rows = self._quantize(level, pop, setting)
                 rows["wall_s"] = time.time() - t0
-                rows["density"] = [float(info[m][0]) for m in pop.members]
-                rows["param_count"] = [int(info[m][1]) for m in pop.members]
+                if "density" not in rows:  # (sparsegpt_gptq rows carry their own)
+                    rows["density"] = [float(info[m][0]) for m in pop.members]
+                    rows["param_count"] = [int(info[m][1]) for m in pop.members]
                 computed.append(rows)
                 if setting.method == FLOAT_FT:
                     ft_acc.update({(a, int(sd)): float(x)
@@ -398,10 +402,12 @@ class QuantStage:
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
             qts, acc, tried = self._retry(pop, spec, float_val)
-        elif setting.method == "gptq":
-            qts = gptq_population(model, pop.params, pop.batch_stats, pop.masks, spec, self.calib_x,
-                                  group_size=qc.group_size, act_order=qc.act_order, damp=qc.gptq_damp,
-                                  member_batch=self.member_batch)
+        elif setting.method in GPTQ_METHODS:
+            joint = setting.method == "sparsegpt_gptq"
+            qts, masks = gptq_population(model, pop.params, pop.batch_stats, pop.masks, spec, self.calib_x,
+                                         group_size=qc.group_size, act_order=qc.act_order, damp=qc.gptq_damp,
+                                         density=qc.joint_density if joint else None,
+                                         member_batch=self.member_batch, return_masks=True)
             acc = self.ev.quantized(model, qts)
         elif setting.method == "ptq":
             qts = ptq_population(model, pop.params, pop.batch_stats, spec, self.calib_x,
@@ -416,7 +422,7 @@ class QuantStage:
             rows.append({
                 "run_id": self.run.run_id, "level": level, "arm": arm, "seed": seed,
                 "bits": spec.bits, "method": setting.method, "scheme": spec.scheme_name,
-                "granularity": (f"group{qc.group_size}" if setting.method == "gptq" and qc.group_size
+                "granularity": (f"group{qc.group_size}" if setting.method in GPTQ_METHODS and qc.group_size
                                 else spec.granularity), "calibration": qts[k].calibration,
                 "act_bits": int(spec.act_bits or 0), "act_scheme": spec.act_scheme if spec.act_bits else "",
                 "accuracy": float(acc["test"][k]), "val_accuracy": float(acc.get("val", acc["test"])[k]),
@@ -433,10 +439,15 @@ class QuantStage:
                 "calibration_requested": (",".join(qc.calibration) if setting.method == "ptq" and qc.retry
                                           else spec.calibration),
                 "calibration_tried": ",".join(tried),
-                "group_size": int(qc.group_size or 0) if setting.method == "gptq" else 0,
-                "act_order": bool(qc.act_order and setting.method == "gptq"),
+                "group_size": int(qc.group_size or 0) if setting.method in GPTQ_METHODS else 0,
+                "act_order": bool(qc.act_order and setting.method in GPTQ_METHODS),
             })
-        return pd.DataFrame.from_records(rows)
+        rows = pd.DataFrame.from_records(rows)
+        if setting.method == "sparsegpt_gptq":  # its own, sparser masks: the rows' density and count are theirs
+            can_prune = prunable(unstack(pop.params, 0), self.run.cfg.prune, structure_of(model))
+            rows["density"] = [float(density(unstack(masks, k), can_prune)) for k in range(len(pop.members))]
+            rows["param_count"] = [int(kept_count(unstack(masks, k))) for k in range(len(pop.members))]
+        return rows
 
     def _float_ft_batch(self, level: int, pop: Population) -> pd.DataFrame:
         """The float_ft rows of a population: each member fine-tuned in float with QAT's schedule (the
@@ -587,7 +598,7 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
         raise ConfigError(f"{run.path}: level(s) {', '.join(map(str, missing))} are not complete; complete "
                           f"levels: {', '.join(map(str, complete)) or 'none'}")
     check_quant(run.cfg, qc, str(run.path))
-    if "gptq" in qc.method and levels:
+    if set(GPTQ_METHODS) & set(qc.method) and levels:
         try:
             check_gptq_model(unstack(run.population(levels[0]).params, 0))
         except ValueError as e:

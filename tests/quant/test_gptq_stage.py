@@ -61,6 +61,24 @@ def test_gptq_keeps_the_mask_and_puts_kernels_on_their_grid(tmp_path):
                 assert np.abs(codes[layer]).max() <= 7  # 4-bit symmetric narrow range
 
 
+def test_sparsegpt_gptq_prunes_further_within_each_mask_and_reports_its_density(tmp_path):
+    path = write_store(tmp_path)
+    df = quantize_run(path, [0, 1], (4,), ("sparsegpt_gptq",), joint_density=0.3, write=False)
+    assert sorted(zip(df.level, df.arm)) == [(0, "ticket"), (1, "reinit"), (1, "ticket")]
+    assert np.allclose(df.density, 0.3, atol=0.01) and (df.method == "sparsegpt_gptq").all()
+    run = StoredRun.open(path)
+    pop = run.population(1)
+    qts, masks = gptq_population(pop.model, pop.params, pop.batch_stats, pop.masks, QuantSpec(4, act_bits=8),
+                                 run.calib_x(2), density=0.3, member_batch=1, return_masks=True)
+    for k, qt in enumerate(qts):
+        for layer in ("dense_0", "dense_1", "output"):
+            new, old = masks[layer]["kernel"][k], pop.masks[layer]["kernel"][k]
+            assert np.all(new <= old) and new.sum() == round(0.3 * new.size)
+            assert np.all(np.asarray(qt.params[layer]["kernel"])[~new] == 0.0)
+    with pytest.raises(ConfigError, match="quant.joint_density = 0.3 is a sparsegpt_gptq setting"):
+        quantize_run(path, [1], (4,), ("gptq",), joint_density=0.3, write=False)
+
+
 # ---------------------------------------------------------------------------- a trained MLP
 
 @pytest.fixture(scope="module")

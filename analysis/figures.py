@@ -48,6 +48,8 @@ BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}
 METHOD_STYLE = {"float": dict(marker="o", linestyle="-", fillstyle="full", label="float"),
                 "ptq": dict(marker="s", linestyle="--", fillstyle="none", label="PTQ"),
                 "qat": dict(marker="o", linestyle="-", fillstyle="full", label="QAT"),
+                "gptq": dict(marker="^", linestyle="-.", fillstyle="none", label="GPTQ"),
+                "sparsegpt_gptq": dict(marker="v", linestyle="-.", fillstyle="full", label="SparseGPT + GPTQ"),
                 "float_ft": dict(marker="*", linestyle=":", fillstyle="full", label="float, fine-tuned as QAT")}
 
 

@@ -69,7 +69,8 @@ QUANT_BITS = (8, 4, 3, 2, 1)
 QUANT_SCHEMES = ("sym", "asym")
 QUANT_GRANULARITIES = ("channel", "tensor")
 QUANT_CALIBRATIONS = ("minmax", "percentile", "mse")
-QUANT_METHODS = ("ptq", "qat")
+QUANT_METHODS = ("ptq", "qat", "gptq", "sparsegpt_gptq")
+GPTQ_METHODS = ("gptq", "sparsegpt_gptq")
 # Model, data set and criterion names are not listed here: lth.registry resolves them (registered
 # names, entry points, "package.module:callable"); which structured granularities a model supports is
 # declared by the model (lth.models.Structure) and checked once it is built.
@@ -338,7 +339,12 @@ class QuantConfig:
     """
 
     bits: tuple[int, ...] = _f((8, 4, 2), **_all_of(QUANT_BITS), doc="weight bit widths to sweep (1 = binary)")
-    method: tuple[str, ...] = _f(("ptq",), **_all_of(QUANT_METHODS), doc="ptq and/or qat")
+    method: tuple[str, ...] = _f(("ptq",), **_all_of(QUANT_METHODS), doc="ptq, qat and/or gptq (Frantar et al. 2023: layer by "
+                                  "layer, rounding errors absorbed by the layer's not yet rounded weights; min-max grid "
+                                  "per channel or per quant.group_size inputs, whatever quant.granularity and "
+                                  "quant.calibration say); sparsegpt_gptq: SparseGPT + GPTQ in one pass (Frantar & "
+                                  "Alistarh 2023, Sec. 3.5), pruning each layer further to quant.joint_density among "
+                                  "the member's surviving weights")
     scheme: tuple[str, ...] = _f(("sym",), **_all_of(QUANT_SCHEMES),
                                  doc="sym (signed, Z = 0) and/or asym (unsigned with zero point)")
     granularity: tuple[str, ...] = _f(("channel",), **_all_of(QUANT_GRANULARITIES),
@@ -358,6 +364,15 @@ class QuantConfig:
                           doc="allowed val accuracy drop for retry (0.01 = 1 point)")
     bias_correction: bool = _f(False, doc="PTQ: empirical bias correction (Nagel et al. 2019)")
     cle: bool = _f(False, doc="PTQ: cross-layer equalization before quantizing (Nagel et al. 2019)")
+    group_size: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1 (or none: per channel)",
+                                doc="GPTQ: one scale (and zero point) per group of this many inputs of an output "
+                                    "channel (the paper: 128); none: one per output channel")
+    joint_density: float = _f(0.5, check=lambda v: 0 < v <= 1, allowed="a number in (0, 1]",
+                              doc="sparsegpt_gptq: fraction of each layer's weights kept (at most its survivors: a "
+                                  "ticket sparser than this is only quantized; the paper: 0.5)")
+    act_order: bool = _f(False, doc="GPTQ: quantize the inputs in order of decreasing Hessian diagonal (act-order)")
+    gptq_damp: float = _f(0.01, check=lambda v: 0 < v <= 1, allowed="a number in (0, 1]",
+                          doc="GPTQ: dampening of H = X^T X, as a fraction of its mean diagonal")
     learned_scale: bool = _f(False, doc="QAT learns the scales (LSQ) instead of recomputing ranges")
     qat_steps: int | None = _f(None, check=lambda v: 1 <= v <= MAX_STEPS, allowed=f"an integer in [1, {MAX_STEPS}]",
                                doc="QAT fine-tuning steps; default one epoch (full training from the rewind point)")
@@ -542,6 +557,24 @@ GROWABLE_PRUNE = ("levels",)
 def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     """ConfigError unless the quant stage ``qc`` fits the run ``cfg`` (its arms and levels)."""
     _check_stage_members(cfg, "quant", qc.arms, qc.levels, cfg.arms, where)
+    check_gptq_settings(qc, where)
+
+
+def check_gptq_settings(qc: QuantConfig, where: str) -> None:
+    """GPTQ's settings are refused where no gptq cell would read them, and binary widths with gptq."""
+    default = QuantConfig()
+    if "sparsegpt_gptq" not in qc.method and qc.joint_density != default.joint_density:
+        raise ConfigError(f"{where}: quant.joint_density = {qc.joint_density!r} is a sparsegpt_gptq setting, but "
+                          f"quant.method = {list(qc.method)} has no sparsegpt_gptq; add it or remove the setting")
+    if set(GPTQ_METHODS) & set(qc.method):
+        if 1 in qc.bits:
+            raise ConfigError(f"{where}: quant.bits = {list(qc.bits)} with quant.method gptq: GPTQ needs bits >= 2 "
+                              "(1 = binary has no grid to round to); drop 1 or run it with ptq/qat only")
+        return
+    for name in ("group_size", "act_order", "gptq_damp"):
+        if getattr(qc, name) != getattr(default, name):
+            raise ConfigError(f"{where}: quant.{name} = {_to_jsonable(getattr(qc, name))!r} is a GPTQ setting, "
+                              f"but quant.method = {list(qc.method)} has no gptq; add gptq or remove it")
 
 
 def _check_stage_members(cfg: "ExperimentConfig", section: str, arms, levels, listed, where: str) -> None:
@@ -586,6 +619,10 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
         if name not in parts:
             raise ConfigError(f"prune.exclude names layer {name!r}, which model {cfg.model.name} does not have; "
                               f"its layers: {', '.join(sorted(layers))}")
+    convs = sorted(k for k, kind in layers.items() if kind == "conv")
+    if cfg.quant is not None and set(GPTQ_METHODS) & set(cfg.quant.method) and convs:
+        raise ConfigError(f"quant.method = gptq: conv layers not supported yet (model {cfg.model.name} has "
+                          f"{', '.join(convs)}); use ptq or qat")
     if cfg.rewind.step > num_steps:
         raise ConfigError(f"rewind.step = {cfg.rewind.step} is past the end of training ({num_steps} steps); "
                           f"expected an integer in [0, {num_steps}]")

@@ -95,8 +95,8 @@ def add_quantize(sub) -> None:
     p.add_argument("--bits", type=_csv(int), default=None,
                    help="weight bit widths, comma-separated, from 8,4,3,2,1 (1 = binary) (default: 8,4,2)")
     p.add_argument("--method", type=_csv(str), default=None,
-                   help="ptq (post-training) and/or qat (quantization-aware fine-tuning), comma-separated "
-                        "(default: ptq)")
+                   help="ptq (post-training), qat (quantization-aware fine-tuning) and/or gptq (Frantar et al. "
+                        "2023; quant.group_size, quant.act_order, quant.gptq_damp), comma-separated (default: ptq)")
     _add_common(p, many=True)
     p.add_argument("--retry", action="store_true",
                    help="try the --calibration methods in order until the val accuracy drop is within "

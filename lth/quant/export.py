@@ -19,7 +19,9 @@ smallest of three encodings (the zero of channel c is its zero point ``Z_c``):
   a few bytes smaller because some kept weights quantize to zero (their slots are padded).
 
 Codes are packed little-endian, ``b`` bits each, with no padding between values. A layer also
-stores its float32 scales (4 bytes each), its zero points (1 byte each, asym only), its float32
+stores its float32 scales (4 bytes each), its zero points (1 byte each, asym only): one per
+channel, or with GPTQ's ``quant.group_size`` one per group of inputs of each channel (plus, under
+act-order, each input's group in ``ceil(log2 groups)`` bits: :func:`group_index_bytes`), its float32
 bias, and its input's activation scale (4 bytes) and zero point (1 byte, asym only).
 ``size_bytes`` is the sum of these payloads (the header with shapes and names is not counted, as
 in Deep Compression); ``compression = fp32_dense_bytes / size_bytes`` where ``fp32_dense_bytes`` is
@@ -50,7 +52,7 @@ import numpy as np
 from .intinfer import IntegerModel, IntLayer
 from .numerics import qrange
 from .ptq import QuantizedTicket
-from .wiring import is_weight
+from .wiring import expand_groups, is_weight
 from ..config import ExperimentConfig
 from .. import registry
 from ..data import load_dataset
@@ -266,6 +268,18 @@ def _count(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+def group_index_bytes(qp: dict) -> int:
+    """Bytes of a grouped quantizer's input -> group map: none when the groups are consecutive runs of
+    inputs (implied by the group size), else ``ceil(log2 groups)`` bits per input (GPTQ's act-order)."""
+    if "group_index" not in qp:
+        return 0
+    idx = np.asarray(qp["group_index"]).ravel()
+    if idx.size == 0 or np.all(np.diff(idx) >= 0):
+        return 0
+    groups = int(np.shape(qp["scale"])[0])
+    return math.ceil(idx.size * max(1, math.ceil(math.log2(groups))) / 8)
+
+
 def size_report(qt: QuantizedTicket, nm: tuple[int, int] | None = None) -> dict[str, Any]:
     """Bytes of one network stored as fp32 dense, fp16 dense, int8 dense and sparse + b-bit.
 
@@ -285,10 +299,11 @@ def size_report(qt: QuantizedTicket, nm: tuple[int, int] | None = None) -> dict[
     sparse, int8, layers = 0, 0, {}
     for key, q in codes.items():
         qp = qt.weight_qparams[key]
-        n_scales = int(np.size(qp["scale"]))
-        side = n_scales * (SCALE_BYTES + zp_bytes)
-        sizes = encoded_sizes(q, np.asarray(qp["zero_point"]), spec.bits)
-        nm_size = nm_encoded_bytes(q, np.asarray(qp["zero_point"]), spec.bits, *nm) if nm else None
+        n_scales = int(np.size(qp["scale"]))  # per group (GPTQ): [groups, C]
+        side = n_scales * (SCALE_BYTES + zp_bytes) + group_index_bytes(qp)
+        _, zero_point = expand_groups(qp, q.shape)
+        sizes = encoded_sizes(q, np.asarray(zero_point), spec.bits)
+        nm_size = nm_encoded_bytes(q, np.asarray(zero_point), spec.bits, *nm) if nm else None
         best, nbytes = _best_encoding(sizes, nm_size)
         sparse += nbytes + side
         int8 += q.size + side

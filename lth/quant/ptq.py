@@ -93,6 +93,23 @@ def ptq_population(model, params: PyTree, batch_stats: PyTree, spec: QuantSpec, 
         params = stack([jax.device_get(equalize(model, unstack(params, k)))
                         for k in range(K)])
     wq, qparams = weights_program(spec, member_batch)(params)
+    qts = quantized_population(model, qparams, batch_stats, wq, spec, calib_x, member_batch=member_batch)
+    if bias_correction:
+        if calib_x is None:
+            raise ValueError("bias correction needs calibration data (calib_x)")
+        qts = [bias_correct(model, jax.tree.map(jnp.asarray, unstack(params, k)),
+                            jax.tree.map(jnp.asarray, unstack(batch_stats, k)), qt, calib_x)
+               for k, qt in enumerate(qts)]
+    return [round_biases(qt) for qt in qts]
+
+
+def quantized_population(model, qparams: PyTree, batch_stats: PyTree, wq: dict, spec: QuantSpec,
+                         calib_x: np.ndarray | None, *, member_batch: int | None = None) -> list[QuantizedTicket]:
+    """One :class:`QuantizedTicket` per member of a population whose kernels are already on their grid
+    (``qparams [K, ...]``, their quantizers ``wq [K, ...]``), with the activation quantizers of
+    ``spec`` calibrated on ``calib_x`` run through the weight-quantized members (biases not rounded
+    yet: :func:`round_biases`). Shared by PTQ and GPTQ, so both quantize activations alike."""
+    K = jax.tree.leaves(qparams)[0].shape[0]
     wq, qparams = jax.device_get((wq, qparams))
     acts: list[dict] = [{} for _ in range(K)]
     if spec.act_bits is not None:
@@ -107,16 +124,9 @@ def ptq_population(model, params: PyTree, batch_stats: PyTree, spec: QuantSpec, 
         else:
             acts = [act_qparams(collect_inputs(model, unstack(qparams, k), unstack(batch_stats, k), calib_x), spec)
                     for k in range(K)]
-    qts = [QuantizedTicket(spec, jax.tree.map(jnp.asarray, unstack(qparams, k)),
-                           jax.tree.map(jnp.asarray, unstack(batch_stats, k)), unstack(wq, k), acts[k],
-                           spec.calibration) for k in range(K)]
-    if bias_correction:
-        if calib_x is None:
-            raise ValueError("bias correction needs calibration data (calib_x)")
-        qts = [bias_correct(model, jax.tree.map(jnp.asarray, unstack(params, k)),
-                            jax.tree.map(jnp.asarray, unstack(batch_stats, k)), qt, calib_x)
-               for k, qt in enumerate(qts)]
-    return [round_biases(qt) for qt in qts]
+    return [QuantizedTicket(spec, jax.tree.map(jnp.asarray, unstack(qparams, k)),
+                            jax.tree.map(jnp.asarray, unstack(batch_stats, k)), unstack(wq, k), acts[k],
+                            spec.calibration) for k in range(K)]
 
 
 def weights_program(spec: QuantSpec, member_batch: int | None):
@@ -142,6 +152,8 @@ def round_biases(qt: QuantizedTicket) -> QuantizedTicket:
             bias = get_layer(params, key)["bias"]
         except KeyError:
             continue
+        if "group_index" in qt.weight_qparams[key]:
+            continue  # per-group scales (GPTQ): no single accumulator grid; the bias stays float32
         # on the host: a handful of tiny arrays, not worth a compiled program per shape
         bias = np.asarray(bias, np.float32)
         step = np.asarray(aq["scale"], np.float32) * np.broadcast_to(

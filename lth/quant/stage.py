@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from ..config import ConfigError, ExperimentConfig, QuantConfig, check_quant
+from ..config import GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_quant
 from ..lottery.arms import reinit_weights
 from ..models import structure_of
 from ..prune.masks import density, prunable
@@ -50,6 +50,7 @@ from ..trees import kept_count, seed_keys
 from .export import float_size_report, nm_of, size_report, write_export
 from .intinfer import from_quantized
 from .numerics import QuantSpec
+from .gptq_net import check_gptq_model, gptq_population
 from .ptq import QuantizedTicket, ptq_population
 from .qat import float_ft, qat
 from .wiring import Evaluator, fake_quant_predict
@@ -61,7 +62,8 @@ COLUMNS = ["run_id", "cell", "level", "arm", "seed", "density", "param_count", "
            "granularity", "calibration", "act_bits", "act_scheme", "accuracy", "val_accuracy", "float_accuracy",
            "float_val_accuracy", "size_bytes", "compression", "float_size_bytes", "fp32_dense_bytes",
            "fp16_dense_bytes", "int8_dense_bytes", "bias_correction", "cle", "learned_scale", "qat_start",
-           "qat_steps", "qat_lr", "retry", "calibration_requested", "calibration_tried", "wall_s"]
+           "qat_steps", "qat_lr", "retry", "calibration_requested", "calibration_tried", "wall_s", "group_size",
+           "act_order"]
 
 
 # ============================================================================ settings and cells
@@ -97,6 +99,10 @@ class Setting:
         s = self.spec
         if s is None:
             return f"{self.method} (float, QAT's schedule)"
+        if self.method in GPTQ_METHODS:
+            g, o = self.option("group_size"), self.option("act_order")
+            d = f" density {self.option('joint_density')}" if self.method == "sparsegpt_gptq" else ""
+            return f"{self.method}{d} {s.bits}-bit {s.scheme_name}/{f'group{g}' if g else 'channel'}{' act-order' if o else ''}"
         return f"{self.method} {s.bits}-bit {s.scheme_name}/{s.granularity}/{s.calibration}"
 
 
@@ -112,6 +118,8 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
                     spec = QuantSpec(bits, scheme, gran, cal, qc.act_bits if qc.activations else None,
                                      qc.act_scheme, None, qc.percentile)
                     for method in qc.method:
+                        if method in GPTQ_METHODS:
+                            continue  # its own grid: one setting per (bits, scheme), below
                         if method == "ptq":
                             opts = {"calib_batches": qc.calib_batches, "bias_correction": qc.bias_correction,
                                     "cle": qc.cle, "retry": qc.retry}
@@ -121,9 +129,25 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
                             opts = {"calib_batches": qc.calib_batches, "learned_scale": qc.learned_scale,
                                     "qat_steps": qc.qat_steps, "qat_lr": qc.qat_lr, "qat_start": qc.qat_start}
                         out.append(Setting(spec, method, tuple(sorted(opts.items()))))
+            for method in qc.method:
+                if method in GPTQ_METHODS:
+                    out.append(gptq_setting(qc, bits, scheme, method))
     if "qat" in qc.method:  # every member that gets QAT gets its float control
         out.append(float_ft_setting(qc))
     return out
+
+
+GPTQ_OPTIONS = ("calib_batches", "group_size", "act_order", "gptq_damp")  # what a gptq cell depends on
+
+
+def gptq_setting(qc: QuantConfig, bits: int, scheme: str, method: str = "gptq") -> Setting:
+    """The ``gptq`` setting of ``bits`` and ``scheme``: GPTQ fits its own min-max grid (per channel, or per
+    ``quant.group_size`` inputs), so ``quant.granularity`` and ``quant.calibration`` do not apply (its
+    activations are calibrated min-max, as PTQ's default). Keyed by :data:`GPTQ_OPTIONS` besides."""
+    spec = QuantSpec(bits, scheme, "channel", "minmax", qc.act_bits if qc.activations else None, qc.act_scheme,
+                     None, qc.percentile)
+    names = GPTQ_OPTIONS + (("joint_density",) if method == "sparsegpt_gptq" else ())
+    return Setting(spec, method, tuple(sorted((k, getattr(qc, k)) for k in names)))
 
 
 def float_ft_setting(qc: QuantConfig) -> Setting:
@@ -316,8 +340,9 @@ class QuantStage:
                 t0 = time.time()
                 rows = self._quantize(level, pop, setting)
                 rows["wall_s"] = time.time() - t0
-                rows["density"] = [float(info[m][0]) for m in pop.members]
-                rows["param_count"] = [int(info[m][1]) for m in pop.members]
+                if "density" not in rows:  # (sparsegpt_gptq rows carry their own)
+                    rows["density"] = [float(info[m][0]) for m in pop.members]
+                    rows["param_count"] = [int(info[m][1]) for m in pop.members]
                 computed.append(rows)
                 if setting.method == FLOAT_FT:
                     ft_acc.update({(a, int(sd)): float(x)
@@ -377,6 +402,13 @@ class QuantStage:
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
             qts, acc, tried = self._retry(pop, spec, float_val)
+        elif setting.method in GPTQ_METHODS:
+            joint = setting.method == "sparsegpt_gptq"
+            qts, masks = gptq_population(model, pop.params, pop.batch_stats, pop.masks, spec, self.calib_x,
+                                         group_size=qc.group_size, act_order=qc.act_order, damp=qc.gptq_damp,
+                                         density=qc.joint_density if joint else None,
+                                         member_batch=self.member_batch, return_masks=True)
+            acc = self.ev.quantized(model, qts)
         elif setting.method == "ptq":
             qts = ptq_population(model, pop.params, pop.batch_stats, spec, self.calib_x,
                                  bias_correction=qc.bias_correction, cle=qc.cle, member_batch=self.member_batch)
@@ -390,7 +422,8 @@ class QuantStage:
             rows.append({
                 "run_id": self.run.run_id, "level": level, "arm": arm, "seed": seed,
                 "bits": spec.bits, "method": setting.method, "scheme": spec.scheme_name,
-                "granularity": spec.granularity, "calibration": qts[k].calibration,
+                "granularity": (f"group{qc.group_size}" if setting.method in GPTQ_METHODS and qc.group_size
+                                else spec.granularity), "calibration": qts[k].calibration,
                 "act_bits": int(spec.act_bits or 0), "act_scheme": spec.act_scheme if spec.act_bits else "",
                 "accuracy": float(acc["test"][k]), "val_accuracy": float(acc.get("val", acc["test"])[k]),
                 "float_accuracy": float(float_acc["test"][k]), "float_val_accuracy": float(float_val[k]),
@@ -406,8 +439,15 @@ class QuantStage:
                 "calibration_requested": (",".join(qc.calibration) if setting.method == "ptq" and qc.retry
                                           else spec.calibration),
                 "calibration_tried": ",".join(tried),
+                "group_size": int(qc.group_size or 0) if setting.method in GPTQ_METHODS else 0,
+                "act_order": bool(qc.act_order and setting.method in GPTQ_METHODS),
             })
-        return pd.DataFrame.from_records(rows)
+        rows = pd.DataFrame.from_records(rows)
+        if setting.method == "sparsegpt_gptq":  # its own, sparser masks: the rows' density and count are theirs
+            can_prune = prunable(unstack(pop.params, 0), self.run.cfg.prune, structure_of(model))
+            rows["density"] = [float(density(unstack(masks, k), can_prune)) for k in range(len(pop.members))]
+            rows["param_count"] = [int(kept_count(unstack(masks, k))) for k in range(len(pop.members))]
+        return rows
 
     def _float_ft_batch(self, level: int, pop: Population) -> pd.DataFrame:
         """The float_ft rows of a population: each member fine-tuned in float with QAT's schedule (the
@@ -431,7 +471,7 @@ class QuantStage:
                 "fp16_dense_bytes": int(sizes["fp32_dense_bytes"]) // 2, "int8_dense_bytes": np.nan,
                 "bias_correction": False, "cle": False, "learned_scale": False, "qat_start": qc.qat_start,
                 "qat_steps": int(steps), "qat_lr": float(lr), "retry": False, "calibration_requested": "",
-                "calibration_tried": "",
+                "calibration_tried": "", "group_size": 0, "act_order": False,
             })
         return pd.DataFrame.from_records(rows)
 
@@ -558,6 +598,11 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
         raise ConfigError(f"{run.path}: level(s) {', '.join(map(str, missing))} are not complete; complete "
                           f"levels: {', '.join(map(str, complete)) or 'none'}")
     check_quant(run.cfg, qc, str(run.path))
+    if set(GPTQ_METHODS) & set(qc.method) and levels:
+        try:
+            check_gptq_model(unstack(run.population(levels[0]).params, 0))
+        except ValueError as e:
+            raise ConfigError(f"{run.path}: {e}") from None
     stage = QuantStage(run, qc, write=write, batched=batched, log=log)
     if write:
         with run.store.lock():

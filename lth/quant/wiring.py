@@ -84,10 +84,21 @@ def weight_codes(params: PyTree, qparams: dict[str, QParams], spec: QuantSpec) -
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if is_weight(path, leaf):
-            qp = qparams[layer_key(path)]
-            out[layer_key(path)] = np.asarray(quantize(leaf, qp["scale"], qp["zero_point"], spec.bits,
+            scale, zero_point = expand_groups(qparams[layer_key(path)], leaf.shape)
+            out[layer_key(path)] = np.asarray(quantize(leaf, scale, zero_point, spec.bits,
                                                        spec.scheme)).astype(np.int32)
     return out
+
+
+def expand_groups(qp: QParams, shape) -> tuple:
+    """``(scale, zero_point)`` of a kernel's quantizer, broadcastable to the kernel ``shape``: per
+    channel ``[C]`` as they are; per group (GPTQ: ``[groups, C]`` with ``group_index [fan_in]``, the
+    group of each input) expanded to the kernel's shape."""
+    if "group_index" not in qp:
+        return qp["scale"], qp["zero_point"]
+    idx = np.asarray(qp["group_index"])
+    grow = lambda a: np.asarray(a)[idx].reshape(shape)  # noqa: E731
+    return grow(qp["scale"]), grow(qp["zero_point"])
 
 
 # ============================================================================ fake-quant model

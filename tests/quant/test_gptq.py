@@ -74,3 +74,31 @@ def test_joint_sparsegpt_gptq_is_sparse_and_on_the_grid():
     ref, ref_mask = np_gptq(w, x, 4, density=0.5)
     assert np.array_equal(mask, ref_mask)
     assert np.isclose(q, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()).mean() > 0.995
+
+
+def test_gptq_with_a_fixed_mask_keeps_it_and_beats_rounding_the_masked_weights():
+    from lth.prune.oneshot import reconstruction_error
+    w, x = layer()
+    fixed = (np.random.default_rng(2).random(w.shape) < 0.5).astype(np.float32)
+    for group, act_order in ((None, False), (32, True)):
+        q, mask, params = gptq(w, x, bits=3, mask=fixed, group_size=group, act_order=act_order)
+        q = np.asarray(q)
+        assert np.array_equal(np.asarray(mask), fixed) and np.all(q[fixed == 0] == 0.0)
+        rtn = round_to_nearest(w * fixed, bits=3, group_size=group)
+        assert reconstruction_error(w * fixed, q, x) <= reconstruction_error(w * fixed, rtn, x)
+        idx = np.asarray(params["group_index"])
+        assert idx.shape == (160,) and idx.max() == (0 if group is None else 160 // group - 1)
+    with pytest.raises(ValueError, match="fixed mask or nm"):
+        gptq(w, x, bits=3, mask=fixed, nm=(2, 4))
+
+
+def test_joint_pass_on_a_ticket_prunes_only_among_its_survivors():
+    w, x = layer()
+    fixed = (np.random.default_rng(2).random(w.shape) < 0.7).astype(np.float32)
+    q, mask, _ = gptq(w, x, bits=4, mask=fixed, density=0.5)
+    q, mask = np.asarray(q), np.asarray(mask)
+    assert int(mask.sum()) == round(0.5 * w.size) and np.all(mask <= fixed) and np.all(q[mask == 0] == 0.0)
+    # on a dense layer (all-ones mask) it is the paper's joint pass exactly
+    a = gptq(w, x, bits=4, mask=np.ones_like(w), density=0.5)
+    b = gptq(w, x, bits=4, density=0.5)
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[1])) and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))

@@ -294,7 +294,7 @@ class Lottery:
 
     def _check_oneshot(self, shapes) -> None:
         """ConfigError before any work when a calibrated one-shot arm (wanda, sparsegpt) meets a prunable
-        layer it cannot handle yet (conv, embedding: only Dense layers)."""
+        layer it cannot handle yet (embeddings, grouped convs: only Dense and plain 2-D Conv layers)."""
         from ..prune.oneshot_net import unsupported_layers
 
         calibrated = [a for a in self.cfg.arms if a.removesuffix("_ft") in ("wanda", "sparsegpt")]
@@ -306,7 +306,7 @@ class Lottery:
         bad = unsupported_layers(self.model, shapes, bs, x, can_prune)
         if bad:
             raise ConfigError(f"arms {calibrated} on {self.cfg.model.name}: one-shot pruning with calibration supports "
-                              f"Dense layers only, not yet conv (or other) layers: {', '.join(bad)}; use "
+                              f"Dense and plain 2-D Conv layers only, not yet: {', '.join(bad)}; use "
                               f"oneshot_magnitude, or exclude them (prune.exclude)")
 
     # ------------------------------------------------------------------ fixed weights

@@ -1,10 +1,13 @@
 """One-shot pruning of a whole trained network, layer after layer in forward order (Wanda, Sun et al.
 2024; SparseGPT, Frantar & Alistarh 2023; and plain magnitude as their baseline).
 
-Each prunable ``nn.Dense`` kernel ``[in, out]`` is pruned as ``w = kernel.T`` ``[out, in]`` by the
+Each prunable ``nn.Dense`` kernel ``[in, out]`` is pruned as ``w = kernel.T`` ``[out, in]`` (a conv
+kernel ``[kh, kw, cin, out]`` as ``[out, kh*kw*cin]`` with im2col inputs) by the
 layer-level functions of :mod:`lth.prune.oneshot`, from its calibration inputs ``x [N, in]``: the
 inputs it receives on the calibration batches *in the network whose earlier layers are already
-pruned* (as both papers do). Inputs are read with ``flax.linen.intercept_methods`` (no model edit).
+pruned* (as both papers do). Inputs are read with ``flax.linen.intercept_methods`` (no model edit). A conv's
+rows (one per image and output position) are kept as ``R [in, in]`` with ``R^T R = X^T X``
+(:func:`gram_root`): SparseGPT needs only ``X^T X`` and Wanda only its diagonal (the column norms).
 
 Batched: a population of K networks (members: several seeds and methods) is pruned together; one
 compiled forward pass captures every layer's inputs of all K members (run once per layer, so the
@@ -40,9 +43,45 @@ def _apply(model, params, batch_stats, x):
     return model.apply(variables, x, train=False)
 
 
-def dense_inputs(model, params, batch_stats, x) -> dict[tuple, jax.Array]:
+def _pairs(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def conv_patches(m: nn.Conv, a: jax.Array) -> jax.Array | None:
+    """im2col rows ``[N * positions, kh * kw * cin]`` of an ``nn.Conv`` call on ``a [N, H, W, cin]``, in the
+    order of its kernel flattened ``[kh * kw * cin, out]``; None for a conv this cannot unfold (grouped,
+    circular padding, not 2-D)."""
+    ks = tuple(m.kernel_size)
+    if len(ks) != 2 or a.ndim != 4 or m.feature_group_count != 1:
+        return None
+    pad = m.padding
+    if isinstance(pad, str):
+        if pad.upper() not in ("SAME", "VALID"):
+            return None
+        pad = pad.upper()
+    elif isinstance(pad, int):
+        pad = ((pad, pad), (pad, pad))
+    else:
+        pad = tuple(_pairs(p, 2) for p in pad)
+    patches = jax.lax.conv_general_dilated_patches(
+        a, ks, _pairs(m.strides or 1, 2), pad, lhs_dilation=_pairs(m.input_dilation or 1, 2),
+        rhs_dilation=_pairs(m.kernel_dilation or 1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    cin = a.shape[-1]  # the patches' features are (cin, kh, kw); the kernel's rows (kh, kw, cin)
+    patches = patches.reshape(*patches.shape[:3], cin, *ks)
+    return jnp.moveaxis(patches, 3, 5).reshape(-1, ks[0] * ks[1] * cin)
+
+
+def gram_root(x: jax.Array) -> jax.Array:
+    """``R [in, in]`` with ``R^T R = X^T X`` for ``x [N, in]``: the same Hessian (SparseGPT) and column
+    norms (Wanda) as the N rows, for layers whose rows (a conv's positions) are too many to keep."""
+    lam, v = jnp.linalg.eigh(x.T @ x)
+    return jnp.sqrt(jnp.maximum(lam, 0.0))[:, None] * v.T
+
+
+def dense_inputs(model, params, batch_stats, x, unfold: bool = True) -> dict[tuple, jax.Array]:
     """Inputs ``[N, in]`` of every ``nn.Dense`` call of one forward pass (eval mode) on ``x``, keyed
-    by the path of its kernel in ``params`` (e.g. ``('dense_0', 'kernel')``), in call order."""
+    by the path of its kernel in ``params`` (e.g. ``('dense_0', 'kernel')``), in call order; and of
+    every ``nn.Conv`` its im2col rows as :func:`gram_root` ``[kh*kw*cin, kh*kw*cin]`` (``unfold``)."""
     found: dict[tuple, jax.Array] = {}
 
     def hook(next_fun, args, kwargs, context):
@@ -50,6 +89,10 @@ def dense_inputs(model, params, batch_stats, x) -> dict[tuple, jax.Array]:
         if isinstance(m, nn.Dense) and context.method_name == "__call__":
             a = args[0]
             found[tuple(m.path) + ("kernel",)] = a.reshape(-1, a.shape[-1])
+        elif unfold and isinstance(m, nn.Conv) and context.method_name == "__call__":
+            rows = conv_patches(m, args[0])
+            if rows is not None:
+                found[tuple(m.path) + ("kernel",)] = gram_root(rows.astype(jnp.float32))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(hook):
@@ -58,14 +101,14 @@ def dense_inputs(model, params, batch_stats, x) -> dict[tuple, jax.Array]:
 
 
 def dense_kernel_paths(model, params, batch_stats, x) -> list[tuple]:
-    """Paths of the Dense kernels in forward order (shapes only: nothing runs)."""
+    """Paths of the Dense and (unfoldable) Conv kernels in forward order (shapes only: nothing runs)."""
     out = jax.eval_shape(lambda p, b, x: dense_inputs(model, p, b, x), params, batch_stats, x)
     return list(out)
 
 
 def unsupported_layers(model, params, batch_stats, x, can_prune) -> list[str]:
-    """Prunable kernels (ndim >= 2) that are not ``nn.Dense`` kernels (conv, embeddings, ...): the
-    calibrated methods do not handle them yet."""
+    """Prunable kernels (ndim >= 2) that are neither ``nn.Dense`` nor unfoldable ``nn.Conv`` kernels
+    (embeddings, grouped convs, ...): the calibrated methods do not handle them yet."""
     dense = set(dense_kernel_paths(model, params, batch_stats, x))
     flat_p = traverse_util.flatten_dict(params)
     flat_c = traverse_util.flatten_dict(can_prune)
@@ -87,6 +130,18 @@ def _layer_fn(method: str, density: float | None, nm: tuple[int, int] | None):
     else:
         raise ValueError(f"unknown calibrated one-shot method {method!r}; allowed: {', '.join(CALIBRATED)}")
     return jax.jit(jax.vmap(one))
+
+
+def as_matrix(kernel) -> np.ndarray:
+    """The papers' ``W [out, in]`` of a Dense ``[in, out]`` or conv ``[kh, kw, cin, out]`` kernel
+    (``in = kh * kw * cin`` in the im2col order)."""
+    kernel = np.asarray(kernel)
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def unmatrix(w, shape) -> np.ndarray:
+    """Inverse of :func:`as_matrix`: ``[out, in]`` back to the kernel's ``shape``."""
+    return np.asarray(w).T.reshape(shape)
 
 
 def magnitude_layer(w: np.ndarray, density: float | None, nm: tuple[int, int] | None) -> np.ndarray:
@@ -126,8 +181,8 @@ def prune_population(model, methods: Sequence[str], params: Sequence[PyTree], ba
         order = dense_kernel_paths(model, params[calibrated[0]], batch_stats[calibrated[0]], xs[calibrated[0]][:1])
         missing = {p for t in targets for p in t} - set(order)
         if missing:
-            raise ValueError(f"one-shot pruning with calibration handles Dense layers only; not supported for "
-                             f"{', '.join(sorted('/'.join(map(str, p)) for p in missing))} (conv layers not yet)")
+            raise ValueError(f"one-shot pruning with calibration handles Dense and plain 2-D Conv layers only; not "
+                             f"supported for {', '.join(sorted('/'.join(map(str, p)) for p in missing))}")
         bs_pop = jax.tree.map(lambda *a: np.stack(a), *[batch_stats[i] for i in calibrated]) \
             if jax.tree.leaves(batch_stats[calibrated[0]]) else {}
         x_pop = np.stack([np.asarray(xs[i]) for i in calibrated])
@@ -151,17 +206,18 @@ def prune_population(model, methods: Sequence[str], params: Sequence[PyTree], ba
                 continue
             if method == "magnitude":
                 for i in members:
-                    keep = magnitude_layer(flat[i][path].T, density, nm).T
+                    keep = unmatrix(magnitude_layer(as_matrix(flat[i][path]), density, nm), flat[i][path].shape)
                     flat[i][path] = flat[i][path] * keep
                     masks[i][path] = keep
                 continue
-            w = np.stack([flat[i][path].T for i in members])
+            w = np.stack([as_matrix(flat[i][path]) for i in members])
             x = ins[[calibrated.index(i) for i in members]]
             w_new, mask = _layer_fn(method, density, nm)(w, x)
             w_new, mask = np.asarray(w_new), np.asarray(mask) > 0
             for j, i in enumerate(members):
-                flat[i][path] = np.where(mask[j].T, w_new[j].T, 0.0).astype(flat[i][path].dtype)
-                masks[i][path] = mask[j].T
+                shape = flat[i][path].shape
+                masks[i][path] = unmatrix(mask[j], shape)
+                flat[i][path] = np.where(masks[i][path], unmatrix(w_new[j], shape), 0.0).astype(flat[i][path].dtype)
     return ([traverse_util.unflatten_dict(f) for f in flat], [traverse_util.unflatten_dict(m) for m in masks])
 
 

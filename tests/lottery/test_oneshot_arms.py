@@ -5,6 +5,8 @@ lowers the layer error; a population prunes as its members alone."""
 
 import dataclasses
 
+import flax.linen as nn
+
 import jax
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ from lth.lottery.runner import Lottery, population_key
 from lth.models import build_model
 from lth.config import ModelConfig
 from lth.prune.oneshot import reconstruction_error, wanda
-from lth.prune.oneshot_net import prune_population, unsupported_layers
+from lth.prune.oneshot_net import conv_patches, prune_population, unsupported_layers
 from lth.store import load_tree
 from lth.train import DataOrder, unstack
 
@@ -161,12 +163,44 @@ def test_bad_settings_are_one_line_errors():
         tiny(prune={"oneshot_allocation": "global"})
     with pytest.raises(ConfigError, match=r"prune.oneshot_finetune_steps = 0 is not allowed"):
         tiny(prune={"oneshot_finetune_steps": 0})
-    # conv layers: named before any work
-    model = build_model(ModelConfig(name="conv2", width=0.25), 10, (8, 8, 1))
-    shapes = jax.eval_shape(lambda k: model.init(k, np.zeros((1, 8, 8, 1)))["params"], jax.random.key(0))
+    # a layer the calibrated methods cannot take is named (before any work, Lottery._check_oneshot)
+    model = Embedder()
+    shapes = jax.eval_shape(lambda k: model.init(k, np.zeros((1, 3), np.int32))["params"], jax.random.key(0))
     can = jax.tree.map(lambda p: len(p.shape) >= 2, shapes)
-    assert unsupported_layers(model, shapes, {}, jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32), can) == [
-        "conv_0/kernel", "conv_1/kernel"]
+    assert unsupported_layers(model, shapes, {}, jax.ShapeDtypeStruct((1, 3), np.int32), can) == ["embed/embedding"]
+    conv = build_model(ModelConfig(name="conv2", width=0.25), 10, (8, 8, 1))
+    shapes = jax.eval_shape(lambda k: conv.init(k, np.zeros((1, 8, 8, 1)))["params"], jax.random.key(0))
+    can = jax.tree.map(lambda p: len(p.shape) >= 2, shapes)
+    assert unsupported_layers(conv, shapes, {}, jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32), can) == []
+
+
+class Embedder(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(4, name="out")(nn.Embed(10, 6, name="embed")(x).reshape(x.shape[0], -1))
+
+
+def test_conv_layers_prune_from_their_im2col_inputs():
+    model = build_model(ModelConfig(name="conv2", width=0.25), 10, (8, 8, 1))
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 1)).astype(np.float32)
+    params = jax.tree.map(np.asarray, model.init(jax.random.key(0), x[:1])["params"])
+    k0 = params["conv_0"]["kernel"]  # [3, 3, 1, c]
+    rows = conv_patches(nn.Conv(k0.shape[-1], (3, 3), padding="SAME"), jax.numpy.asarray(x))
+    out = jax.lax.conv_general_dilated(x, k0, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(rows @ k0.reshape(-1, k0.shape[-1]), np.asarray(out).reshape(-1, k0.shape[-1]),
+                               rtol=1e-4, atol=1e-5)
+    t = {("conv_1", "kernel"): 0.5}  # conv_1 sees conv_0's output: 3 x 3 x c inputs
+    (p_sg,), (m_sg,) = prune_population(model, ["sparsegpt"], [params], [{}], [x], [t])
+    (p_w,), (m_w,) = prune_population(model, ["wanda"], [params], [{}], [x], [t])
+    k1 = params["conv_1"]["kernel"]
+    assert m_sg["conv_1"]["kernel"].sum() == k1.size // 2 and (m_w["conv_1"]["kernel"].reshape(-1, k1.shape[-1]).sum(0)
+                                                               == k1.size // 2 // k1.shape[-1]).all()
+    h = jax.nn.relu(out + params["conv_0"]["bias"])
+    X = np.asarray(conv_patches(nn.Conv(k1.shape[-1], (3, 3), padding="SAME"), h))
+    w = k1.reshape(-1, k1.shape[-1]).T
+    err = reconstruction_error(w, p_sg["conv_1"]["kernel"].reshape(-1, k1.shape[-1]).T, X)
+    assert err < reconstruction_error(w, (k1 * m_sg["conv_1"]["kernel"]).reshape(-1, k1.shape[-1]).T, X)
+    assert (p_sg["conv_1"]["kernel"][~m_sg["conv_1"]["kernel"]] == 0).all()
 
 
 def test_fine_tune_settings_separate_population_groups():
@@ -175,3 +209,15 @@ def test_fine_tune_settings_separate_population_groups():
     assert population_key(a) != population_key(b)
     assert population_key(tiny(arms=["ticket", "wanda"])) == population_key(tiny(arms=["ticket", "wanda"],
                                                                                  prune={"oneshot_finetune_steps": 7}))
+
+
+def test_nm_levels_give_each_grouped_layer_the_tickets_k_of_m():
+    cfg = tiny(prune={"granularity": "n:m", "n": 2, "m": 4})
+    model, params, _ = _model_and_params()  # kernels [20, 12], [12, 8], [8, 10]
+    can = jax.tree.map(lambda p: p.ndim == 2, params[0])
+    mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params[0])
+    mask["dense_0"]["kernel"].reshape(5, 4, 12)[:, 3, :] = False  # 3:4
+    mask["dense_1"]["kernel"].reshape(3, 4, 8)[:, 2:, :] = False  # 2:4; output stays 4:4 (dense)
+    sig = type("S", (), {"cfg": cfg.prune})
+    t = ArmStart({"params": params[0]}, mask, can, 0, 1, model, (20,), lambda w: sig)
+    assert oneshot_targets(t) == {("dense_0", "kernel"): (3, 4), ("dense_1", "kernel"): (2, 4)}

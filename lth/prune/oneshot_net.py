@@ -115,8 +115,10 @@ def unsupported_layers(model, params, batch_stats, x, can_prune) -> list[str]:
     return ["/".join(map(str, k)) for k, v in flat_p.items() if flat_c[k] and len(v.shape) >= 2 and k not in dense]
 
 
+@functools.lru_cache(maxsize=8)
 def _capture_fn(model):
-    """One program (compiled once per population shape): all layers' inputs ``[K, N, in]`` of K members."""
+    """One program (compiled once per population shape; flax modules compare by value): all layers'
+    inputs ``[K, N, in]`` of K members."""
     return jax.jit(jax.vmap(lambda p, b, x: dense_inputs(model, p, b, x)))
 
 

@@ -221,3 +221,16 @@ def test_nm_levels_give_each_grouped_layer_the_tickets_k_of_m():
     sig = type("S", (), {"cfg": cfg.prune})
     t = ArmStart({"params": params[0]}, mask, can, 0, 1, model, (20,), lambda w: sig)
     assert oneshot_targets(t) == {("dense_0", "kernel"): (3, 4), ("dense_1", "kernel"): (2, 4)}
+
+
+def test_one_compile_per_layer_shape_and_target_not_per_member():
+    from lth.prune import oneshot_net
+
+    model, params, xs = _model_and_params()
+    t = {("dense_0", "kernel"): 0.25, ("dense_1", "kernel"): 0.25}
+    oneshot_net._layer_fn.cache_clear()
+    oneshot_net._capture_fn.cache_clear()
+    prune_population(model, ["sparsegpt"] * 4, params * 2, [{}] * 4, xs * 2, [t] * 4)
+    fn = oneshot_net._layer_fn("sparsegpt", 0.25, None)
+    assert fn._cache_size() == 2  # one program per layer shape, all 4 members in it
+    assert oneshot_net._capture_fn(model)._cache_size() == 1  # the forward pass: once, run once per layer

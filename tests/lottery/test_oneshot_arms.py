@@ -234,3 +234,22 @@ def test_one_compile_per_layer_shape_and_target_not_per_member():
     fn = oneshot_net._layer_fn("sparsegpt", 0.25, None)
     assert fn._cache_size() == 2  # one program per layer shape, all 4 members in it
     assert oneshot_net._capture_fn(model)._cache_size() == 1  # the forward pass: once, run once per layer
+
+
+def test_runs_trained_as_one_population_equal_the_run_alone(tmp_path):
+    from lth.lottery.groups import run_group
+
+    small = {"seeds": [0], "arms": ["ticket", "wanda", "sparsegpt_ft"], "train": {"steps": 20, "eval_every": 10}}
+    a = tiny(**small, prune={"levels": 1, "rate": 0.3, "calib_batches": 1, "oneshot_finetune_steps": 5})
+    b = tiny(**small, prune={"levels": 1, "rate": 0.5, "calib_batches": 1, "oneshot_finetune_steps": 5})
+    assert population_key(a) == population_key(b)
+    run_group([a, b], tmp_path / "group", progress=False)
+    Lottery(a, tmp_path / "alone", progress=False).run()
+    for arm in ("ticket", "wanda", "sparsegpt_ft"):
+        (m1, p1), (m2, p2) = (member(tmp_path / root / a.run_id, 1, arm) for root in ("group", "alone"))
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(m1), jax.tree.leaves(m2))), arm
+        for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    wanda_a, _ = member(tmp_path / "alone" / a.run_id, 1, "wanda")
+    wanda_b, _ = member(tmp_path / "group" / b.run_id, 1, "wanda")
+    assert wanda_b["dense_0"]["kernel"].sum() < wanda_a["dense_0"]["kernel"].sum()  # b prunes more

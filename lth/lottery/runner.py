@@ -43,7 +43,7 @@ import optax
 import pandas as pd
 
 from .. import __version__
-from ..config import ConfigError, ExperimentConfig, check_against_model
+from ..config import ONESHOT_FT_ARMS, ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
 from ..models import build_model, check_output_width, structure_of
 from ..prune.baselines import count_at_width, match_width
@@ -58,11 +58,11 @@ from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_by
 from ..train import Engine, TrainResult, early_stop_steps, eval_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
-from . import oneshot
 from .arms import ARMS, ONESHOT_ARMS, ArmStart, prepare_oneshot
 from .copies import copy_arms
 from .earlybird import EarlyBird, epoch_ends
 from .earlybird import applies as earlybird_applies
+from .oneshot import evaluate_records, finetune_engine, merge, parts
 
 @dataclass(frozen=True)
 class Member:
@@ -231,7 +231,7 @@ def population_key(cfg: ExperimentConfig) -> str | None:
     d = cfg.to_dict()
     for key in ("name", "seeds", "arms", "log", "quant", "stability", "prune"):
         d.pop(key, None)
-    if set(cfg.arms) & set(oneshot.ONESHOT_FT_ARMS):  # the *_ft arms' engine is the group's
+    if set(cfg.arms) & set(ONESHOT_FT_ARMS):  # the *_ft arms' engine is the group's
         d["oneshot_finetune"] = [cfg.prune.oneshot_finetune_steps, cfg.prune.oneshot_finetune_lr]
     return json.dumps(d, sort_keys=True)
 
@@ -508,7 +508,7 @@ class Lottery:
         if level > 0 and self.cfg.prune.schedule == "gradual":
             result, masks, agp = self._run_gradual(state, plan.members, plan.can_prune, bar)
             return result, masks, {"agp.parquet": parquet_bytes(agp)}
-        split = oneshot.parts(plan.members)
+        split = parts(plan.members)
         if level > 0 and (split["evaluate"] or split["finetune"]):
             return self._run_with_oneshot(level, plan, split, bar), plan.masks, {}
         own = level == 0 and earlybirds is None
@@ -538,17 +538,17 @@ class Lottery:
                                                         progress=bar)))
         if split["evaluate"]:
             p, state = sub(split["evaluate"], self.engine, 0)
-            pieces.append((split["evaluate"], TrainResult(state=state, records=oneshot.evaluate_records(self.engine, state))))
+            pieces.append((split["evaluate"], TrainResult(state=state, records=evaluate_records(self.engine, state))))
         if split["finetune"]:
             p, state = sub(split["finetune"], self._oneshot(), 0)
             pieces.append((split["finetune"], p.engine.run(state, [data_seed(m) for m in p.members])))
-        return oneshot.merge(pieces, len(plan.members))
+        return merge(pieces, len(plan.members))
 
     def _oneshot(self) -> Engine:
         if self._share is not None:  # the group shares the *_ft settings (population_key)
             return self._share._oneshot()
         if self._oneshot_engine is None:
-            self._oneshot_engine = oneshot.finetune_engine(self.model, self.data, self.cfg)
+            self._oneshot_engine = finetune_engine(self.model, self.data, self.cfg)
         return self._oneshot_engine
 
     def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,

@@ -61,9 +61,13 @@ MAX_PATH_POINTS = 1000
 
 
 ARMS = ("ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow", "snip_shuffle",
-        "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl")
+        "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl", "oneshot_magnitude", "wanda", "sparsegpt",
+        "oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft")
 DST_ARMS = ("static", "set", "rigl")  # sparse from scratch (lth.prune.dst)
 PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")  # pruning at init
+# one-shot pruning of the trained dense network (lth.lottery.arms), evaluated as pruned; *_ft: fine-tuned
+ONESHOT_ARMS = ("oneshot_magnitude", "wanda", "sparsegpt")
+ONESHOT_FT_ARMS = ("oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft")
 # Quantization settings (lth.quant implements them; listed here so config imports no quantization code)
 QUANT_BITS = (8, 4, 3, 2, 1)
 QUANT_SCHEMES = ("sym", "asym")
@@ -291,6 +295,17 @@ class PruneConfig:
                                   applies=lambda cfg: bool({"set", "rigl"} & set(cfg.arms)),
                                   doc="set/rigl: drop fraction alpha at step 0, cosine-annealed to 0 at dst_end "
                                       "(RigL Eq. 1)")
+    calib_batches: int = _f(8, check=lambda v: 1 <= v <= 4096, allowed="an integer in [1, 4096]",
+                            doc="training batches (the seed's first) whose inputs calibrate the wanda and "
+                                "sparsegpt arms (the papers use 128 sequences)")
+    oneshot_allocation: Literal["ticket", "uniform"] = _f(
+        "ticket", doc="per-layer densities of the one-shot arms: ticket (each layer at the IMP ticket's density "
+                      "there at that level) or uniform (every prunable layer at the ticket's overall density)")
+    oneshot_finetune_steps: int = _f(100, check=lambda v: 1 <= v <= MAX_STEPS, allowed=f"an integer in [1, {MAX_STEPS}]",
+                                     doc="steps the *_ft one-shot arms (wanda_ft, ...) fine-tune, mask kept")
+    oneshot_finetune_lr: float | None = _f(None, check=_pos[0], allowed=_pos[1],
+                                           doc="constant learning rate of the *_ft one-shot arms; default the "
+                                               "final learning rate of train's schedule")
 
     def __post_init__(self):
         _check_entry(CRITERIA, "prune.criterion", self.criterion)
@@ -385,7 +400,7 @@ class QuantConfig:
         allowed="'all', 'last' or a non-empty list of distinct levels >= 0",
         doc="levels whose members are quantized (listed levels past prune.levels are skipped)")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow",
-                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle"], ...] | None = _f(
+                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle", "oneshot_magnitude", "wanda", "sparsegpt", "oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft"], ...] | None = _f(
         None, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct arms",
         doc="arms quantized; default every arm of the run (the dense level 0 is the ticket arm's level 0)")
 
@@ -416,7 +431,7 @@ class StabilityConfig:
                      allowed=f"an integer in [2, {MAX_PATH_POINTS}]",
                      doc="evenly spaced points of the linear path between the copies, endpoints included")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "snip", "grasp", "synflow", "snip_shuffle",
-                        "grasp_shuffle", "synflow_shuffle"], ...] | None = _f(
+                        "grasp_shuffle", "synflow_shuffle", "oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft"], ...] | None = _f(
         None, result=False, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct "
         "arms (not small_dense)", doc="arms that get copies; default every arm of the run but small_dense "
                                       "(the dense level 0 counts as the ticket arm)")
@@ -460,14 +475,17 @@ class ExperimentConfig:
                                 allowed=f"a non-empty list of distinct integers in [0, {SEED_LIMIT})",
                                 doc="one member per seed (not part of the run id: more seeds grow a stored run)")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow",
-                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl"], ...] = _f(
+                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl", "oneshot_magnitude",
+                   "wanda", "sparsegpt", "oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft"], ...] = _f(
         ("ticket",), check=lambda v: len(v) >= 1 and _unique(v) and v[0] == "ticket",
         allowed="a list of distinct arms starting with 'ticket'",
         doc="ticket and controls (reinit, random_prune, shuffle), small_dense baselines, and pruning-at-init "
             "arms at the ticket's per-layer counts from the ticket's start weights (snip, grasp, synflow) "
             "with their layerwise-shuffle ablations (snip_shuffle, grasp_shuffle, synflow_shuffle), sparse from "
             "scratch from the ticket's start weights at its overall count (static: a random mask kept fixed; set, "
-            "rigl: drop and grow every prune.dst_delta_t steps); not part of "
+            "rigl: drop and grow every prune.dst_delta_t steps), one-shot pruning of the trained dense network "
+            "(oneshot_magnitude, wanda, sparsegpt: evaluated as pruned; their *_ft arms fine-tuned for "
+            "prune.oneshot_finetune_steps); not part of "
             "the run id: more arms grow a stored run")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -22,6 +22,14 @@ a narrower dense model apart from the level's population (:meth:`lth.lottery.run
   ``prune.distribution`` (ERK by default); the three arms of a seed start from the same mask. ``static``
   keeps it; ``set`` and ``rigl`` drop and grow during training (the runner passes the engine the
   update, :func:`lth.prune.dst.make_mask_update`).
+- ``oneshot_magnitude``, ``wanda``, ``sparsegpt``: one-shot pruning of the seed's *trained dense*
+  network (level 0's final weights) to the level's target, layer after layer from ``prune.calib_batches``
+  training batches (:mod:`lth.prune.oneshot_net`); at the ticket's per-layer densities
+  (``prune.oneshot_allocation = "ticket"``) or every prunable layer at the ticket's overall density
+  (``"uniform"``); with ``prune.granularity = "n:m"`` each layer at the ticket's k:m. The member is
+  the pruned network itself, evaluated without training; the ``*_ft`` arms (``wanda_ft``, ...) start
+  from the same pruned network and are fine-tuned for ``prune.oneshot_finetune_steps`` with the mask
+  kept (:mod:`lth.lottery.oneshot`): the arm's name says it trained more.
 """
 
 from __future__ import annotations
@@ -64,6 +72,8 @@ class ArmStart:
     input_shape: tuple
     signals: Callable[[dict], Signals] | None = None
     memo: dict | None = None  # shared by the arms of one seed and level: masks computed once (snip, snip_shuffle)
+    dense: Callable[[], dict] | None = None  # the seed's trained dense network (level 0's final weights)
+    calib: Callable[[], np.ndarray] | None = None  # the seed's calibration examples [N, ...] (prune.calib_batches)
 
 
 Arm = Callable[[ArmStart], tuple[dict, Any]]
@@ -174,5 +184,76 @@ def _dst_arm(name: str) -> None:
     register(name)(arm)
 
 
+# One-shot pruning of the trained dense network: arm -> method of lth.prune.oneshot_net. The *_ft arms
+# start from the same pruned network and are fine-tuned (lth.lottery.oneshot), their names say so.
+ONESHOT = {"oneshot_magnitude": "magnitude", "wanda": "wanda", "sparsegpt": "sparsegpt"}
+ONESHOT_ARMS = {**ONESHOT, **{f"{a}_ft": m for a, m in ONESHOT.items()}}
+
+
+def oneshot_targets(t: ArmStart) -> dict:
+    """``{kernel path: density or (k, m)}`` of the one-shot arms of ``t``'s seed and level, from the ticket's
+    mask: n:m granularity: each grouped kernel at the ticket's k:m; else ``prune.oneshot_allocation``
+    "ticket" (each prunable kernel at the ticket's density there) or "uniform" (every prunable kernel at
+    the ticket's overall density over the prunable leaves)."""
+    from flax import traverse_util
+
+    pc = t.signals(t.weights).cfg
+    mask = traverse_util.flatten_dict(t.mask)
+    can = traverse_util.flatten_dict(t.can_prune)
+    kernels = [k for k, m in mask.items() if can[k] and np.ndim(m) >= 2]
+    out = {}
+    if pc.granularity == "n:m":
+        for k in kernels:
+            m = mask[k]
+            if (m.size // m.shape[-1]) % pc.m:
+                continue  # fan-in not grouped: the ticket keeps it dense
+            kept = int(np.sum(m)) // (m.size // pc.m)
+            if kept < pc.m:
+                out[k] = (kept, pc.m)
+        return out
+    if pc.oneshot_allocation == "uniform":
+        total = sum(int(np.sum(m)) for k, m in mask.items() if can[k])
+        size = sum(int(np.size(m)) for k, m in mask.items() if can[k])
+        return {k: total / size for k in kernels}
+    return {k: int(np.sum(mask[k])) / mask[k].size for k in kernels}
+
+
+def prepare_oneshot(starts: list[tuple[str, ArmStart]]) -> None:
+    """Prune, for every (one-shot arm, seed) of a level, the seed's trained dense network together
+    (one population, :func:`lth.prune.oneshot_net.prune_population`); each result goes to the seed's
+    memo, where the arm reads it. A method's result is shared by its plain and ``*_ft`` arm."""
+    from ..prune.oneshot_net import prune_population
+
+    todo, seen = [], set()
+    for arm, t in starts:
+        method = ONESHOT_ARMS[arm]
+        if ("oneshot", method) in t.memo or (t.seed, method) in seen:
+            continue
+        seen.add((t.seed, method))
+        todo.append((method, t))
+    if not todo:
+        return
+    dense = [t.dense() for _, t in todo]
+    xs = [t.calib() if m != "magnitude" else None for m, t in todo]  # equal shapes: calib_batches x batch_size
+    params, masks = prune_population(todo[0][1].model, [m for m, _ in todo], [d["params"] for d in dense],
+                                     [d["batch_stats"] for d in dense], xs, [oneshot_targets(t) for _, t in todo])
+    for (method, t), d, p, mk in zip(todo, dense, params, masks):
+        t.memo[("oneshot", method)] = ({"params": p, "batch_stats": d["batch_stats"]}, mk)
+
+
+def _oneshot_arm(name: str) -> None:
+    method = ONESHOT_ARMS[name]
+
+    def arm(t: ArmStart) -> tuple[dict, Any]:
+        if ("oneshot", method) not in t.memo:
+            prepare_oneshot([(name, t)])
+        return t.memo[("oneshot", method)]
+
+    register(name)(arm)
+
+
 for _name in ("static", "set", "rigl"):
     _dst_arm(_name)
+
+for _name in ONESHOT_ARMS:
+    _oneshot_arm(_name)

@@ -6,7 +6,7 @@ stability stage (which evaluates them) agree without importing each other.
 
 from __future__ import annotations
 
-from ..config import ExperimentConfig
+from ..config import ONESHOT_ARMS, ExperimentConfig
 
 
 def stability_levels(cfg: ExperimentConfig) -> list[int]:
@@ -25,5 +25,6 @@ def copy_arms(cfg: ExperimentConfig, level: int) -> set[str]:
     sc = cfg.stability
     if not sc.enabled or level not in stability_levels(cfg):
         return set()
-    arms = ["ticket"] if level == 0 else [a for a in cfg.arms if a != "small_dense"]
+    # small-dense trains apart; a one-shot arm evaluated as pruned does not train (its copy would be itself)
+    arms = ["ticket"] if level == 0 else [a for a in cfg.arms if a != "small_dense" and a not in ONESHOT_ARMS]
     return {a for a in arms if sc.arms is None or a in sc.arms}

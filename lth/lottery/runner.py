@@ -43,7 +43,7 @@ import optax
 import pandas as pd
 
 from .. import __version__
-from ..config import DST_ARMS, ConfigError, ExperimentConfig, check_against_model
+from ..config import DST_ARMS, ONESHOT_FT_ARMS, ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
 from ..models import build_model, check_output_width, structure_of
 from ..prune.baselines import count_at_width, match_width
@@ -59,10 +59,11 @@ from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_by
 from ..train import Engine, TrainResult, early_stop_steps, eval_steps, final_lr, init_population, init_variables, stack, unstack
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
-from .arms import ARMS, ArmStart
+from .arms import ARMS, ONESHOT_ARMS, ArmStart, prepare_oneshot
 from .copies import copy_arms
 from .earlybird import EarlyBird, epoch_ends
 from .earlybird import applies as earlybird_applies
+from .oneshot import evaluate_records, finetune_engine, merge, parts
 
 @dataclass(frozen=True)
 class Member:
@@ -231,6 +232,8 @@ def population_key(cfg: ExperimentConfig) -> str | None:
     d = cfg.to_dict()
     for key in ("name", "seeds", "arms", "log", "quant", "stability", "prune"):
         d.pop(key, None)
+    if set(cfg.arms) & set(ONESHOT_FT_ARMS):  # the *_ft arms' engine is the group's
+        d["oneshot_finetune"] = [cfg.prune.oneshot_finetune_steps, cfg.prune.oneshot_finetune_lr]
     return json.dumps(d, sort_keys=True)
 
 
@@ -271,6 +274,7 @@ class Lottery:
                 raise ConfigError(f"{cfg.model.name} on {cfg.data.name}: {e}") from None
         self._finetune_engine: Engine | None = None
         self._dst_engines: dict[bool, Engine] = {}  # finetune? -> the engine with the set/rigl mask update
+        self._oneshot_engine: Engine | None = None  # the *_ft one-shot arms' (lth.lottery.oneshot)
         pc = cfg.prune
         if pc.schedule in ("oneshot", "gradual") and pc.levels > 1:
             raise ConfigError(f"prune.schedule = {pc.schedule!r} prunes in one level: set prune.levels = 1 "
@@ -286,8 +290,26 @@ class Lottery:
         self.structure = structure_of(self.model)  # what the model declares: output, frozen, chain, blocks
         check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps)  # before any level trains
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
+        self._check_oneshot(shapes)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
         self.sink: WandbSink | None = None  # set by open_sink
+
+    def _check_oneshot(self, shapes) -> None:
+        """ConfigError before any work when a calibrated one-shot arm (wanda, sparsegpt) meets a prunable
+        layer it cannot handle yet (embeddings, grouped convs: only Dense and plain 2-D Conv layers)."""
+        from ..prune.oneshot_net import unsupported_layers
+
+        calibrated = [a for a in self.cfg.arms if a.removesuffix("_ft") in ("wanda", "sparsegpt")]
+        if not calibrated:
+            return
+        can_prune = prunable(shapes, self.cfg.prune, self.structure)
+        bs = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[1], jax.random.key(0))
+        x = jax.ShapeDtypeStruct((1, *self.data.input_shape), jnp.float32)
+        bad = unsupported_layers(self.model, shapes, bs, x, can_prune)
+        if bad:
+            raise ConfigError(f"arms {calibrated} on {self.cfg.model.name}: one-shot pruning with calibration supports "
+                              f"Dense and plain 2-D Conv layers only, not yet: {', '.join(bad)}; use "
+                              f"oneshot_magnitude, or exclude them (prune.exclude)")
 
     # ------------------------------------------------------------------ fixed weights
     def hparams(self) -> dict:
@@ -401,14 +423,20 @@ class Lottery:
             start_weights = [unstack(prev_final, prev_members.index(Member("ticket", s))) for s in seeds]
         engine = self._finetune() if cfg.rewind.mode == "finetune" else self.engine
         memos = {s: {} for s in seeds}  # per seed: the pruning-at-init masks, shared by an arm and its shuffle
-        starts: dict[tuple[str, int], tuple] = {}  # (arm, seed) -> (weights, mask): copies share copy 0's
+        dense = functools.cache(lambda: (load_tree(store.level_dir(0) / "final.msgpack"),
+                                         stored_members(store.level_dir(0))[0]))
+        arm_starts: dict[tuple[str, int], ArmStart] = {}  # copies share copy 0's start
         for m in members:
-            if (m.arm, m.seed) not in starts:
+            if (m.arm, m.seed) not in arm_starts:
                 i = seeds.index(m.seed)
-                ticket = ArmStart(start_weights[i], tickets[i], can_prune, m.seed, level, self.model,
-                                  self.data.input_shape, functools.partial(self.signals, seed=m.seed, level=level),
-                                  memos[m.seed])
-                starts[m.arm, m.seed] = ARMS[m.arm](ticket)
+                arm_starts[m.arm, m.seed] = ArmStart(
+                    start_weights[i], tickets[i], can_prune, m.seed, level, self.model, self.data.input_shape,
+                    functools.partial(self.signals, seed=m.seed, level=level), memos[m.seed],
+                    dense=functools.partial(self.dense_weights, dense, m.seed),
+                    calib=functools.partial(self.calib_inputs, m.seed))
+        # the one-shot arms of every seed are pruned together (one population), then read from the memos
+        prepare_oneshot([(a, t) for (a, _), t in arm_starts.items() if a in ONESHOT_ARMS])
+        starts = {key: ARMS[key[0]](t) for key, t in arm_starts.items()}  # (arm, seed) -> (weights, mask)
         weights = [starts[m.arm, m.seed][0] for m in members]
         masks = [starts[m.arm, m.seed][1] for m in members]
         if any(m.arm in ("set", "rigl") for m in members):  # the whole population in the moving-mask engine
@@ -429,6 +457,19 @@ class Lottery:
     def dst_end_step(self) -> int:
         """The global step from which set/rigl no longer update masks: ``round(prune.dst_end * steps)``."""
         return int(round(self.cfg.prune.dst_end * self.engine.num_steps))
+
+    @staticmethod
+    def dense_weights(stored, seed: int) -> dict:
+        """The trained dense network of ``seed``: level 0's final weights of its member (ticket, seed)."""
+        final, members = stored()
+        k = members.index(Member("ticket", seed))
+        return {"params": unstack(final["params"], k), "batch_stats": unstack(final["batch_stats"], k)}
+
+    def calib_inputs(self, seed: int) -> np.ndarray:
+        """The one-shot arms' calibration examples of ``seed``: its first ``prune.calib_batches`` training
+        batches, ``[calib_batches * batch_size, ...]``."""
+        idx = self.engine.order.indices(seed, 0, self.cfg.prune.calib_batches)
+        return np.asarray(self.data.x_train)[np.asarray(idx).reshape(-1)]
 
     def signals(self, member: dict, seed: int, level: int) -> Signals:
         """What a criterion may use to score ``member`` ``{'params', 'batch_stats'}`` of ``seed``."""
@@ -487,6 +528,9 @@ class Lottery:
         if level > 0 and self.cfg.prune.schedule == "gradual":
             result, masks, agp = self._run_gradual(state, plan.members, plan.can_prune, bar)
             return result, masks, {"agp.parquet": parquet_bytes(agp)}
+        split = parts(plan.members)
+        if level > 0 and (split["evaluate"] or split["finetune"]):
+            return self._run_with_oneshot(level, plan, split, bar), plan.masks, {}
         own = level == 0 and earlybirds is None
         if own:
             eb = self.earlybird(plan.members, list(range(len(plan.members))), plan.can_prune)
@@ -506,6 +550,34 @@ class Lottery:
         masks = [unstack(host, k) if m.arm in MODES else plan.masks[k] for k, m in enumerate(plan.members)]
         files["dst.parquet"] = parquet_bytes(dst_table(plan, result, self.dst_end_step(), self.cfg.prune.dst_delta_t))
         return result, masks, files
+
+    def _run_with_oneshot(self, level: int, plan: "LevelPlan", split: dict, bar) -> TrainResult:
+        """A level with one-shot arms (:mod:`lth.lottery.oneshot`): the others train on the level's engine,
+        the plain one-shot members are evaluated as pruned, the ``*_ft`` ones fine-tuned; one result."""
+        def sub(idx, engine, start):
+            p = LevelPlan([plan.members[k] for k in idx], [plan.weights[k] for k in idx],
+                          [plan.masks[k] for k in idx], plan.can_prune, start, engine)
+            return p, self.initial_state(level, p)
+
+        pieces = []
+        if split["train"]:
+            p, state = sub(split["train"], plan.engine, plan.start)
+            pieces.append((split["train"], p.engine.run(state, [data_seed(m) for m in p.members], start=p.start,
+                                                        progress=bar)))
+        if split["evaluate"]:
+            p, state = sub(split["evaluate"], self.engine, 0)
+            pieces.append((split["evaluate"], TrainResult(state=state, records=evaluate_records(self.engine, state))))
+        if split["finetune"]:
+            p, state = sub(split["finetune"], self._oneshot(), 0)
+            pieces.append((split["finetune"], p.engine.run(state, [data_seed(m) for m in p.members])))
+        return merge(pieces, len(plan.members))
+
+    def _oneshot(self) -> Engine:
+        if self._share is not None:  # the group shares the *_ft settings (population_key)
+            return self._share._oneshot()
+        if self._oneshot_engine is None:
+            self._oneshot_engine = finetune_engine(self.model, self.data, self.cfg)
+        return self._oneshot_engine
 
     def finish_level(self, level: int, plan: "LevelPlan", result, masks, wall_s: float, files: dict,
                      log: WandbSink | None) -> None:

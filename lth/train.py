@@ -102,6 +102,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         opt = optax.sgd(1.0, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
     elif cfg.optimizer == "adam":
         opt = optax.adam(1.0)
+    elif cfg.optimizer == "adamw":  # decoupled: wd * w joins the update, times the step's lr (0 for pruned w)
+        return optax.adamw(1.0, weight_decay=cfg.weight_decay)
     else:  # validated in config
         raise ValueError(cfg.optimizer)
     if cfg.weight_decay:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ExperimentConfig
+from ..models import Structure
 from ..prune.masks import leaf_name, magnitude_prune
 from ..prune.schedules import oneshot_config
 from ..train import unstack
@@ -54,9 +55,10 @@ class EarlyBird:
     population, which are the seeds ``seeds``; :meth:`table` gives the rows of ``earlybird.parquet``."""
 
     def __init__(self, cfg: ExperimentConfig, can_prune: Any, seeds: Sequence[int], index: Sequence[int],
-                 spe: int):
+                 spe: int, structure: Structure | None = None):
         self.prune = oneshot_config(cfg.prune) if cfg.prune.schedule == "oneshot" else cfg.prune
         self.can_prune, self.seeds, self.index, self.spe = can_prune, list(seeds), list(index), spe
+        self.structure = structure  # the model's (output, frozen, spared layers, rate kinds)
         self.previous: list[Any] = [None] * len(self.index)
         self.rows: list[dict] = []
 
@@ -64,7 +66,7 @@ class EarlyBird:
         for j, k in enumerate(self.index):
             params = unstack(weights["params"], k)
             ones = jax.tree.map(lambda p: np.ones(np.shape(p), bool), params)
-            mask = magnitude_prune(params, ones, self.prune)
+            mask = magnitude_prune(params, ones, self.prune, self.structure)
             if self.previous[j] is not None:
                 for layer, d in mask_distance(self.previous[j], mask, self.can_prune).items():
                     self.rows.append({"seed": self.seeds[j], "epoch": -(-step // self.spe), "step": step,

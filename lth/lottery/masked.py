@@ -277,7 +277,8 @@ class MaskedRun:
             "masks.msgpack": tree_bytes(to_numpy(stack(masks))),
             "final.msgpack": tree_bytes(final),
             "metrics.parquet": parquet_bytes(df),
-            "sparsity.parquet": parquet_bytes(sparsity_table(0, members, final["params"], masks, can_prune)),
+            "sparsity.parquet": parquet_bytes(sparsity_table(0, members, final["params"], masks, can_prune,
+                                                                           structure_of(self.model))),
         })
         if cfg.log.wandb != "disabled":
             sink = WandbSink(cfg.log.wandb, cfg.log.project, cfg.name, self.run_id, flatten(self.hparams()),

@@ -282,7 +282,8 @@ class Lottery:
                 raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
         self.structure = structure_of(self.model)  # what the model declares: output, frozen, chain, blocks
-        check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps)  # before any level trains
+        check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps,  # before any level trains
+                            tuple(k for _, k in self.structure.kinds))
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
         self.sink: WandbSink | None = None  # set by open_sink
@@ -456,7 +457,8 @@ class Lottery:
         index = [k for k in index if members[k].copy == 0]
         if not earlybird_applies(self.cfg) or not index:
             return None
-        return EarlyBird(self.cfg, can_prune, [members[k].seed for k in index], index, self.engine.order.spe)
+        return EarlyBird(self.cfg, can_prune, [members[k].seed for k in index], index, self.engine.order.spe,
+                         self.structure)
 
     def run_plan(self, level: int, plan: "LevelPlan", state, bar, earlybirds: list | None = None):
         """Train a prepared level: (TrainResult, final masks per member, extra level files).
@@ -667,7 +669,7 @@ class Lottery:
         return metrics_table(self.cfg.run_id, level, members, densities, records, wall_s, diverged)
 
     def _sparsity_table(self, level, members, final_params, masks, can_prune) -> pd.DataFrame:
-        return sparsity_table(level, members, final_params, masks, can_prune)
+        return sparsity_table(level, members, final_params, masks, can_prune, self.structure)
 
     def level_bar(self, level: int, total: int, what: str = "", start: int | None = None):
         """Progress of one level's ``total`` steps; level L > 0 starts at the rewind step unless ``start``."""
@@ -695,14 +697,14 @@ def metrics_table(run_id: str, level: int, members, densities, records, wall_s: 
     return df[cols]
 
 
-def sparsity_table(level: int, members, final_params, masks, can_prune) -> pd.DataFrame:
+def sparsity_table(level: int, members, final_params, masks, can_prune, structure=None) -> pd.DataFrame:
     """Per member and layer: shape, count, non-zeros and density of the trained weights (stability copies
-    left out: they share copy 0's mask)."""
+    left out: they share copy 0's mask); ``structure``: the model's (:func:`lth.models.structure_of`)."""
     rows = []
     for k, m in enumerate(members):
         if getattr(m, "copy", 0):
             continue
-        for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune):
+        for r in sparsity_rows(unstack(final_params, k), masks[k], can_prune, structure):
             rows.append({"level": level, "arm": m.arm, "seed": m.seed, "member": k, **r})
     return pd.DataFrame.from_records(rows)
 

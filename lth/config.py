@@ -131,12 +131,12 @@ class ModelConfig:
     init: Literal["glorot_normal", "kaiming_normal"] = _f("glorot_normal", doc="weight init scheme")
     patch: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
                     doc="vit: side of the square patches (must divide the image's height and width)")
-    dim: int = _f(64, check=lambda v: v >= 1, allowed="an integer >= 1",
+    dim: int = _f(128, check=lambda v: v >= 1, allowed="an integer >= 1",
                   doc="vit: residual (token) width, a multiple of heads; model.width scales it and the MLP "
                       "hidden size, not the heads nor their width dim / heads (lth.models.vit_widths)")
     depth: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1", doc="vit: transformer blocks")
     heads: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1", doc="vit: attention heads per block")
-    mlp_ratio: float = _f(2.0, check=_pos[0], allowed=_pos[1], doc="vit: MLP hidden size = round(mlp_ratio * dim)")
+    mlp_ratio: float = _f(4.0, check=_pos[0], allowed=_pos[1], doc="vit: MLP hidden size = round(mlp_ratio * dim)")
     pool: Literal["cls", "mean"] = _f("cls", doc="vit: the head reads a learned CLS token (cls) or the mean "
                                                  "of the patch tokens (mean)")
 

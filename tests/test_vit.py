@@ -131,7 +131,7 @@ def test_population_equals_member_alone(finished, tmp_path):
 
 
 def test_small_dense_widths_reach_the_tickets_count_within_2_percent():
-    mc = ModelConfig(name="vit", patch=4, dim=64, depth=2, heads=4)
+    mc = ModelConfig(name="vit", patch=4, dim=64, depth=2, heads=4, mlp_ratio=2.0)
     model = build_model(mc, 10, (28, 28, 1))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
     total = param_count(shapes)

@@ -152,6 +152,10 @@ class ModelConfig:
                           "(data.context); windows longer than this are an error")
     tie_embeddings: bool = _f(False, doc="gpt: the output head is the transposed token embedding (no head "
                                           "layer of its own)")
+    patch: int = _f(4, check=lambda v: v >= 1, allowed="an integer >= 1",
+                    doc="vit: side of the square patches (must divide the image's height and width)")
+    pool: Literal["cls", "mean"] = _f("cls", doc="vit: the head reads a learned CLS token (cls) or the mean "
+                                                 "of the patch tokens (mean)")
 
     def __post_init__(self):
         _check_entry(MODELS, "model.name", self.name)
@@ -221,8 +225,12 @@ class PruneConfig:
     rates: dict[str, float] | None = _f(
         None, check=lambda v: all(0 <= r < 1 for r in v.values()), allowed="a table of layer = rate in [0, 1)",
         doc="per-layer rates overriding rate/conv_rate/output_rate, e.g. {dense_0 = 0.3} "
-            "(lth sensitivity --to-rates derives them)")
-    granularity: Literal["weight", "neuron", "filter", "layer", "n:m"] = _f(
+            "(lth sensitivity --to-rates derives them); keys are layer names or the layer kinds a model "
+            "declares (vit: attn = q, k, v, out of every block; mlp = fc_in, fc_out; embed = the patch "
+            "embedding; head = the classifier), a layer's own name winning over its kind. vit prunes attn "
+            "and mlp at prune.rate by default; embed and head only when named here; the position "
+            "embedding, CLS token and layer norms never")
+    granularity: Literal["weight", "neuron", "filter", "layer", "head", "n:m"] = _f(
         "weight", doc="unit removed: single weights, whole fc neurons, whole conv filters (with the next "
                       "layer's matching inputs and the filter's batch-norm entries), or whole residual "
                       "blocks (layer: prune.rate of the surviving identity-shortcut blocks, rounded half "
@@ -230,7 +238,9 @@ class PruneConfig:
                       "level drops round_half_up(rate * k), at least 1, of the k survivors of every "
                       "group until n remain); the model declares which units it has (lth.models.Structure: "
                       "built-in neuron: mlp, lenet_300_100, conv2/4/6; filter: those and vgg11/16/19; "
-                      "layer: resnet20; n:m: any)")
+                      "layer: resnet20; head: vit; n:m: any). head: whole attention heads (their q, k, v "
+                      "output columns and the out projection's matching input rows; lth.prune.heads), prune.rate "
+                      "(or the rate prune.rates gives attn) of every attention's surviving heads per level")
     n: int = _f(2, check=lambda v: v >= 1, allowed="an integer >= 1",
                 doc="granularity n:m: weights kept in every group of m (2 of 2:4)")
     m: int = _f(4, check=lambda v: v >= 2, allowed="an integer >= 2",
@@ -619,18 +629,22 @@ def check_stability(cfg: "ExperimentConfig", sc: StabilityConfig, where: str) ->
                           "'oneshot'")
 
 
-def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps: int) -> None:
+def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps: int,
+                        kinds: tuple[str, ...] = ()) -> None:
     """Settings only the built model and schedule can check, before any level trains.
 
     ``layers`` maps every layer name of the model (``dense_0``, ``stage1/block0/conv1``) to the kind
     of its kernel (``dense``, ``conv``, ``output``; ``other`` for layers without one); ``num_steps``
-    is the training length. ConfigError naming the key, the value and the valid names otherwise.
+    is the training length; ``kinds``: the layer kinds the model declares for prune.rates (``attn``,
+    ``mlp``, ...: :attr:`lth.models.Structure.kinds`). ConfigError naming the key, the value and the
+    valid names otherwise.
     """
     kernels = sorted(k for k, kind in layers.items() if kind in ("dense", "conv", "output"))
     for name in (cfg.prune.rates or {}):
-        if name not in kernels:
+        if name not in kernels and name not in kinds:
+            also = f"; its layer kinds: {', '.join(sorted(set(kinds)))}" if kinds else ""
             raise ConfigError(f"prune.rates names layer {name!r}, which model {cfg.model.name} does not have; "
-                              f"its prunable layers: {', '.join(kernels)}")
+                              f"its prunable layers: {', '.join(kernels)}{also}")
     parts = {p for k in layers for i, p in enumerate(k.split("/"))} | {
         "/".join(k.split("/")[:i + 1]) for k in layers for i in range(k.count("/") + 1)}
     for name in cfg.prune.exclude:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import registry
+from . import transformer as tf
 from .config import ModelConfig
 
 PyTree = Any
@@ -74,14 +75,34 @@ class Structure:
     - ``frozen``: layers (module paths or their prefixes) never pruned nor quantized, e.g. an
       embedding or a layer norm whose leaves are neither kernels, biases nor batch norms.
 
-    Which leaves are prunable follows (:func:`layer_kind`): every ``kernel`` outside ``frozen``;
-    biases with ``prune.prune_biases``; never norms.
+    - ``kinds``: ``(layer or prefix, kind)`` pairs naming groups of layers for ``prune.rates``, e.g.
+      ``("block_0/attn", "attn")``: a rate keyed by a kind applies to every kernel of its layers (a rate
+      keyed by the layer's own name wins). Transformers declare ``attn``, ``mlp``, ``embed``, ``head``.
+    - ``spared``: layers (or prefixes) with kernels that are pruned only when ``prune.rates`` names them
+      or their kind (a transformer's embedding and head); they are not prunable otherwise, so densities
+      count the other layers only.
+    - ``heads``: ``(attention module, number of heads)`` of every multi-head attention whose ``q``,
+      ``k``, ``v`` (head h: output columns ``h * d .. (h + 1) * d``) and ``out`` (the same input rows)
+      are Dense submodules: ``prune.granularity = "head"`` removes whole heads.
+
+    Which leaves are prunable follows (:func:`layer_kind`): every ``kernel`` outside ``frozen`` and
+    ``spared``; biases with ``prune.prune_biases``; never norms.
     """
 
     chain: tuple[dict, ...] | None = None
     blocks: tuple[str, ...] = ()
     output: tuple[str, ...] = ("output",)
     frozen: tuple[str, ...] = ()
+    kinds: tuple[tuple[str, str], ...] = ()
+    spared: tuple[str, ...] = ()
+    heads: tuple[tuple[str, int], ...] = ()
+
+    def kind_of(self, layer: str) -> str | None:
+        """The declared rate kind of ``layer`` (a module path), or None."""
+        return next((k for p, k in self.kinds if layer == p or layer.startswith(p + "/")), None)
+
+    def is_spared(self, layer: str) -> bool:
+        return any(layer == p or layer.startswith(p + "/") for p in self.spared)
 
     def chain_layers(self) -> list[dict]:
         """The kernel ops of the chain (``dense``/``conv``), in forward order; [] without a chain."""
@@ -400,6 +421,55 @@ class ResNet(nn.Module):
         return Structure(blocks=tuple(blocks))
 
 
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2021) with the pre-LN blocks of :mod:`lth.transformer`, on
+    ``[B, H, W, C]`` images cut into non-overlapping ``patch x patch`` patches.
+
+    ``pool``: "cls" (a learned token prepended; the head reads its final state) or "mean" (the head
+    reads the mean over the patch tokens). Parameters: ``embed`` (Dense on flattened patches),
+    ``pos/embedding`` ``[tokens, dim]``, ``cls/embedding`` ``[1, dim]`` (pool "cls" only),
+    ``block_{i}/{ln_0, attn/{q, k, v, out}, ln_1, mlp/{fc_in, fc_out}}``, ``ln_f``, ``output``.
+    """
+
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    head_dim: int
+    hidden: int
+    num_classes: int
+    pool: str = "cls"
+    init_scheme: str = "glorot_normal"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        b, h, w, c = x.shape
+        p = self.patch
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c)  # [B, tokens, patch pixels], row-major patches
+        x = tf.dense(self.dim, self.init_scheme, "embed")(x)
+        if self.pool == "cls":
+            cls = tf.Embedding((1, self.dim), zeros=True, name="cls")()
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
+        x = x + tf.Embedding((x.shape[1], self.dim), name="pos")()
+        for i in range(self.depth):
+            x = tf.Block(self.heads, self.head_dim, self.hidden, self.init_scheme, name=f"block_{i}")(x)
+        x = nn.LayerNorm(name="ln_f")(x)
+        x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+        return tf.dense(self.num_classes, self.init_scheme, OUTPUT)(x)
+
+    def structure(self) -> Structure:
+        """Attention and MLP kernels are pruned; the patch embedding and the head only when prune.rates
+        names them (or their kinds ``embed``, ``head``); position embedding, CLS token and layer norms
+        never (frozen)."""
+        blocks = [f"block_{i}" for i in range(self.depth)]
+        norms = tuple(f"{blk}/{ln}" for blk in blocks for ln in ("ln_0", "ln_1")) + ("ln_f",)
+        kinds = ((("embed", "embed"), (OUTPUT, "head"))
+                 + tuple((f"{blk}/attn", "attn") for blk in blocks) + tuple((f"{blk}/mlp", "mlp") for blk in blocks))
+        return Structure(output=(OUTPUT,), frozen=("pos", "cls", *norms), kinds=kinds, spared=("embed", OUTPUT),
+                         heads=tuple((f"{blk}/attn", self.heads) for blk in blocks))
+
+
 class ChainNet(nn.Module):
     """A plain chain of layers run from :class:`Structure` ops (``lth compact`` builds the smaller network
     of a neuron/filter ticket with it): the params are named by the ops' layers, so they are the
@@ -515,6 +585,42 @@ def resnet20(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -
     _need_image("resnet20", input_shape, 0)  # stride-2 SAME convs never reach size 0
     return ResNet(scale_width(16, cfg.width), tuple(scale_width(c, cfg.width) for c in (16, 32, 64)), 3,
                   num_classes, cfg.init)
+
+
+@register("vit")
+def vit(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    # Dosovitskiy et al. 2021, pre-LN. model.width w scales the residual width and the MLP hidden size
+    # (vit_widths); the heads and their width (dim / heads) stay.
+    _need_image("vit", input_shape, 0)
+    h, w, _ = input_shape
+    if h % cfg.patch or w % cfg.patch:
+        raise ValueError(f"model.patch = {cfg.patch} does not divide the images of shape {tuple(input_shape)} "
+                         f"(H and W must be multiples of it); use a divisor of {math.gcd(h, w)}")
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"model.dim = {cfg.dim} is not a multiple of model.heads = {cfg.heads}; use a dim "
+                         "that the head count divides")
+    tokens = (h // cfg.patch) * (w // cfg.patch) + (cfg.pool == "cls")
+    dim, hidden = vit_widths(cfg, tokens, cfg.patch ** 2 * input_shape[2], num_classes)
+    return ViT(cfg.patch, dim, cfg.depth, cfg.heads, cfg.dim // cfg.heads, hidden, num_classes, cfg.pool, cfg.init)
+
+
+def vit_widths(cfg: ModelConfig, tokens: int, patch_inputs: int, num_classes: int) -> tuple[int, int]:
+    """(residual width, MLP hidden size) of the vit at ``cfg.width`` = w.
+
+    The residual width is ``max(1, floor(w * dim))`` and the hidden size ``round(w * mlp_ratio * dim)``
+    plus as many units as the parameters of the fractional part of ``w * dim`` are worth: one residual
+    unit costs a few hundred parameters, so rounding it alone would move the count in steps of several
+    percent, while one hidden unit costs ``depth * (2 * dim + 1)``. The count then grows in those small
+    steps with w, and a small-dense baseline matches a ticket's count (:func:`lth.prune.baselines.match_width`).
+    At w = 1: ``(dim, round(mlp_ratio * dim))``.
+    """
+    exact = cfg.width * cfg.dim
+    dim = max(1, math.floor(exact + 1e-9))
+    hidden = max(1, round(cfg.width * cfg.mlp_ratio * cfg.dim))
+    inner = cfg.dim // cfg.heads * cfg.heads
+    per_dim = cfg.depth * (4 * inner + 6 + 2 * hidden) + patch_inputs + tokens + 4 + num_classes
+    extra = round(max(0.0, exact - dim) * per_dim / (cfg.depth * (2 * dim + 1)))
+    return dim, hidden + extra
 
 
 # ---------------------------------------------------------------------------- params pytrees

@@ -12,12 +12,13 @@ from jax.tree_util import DictKey
 from lth import config
 from lth.config import ModelConfig
 from lth.models import (MODELS, OUTPUT, build_model, is_conv_kernel, layer_kind, layer_kinds,
-                        loop_friendly_conv, output_layer_name, param_count, register, scale_width)
+                        loop_friendly_conv, output_layer_name, param_count, register, scale_width,
+                        structure_of)
 
 CIFAR = (32, 32, 3)
 NATURAL = [("mlp", (40,)), ("mlp", (28, 28, 1)), ("lenet_300_100", (28, 28, 1)),
            ("conv2", CIFAR), ("conv4", CIFAR), ("conv6", CIFAR), ("vgg11", CIFAR), ("vgg16", CIFAR),
-           ("vgg19", CIFAR), ("resnet20", CIFAR)]
+           ("vgg19", CIFAR), ("resnet20", CIFAR), ("vit", CIFAR), ("vit", (28, 28, 1))]
 BN_MODELS = ("vgg11", "vgg16", "vgg19", "resnet20")
 NUM_CLASSES = 7  # not 10, so a hard-coded output width would fail
 
@@ -47,9 +48,9 @@ def _shapes(name, shape, num_classes=10, **model_kw):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, *shape)))["params"]
 
 
-def _kinds_by_name(tree):
+def _kinds_by_name(tree, structure=None):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(k.key for k in path): layer_kind(path, leaf) for path, leaf in flat}
+    return {"/".join(k.key for k in path): layer_kind(path, leaf, structure) for path, leaf in flat}
 
 
 # ---------------------------------------------------------------------------- registry
@@ -103,16 +104,19 @@ def test_logits_shape_come_from_output_layer(name, shape):
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "gpt"])
 def test_every_leaf_has_a_kind_and_one_output_kernel(name):
     shape = (40,) if name == "mlp" else (28, 28, 1) if name == "lenet_300_100" else CIFAR
-    kinds = _kinds_by_name(_shapes(name, shape))
+    st = structure_of(build_model(ModelConfig(name=name), 10, shape))
+    kinds = _kinds_by_name(_shapes(name, shape), st)
     assert [k for k, v in kinds.items() if v == "output"] == ["output/kernel"]
     for leaf, kind in kinds.items():
         module, last = leaf.split("/")[-2:]
-        if last == "kernel":
+        if any(leaf.startswith(f + "/") for f in st.frozen):  # declared (a transformer's embeddings, norms)
+            assert kind == "frozen", leaf
+        elif last == "kernel":
             assert kind in ("conv", "dense", "output"), leaf
         else:
             assert kind == ("norm" if module.startswith("bn") else "bias"), leaf
     convs = [k for k, v in kinds.items() if v == "conv"]
-    assert (len(convs) > 0) == (name not in ("mlp", "lenet_300_100"))
+    assert (len(convs) > 0) == (name not in ("mlp", "lenet_300_100", "vit"))
 
 
 # ---------------------------------------------------------------------------- architecture

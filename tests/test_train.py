@@ -47,6 +47,7 @@ def population(engine, seeds, density=0.5):
     dict(optimizer="sgd", lr=0.1, momentum=0.9),
     dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
     dict(optimizer="adam", lr=1e-2, weight_decay=1e-2, schedule="cosine", warmup_steps=10),
+    dict(optimizer="adamw", lr=1e-2, weight_decay=1e-1, schedule="cosine", warmup_steps=10),
 ])
 def test_masked_weights_stay_exactly_zero_for_100_steps(opt):
     cfg = TrainConfig(batch_size=12, steps=100, eval_every=25, **opt)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ExperimentConfig
+from ..models import Structure
 from ..prune.masks import leaf_name, magnitude_prune
 from ..prune.schedules import oneshot_config
 from ..train import unstack

@@ -288,7 +288,8 @@ class Lottery:
                 raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
         self.structure = structure_of(self.model)  # what the model declares: output, frozen, chain, blocks
-        check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps)  # before any level trains
+        check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps,  # before any level trains
+                            tuple(k for _, k in self.structure.kinds))
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self._check_oneshot(shapes)
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
@@ -813,7 +814,7 @@ def dst_table(plan: "LevelPlan", result: TrainResult, end_step: int, delta_t: in
 
 def sparsity_table(level: int, members, final_params, masks, can_prune, structure=None) -> pd.DataFrame:
     """Per member and layer: shape, count, non-zeros and density of the trained weights (stability copies
-    left out: they share copy 0's mask)."""
+    left out: they share copy 0's mask); ``structure``: the model's (:func:`lth.models.structure_of`)."""
     rows = []
     for k, m in enumerate(members):
         if getattr(m, "copy", 0):

@@ -48,9 +48,12 @@ def layer_rates(params: PyTree, cfg: PruneConfig, structure: Structure | None = 
     def rate(path, leaf):
         kind = layer_kind(path, leaf, structure)
         names = path_names(path)[:-1]
-        if cfg.rates and kind in ("conv", "dense", "output") and "/".join(names) in cfg.rates:
-            return cfg.rates["/".join(names)]
+        named = named_rate(cfg, "/".join(names), structure)
+        if named is not None and kind in ("conv", "dense", "output"):
+            return named
         if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
+            return 0.0
+        if structure is not None and structure.is_spared("/".join(names)):
             return 0.0
         if kind == "conv":
             return cfg.conv_rate if cfg.conv_rate is not None else cfg.rate
@@ -65,13 +68,28 @@ def layer_rates(params: PyTree, cfg: PruneConfig, structure: Structure | None = 
     return jax.tree_util.tree_map_with_path(rate, params)
 
 
+def named_rate(cfg: PruneConfig, layer: str, structure: Structure | None = None) -> float | None:
+    """The rate ``prune.rates`` gives ``layer``: by its name, else by its declared kind (``attn``, ``mlp``,
+    ``embed``, ``head``: :attr:`lth.models.Structure.kinds`); None when it names neither."""
+    if not cfg.rates:
+        return None
+    if layer in cfg.rates:
+        return cfg.rates[layer]
+    kind = structure.kind_of(layer) if structure is not None else None
+    return cfg.rates.get(kind) if kind is not None else None
+
+
 def prunable(params: PyTree, cfg: PruneConfig, structure: Structure | None = None) -> PyTree:
-    """Per-leaf bool: is this leaf ever pruned (a kernel, or a bias with prune_biases, not excluded or frozen)."""
+    """Per-leaf bool: is this leaf ever pruned (a kernel, or a bias with prune_biases, not excluded or
+    frozen; of a spared layer only when prune.rates names it or its kind)."""
 
     def ok(path, leaf):
         kind = layer_kind(path, leaf, structure)
         names = path_names(path)[:-1]
         if any(n in cfg.exclude or "/".join(names[: i + 1]) in cfg.exclude for i, n in enumerate(names)):
+            return False
+        if (structure is not None and structure.is_spared("/".join(names))
+                and named_rate(cfg, "/".join(names), structure) is None):
             return False
         return kind in ("conv", "dense", "output") or (kind == "bias" and cfg.prune_biases)
 

@@ -46,6 +46,7 @@ from ..store import load_tree
 from ..stored import StoredRun
 from ..train import apply_mask, unstack
 from .nm import grouped_fan_ins, nm_prune
+from .heads import check_heads, head_prune
 
 PyTree = Any
 BLOCK = re.compile(r"stage(\d+)_block(\d+)")  # residual block submodules of lth.models.ResNet
@@ -90,6 +91,8 @@ def granularities(structure: Structure) -> list[str]:
             out.append("filter")
     if structure.blocks:
         out.append("layer")
+    if structure.heads:
+        out.append("head")
     return out + ["n:m"]
 
 
@@ -107,6 +110,7 @@ def check_granularity(cfg: PruneConfig, model, params: PyTree, model_name: str) 
     fits = granularities(st)
     if g not in fits:
         why = ("it declares no droppable residual blocks (Structure.blocks)" if g == "layer" else
+               "it declares no multi-head attention (Structure.heads)" if g == "head" else
                "it declares no plain chain of layers (Structure.chain)" if st.chain is None else
                "it has no hidden dense layer" if g == "neuron" else "it has no convolution")
         raise ConfigError(f"prune.granularity = {g!r} is not allowed with model.name = {model_name!r} ({why}); "
@@ -114,6 +118,8 @@ def check_granularity(cfg: PruneConfig, model, params: PyTree, model_name: str) 
     try:
         if g == "layer":
             block_names(st, params)
+        elif g == "head":
+            check_heads(params, st)
         else:
             chain_order(st, params)
     except ValueError as e:
@@ -194,6 +200,8 @@ def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model) -> P
                          f"supports {', '.join(granularities(st))}")
     if cfg.granularity == "layer":
         return block_prune(params, mask, cfg, block_names(st, params))
+    if cfg.granularity == "head":
+        return head_prune(params, mask, cfg, st)
     new = _copy(mask)
     order, norms = chain_order(st, params), chain_norms(st)
     kinds = {op["layer"]: op["op"] for op in st.chain_layers()}

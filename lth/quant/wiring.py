@@ -17,7 +17,7 @@ import numpy as np
 PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}
 
-from ..models import layer_key, layer_kind
+from ..models import layer_key, layer_kind, path_names
 from ..train import chunk_split, make_eval_fn, population_program, stack
 from .numerics import QuantSpec, calibrate, fake_quant, lsq_fake_quant, qrange, quantize, scale_zero_point
 
@@ -30,8 +30,9 @@ QUANT_LAYERS = (nn.Dense, nn.Conv)
 
 
 def is_weight(path, leaf) -> bool:
-    """A Dense/Conv kernel (the quantized tensors)."""
-    return layer_kind(path, leaf) in ("dense", "conv", "output")
+    """A Dense/Conv kernel (the quantized tensors); leaves other than kernels (a transformer's position
+    embedding) are not."""
+    return path_names(path)[-1:] == ["kernel"] and layer_kind(path, leaf) in ("dense", "conv", "output")
 
 
 def get_layer(tree: dict, key: str):

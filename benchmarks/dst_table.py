@@ -1,6 +1,6 @@
 """Sparse from scratch vs the ticket: accuracy and training FLOPs per (level, arm) of a stored run.
 
-Reads a run of ``benchmarks/dst_lenet_fmnist.toml`` (``lth lottery`` into ``--out``) and prints one row
+Reads a run of ``experiments/dst_lenet_fmnist.toml`` (``lth lottery`` into ``--out``) and prints one row
 per (level, arm): density (fraction of prunable weights remaining), final test accuracy and test accuracy
 at the early-stop step (minimum val loss), mean and min-max over seeds, and the training FLOPs of one
 member for the level (Evci et al. 2020, App. H: 3 f_S a step, f_S = 2 x non-zero kernel weights per

@@ -181,6 +181,11 @@ def test_lottery_keeps_pruned_attention_and_mlp_weights_exactly_zero(corpus, tmp
     assert checked == 2 * 6
     metrics = run.metrics(1)
     assert {"perplexity", "bits_per_byte"} <= set(metrics.columns)
+    # the quant stage runs on the GPT (it once failed to classify the embedding): one row per member
+    from lth.quant.stage import quantize_run
+    rows = quantize_run(store.path, levels=[1], bits_list=[8], methods=["ptq"])
+    assert sorted(rows["arm"]) == ["random_prune", "ticket"] and rows["bits"].eq(8).all()
+    assert np.isfinite(rows["accuracy"]).all() and (rows["size_bytes"] > 0).all()
 
 
 def test_tied_embeddings_drop_the_head():

@@ -17,10 +17,14 @@ from . import registry
 from .config import ConfigError, ExperimentConfig, legacy_filled
 from .data import load_dataset
 from .models import build_model
-from .store import (RunStore, StoreError, check_fingerprint, check_hparams, load_tree, read_hparams,
-                    read_members_file, read_parquet, stacked_seeds, take_seeds)
+from .store import (RunStore, StoreError, atomic_write_json, check_fingerprint, check_hparams, load_tree,
+                    read_hparams, read_json, read_members_file, read_parquet, stacked_seeds, take_seeds)
 
 PyTree = Any
+
+# the [quant] settings that last wrote quant cells into the run: not part of the run id (so not in
+# hparams.json), kept beside it so that `lth quantize RUN` without --config reuses them
+QUANT_SETTINGS = "quant_settings.json"
 
 
 def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
@@ -34,6 +38,25 @@ def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     raw = {k: v for k, v in legacy_filled(hparams).items() if k in known and k != "quant"}  # quant: not the run's identity
     return ExperimentConfig.from_dict(raw, str(path / "hparams.json")), hparams
+
+
+def write_quant_settings(run_dir: str | Path, quant: dict, source: str) -> None:
+    """Record ``quant`` (a :meth:`lth.config.QuantConfig.to_dict`) as the run's last quant settings;
+    ``source`` says who used them (an experiment's name, ``lth quantize``)."""
+    atomic_write_json(Path(run_dir) / QUANT_SETTINGS, {"quant": quant, "source": source})
+
+
+def stored_quant_settings(run_dir: str | Path) -> tuple[dict, str] | None:
+    """(the run's last quant settings as a ``[quant]`` table, who used them), or None when the run records
+    none (written before the record existed, or never quantized); StoreError naming the file when it is
+    damaged."""
+    path = Path(run_dir) / QUANT_SETTINGS
+    if not path.is_file():
+        return None
+    rec = read_json(path)
+    if not (isinstance(rec, dict) and isinstance(rec.get("quant"), dict)):
+        raise StoreError(f"{path}: holds no [quant] table (damaged or edited); delete it to use the defaults")
+    return rec["quant"], str(rec.get("source", ""))
 
 
 @dataclass

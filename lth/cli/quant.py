@@ -78,13 +78,15 @@ def add_quantize(sub) -> None:
                     "calibration, with the code of the experiment's quant stage. Each (level, arm, setting) "
                     "is one cell, stored in OUT/<run_id>/level_NNN/quant/ (one row per seed: accuracy, "
                     "float_accuracy, size_bytes, compression vs fp32 dense, ...); cells already done are "
-                    "skipped. Settings: the defaults, then --config's [quant] table, "
-                    "then --set quant.KEY=VALUE, then the options below. Prints the new rows.")
+                    "skipped. Settings: the defaults, then --config's [quant] table (without --config: the "
+                    "run's last quant settings, recorded in OUT/<run_id>/quant_settings.json by the quant "
+                    "stage that last wrote cells), then --set quant.KEY=VALUE, then the options below. "
+                    "Prints the new rows.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
     add_code_arg(p)
     p.add_argument("--config", default=None, metavar="TOML",
-                   help="read the settings from the [quant] table of this TOML file; options given here "
-                        "override it")
+                   help="read the settings from the [quant] table of this TOML file (default: the run's "
+                        "last quant settings); options given here override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="quant.KEY=VALUE",
                    help="override one quant setting, e.g. --set quant.bits=[8,4] (TOML values); repeatable")
     p.add_argument("--arms", type=_csv(str), default=None,
@@ -156,19 +158,32 @@ def _settings(args) -> dict:
 
 
 def _quant_base(args):
-    """The quant settings before the options: the defaults, then --config's [quant], then --set quant.*."""
+    """The quant settings before the options: the defaults, then --config's [quant] (without --config: the
+    run's last quant settings, when it records them), then --set quant.*. Says on stderr which it used."""
     from ..config import ConfigError, QuantConfig, apply_overrides, load_raw
+    from ..stored import QUANT_SETTINGS, stored_quant_settings
 
     raw: dict = {"quant": {}}
+    last = None
     if args.config:
         table = load_raw(args.config).get("quant", {})
         raw["quant"].update(table if isinstance(table, dict) else {"": table})
+        _log(f"quant settings: the [quant] table of {args.config}, then the options")
+    else:
+        last = stored_quant_settings(args.run_dir)
+        if last is not None:
+            raw["quant"].update(last[0])
+            _log(f"quant settings: the run's last ones ({last[1]}; {Path(args.run_dir) / QUANT_SETTINGS}), "
+                 "then the options")
+        else:
+            _log("quant settings: the defaults (the run records no quant settings), then the options")
     bad = [o for o in args.overrides if not o.strip().startswith("quant.")]
     if bad:
         raise ConfigError(f"--set {bad[0]!r}: lth quantize takes quant.* settings only (the run's other settings "
                           "are fixed by its run id)")
     raw = apply_overrides(raw, args.overrides)
-    return QuantConfig.from_dict(raw["quant"], " ".join(filter(None, [args.config, *args.overrides])) or "quant")
+    where = args.config or (str(Path(args.run_dir) / QUANT_SETTINGS) if last is not None else None)
+    return QuantConfig.from_dict(raw["quant"], " ".join(filter(None, [where, *args.overrides])) or "quant")
 
 
 def _log(msg: str) -> None:

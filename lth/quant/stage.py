@@ -44,7 +44,7 @@ from ..models import structure_of
 from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes, read_json)
-from ..stored import Population, StoredRun
+from ..stored import QUANT_SETTINGS, Population, StoredRun, stored_quant_settings, write_quant_settings
 from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
 from ..trees import kept_count, seed_keys
 from .export import float_size_report, nm_of, size_report, write_export
@@ -273,10 +273,14 @@ class QuantStage:
     """The quant stage ``qc`` of one stored run: computes and stores its pending cells, level by level."""
 
     def __init__(self, run: StoredRun, qc: QuantConfig, *, batched: bool = True, write: bool = True,
-                 log: Callable[[str], None] | None = None, cfg: ExperimentConfig | None = None):
-        """``cfg``: the experiment whose cells (arms, seeds) are wanted (default: the stored run's)."""
+                 log: Callable[[str], None] | None = None, cfg: ExperimentConfig | None = None,
+                 source: str | None = None):
+        """``cfg``: the experiment whose cells (arms, seeds) are wanted (default: the stored run's);
+        ``source``: who asked for ``qc``, recorded with it as the run's last quant settings (default:
+        the experiment's name)."""
         self.run, self.qc, self.batched, self.write, self.log = run, qc, batched, write, log
         self.cfg = cfg or run.cfg
+        self.source = source or f"experiment {self.cfg.name!r}"
         self.member_batch = member_batch_size(run.cfg.train)
         self.ev = Evaluator(run.data, run.cfg.train.eval_batch_size, self.member_batch)
         self._calib: np.ndarray | None = None
@@ -360,6 +364,8 @@ class QuantStage:
                            else part.iloc[:0])
                     write_cell(level_dir, c, run.run_id, pd.concat([old[COLUMNS], part[COLUMNS]], ignore_index=True))
                 frames.append(part[COLUMNS])
+        if self.write:  # `lth quantize RUN` without --config reuses them
+            write_quant_settings(run.path, self.qc.to_dict(), self.source)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
     def _log_rows(self, level: int, setting: Setting, rows: pd.DataFrame, ft_acc: dict) -> None:
@@ -578,8 +584,9 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
                  **settings) -> pd.DataFrame:
     """Add quant cells to a stored run (``lth quantize``): the stage's code path on a finished run.
 
-    ``config`` (default: the defaults) with ``bits_list``, ``methods`` and ``settings`` (any
-    :class:`~lth.config.QuantConfig` field) replaced. ``levels`` defaults to ``quant.levels`` (its
+    ``config`` (default: the run's last quant settings, :func:`lth.stored.stored_quant_settings`, else
+    the defaults) with ``bits_list``, ``methods`` and ``settings`` (any :class:`~lth.config.QuantConfig`
+    field) replaced. ``levels`` defaults to ``quant.levels`` (its
     default ``"all"``: every complete level). Cells already done are skipped (``recompute`` redoes them). Returns the
     rows computed now; columns :data:`COLUMNS`.
     """
@@ -587,6 +594,9 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
         settings["bits"] = bits_list
     if methods is not None:
         settings["method"] = methods
+    if config is None:
+        last = stored_quant_settings(run_dir)
+        config = QuantConfig.from_dict(last[0], str(Path(run_dir) / QUANT_SETTINGS)) if last else None
     qc = quant_config(config, **settings)
     run = StoredRun.open(run_dir)
     complete = run.complete_levels()
@@ -603,7 +613,7 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
             check_gptq_model(unstack(run.population(levels[0]).params, 0))
         except ValueError as e:
             raise ConfigError(f"{run.path}: {e}") from None
-    stage = QuantStage(run, qc, write=write, batched=batched, log=log)
+    stage = QuantStage(run, qc, write=write, batched=batched, log=log, source="lth quantize")
     if write:
         with run.store.lock():
             return stage.run_levels(levels, recompute=recompute)

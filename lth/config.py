@@ -50,6 +50,17 @@ def _f(default, **kw):
     return field(default=default, metadata=_spec(**kw))
 
 
+# The current version of a pruning criterion's numerics, for each criterion (``name`` or ``name/hessian``)
+# whose numbers changed after runs were stored with them: prune.numerics_version enters the run id of
+# those runs only, and a stored run without it reads as version 1. A fix of another criterion adds its
+# entry here (a later fix of the same one bumps it, and prune.numerics_version's default with it).
+CRITERION_NUMERICS = {"obd/fisher": 2}  # 2: the per-example empirical Fisher (was the batch-mean gradient squared)
+
+
+def _criterion_numerics_key(pc) -> str:
+    return f"{pc.criterion}/{pc.hessian}" if pc.criterion == "obd" else pc.criterion
+
+
 _pos = (lambda v: v > 0, "a number > 0")
 _nonneg = (lambda v: v >= 0, "a number >= 0")
 _frac = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
@@ -279,6 +290,14 @@ class PruneConfig:
                           "gradients; PSD)")
     hessian_samples: int = _f(8, check=lambda v: v >= 1, allowed="an integer >= 1",
                               doc="Hutchinson probes per batch for obd")
+    numerics_version: int = _f(
+        CRITERION_NUMERICS["obd/fisher"], check=lambda v: v in (1, 2), allowed="1 or 2", legacy=1,
+        applies=lambda cfg: _criterion_numerics_key(cfg.prune) in CRITERION_NUMERICS,
+        doc="version of the criterion's numerics, in the run id only for criteria whose numerics changed after "
+            "runs were stored with them (CRITERION_NUMERICS), so such runs are not reused as current. obd with "
+            "hessian = 'fisher': 2 = the per-example empirical Fisher diagonal; 1 = the squared batch-mean "
+            "gradient (about 1/B of it) of runs stored before the fix, which read as 1 (lth trains only the "
+            "current version)")
     schedule: Literal["imp", "oneshot", "gradual"] = _f(
         "imp", doc="imp: iterative with rewinding; oneshot: prune once to target_density and retrain; "
                    "gradual: AGP (Zhu & Gupta 2017) during one training run, no rewinding")
@@ -582,6 +601,16 @@ GROWABLE_TOP = ("seeds", "arms")
 GROWABLE_PRUNE = ("levels",)
 
 
+def check_numerics(cfg: "ExperimentConfig") -> None:
+    """ConfigError when a run would be computed with numerics lth no longer has (``prune.numerics_version``
+    of a stored run written before its criterion's fix: it can be read, not trained further)."""
+    current = CRITERION_NUMERICS.get(_criterion_numerics_key(cfg.prune))
+    if current is not None and cfg.prune.numerics_version != current:
+        raise ConfigError(f"prune.numerics_version = {cfg.prune.numerics_version} is the numerics of "
+                          f"{_criterion_numerics_key(cfg.prune)} in runs stored before its fix; lth computes "
+                          f"only version {current}: remove the setting (a new run id)")
+
+
 def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     """ConfigError unless the quant stage ``qc`` fits the run ``cfg`` (its arms and levels)."""
     _check_stage_members(cfg, "quant", qc.arms, qc.levels, cfg.arms, where)
@@ -655,6 +684,7 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
     if cfg.quant is not None and set(GPTQ_METHODS) & set(cfg.quant.method) and convs:
         raise ConfigError(f"quant.method = gptq: conv layers not supported yet (model {cfg.model.name} has "
                           f"{', '.join(convs)}); use ptq or qat")
+    check_numerics(cfg)
     if cfg.rewind.step > num_steps:
         raise ConfigError(f"rewind.step = {cfg.rewind.step} is past the end of training ({num_steps} steps); "
                           f"expected an integer in [0, {num_steps}]")

@@ -72,6 +72,20 @@ FLOAT_FT = "float_ft"  # QAT's float control: the method of its rows (bits = 32)
 FT_OPTIONS = ("qat_start", "qat_steps", "qat_lr")  # what a float_ft cell depends on besides its member
 
 
+# The version of each quant method's numerics, bumped when a fix changes the numbers one setting gives.
+# A version above 1 enters the cell's key (version 1, the first, is left out, so cells written before
+# versions existed keep their ids): a cell computed with older numerics has another id and is recomputed,
+# not reused, and the new cell replaces it (:func:`stale_cell_ids`). ``qat+lsq``: QAT with learned scales.
+NUMERICS_VERSION = {"ptq": 1, "qat": 1, "gptq": 1, "sparsegpt_gptq": 1, FLOAT_FT: 1,
+                    "qat+lsq": 2}  # 2: LSQ's gradient at the ends of the range (Esser et al. 2020, Eq. 3)
+
+
+def numerics_version(method: str, options: dict) -> int:
+    """The current version of the numerics of ``method`` with ``options`` (:data:`NUMERICS_VERSION`)."""
+    name = "qat+lsq" if method == "qat" and options.get("learned_scale") else method
+    return NUMERICS_VERSION.get(name, 1)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One quantization setting: the quantizer (``spec``), the method and the options it reads.
@@ -86,13 +100,16 @@ class Setting:
     def option(self, name: str):
         return dict(self.options)[name]
 
-    def key(self) -> dict:
+    def key(self, version: int | None = None) -> dict:
+        """What the cell's id hashes; ``version``: of the numerics (default the current one), left out at 1."""
         s = self.spec
+        version = numerics_version(self.method, dict(self.options)) if version is None else version
+        numerics = {"numerics_version": version} if version > 1 else {}
         if s is None:
-            return {"bits": 32, "method": self.method, **dict(self.options)}
+            return {"bits": 32, "method": self.method, **dict(self.options), **numerics}
         return {"bits": s.bits, "scheme": s.scheme_name, "granularity": s.granularity, "calibration": s.calibration,
                 "act_bits": s.act_bits or 0, "act_scheme": s.act_scheme if s.act_bits else "",
-                "percentile": s.percentile, "method": self.method, **dict(self.options)}
+                "percentile": s.percentile, "method": self.method, **dict(self.options), **numerics}
 
     @property
     def label(self) -> str:
@@ -163,6 +180,13 @@ def program_spec(qc: QuantConfig) -> QuantSpec:
 
 def cell_id(run_id: str, level: int, arm: str, setting: Setting) -> str:
     return cell_id_of(run_id, level, arm, setting.key())
+
+
+def stale_cell_ids(run_id: str, level: int, arm: str, setting: Setting) -> list[str]:
+    """The ids the cell of ``setting`` had under older numerics versions of its method (cells the current
+    one replaces: they are never read as current)."""
+    current = numerics_version(setting.method, dict(setting.options))
+    return [cell_id_of(run_id, level, arm, setting.key(v)) for v in range(1, current)]
 
 
 def cell_id_of(run_id: str, level: int, arm: str, key: dict) -> str:
@@ -265,6 +289,9 @@ def write_cell(level_dir: Path, cell: Cell, run_id: str, rows: pd.DataFrame) -> 
     atomic_write_json(qdir / f"{cell.id}.json", {"sha256": hashlib.sha256(data).hexdigest(), "run_id": run_id,
                                                  "level": cell.level, "arm": cell.arm, "setting": cell.setting.key(),
                                                  "seeds": [int(x) for x in rows["seed"]]})
+    for stale in set(stale_cell_ids(run_id, cell.level, cell.arm, cell.setting)) - {cell.id}:  # older numerics
+        (qdir / f"{stale}.json").unlink(missing_ok=True)  # the marker first: a table without one is never read
+        (qdir / f"{stale}.parquet").unlink(missing_ok=True)
 
 
 # ============================================================================ computing cells

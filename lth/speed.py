@@ -551,7 +551,12 @@ def measure_run(run_dir: str | Path, levels: Sequence[int] | None = None, batche
     if unknown:
         raise ConfigError(f"--formats {','.join(unknown)}: unknown format; formats: {', '.join(FORMATS)}")
     store = RunStore(run_dir.parent, run_dir.name)
-    store.finish_swaps()  # a level swap a killed grow left half done
+    with store.lock():  # the stages' lock: nothing is read or written under a grow (RunBusyError: busy)
+        return _measure_levels(run_dir, store, levels, batches, formats, member, log, timing)
+
+
+def _measure_levels(run_dir: Path, store: RunStore, levels, batches, formats, member, log, timing) -> pd.DataFrame:
+    """:func:`measure_run` under the run's lock (which finished any swap a killed grow left)."""
     complete = [int(p.name[6:]) for p in sorted(run_dir.glob("level_[0-9][0-9][0-9]")) if store.is_complete(int(p.name[6:]))]
     levels = complete if levels is None else list(levels)
     missing = [lv for lv in levels if lv not in complete]

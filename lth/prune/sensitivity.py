@@ -28,6 +28,11 @@ def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], mem
         raise ConfigError(f"--densities {list(densities)} is not allowed; expected fractions in (0, 1]")
     run_dir = Path(run_dir)
     run = StoredRun.open(run_dir)
+    with run.store.lock():  # the stages' lock: nothing is read or written under a grow (RunBusyError: busy)
+        return _sensitivity(run, level, densities, member)
+
+
+def _sensitivity(run: StoredRun, level: int, densities: Sequence[float], member: int) -> pd.DataFrame:
     run.check_level(level)
     cfg, store, data, model = run.cfg, run.store, run.data, run.model
     final = load_tree(store.level_dir(level) / "final.msgpack")

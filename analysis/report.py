@@ -13,6 +13,10 @@ from .runs import (experiments, float_ft_rows, float_rows, instability_table, lo
 from .summary import paired_differences, spread_rule, summarize
 from .tables import paired_tables, percent_columns, summary_tables, write_table_files
 
+# arms per panel of a LaTeX paper table: with their stacked spreads, 3 arms fit an article page (4 are 45pt
+# too wide), so a run of more arms gets its table in panels, one under the other
+PANEL_ARMS = 3
+
 
 def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None) -> list[Path]:
     """``<stem>.csv``: the tidy summary (one row per run, arm, level; accuracies as fractions);
@@ -25,11 +29,12 @@ def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFra
         notes = "diverged (training loss non-finite or far above its first value): " + "; ".join(
             f"run {r.run_id} level {r.level} {r.arm}: {r.diverged} of {r.seeds} seeds" for r in bad.itertuples())
     paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary), out, stem, dense_span=True,
-                                                      stack=True, notes=notes)
+                                                      stack=True, notes=notes, panel_columns=PANEL_ARMS)
     if diffs is not None and not diffs.empty:
         diffs.to_csv(out / "paired_differences.csv", index=False)
         paths += [out / "paired_differences.csv"] + write_table_files(paired_tables(diffs, summary), out,
-                                                                      "paired_differences", stack=True)
+                                                                      "paired_differences", stack=True,
+                                                                      panel_columns=PANEL_ARMS)
     return paths
 
 

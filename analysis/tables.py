@@ -46,30 +46,45 @@ def _stacked(text: str) -> str:
 
 
 def latex_table(df: pd.DataFrame, caption: str = "", float_format: str = "%.4g", index: bool = False,
-                dense_span: bool = False, stack: bool = False) -> str:
+                dense_span: bool = False, stack: bool = False, panel_columns: int | None = None) -> str:
     """A booktabs ``tabular`` (inside a ``table`` float with ``caption`` when one is given) of ``df``:
     every header and cell escaped with :func:`latex_escape`, NaN as an empty cell. ``dense_span``: a first
     row whose only non-empty value cell is its first spans all value columns (the dense network, shared
     by every arm). ``stack``: value cells ``a (b)`` print ``(b)`` under ``a``, so a paper table of a few
-    arms fits a page. Needs ``\\usepackage{booktabs}``."""
+    arms fits a page. ``panel_columns``: a table of more value columns is split into panels of at most
+    that many, one under the other in the same float, each with the first column again (a paper table of
+    4+ arms is wider than an article page otherwise; the dense row spans each panel). Needs
+    ``\\usepackage{booktabs}``."""
     if index:
         df = df.reset_index()
     cols = list(df.columns)
-    spec = "l" + "r" * (len(cols) - 1)
-    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(_header(str(c)) for c in cols) + r" \\",
-             r"\midrule"]
-    for i, row in enumerate(df.itertuples(index=False)):
-        texts = [_cell(v, float_format) for v in row]
-        cells = [latex_escape(texts[0])] + [(_stacked if stack else latex_escape)(t) for t in texts[1:]]
-        if dense_span and i == 0 and len(cells) > 2 and not any(texts[2:]):
-            cells = [cells[0], r"\multicolumn{%d}{c}{%s}" % (len(cells) - 1, cells[1])]
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    texts = [[_cell(v, float_format) for v in row] for row in df.itertuples(index=False)]
+    dense = (texts[0][1] if dense_span and texts and len(cols) > 2 and not any(texts[0][2:]) else None)
+    n = panel_columns if panel_columns and len(cols) - 1 > panel_columns else max(len(cols) - 1, 1)
+    lines = []
+    for start in range(1, max(len(cols), 2), n):
+        keep = [0] + list(range(start, min(start + n, len(cols))))
+        if lines:
+            lines.append(r"\par\medskip")
+        lines += _tabular([cols[j] for j in keep], [[t[j] for j in keep] for t in texts], dense, stack)
     if caption:
         lines = [r"\begin{table}[htbp]", r"\centering", r"\small", r"\setlength{\tabcolsep}{3pt}",
                  r"\caption{" + latex_escape(caption) + "}"] + \
             lines + [r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def _tabular(cols: list, texts: list[list[str]], dense: str | None, stack: bool) -> list[str]:
+    """The lines of one booktabs ``tabular`` of the cell ``texts``; ``dense``: the first row's value,
+    spanning every value column."""
+    lines = [r"\begin{tabular}{" + "l" + "r" * (len(cols) - 1) + "}", r"\toprule",
+             " & ".join(_header(str(c)) for c in cols) + r" \\", r"\midrule"]
+    for i, row in enumerate(texts):
+        cells = [latex_escape(row[0])] + [(_stacked if stack else latex_escape)(t) for t in row[1:]]
+        if dense is not None and i == 0:
+            cells = [cells[0], r"\multicolumn{%d}{c}{%s}" % (len(cells) - 1, (_stacked if stack else latex_escape)(dense))]
+        lines.append(" & ".join(cells) + r" \\")
+    return lines + [r"\bottomrule", r"\end{tabular}"]
 
 
 def _header(name: str) -> str:
@@ -90,15 +105,18 @@ def markdown_table(df: pd.DataFrame, caption: str = "", float_format: str = ".4g
 
 
 def write_table_files(tables: list[tuple[str, pd.DataFrame]], out, stem: str, float_format: str = "%.4g",
-                      dense_span: bool = False, stack: bool = False, notes: str = "") -> list:
+                      dense_span: bool = False, stack: bool = False, notes: str = "",
+                      panel_columns: int | None = None) -> list:
     """Write ``(caption, table)`` pairs to ``<out>/<stem>.md`` and ``<out>/<stem>.tex`` (one ``table``
-    float each, escaped); returns the two paths. ``notes``: a closing paragraph of the Markdown file."""
+    float each, escaped; ``panel_columns``: see :func:`latex_table`); returns the two paths. ``notes``: a
+    closing paragraph of the Markdown file."""
     from pathlib import Path
 
     out = Path(out)
     md = "\n".join(markdown_table(t, f"**{c}**" if c else "", float_format.lstrip("%")) for c, t in tables)
     (out / f"{stem}.md").write_text(md + (f"\n{notes}\n" if notes else ""))
-    tex = "\n".join(latex_table(t, c, float_format, dense_span=dense_span, stack=stack) for c, t in tables)
+    tex = "\n".join(latex_table(t, c, float_format, dense_span=dense_span, stack=stack, panel_columns=panel_columns)
+                    for c, t in tables)
     (out / f"{stem}.tex").write_text(tex)
     return [out / f"{stem}.md", out / f"{stem}.tex"]
 

@@ -283,20 +283,40 @@ def test_every_latex_table_of_the_report_compiles(store_root, tmp_path):
     names = {p.stem for p in tables}
     assert {"summary", "paired_differences", "smallest_within_1pp", "speed"} <= names, names
     assert "random\\_prune" in (out / "smallest_within_1pp.tex").read_text()
+    # a run of 6 arms (3 seeds): its summary and paired tables are in panels of PANEL_ARMS arms
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    from analysis.summary import paired_differences
+    runs6 = _six_arm_runs()
+    _write_tables(summarize(runs6), wide, "summary", paired_differences(runs6))
+    assert (wide / "summary.tex").read_text().count("\\par\\medskip") == 3  # 3 tables, 2 panels each
+    tables += [wide / "summary.tex", wide / "paired_differences.tex"]
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex is not installed (Debian: texlive-latex-base texlive-latex-recommended)")
-    for tex in tables:
-        doc = tmp_path / f"doc_{tex.stem}.tex"
+    for k, tex in enumerate(tables):
+        doc = tmp_path / f"doc{k}_{tex.stem}.tex"
         doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
                        f"\\input{{{tex}}}\n\\end{{document}}\n")
         r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{tex.name}:\n{r.stdout[-2000:]}"
-        assert (tmp_path / f"doc_{tex.stem}.pdf").stat().st_size > 1000
-        log = (tmp_path / f"doc_{tex.stem}.log").read_text(errors="replace")
+        assert (tmp_path / f"{doc.stem}.pdf").stat().st_size > 1000
+        log = (tmp_path / f"{doc.stem}.log").read_text(errors="replace")
         assert "Missing character" not in log, tex.name
         if tex.stem in ("smallest_within_1pp", "paired_differences", "summary"):  # they fit an article page
-            assert "Overfull \\hbox" not in log, (tex.name, log[log.find("Overfull"):][:200])
+            assert "Overfull \\hbox" not in log, (tex, log[log.find("Overfull"):][:200])
+
+
+def _six_arm_runs() -> pd.DataFrame:
+    """A load_runs-like table of one run with 6 arms, 3 seeds and 4 levels (wide spreads: long cells)."""
+    arms = ["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip"]
+    rows = [dict(run_id="abcdef123456", experiment="synthetic_experiment", level=lv, arm=a, seed=s,
+                 density=0.8 ** lv, step=step, split=split, method="float",
+                 accuracy=0.9 - 0.01 * s - 0.0123 * lv - (0.1 if step == 10000 else 0)
+                 + (0.2 if s % 2 and step == 10000 and split == "val" else 0), loss=0.5)
+            for lv in range(4) for a in (["ticket"] if lv == 0 else arms) for s in range(3)
+            for step in (10000, 20000) for split in ("val", "test")]
+    return pd.DataFrame(rows)
 
 
 def test_a_sweep_keeps_its_runs_apart_with_the_swept_key_as_a_column(store_root, tmp_path):

@@ -6,8 +6,9 @@ the stored run. Stores written before stay readable under their old names (``lth
 ``analysis.load_runs``, :class:`lth.stored.StoredRun` accept either scheme), but a rerun looks for the
 new id: migrating moves each legacy run folder to its new id and rewrites the run id where it is
 recorded (``hparams.json``, the ``run_id`` column of each level's metrics and the level's COMPLETE
-checksums, each quant cell, whose id hashes the run id, and the tables later commands added to a
-level, e.g. ``speed.parquet``). Nothing else changes (every other file of a level is carried
+checksums, each quant cell and each linear-mode-connectivity result (``[stability]``'s
+``level_NNN/stability/``, ``lth stability``'s ``stability_rewind/``), whose keys hash the run id, and the
+tables later commands added to a level, e.g. ``speed.parquet``). Nothing else changes (every other file of a level is carried
 across); old weights stay bit for bit. A run whose new id's folder already exists (a run of the same
 settings with other seeds, arms or levels) is refused, naming both folders, before anything is changed.
 """
@@ -24,6 +25,7 @@ import pandas as pd
 
 from .config import ConfigError, stored_run_id
 from .quant.stage import QUANT_DIR, cell_id_of
+from .lottery.stability import REWIND_DIR, STABILITY_DIR, result_key, result_problem, write_result
 from .store import (COMPLETE, RunStore, StoreError, atomic_write_bytes, atomic_write_json, check_hparams,
                     marked_file_problem, parquet_bytes, read_hparams, read_json, read_sums)
 
@@ -89,6 +91,8 @@ def migrate_run(move: Move) -> None:
         for d in sorted(move.old.glob("level_[0-9][0-9][0-9]")):
             level = int(d.name[len("level_"):])
             _migrate_cells(d, level, new_id)
+            _migrate_stability(d / STABILITY_DIR, level, old_id, new_id)
+            _migrate_stability(move.old / REWIND_DIR / d.name, level, old_id, new_id, rewind=True)
             if store.level_problem(level) is not None:
                 continue  # incomplete: a rerun recomputes it anyway
             sums = read_sums(d / COMPLETE)
@@ -142,3 +146,24 @@ def _migrate_cells(level_dir: Path, level: int, new_id: str) -> None:
         meta_path.unlink()
         table.unlink()
 
+
+
+def _migrate_stability(folder: Path, level: int, old_id: str, new_id: str, rewind: bool = False) -> None:
+    """Re-key the path results in ``folder`` (their key hashes the run id, :func:`lth.lottery.stability.result_key`)
+    and rewrite the run id in their rows, so the stages find them under the new id instead of recomputing.
+    The key is rebuilt from a table's own rows (level, pairs, points, bn_batches, rewind step); a table
+    whose rows do not give back its old key, or that is damaged, is left as it is (a rerun recomputes it)."""
+    for meta_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if result_problem(folder, meta_path.stem) is not None:
+            continue
+        df = pd.read_parquet(meta_path.with_suffix(".parquet"))
+        if df.empty or not {"run_id", "arm", "seed", "points", "bn_batches", "rewind_step"} <= set(df.columns):
+            continue
+        pairs = sorted({(str(a), int(s)) for a, s in zip(df["arm"], df["seed"])})
+        keys = [result_key(rid, level, int(df["points"].iloc[0]), int(df["bn_batches"].iloc[0]), pairs,
+                           int(df["rewind_step"].iloc[0]) if rewind else None) for rid in (old_id, new_id)]
+        if meta_path.stem != keys[0]:
+            continue  # already under the new id (a rerun of a killed migrate), or not a key we can rebuild
+        write_result(folder, keys[1], df.assign(run_id=new_id))  # the table, then its marker
+        meta_path.unlink()
+        meta_path.with_suffix(".parquet").unlink()

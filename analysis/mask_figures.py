@@ -77,24 +77,39 @@ def overlap_vs_density(ticket: pd.DataFrame, seeds: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def earlybird_distance(eb: pd.DataFrame, threshold: float = 0.1) -> plt.Figure:
+def earlybird_distance(eb: pd.DataFrame, threshold: float = 0.1, labels: dict | None = None) -> plt.Figure:
     """Normalized Hamming distance between the level-1 masks of successive epochs of the dense run
-    (You et al. 2020), all prunable weights (solid, mean over seeds) and per layer (thin)."""
+    (You et al. 2020), all prunable weights (solid, mean over seeds) and per layer (thin). One panel per
+    run (runs are never drawn in one axes), titled by ``labels`` (run_id -> the settings that differ,
+    :func:`analysis.runs.run_labels`; default: the run id) when there are several."""
+    runs = sorted(eb["run_id"].unique())
+    labels = labels or {}
+    cols = min(len(runs), 3)
+    rows = -(-len(runs) // cols)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
-        for run_id, r in eb.groupby("run_id", sort=True):
-            tag = f" ({run_id})" if eb["run_id"].nunique() > 1 else ""
-            for layer, g in r.groupby("layer", sort=True):
+        fig, axes = plt.subplots(rows, cols, figsize=(5, 3.4) if len(runs) == 1 else (3.4 * cols + 0.4, 2.9 * rows),
+                                 constrained_layout=True, squeeze=False, sharey=True)
+        for ax in axes.flat[len(runs):]:
+            ax.set_visible(False)
+        for ax, run_id in zip(axes.flat, runs):
+            for layer, g in eb[eb["run_id"] == run_id].groupby("layer", sort=True):
                 m = g.groupby("epoch")["distance"].mean()
                 if layer == ALL:
                     ax.plot(m.index, m.to_numpy(), marker="o", markersize=3, linewidth=2, color=arm_color("dense"),
-                            label=f"all layers{tag}")
+                            label="all layers")
                 else:
-                    ax.plot(m.index, m.to_numpy(), linewidth=0.8, alpha=0.7, label=f"{layer}{tag}")
-        ax.axhline(threshold, color=GREY, linestyle=":", label=f"{threshold} (You et al.)")
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch of the dense run")
-        ax.set_ylabel("mask distance to previous epoch")
-        ax.set_title("early-bird: level-1 mask distance between epochs")
-        ax.legend(fontsize=7)
+                    ax.plot(m.index, m.to_numpy(), linewidth=0.8, alpha=0.7, label=layer)
+            ax.axhline(threshold, color=GREY, linestyle=":", label=f"{threshold} (You et al.)")
+            ax.set_yscale("log")
+            ax.set_xlabel("epoch of the dense run")
+            if len(runs) > 1:
+                ax.set_title(labels.get(run_id, str(run_id)), fontsize=8)
+            ax.legend(fontsize=6 if len(runs) > 1 else 7)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("mask distance to previous epoch")
+        title = "early-bird: level-1 mask distance between epochs"
+        if len(runs) == 1:
+            axes[0, 0].set_title(title)
+        else:
+            fig.suptitle(title, fontsize=10)
     return fig

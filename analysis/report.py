@@ -64,8 +64,9 @@ def _write_speed(t: pd.DataFrame, out: Path) -> None:
     write_table_files([("", t)], out, "speed")
 
 
-def _mask_plans(root, out: Path, run_ids=None) -> list:
-    """Write the mask-analysis tables; the figures they support as (stem, make, caption) plans."""
+def _mask_plans(root, out: Path, run_ids=None, labels: dict | None = None) -> list:
+    """Write the mask-analysis tables; the figures they support as (stem, make, caption) plans. ``labels``:
+    run_id -> the settings that tell the runs apart (:func:`analysis.runs.run_labels`)."""
     from . import mask_figures as mf
     from .masks import ALL, mask_analysis
 
@@ -102,9 +103,10 @@ def _mask_plans(root, out: Path, run_ids=None) -> list:
                               f"Run {run_id}: seed x seed Jaccard of the ticket masks at several levels."))
     if not eb.empty:
         eb.to_csv(out / "earlybird.csv", index=False)
-        plans.append(("earlybird_distance", lambda: mf.earlybird_distance(eb),
+        several = " One panel per run, titled by the settings that differ." if eb["run_id"].nunique() > 1 else ""
+        plans.append(("earlybird_distance", lambda: mf.earlybird_distance(eb, labels=labels),
                       "Early-bird detection (You et al. 2020): normalized Hamming distance between the level-1 "
-                      "magnitude masks of successive epochs of the dense run (mean over seeds; thin: per layer)."))
+                      f"magnitude masks of successive epochs of the dense run (mean over seeds; thin: per layer).{several}"))
     return plans
 
 
@@ -247,7 +249,7 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
                       f"Pruning at initialization (SNIP, GraSP, SynFlow at the ticket's per-layer counts, from the "
                       f"ticket's start weights; dashed: their masks shuffled within each layer) beside the ticket "
                       f"and random pruning: final test accuracy vs weights remaining (mean, {spread_rule(n_seeds)})."))
-    plans += _mask_plans(root, out, run_ids)
+    plans += _mask_plans(root, out, run_ids, labels)
     sparsity = load_sparsity(root)
     sparsity = sparsity[sparsity["run_id"].isin(set(run_ids))] if not sparsity.empty else sparsity
     if not sparsity.empty and sparsity["level"].nunique() > 1:

@@ -326,6 +326,7 @@ def instability_table(stability: pd.DataFrame) -> pd.DataFrame:
 # by them), where its logs go, and its own id
 _NOT_SWEPT = {"seeds", "arms", "prune.levels", "run_id", "name"}
 _NOT_SWEPT_PREFIX = ("log.",)
+_MEMBER_KEYS = {"seeds", "arms", "prune.levels"}  # how many members a run holds
 # the settings that make two runs different experiments (another task or architecture, not a sweep point
 # of one experiment: a sweep over train.lr, prune.rate, model.width or data.train_size stays one experiment)
 EXPERIMENT_KEYS = ("data.name", "data.path", "model.name", "model.widths")
@@ -361,13 +362,15 @@ def _settings_of(df: pd.DataFrame) -> pd.DataFrame:
     return df[cols].drop_duplicates("run_id").set_index("run_id")
 
 
-def swept_keys(df: pd.DataFrame) -> list[str]:
+def swept_keys(df: pd.DataFrame, members: bool = False) -> list[str]:
     """The dotted settings whose value differs between the runs of ``df`` (a :func:`run_table` or a
-    :func:`load_runs` table), in column order; members of runs are told apart by these keys."""
+    :func:`load_runs` table), in column order; members of runs are told apart by these keys. ``members``:
+    also the dotted settings that say how many members a run holds (``prune.levels``), which label no
+    result but say what a run's rows cover (:func:`analysis.summary.summarize` carries them)."""
     s = _settings_of(df)
     keys = []
     for c in s.columns:
-        if c in _NOT_SWEPT or c.startswith(_NOT_SWEPT_PREFIX):
+        if (c in _NOT_SWEPT and not (members and c in _MEMBER_KEYS)) or c.startswith(_NOT_SWEPT_PREFIX):
             continue
         if s[c].map(repr).nunique() > 1:  # repr: NaN, tuples and None compare by value
             keys.append(c)

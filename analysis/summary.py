@@ -78,11 +78,12 @@ def _check_select(select: str) -> None:
 
 def swept_keys(df: pd.DataFrame) -> list[str]:
     """The flattened hparams (dotted names, e.g. ``prune.rate``) whose values differ between the runs of
-    ``df``: the keys a sweep varied, which tell its runs apart in a table."""
-    if "run_id" not in df or df["run_id"].nunique() < 2:
-        return []
-    runs = df.drop_duplicates("run_id")
-    return [c for c in runs.columns if "." in c and runs[c].astype(str).nunique() > 1]
+    ``df``: the keys a sweep varied, which tell its runs apart in a table (:func:`analysis.runs.swept_keys`),
+    and ``prune.levels`` where it differs (how many levels each run's rows cover; the seeds and arms of
+    a run are :func:`summarize`'s own ``seeds`` column and its rows)."""
+    from .runs import swept_keys as runs_swept_keys
+
+    return runs_swept_keys(df, members=True) if "run_id" in df else []
 
 
 def per_seed(df: pd.DataFrame, select: str = "accuracy", split: str = "test") -> pd.DataFrame:

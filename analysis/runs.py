@@ -224,8 +224,20 @@ def load_sparsity(root: str | Path) -> pd.DataFrame:
 def _intact_cells(level_dir: Path, say=None) -> list[Path]:
     """The quant cells of a level whose table matches the checksum in its marker (``<cell>.json``,
     written after the table by the quant stage); a damaged or half-written cell is left out, and
-    ``say`` hears of it."""
-    return _intact_results(level_dir / "quant", "quant cell", say)
+    ``say`` hears of it. A cell computed with older numerics than its method's current ones (a fix since:
+    :func:`lth.config.stale_numerics`) is left out too: the quant stage or `lth quantize` recomputes it."""
+    from lth.config import stale_numerics
+    from lth.store import read_json
+
+    out = []
+    for path in _intact_results(level_dir / "quant", "quant cell", say):
+        meta = read_json(path.with_suffix(".json"))
+        why = stale_numerics(meta.get("setting")) if isinstance(meta, dict) else None
+        if why is None:
+            out.append(path)
+        elif say is not None:
+            say(f"skipped a quant cell {why}: {path} (a rerun of the quant stage or `lth quantize` recomputes it)")
+    return out
 
 
 def _intact_results(folder: Path, what: str, say=None) -> list[Path]:

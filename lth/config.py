@@ -57,6 +57,29 @@ def _f(default, **kw):
 CRITERION_NUMERICS = {"obd/fisher": 2}  # 2: the per-example empirical Fisher (was the batch-mean gradient squared)
 
 
+# The version of each quant method's numerics where a fix changed the numbers one setting gives (every other
+# method: 1); lth.quant.stage keys its cells by it, so cells computed before a fix are recomputed, and the
+# readers of the store skip them. ``qat+lsq``: QAT with learned scales.
+QUANT_NUMERICS = {"qat+lsq": 2}  # 2: LSQ's gradient at the ends of the range (Esser et al. 2020, Eq. 3)
+
+
+def quant_numerics_version(method: str, options: dict) -> int:
+    """The current version of the numerics of quant ``method`` with ``options`` (a cell's setting)."""
+    name = "qat+lsq" if method == "qat" and options.get("learned_scale") else method
+    return QUANT_NUMERICS.get(name, 1)
+
+
+def stale_numerics(setting: Any) -> str | None:
+    """Why a stored quant cell (its marker's ``setting``) was computed with older numerics than its method's
+    current ones, or None when it is current (or records no setting)."""
+    if not isinstance(setting, dict):
+        return None
+    have, want = setting.get("numerics_version", 1), quant_numerics_version(str(setting.get("method")), setting)
+    if isinstance(have, int) and have < want:
+        return f"computed with {setting.get('method')} numerics version {have}, now {want}"
+    return None
+
+
 def _criterion_numerics_key(pc) -> str:
     return f"{pc.criterion}/{pc.hessian}" if pc.criterion == "obd" else pc.criterion
 

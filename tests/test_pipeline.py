@@ -136,6 +136,7 @@ def test_pruned_weights_stay_zero_through_the_stage(reference):
 
     run = StoredRun.open(reference / _cfg().run_id)
     masks = run.population(1).masks
+    assert all((~masks[layer]["kernel"][0]).any() for layer in ("dense_0", "dense_1", "output"))  # pruned ones
     for method in ("ptq", "qat"):
         qt, _ = quantize_member(run, 1, QuantSpec(2, act_bits=8), method=method, qc=_cfg().quant)
         for layer in ("dense_0", "dense_1", "output"):
@@ -196,6 +197,7 @@ def test_no_import_circle_in_lth():
 
     for m in graph:
         graph[m] |= {p for d in list(graph[m]) for p in parents(d) if p != m and not m.startswith(p + ".")}
+    assert {"lth.config", "lth.store", "lth.stored", "lth.prune"} <= graph["lth.quant.stage"]  # the graph sees imports
     state, stack = {}, []
 
     def visit(m):

@@ -38,7 +38,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from ..config import GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_quant
+from ..config import (GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_quant, quant_numerics_version,
+                      stale_numerics)
 from ..lottery.arms import reinit_weights
 from ..models import structure_of
 from ..prune.masks import density, prunable
@@ -72,18 +73,11 @@ FLOAT_FT = "float_ft"  # QAT's float control: the method of its rows (bits = 32)
 FT_OPTIONS = ("qat_start", "qat_steps", "qat_lr")  # what a float_ft cell depends on besides its member
 
 
-# The version of each quant method's numerics, bumped when a fix changes the numbers one setting gives.
-# A version above 1 enters the cell's key (version 1, the first, is left out, so cells written before
-# versions existed keep their ids): a cell computed with older numerics has another id and is recomputed,
-# not reused, and the new cell replaces it (:func:`stale_cell_ids`). ``qat+lsq``: QAT with learned scales.
-NUMERICS_VERSION = {"ptq": 1, "qat": 1, "gptq": 1, "sparsegpt_gptq": 1, FLOAT_FT: 1,
-                    "qat+lsq": 2}  # 2: LSQ's gradient at the ends of the range (Esser et al. 2020, Eq. 3)
-
-
-def numerics_version(method: str, options: dict) -> int:
-    """The current version of the numerics of ``method`` with ``options`` (:data:`NUMERICS_VERSION`)."""
-    name = "qat+lsq" if method == "qat" and options.get("learned_scale") else method
-    return NUMERICS_VERSION.get(name, 1)
+# The version of each quant method's numerics (lth.config.QUANT_NUMERICS): a version above 1 enters the
+# cell's key (version 1, the first, is left out, so cells written before versions existed keep their ids):
+# a cell computed with older numerics has another id and is recomputed, not reused, and the new cell
+# replaces it (:func:`stale_cell_ids`); the readers skip it meanwhile (analysis.load_quant).
+numerics_version = quant_numerics_version
 
 
 @dataclass(frozen=True)
@@ -268,12 +262,13 @@ def pending(cfg: ExperimentConfig, run_dir: str | Path, qc: QuantConfig | None =
 
 
 def read_cells(level_dir: Path) -> pd.DataFrame:
-    """Every intact cell of a level folder, as one table (a damaged cell is left out)."""
+    """Every intact cell of a level folder, as one table (a damaged cell is left out, and one computed with
+    older numerics than its method's current ones: :func:`lth.config.stale_numerics`)."""
     frames = []
     level_dir = Path(level_dir)
     qdir = level_dir / QUANT_DIR
     for meta in sorted(qdir.glob("*.json")) if qdir.is_dir() else []:
-        if cell_problem(level_dir, meta.stem) is None:
+        if cell_problem(level_dir, meta.stem) is None and not stale_numerics(read_json(meta).get("setting")):
             frames.append(pd.read_parquet(qdir / f"{meta.stem}.parquet"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 

@@ -74,6 +74,8 @@ def test_pruned_weights_are_zero_in_every_stored_final(finished):
     for level in range(4):
         masks = leaves(load_tree(store.level_dir(level) / "masks.msgpack"))
         final = leaves(load_tree(store.level_dir(level) / "final.msgpack")["params"])
+        assert len(masks) == len(final) > 0
+        assert level == 0 or sum(int((~m).sum()) for m in masks) > 0  # something pruned to check
         for m, p in zip(masks, final):
             assert np.all(p[~m] == 0.0)
 

@@ -84,8 +84,10 @@ def test_integer_weights_keep_the_mask(mlp):
     model, params, x = mlp
     qt = ptq(model, params, {}, QuantSpec(4, "asym", "channel", "minmax", act_bits=8), x[:256])
     im = from_quantized(model, qt, (20,), 10)
+    assert set(im.layers) == set(params)
     for name, layer in im.layers.items():
         pruned = np.asarray(params[name]["kernel"]) == 0
+        assert pruned.any(), name
         zp = np.broadcast_to(layer.zero_point, layer.q.shape)
         assert np.all(layer.q[pruned] == zp[pruned])  # real zero is the zero point
 

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from analysis.runs import load_quant
 from lth.config import ConfigError, ExperimentConfig, check_numerics, legacy_filled, stored_run_id
 from lth.quant import quantize_run
 from lth.quant.stage import QUANT_DIR, cell_id_of, cells, pending, quant_config, read_cells
@@ -41,6 +42,11 @@ def test_an_lsq_cell_computed_before_the_fix_is_recomputed_and_replaced_not_reus
         (qdir / f"{qat.id}{suffix}").unlink()
 
     assert [c.id for c in pending(cfg, run_dir, qc, [1])] == [qat.id]  # the stale cell is not reused
+    assert set(read_cells(run_dir / "level_001")["method"]) == {"ptq", "float_ft"}  # nor read as current
+    said = []
+    q = load_quant(tmp_path, say=said.append)
+    assert set(q.loc[q["level"] == 1, "method"]) == {"ptq", "float_ft"}
+    assert any("computed with qat numerics version 1, now 2" in s and old_id in s for s in said), said
     again = quantize_run(run_dir, [1], (4,), ("qat", "ptq"), **kw)
     assert list(again["method"]) == ["qat"] and (again["accuracy"] >= 0).all()
     assert not (qdir / f"{old_id}.json").exists() and not (qdir / f"{old_id}.parquet").exists()

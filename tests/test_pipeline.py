@@ -83,6 +83,13 @@ def test_every_arm_and_seed_of_the_chosen_levels_is_quantized(reference):
 
 
 @pytest.mark.slow
+def test_the_experiments_quant_settings_are_recorded_with_the_run_for_lth_quantize(reference):
+    from lth.config import QuantConfig
+    from lth.stored import stored_quant_settings
+    settings, source = stored_quant_settings(reference / _cfg().run_id)
+    assert QuantConfig.from_dict(settings) == _cfg().quant and source == f"experiment {_cfg().name!r}"
+
+
 def test_changing_only_quant_settings_trains_nothing_and_computes_only_new_cells(reference, tmp_path):
     import shutil
     out = tmp_path / "store"

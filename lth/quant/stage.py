@@ -73,13 +73,6 @@ FLOAT_FT = "float_ft"  # QAT's float control: the method of its rows (bits = 32)
 FT_OPTIONS = ("qat_start", "qat_steps", "qat_lr")  # what a float_ft cell depends on besides its member
 
 
-# The version of each quant method's numerics (lth.config.QUANT_NUMERICS): a version above 1 enters the
-# cell's key (version 1, the first, is left out, so cells written before versions existed keep their ids):
-# a cell computed with older numerics has another id and is recomputed, not reused, and the new cell
-# replaces it (:func:`stale_cell_ids`); the readers skip it meanwhile (analysis.load_quant).
-numerics_version = quant_numerics_version
-
-
 @dataclass(frozen=True)
 class Setting:
     """One quantization setting: the quantizer (``spec``), the method and the options it reads.
@@ -95,9 +88,11 @@ class Setting:
         return dict(self.options)[name]
 
     def key(self, version: int | None = None) -> dict:
-        """What the cell's id hashes; ``version``: of the numerics (default the current one), left out at 1."""
+        """What the cell's id hashes. ``version``: of the method's numerics (default: the current one,
+        :data:`lth.config.QUANT_NUMERICS`), left out at 1, so cells written before versions existed keep
+        their ids; a cell computed with older numerics has another id and is recomputed, not reused."""
         s = self.spec
-        version = numerics_version(self.method, dict(self.options)) if version is None else version
+        version = quant_numerics_version(self.method, dict(self.options)) if version is None else version
         numerics = {"numerics_version": version} if version > 1 else {}
         if s is None:
             return {"bits": 32, "method": self.method, **dict(self.options), **numerics}
@@ -179,7 +174,7 @@ def cell_id(run_id: str, level: int, arm: str, setting: Setting) -> str:
 def stale_cell_ids(run_id: str, level: int, arm: str, setting: Setting) -> list[str]:
     """The ids the cell of ``setting`` had under older numerics versions of its method (cells the current
     one replaces: they are never read as current)."""
-    current = numerics_version(setting.method, dict(setting.options))
+    current = quant_numerics_version(setting.method, dict(setting.options))
     return [cell_id_of(run_id, level, arm, setting.key(v)) for v in range(1, current)]
 
 

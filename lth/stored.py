@@ -22,8 +22,8 @@ from .store import (RunStore, StoreError, atomic_write_json, check_fingerprint, 
 
 PyTree = Any
 
-# the [quant] settings that last wrote quant cells into the run: not part of the run id (so not in
-# hparams.json), kept beside it so that `lth quantize RUN` without --config reuses them
+# the [quant] settings of the experiment that last wrote quant cells into the run: not part of the run id
+# (so not in hparams.json), kept beside it so that `lth quantize RUN` without --config starts from them
 QUANT_SETTINGS = "quant_settings.json"
 
 
@@ -41,13 +41,13 @@ def run_config(run_dir: str | Path) -> tuple[ExperimentConfig, dict]:
 
 
 def write_quant_settings(run_dir: str | Path, quant: dict, source: str) -> None:
-    """Record ``quant`` (a :meth:`lth.config.QuantConfig.to_dict`) as the run's last quant settings;
-    ``source`` says who used them (an experiment's name, ``lth quantize``)."""
+    """Record ``quant`` (a :meth:`lth.config.QuantConfig.to_dict`) as the run's quant settings; ``source``
+    says whose they are (``experiment 'NAME'``)."""
     atomic_write_json(Path(run_dir) / QUANT_SETTINGS, {"quant": quant, "source": source})
 
 
 def stored_quant_settings(run_dir: str | Path) -> tuple[dict, str] | None:
-    """(the run's last quant settings as a ``[quant]`` table, who used them), or None when the run records
+    """(the run's recorded quant settings as a ``[quant]`` table, whose they are), or None when the run records
     none (written before the record existed, or never quantized); StoreError naming the file when it is
     damaged."""
     path = Path(run_dir) / QUANT_SETTINGS

@@ -79,14 +79,15 @@ def add_quantize(sub) -> None:
                     "is one cell, stored in OUT/<run_id>/level_NNN/quant/ (one row per seed: accuracy, "
                     "float_accuracy, size_bytes, compression vs fp32 dense, ...); cells already done are "
                     "skipped. Settings: the defaults, then --config's [quant] table (without --config: the "
-                    "run's last quant settings, recorded in OUT/<run_id>/quant_settings.json by the quant "
-                    "stage that last wrote cells), then --set quant.KEY=VALUE, then the options below. "
+                    "[quant] settings of the experiment that last ran the run's quant stage, recorded in "
+                    "OUT/<run_id>/quant_settings.json), then --set quant.KEY=VALUE, then the options below. "
                     "Prints the new rows.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id> written by `lth lottery`")
     add_code_arg(p)
     p.add_argument("--config", default=None, metavar="TOML",
-                   help="read the settings from the [quant] table of this TOML file (default: the run's "
-                        "last quant settings); options given here override it")
+                   help="read the settings from the [quant] table of this TOML file (default: the [quant] "
+                        "settings the run records, of the experiment that last ran its quant stage); options "
+                        "given here override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="quant.KEY=VALUE",
                    help="override one quant setting, e.g. --set quant.bits=[8,4] (TOML values); repeatable")
     p.add_argument("--arms", type=_csv(str), default=None,
@@ -159,7 +160,7 @@ def _settings(args) -> dict:
 
 def _quant_base(args):
     """The quant settings before the options: the defaults, then --config's [quant] (without --config: the
-    run's last quant settings, when it records them), then --set quant.*. Says on stderr which it used."""
+    [quant] settings the run records, when it does), then --set quant.*. Says on stderr which it used."""
     from ..config import ConfigError, QuantConfig, apply_overrides, load_raw
     from ..stored import QUANT_SETTINGS, stored_quant_settings
 
@@ -173,8 +174,8 @@ def _quant_base(args):
         last = stored_quant_settings(args.run_dir)
         if last is not None:
             raw["quant"].update(last[0])
-            _log(f"quant settings: the run's last ones ({last[1]}; {Path(args.run_dir) / QUANT_SETTINGS}), "
-                 "then the options")
+            _log(f"quant settings: the [quant] table of {last[1]}, recorded with the run "
+                 f"({Path(args.run_dir) / QUANT_SETTINGS}), then the options")
         else:
             _log("quant settings: the defaults (the run records no quant settings), then the options")
     bad = [o for o in args.overrides if not o.strip().startswith("quant.")]

@@ -291,13 +291,13 @@ class QuantStage:
 
     def __init__(self, run: StoredRun, qc: QuantConfig, *, batched: bool = True, write: bool = True,
                  log: Callable[[str], None] | None = None, cfg: ExperimentConfig | None = None,
-                 source: str | None = None):
+                 record: bool = True):
         """``cfg``: the experiment whose cells (arms, seeds) are wanted (default: the stored run's);
-        ``source``: who asked for ``qc``, recorded with it as the run's last quant settings (default:
-        the experiment's name)."""
+        ``record``: ``qc`` is an experiment's ``[quant]`` table, recorded as the run's quant settings
+        when cells are written (``lth quantize RUN`` starts from them); ``lth quantize`` records nothing."""
         self.run, self.qc, self.batched, self.write, self.log = run, qc, batched, write, log
         self.cfg = cfg or run.cfg
-        self.source = source or f"experiment {self.cfg.name!r}"
+        self.record = record
         self.member_batch = member_batch_size(run.cfg.train)
         self.ev = Evaluator(run.data, run.cfg.train.eval_batch_size, self.member_batch)
         self._calib: np.ndarray | None = None
@@ -381,8 +381,8 @@ class QuantStage:
                            else part.iloc[:0])
                     write_cell(level_dir, c, run.run_id, pd.concat([old[COLUMNS], part[COLUMNS]], ignore_index=True))
                 frames.append(part[COLUMNS])
-        if self.write:  # `lth quantize RUN` without --config reuses them
-            write_quant_settings(run.path, self.qc.to_dict(), self.source)
+        if self.write and self.record:  # `lth quantize RUN` without --config starts from them
+            write_quant_settings(run.path, self.qc.to_dict(), f"experiment {self.cfg.name!r}")
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
     def _log_rows(self, level: int, setting: Setting, rows: pd.DataFrame, ft_acc: dict) -> None:
@@ -601,8 +601,8 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
                  **settings) -> pd.DataFrame:
     """Add quant cells to a stored run (``lth quantize``): the stage's code path on a finished run.
 
-    ``config`` (default: the run's last quant settings, :func:`lth.stored.stored_quant_settings`, else
-    the defaults) with ``bits_list``, ``methods`` and ``settings`` (any :class:`~lth.config.QuantConfig`
+    ``config`` (default: the ``[quant]`` settings of the experiment that last ran the run's quant stage,
+    :func:`lth.stored.stored_quant_settings`, else the defaults) with ``bits_list``, ``methods`` and ``settings`` (any :class:`~lth.config.QuantConfig`
     field) replaced. ``levels`` defaults to ``quant.levels`` (its
     default ``"all"``: every complete level). Cells already done are skipped (``recompute`` redoes them). Returns the
     rows computed now; columns :data:`COLUMNS`.
@@ -630,7 +630,7 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
             check_gptq_model(unstack(run.population(levels[0]).params, 0))
         except ValueError as e:
             raise ConfigError(f"{run.path}: {e}") from None
-    stage = QuantStage(run, qc, write=write, batched=batched, log=log, source="lth quantize")
+    stage = QuantStage(run, qc, write=write, batched=batched, log=log, record=False)
     if write:
         with run.store.lock():
             return stage.run_levels(levels, recompute=recompute)

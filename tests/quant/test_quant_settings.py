@@ -1,4 +1,4 @@
-"""The run's last quant settings: recorded by the quant stage, reused by `lth quantize RUN` without --config."""
+"""The experiment's quant settings: recorded by its quant stage, reused by `lth quantize RUN` without --config."""
 
 import json
 
@@ -23,13 +23,13 @@ def test_quantize_without_config_reuses_the_settings_the_experiments_stage_used(
 
     assert main(["quantize", str(run_dir), "--no-write", "--recompute"]) == 0
     out, err = capsys.readouterr()
-    assert "quant settings: the run's last ones (experiment 'tinyq'" in err
+    assert "quant settings: the [quant] table of experiment 'tinyq', recorded with the run" in err
     assert "1 rows" in out  # bits 4, the ticket, level 1 only (the defaults: bits 8,4,2 and every arm and level)
 
     # --set and the options apply on top of them
     assert main(["quantize", str(run_dir), "--no-write", "--set", "quant.bits=[8, 2]"]) == 0
     out, err = capsys.readouterr()
-    assert "2 rows" in out and "last ones" in err
+    assert "2 rows" in out and "recorded with the run" in err
 
     # --config still wins
     toml = tmp_path / "exp.toml"
@@ -38,6 +38,9 @@ def test_quantize_without_config_reuses_the_settings_the_experiments_stage_used(
     out, err = capsys.readouterr()
     assert f"the [quant] table of {toml}" in err
     assert "1 rows" in out and "reinit" in out and "ticket" not in out
+    # lth quantize's own settings are not recorded: the experiment's stay what a plain call starts from
+    assert main(["quantize", str(run_dir), "--config", str(toml)]) == 0
+    assert json.loads((run_dir / QUANT_SETTINGS).read_text()) == rec
 
 
 def test_a_run_without_recorded_settings_says_it_uses_the_defaults_and_a_damaged_record_is_named(tmp_path, capsys):

@@ -40,14 +40,17 @@ def run_sensitivity(args) -> int:
         return error(f"--out {out} exists and is a file; choose a folder")
     if out.is_dir():
         check_writable(out)
-    table = sensitivity(args.run_dir, args.level, densities)
-    out.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-    from analysis.figures import sensitivity_curves
-    fig = sensitivity_curves(table)
-    for ext in ("pdf", "png"):
-        fig.savefig(out / f"sensitivity.{ext}", dpi=200)
-    plt.close(fig)
+
+    def figure(table) -> None:  # under the run's lock: the level folder is not swapped by a grow meanwhile
+        import matplotlib.pyplot as plt
+        from analysis.figures import sensitivity_curves
+        out.mkdir(parents=True, exist_ok=True)
+        fig = sensitivity_curves(table)
+        for ext in ("pdf", "png"):
+            fig.savefig(out / f"sensitivity.{ext}", dpi=200)
+        plt.close(fig)
+
+    table = sensitivity(args.run_dir, args.level, densities, then=figure)
     test = table[table["split"] == "test"].pivot(index="layer", columns="density", values="accuracy")
     print(test.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"table: {Path(args.run_dir) / f'level_{args.level:03d}' / 'sensitivity.parquet'}; "

@@ -8,7 +8,7 @@ drop of each layer under a tolerance (usable as ``prune.rates``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -22,14 +22,20 @@ from ..store import atomic_write_bytes, load_tree, parquet_bytes
 from ..stored import StoredRun
 from ..train import apply_mask, chunk_split, make_eval_fn, stack, unstack
 
-def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0) -> pd.DataFrame:
-    """Tidy table: layer, density, split, accuracy, loss, drop (vs the unpruned level-L network)."""
+def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0,
+                then: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
+    """Tidy table: layer, density, split, accuracy, loss, drop (vs the unpruned level-L network), written to
+    ``level_L/sensitivity.parquet`` under the run's lock; ``then(table)`` runs under it too (the CLI writes
+    its figure into the level folder there)."""
     if not all(0 < d <= 1 for d in densities):
         raise ConfigError(f"--densities {list(densities)} is not allowed; expected fractions in (0, 1]")
     run_dir = Path(run_dir)
     run = StoredRun.open(run_dir)
     with run.store.lock():  # the stages' lock: nothing is read or written under a grow (RunBusyError: busy)
-        return _sensitivity(run, level, densities, member)
+        table = _sensitivity(run, level, densities, member)
+        if then is not None:
+            then(table)
+        return table
 
 
 def _sensitivity(run: StoredRun, level: int, densities: Sequence[float], member: int) -> pd.DataFrame:

@@ -1,0 +1,92 @@
+"""The gpt and vit share lth.transformer's blocks; settings of one model family set on another are refused."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lth.config import ModelConfig
+from lth.models import build_model
+
+
+# ---- the gpt's blocks as they were before it used lth.transformer (a stored run's params tree) ----
+
+def _dense(features, name):
+    return nn.Dense(features, kernel_init=nn.initializers.glorot_normal(), bias_init=nn.initializers.zeros, name=name)
+
+
+class _OldAttention(nn.Module):
+    dim: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, _ = x.shape
+        hd = self.dim // self.heads
+        q, k, v = (_dense(self.dim, n)(x).reshape(b, t, self.heads, hd) for n in ("q", "k", "v"))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd))
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(s.dtype).min)
+        y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, self.dim)
+        return _dense(self.dim, "out")(y)
+
+
+class _OldMLP(nn.Module):
+    dim: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        return _dense(self.dim, "out")(nn.gelu(_dense(self.hidden, "in")(x)))
+
+
+class _OldBlock(nn.Module):
+    dim: int
+    heads: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + _OldAttention(self.dim, self.heads, name="attn")(nn.LayerNorm(name="ln_1")(x))
+        return x + _OldMLP(self.dim, self.hidden, name="mlp")(nn.LayerNorm(name="ln_2")(x))
+
+
+class _OldGPT(nn.Module):
+    vocab: int
+    context: int
+    depth: int
+    dim: int
+    heads: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        tokens = x.astype(jnp.int32)
+        embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02), name="embed")
+        pos = nn.Embed(self.context, self.dim, embedding_init=nn.initializers.normal(0.02), name="pos_embed")
+        h = embed(tokens) + pos(jnp.arange(tokens.shape[1]))[None]
+        for i in range(self.depth):
+            h = _OldBlock(self.dim, self.heads, self.hidden, name=f"block_{i}")(h)
+        return _dense(self.vocab, "output")(nn.LayerNorm(name="ln_f")(h))
+
+
+def _paths(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_gpt_on_the_shared_blocks_keeps_the_stored_params_tree_and_outputs():
+    new = build_model(ModelConfig(name="gpt", depth=2, dim=16, heads=2, mlp_ratio=2.0), 256, (8,))
+    old = _OldGPT(vocab=256, context=8, depth=2, dim=16, heads=2, hidden=32)
+    x = np.random.default_rng(0).integers(0, 256, (3, 8)).astype(np.float32)
+    p_old = old.init(jax.random.key(3), jnp.zeros((1, 8)))["params"]
+    p_new = new.init(jax.random.key(3), jnp.zeros((1, 8)))["params"]
+    assert _paths(p_old) == _paths(p_new)  # a stored gpt run's trees load into the new module
+    assert "block_1/mlp/in/kernel" in _paths(p_new) and "block_0/ln_2/scale" in _paths(p_new)
+    for a, b in zip(jax.tree.leaves(p_old), jax.tree.leaves(p_new)):
+        np.testing.assert_array_equal(a, b)  # the same init draws (flax keys follow the module paths)
+    # the same function, bit for bit, on the old module's params
+    np.testing.assert_array_equal(new.apply({"params": p_old}, x), old.apply({"params": p_old}, x))
+    import lth.models
+
+    assert not {"CausalSelfAttention", "MLPBlock", "Block"} & set(vars(lth.models))  # one set: lth.transformer's

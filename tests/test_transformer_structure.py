@@ -90,3 +90,29 @@ def test_gpt_on_the_shared_blocks_keeps_the_stored_params_tree_and_outputs():
     import lth.models
 
     assert not {"CausalSelfAttention", "MLPBlock", "Block"} & set(vars(lth.models))  # one set: lth.transformer's
+
+
+def test_transformer_settings_on_other_models_are_one_line_config_errors(tmp_path, capsys):
+    from helpers import TINY, toml_text
+
+    from lth.cli import main
+    from lth.config import ConfigError, ExperimentConfig, check_model_fields
+
+    exp = tmp_path / "e.toml"
+    exp.write_text(toml_text({**TINY, "prune": {**TINY["prune"], "levels": 1}, "arms": ["ticket"]}))
+    out = tmp_path / "out"
+    assert main(["lottery", str(exp), "--out", str(out), "--set", "model.depth=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lth: error: model.depth = 2 is not used by model.name = 'mlp' (only by 'vit', 'gpt'); remove it"]
+    assert not list(out.rglob("level_*"))  # refused before anything trained
+    for name, setting, users in (("conv2", {"patch": 2}, "'vit'"), ("vit", {"context": 64}, "'gpt'"),
+                                 ("gpt", {"pool": "mean"}, "'vit'"), ("resnet20", {"tie_embeddings": True}, "'gpt'")):
+        mc = ModelConfig(name=name, **setting)
+        key, v = next(iter(setting.items()))
+        with pytest.raises(ConfigError, match=rf"model.{key} = .* is not used by model.name = '{name}' \(only by {users}\)"):
+            check_model_fields(mc)
+    # defaults are not "set"; each model's own settings pass
+    for mc in (ModelConfig(), ModelConfig(name="conv2"), ModelConfig(name="vit", depth=2, patch=2, pool="mean"),
+               ModelConfig(name="gpt", depth=1, context=32, tie_embeddings=True)):
+        check_model_fields(mc)
+    ExperimentConfig(model=ModelConfig(name="mlp", depth=3))  # only the built model's check refuses it

@@ -436,6 +436,16 @@ def block_shapes(model) -> list[tuple[int, int]]:
     return [(model.heads, model.hidden)] * model.depth
 
 
+def compacted_blocks(model, heads: dict[str, int], hidden: dict[str, int]) -> nn.Module:
+    """``model`` (a :class:`ViT` or :class:`GPT`) with ``heads[attention]`` heads and ``hidden[first MLP
+    layer]`` hidden units in the blocks its structure declares them for (the others as they are): the
+    smaller model of :func:`lth.prune.compact_blocks.compact_blocks`."""
+    st = model.structure()
+    shapes = tuple((heads.get(attn, h), hidden.get(layer, u))
+                   for (attn, _), (layer, _), (h, u) in zip(st.heads, st.mlps, block_shapes(model)))
+    return model.clone(block_shapes=shapes)
+
+
 class ViT(nn.Module):
     """Vision Transformer (Dosovitskiy et al. 2021) with the pre-LN blocks of :mod:`lth.transformer`, on
     ``[B, H, W, C]`` images cut into non-overlapping ``patch x patch`` patches.
@@ -485,6 +495,8 @@ class ViT(nn.Module):
         return Structure(output=(OUTPUT,), frozen=("pos", "cls", *norms), kinds=kinds, spared=("embed", OUTPUT),
                          heads=tuple((f"{blk}/attn", h) for blk, (h, _) in zip(blocks, block_shapes(self))),
                          mlps=tuple((f"{blk}/mlp/fc_in", f"{blk}/mlp/fc_out") for blk in blocks))
+
+    compacted = compacted_blocks  # lth compact: fewer heads and hidden units per block
 
 
 class ChainNet(nn.Module):
@@ -778,6 +790,8 @@ class GPT(nn.Module):
         return Structure(output=head, frozen=("embed", "pos_embed", *norms, "ln_f", *head), kinds=kinds,
                          heads=tuple((f"{blk}/attn", h) for blk, (h, _) in zip(blocks, block_shapes(self))),
                          mlps=tuple((f"{blk}/mlp/{GPT_MLP[0]}", f"{blk}/mlp/{GPT_MLP[1]}") for blk in blocks))
+
+    compacted = compacted_blocks  # lth compact: fewer heads and hidden units per block
 
 
 @register("gpt")

@@ -79,14 +79,14 @@ def test_gpt_on_the_shared_blocks_keeps_the_stored_params_tree_and_outputs():
     new = build_model(ModelConfig(name="gpt", depth=2, dim=16, heads=2, mlp_ratio=2.0), 256, (8,))
     old = _OldGPT(vocab=256, context=8, depth=2, dim=16, heads=2, hidden=32)
     x = np.random.default_rng(0).integers(0, 256, (3, 8)).astype(np.float32)
-    p_old = old.init(jax.random.key(3), jnp.zeros((1, 8)))["params"]
-    p_new = new.init(jax.random.key(3), jnp.zeros((1, 8)))["params"]
+    p_old = jax.jit(old.init)(jax.random.key(3), jnp.zeros((1, 8)))["params"]
+    p_new = jax.jit(new.init)(jax.random.key(3), jnp.zeros((1, 8)))["params"]
     assert _paths(p_old) == _paths(p_new)  # a stored gpt run's trees load into the new module
     assert "block_1/mlp/in/kernel" in _paths(p_new) and "block_0/ln_2/scale" in _paths(p_new)
     for a, b in zip(jax.tree.leaves(p_old), jax.tree.leaves(p_new)):
         np.testing.assert_array_equal(a, b)  # the same init draws (flax keys follow the module paths)
     # the same function, bit for bit, on the old module's params
-    np.testing.assert_array_equal(new.apply({"params": p_old}, x), old.apply({"params": p_old}, x))
+    np.testing.assert_array_equal(jax.jit(new.apply)({"params": p_old}, x), jax.jit(old.apply)({"params": p_old}, x))
     import lth.models
 
     assert not {"CausalSelfAttention", "MLPBlock", "Block"} & set(vars(lth.models))  # one set: lth.transformer's
@@ -116,3 +116,37 @@ def test_transformer_settings_on_other_models_are_one_line_config_errors(tmp_pat
                ModelConfig(name="gpt", depth=1, context=32, tie_embeddings=True)):
         check_model_fields(mc)
     ExperimentConfig(model=ModelConfig(name="mlp", depth=3))  # only the built model's check refuses it
+
+
+def test_stability_metrics_of_a_language_model_average_over_tokens():
+    # lth stability on a gpt: labels [C, n, T]; it once failed to broadcast the examples' validity over tokens
+    from helpers import random_params
+
+    from lth.lottery.stability import test_metrics
+
+    model = build_model(ModelConfig(name="gpt", depth=1, dim=8, heads=2, mlp_ratio=1.0), 256, (4,))
+    params = random_params(model, (4,))
+    rng = np.random.default_rng(0)
+    xs = rng.integers(0, 256, (2, 3, 4)).astype(np.float32)
+    ys = rng.integers(0, 256, (2, 3, 4)).astype(np.int32)
+    valid = np.array([[1, 1, 1], [1, 0, 0]], np.float32)  # 4 real windows, 2 padding
+    loss, err = jax.jit(lambda p: test_metrics(model, p, None, xs, ys, valid))(params)
+    keep = valid.astype(bool)
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, xs[keep]), np.float64)  # [4, T, 256]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, ys[keep][..., None], -1).mean()  # the mean over all 16 tokens
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(err), np.mean(np.argmax(logits, -1) != ys[keep]), rtol=1e-6)
+
+
+def test_the_speed_crossover_of_a_run_timed_dense_only_has_its_columns():
+    # lth report on a transformer run: lth speed times only the dense format there; the report then crashed
+    import pandas as pd
+
+    from analysis.speed import crossover
+
+    speed = pd.DataFrame({"run_id": ["a"], "experiment": ["e"], "model": ["gpt"], "member": [0], "format": ["dense"],
+                          "batch": [8], "density": [0.5], "speedup": [1.0]})
+    c = crossover(speed)
+    assert c.empty and {"crossover_density", "first_faster_density", "best_at_density"} <= set(c.columns)

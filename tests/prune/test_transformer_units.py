@@ -118,7 +118,7 @@ def test_compact_builds_the_smaller_transformer_with_the_masked_models_outputs(n
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_lth_compact_on_a_head_pruned_gpt_run(tmp_path, capsys):
+def test_lth_compact_and_export_on_a_head_pruned_gpt_run(tmp_path, capsys):
     from helpers import tiny
 
     from lth.cli import main
@@ -142,3 +142,8 @@ def test_lth_compact_on_a_head_pruned_gpt_run(tmp_path, capsys):
     assert float(out["max_abs_diff"]) < 1e-5
     assert main(["compact", str(store.path), "--level", "0"]) == 2  # the dense level: nothing to compact
     assert "has no fully pruned attention head or MLP hidden unit" in capsys.readouterr().err
+    # integer export: one line saying it does not apply and what to use instead (before any quantizing)
+    assert main(["export", str(store.path), "--level", "1", "--bits", "8", "--out", str(tmp_path / "t.lthq")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lth: error: not supported for model GPT: integer inference")
+    assert "use `lth quantize`" in err[0] and not (tmp_path / "t.lthq").exists()

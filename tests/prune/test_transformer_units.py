@@ -140,6 +140,14 @@ def test_lth_compact_and_export_on_a_head_pruned_gpt_run(tmp_path, capsys):
     assert out["heads_kept"] == "2/4" and out["hidden_kept"] == "16/16"
     assert int(out["params_compact"]) == int(out["params_masked"]) - 2 * (3 * 8 * 2 + 3 * 2 + 2 * 8)  # 2 heads of 2
     assert float(out["max_abs_diff"]) < 1e-5
+    # lth speed times the compact gpt beside the masked one, its outputs checked equal first
+    assert main(["speed", str(store.path), "--levels", "1", "--batch", "4", "--formats", "dense,compact",
+                 "--repeats", "1", "--min-time", "0.001"]) == 0
+    import pandas as pd
+    speed = pd.read_parquet(store.level_dir(1) / "speed.parquet").set_index("format")
+    assert set(speed.index) == {"dense", "compact"} and speed.loc["compact", "max_abs_diff"] < 1e-5
+    assert speed.loc["compact", "bytes"] == speed.loc["dense", "bytes"] - 4 * 2 * (3 * 8 * 2 + 3 * 2 + 2 * 8)
+    capsys.readouterr()
     assert main(["compact", str(store.path), "--level", "0"]) == 2  # the dense level: nothing to compact
     assert "has no fully pruned attention head or MLP hidden unit" in capsys.readouterr().err
     # integer export: one line saying it does not apply and what to use instead (before any quantizing)

@@ -237,8 +237,9 @@ class PruneConfig:
                       "up); n:m keeps prune.n of every prune.m consecutive input weights (lth.nm: each "
                       "level drops round_half_up(rate * k), at least 1, of the k survivors of every "
                       "group until n remain); the model declares which units it has (lth.models.Structure: "
-                      "built-in neuron: mlp, lenet_300_100, conv2/4/6; filter: those and vgg11/16/19; "
-                      "layer: resnet20; head: vit; n:m: any). head: whole attention heads (their q, k, v "
+                      "built-in neuron: mlp, lenet_300_100, conv2/4/6, vit, gpt (a transformer's MLP hidden "
+                      "units; lth.prune.units); filter: conv2/4/6 and vgg11/16/19; "
+                      "layer: resnet20; head: vit, gpt; n:m: any). head: whole attention heads (their q, k, v "
                       "output columns and the out projection's matching input rows; lth.prune.heads), prune.rate "
                       "(or the rate prune.rates gives attn) of every attention's surviving heads per level")
     n: int = _f(2, check=lambda v: v >= 1, allowed="an integer >= 1",

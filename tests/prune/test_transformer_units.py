@@ -155,3 +155,45 @@ def test_lth_compact_and_export_on_a_head_pruned_gpt_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lth: error: not supported for model GPT: integer inference")
     assert "use `lth quantize`" in err[0] and not (tmp_path / "t.lthq").exists()
+
+
+def test_pruning_at_init_scores_and_ranks_only_the_prunable_layers_of_a_gpt(tmp_path):
+    # SNIP and SynFlow pooled over the prunable leaves (prune.pai_allocation = "global"): the
+    # embeddings, layer norms and head (frozen) and the biases stay whole; the attn and mlp kernels keep
+    # exactly the ticket's count between them
+    import functools
+
+    from helpers import tiny
+
+    from lth.data import load_dataset
+    from lth.lottery import Lottery
+    from lth.lottery.arms import ArmStart, pai_mask
+    from lth.prune.masks import prunable
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(np.random.default_rng(0).choice(["ticket", "mask", "head", "unit"], 600)))
+    cfg = tiny(seeds=[0], arms=["ticket", "snip", "synflow"],
+               data={"name": "text", "path": str(corpus), "context": 4, "val_size": None},
+               model={"name": "gpt", "depth": 1, "dim": 8, "heads": 2, "mlp_ratio": 1.0, "widths": [300, 100]},
+               train={"optimizer": "adam", "lr": 1e-3, "batch_size": 4, "steps": 2, "eval_every": 2},
+               prune={"levels": 1, "rate": 0.5, "output_rate": None, "pai_allocation": "global",
+                      "criterion_batches": 1})
+    load_dataset.cache_clear()
+    lot = Lottery(cfg, tmp_path / "runs")
+    params = jax.tree.map(np.array, random_params(lot.model, (4,)))
+    can = prunable(params, cfg.prune, lot.structure)
+    rng = np.random.default_rng(0)
+    ticket = jax.tree.map(lambda p, c: rng.random(p.shape) < 0.5 if c else np.ones(p.shape, bool), params, can)
+    want = sum(int(m.sum()) for m, c in zip(jax.tree.leaves(ticket), jax.tree.leaves(can)) if c)
+    start = ArmStart({"params": params, "batch_stats": {}}, ticket, can, 0, 1, lot.model, (4,),
+                     functools.partial(lot.signals, seed=0, level=1), {})
+    names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(can)[0]]
+    assert {n for n, c in zip(names, jax.tree.leaves(can)) if c} == {
+        f"block_0/{x}/kernel" for x in ("attn/q", "attn/k", "attn/v", "attn/out", "mlp/in", "mlp/out")}
+    for criterion in ("snip", "synflow"):  # grasp pools the same way (pai_mask); its compile is the longest
+        mask = pai_mask(start, criterion)
+        kept = 0
+        for name, m, c in zip(names, jax.tree.leaves(mask), jax.tree.leaves(can)):
+            assert c or m.all(), (criterion, name)
+            kept += int(m.sum()) if c else 0
+        assert kept == want, criterion

@@ -65,7 +65,8 @@ def crossover(speed: pd.DataFrame) -> pd.DataFrame:
                      "first_faster_density": float(wins.max()) if len(wins) else float("nan"),
                      "best_speedup": float(best["speedup"]),
                      "best_at_density": float(best["density"]), "densities": len(g)})
-    return pd.DataFrame(rows)
+    columns = [*keys, "crossover_density", "first_faster_density", "best_speedup", "best_at_density", "densities"]
+    return pd.DataFrame(rows, columns=columns)  # no rows (only dense was timed, e.g. a transformer): still the columns
 
 
 def speed_table(speed: pd.DataFrame) -> pd.DataFrame:

@@ -271,8 +271,9 @@ class PruneConfig:
                       "up); n:m keeps prune.n of every prune.m consecutive input weights (lth.nm: each "
                       "level drops round_half_up(rate * k), at least 1, of the k survivors of every "
                       "group until n remain); the model declares which units it has (lth.models.Structure: "
-                      "built-in neuron: mlp, lenet_300_100, conv2/4/6; filter: those and vgg11/16/19; "
-                      "layer: resnet20; head: vit; n:m: any). head: whole attention heads (their q, k, v "
+                      "built-in neuron: mlp, lenet_300_100, conv2/4/6, vit, gpt (a transformer's MLP hidden "
+                      "units; lth.prune.units); filter: conv2/4/6 and vgg11/16/19; "
+                      "layer: resnet20; head: vit, gpt; n:m: any). head: whole attention heads (their q, k, v "
                       "output columns and the out projection's matching input rows; lth.prune.heads), prune.rate "
                       "(or the rate prune.rates gives attn) of every attention's surviving heads per level")
     n: int = _f(2, check=lambda v: v >= 1, allowed="an integer >= 1",
@@ -714,6 +715,25 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
     if cfg.model.widths != ModelConfig().widths and cfg.model.name in MODELS.entries and cfg.model.name != "mlp":
         raise ConfigError(f"model.widths = {list(cfg.model.widths)} is not used by model.name = "
                           f"{cfg.model.name!r} (only by 'mlp'); remove it, or scale the model with model.width")
+    check_model_fields(cfg.model)
+
+
+# The model settings that only some built-in models read (a user's model may read any of them).
+MODEL_FIELDS = {"depth": ("vit", "gpt"), "dim": ("vit", "gpt"), "heads": ("vit", "gpt"), "mlp_ratio": ("vit", "gpt"),
+                "context": ("gpt",), "tie_embeddings": ("gpt",), "patch": ("vit",), "pool": ("vit",)}
+
+
+def check_model_fields(mc: ModelConfig) -> None:
+    """ConfigError when a setting of :data:`MODEL_FIELDS` is set (not at its default) on a built-in model
+    that ignores it, e.g. ``model.depth`` on a conv net: a setting that does nothing is a mistake."""
+    if not MODELS.is_builtin(mc.name):
+        return
+    default = ModelConfig()
+    for name, users in MODEL_FIELDS.items():
+        v = getattr(mc, name)
+        if mc.name not in users and v != getattr(default, name):
+            raise ConfigError(f"model.{name} = {_to_jsonable(v)!r} is not used by model.name = {mc.name!r} (only by "
+                              f"{', '.join(map(repr, users))}); remove it")
 
 
 def _legacy_fields():

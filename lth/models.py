@@ -84,6 +84,10 @@ class Structure:
     - ``heads``: ``(attention module, number of heads)`` of every multi-head attention whose ``q``,
       ``k``, ``v`` (head h: output columns ``h * d .. (h + 1) * d``) and ``out`` (the same input rows)
       are Dense submodules: ``prune.granularity = "head"`` removes whole heads.
+    - ``mlps``: ``(layer, next layer)`` of every two-layer MLP ``next(act(layer(x)))`` inside a block whose
+      activation maps 0 to 0 (ReLU, GELU), both Dense submodules: ``prune.granularity = "neuron"`` removes
+      hidden unit c (column c of ``layer``'s kernel and bias, row c of ``next``'s kernel), as it removes
+      the hidden units of a chain; a transformer's feed-forward layers.
 
     Which leaves are prunable follows (:func:`layer_kind`): every ``kernel`` outside ``frozen`` and
     ``spared``; biases with ``prune.prune_biases``; never norms.
@@ -96,6 +100,7 @@ class Structure:
     kinds: tuple[tuple[str, str], ...] = ()
     spared: tuple[str, ...] = ()
     heads: tuple[tuple[str, int], ...] = ()
+    mlps: tuple[tuple[str, str], ...] = ()
 
     def kind_of(self, layer: str) -> str | None:
         """The declared rate kind of ``layer`` (a module path), or None."""
@@ -421,6 +426,26 @@ class ResNet(nn.Module):
         return Structure(blocks=tuple(blocks))
 
 
+def block_shapes(model) -> list[tuple[int, int]]:
+    """``(heads, MLP hidden units)`` of each block of a :class:`ViT` or :class:`GPT`: its ``block_shapes``
+    when set (the smaller model ``lth compact`` builds), else ``(heads, hidden)`` in all ``depth`` blocks."""
+    if model.block_shapes:
+        if len(model.block_shapes) != model.depth:
+            raise ValueError(f"block_shapes has {len(model.block_shapes)} entries for {model.depth} blocks")
+        return [tuple(s) for s in model.block_shapes]
+    return [(model.heads, model.hidden)] * model.depth
+
+
+def compacted_blocks(model, heads: dict[str, int], hidden: dict[str, int]) -> nn.Module:
+    """``model`` (a :class:`ViT` or :class:`GPT`) with ``heads[attention]`` heads and ``hidden[first MLP
+    layer]`` hidden units in the blocks its structure declares them for (the others as they are): the
+    smaller model of :func:`lth.prune.compact_blocks.compact_blocks`."""
+    st = model.structure()
+    shapes = tuple((heads.get(attn, h), hidden.get(layer, u))
+                   for (attn, _), (layer, _), (h, u) in zip(st.heads, st.mlps, block_shapes(model)))
+    return model.clone(block_shapes=shapes)
+
+
 class ViT(nn.Module):
     """Vision Transformer (Dosovitskiy et al. 2021) with the pre-LN blocks of :mod:`lth.transformer`, on
     ``[B, H, W, C]`` images cut into non-overlapping ``patch x patch`` patches.
@@ -440,6 +465,7 @@ class ViT(nn.Module):
     num_classes: int
     pool: str = "cls"
     init_scheme: str = "glorot_normal"
+    block_shapes: tuple[tuple[int, int], ...] = ()  # per block (heads, hidden) after compaction; () = uniform
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -452,8 +478,8 @@ class ViT(nn.Module):
             cls = tf.Embedding((1, self.dim), zeros=True, name="cls")()
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
         x = x + tf.Embedding((x.shape[1], self.dim), name="pos")()
-        for i in range(self.depth):
-            x = tf.Block(self.heads, self.head_dim, self.hidden, self.init_scheme, name=f"block_{i}")(x)
+        for i, (heads, hidden) in enumerate(block_shapes(self)):
+            x = tf.Block(heads, self.head_dim, hidden, self.init_scheme, name=f"block_{i}")(x)
         x = nn.LayerNorm(name="ln_f")(x)
         x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
         return tf.dense(self.num_classes, self.init_scheme, OUTPUT)(x)
@@ -467,7 +493,10 @@ class ViT(nn.Module):
         kinds = ((("embed", "embed"), (OUTPUT, "head"))
                  + tuple((f"{blk}/attn", "attn") for blk in blocks) + tuple((f"{blk}/mlp", "mlp") for blk in blocks))
         return Structure(output=(OUTPUT,), frozen=("pos", "cls", *norms), kinds=kinds, spared=("embed", OUTPUT),
-                         heads=tuple((f"{blk}/attn", self.heads) for blk in blocks))
+                         heads=tuple((f"{blk}/attn", h) for blk, (h, _) in zip(blocks, block_shapes(self))),
+                         mlps=tuple((f"{blk}/mlp/fc_in", f"{blk}/mlp/fc_out") for blk in blocks))
+
+    compacted = compacted_blocks  # lth compact: fewer heads and hidden units per block
 
 
 class ChainNet(nn.Module):
@@ -712,57 +741,13 @@ def _shape(x) -> tuple[int, ...]:
 # Every projection is a ``Dense`` layer (``block_i/attn/{q,k,v,out}``, ``block_i/mlp/{in,out}``), so
 # masks, quantization and export see ordinary kernels; the embeddings, layer norms and the head are
 # declared frozen (:class:`lth.models.Structure`): by default only attention and MLP weights are pruned.
+# The blocks are :class:`lth.transformer.Block` (the vit's) with the gpt's own layer names (``ln_1``,
+# ``ln_2``, ``mlp/{in, out}``), so runs stored before the two shared their blocks load unchanged.
 # The width multiplier scales the head dimension (``dim / heads``), so ``dim`` stays a multiple of ``heads``.
 
 
-def causal_mask(t: int) -> jax.Array:
-    """``[T, T]`` bools: query position i may attend to key position j iff j <= i."""
-    return jnp.tril(jnp.ones((t, t), bool))
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with a causal mask: ``[B, T, D] -> [B, T, D]``; Dense ``q, k, v, out``."""
-
-    dim: int
-    heads: int
-    init_scheme: str = "glorot_normal"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, _ = x.shape
-        hd = self.dim // self.heads
-        q, k, v = (_dense(self.dim, self.init_scheme, n)(x).reshape(b, t, self.heads, hd) for n in ("q", "k", "v"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd))
-        # a finite fill: a fully masked row cannot occur (j = i is always allowed), and no inf - inf NaNs
-        scores = jnp.where(causal_mask(t), scores, jnp.finfo(scores.dtype).min)
-        y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, self.dim)
-        return _dense(self.dim, self.init_scheme, "out")(y)
-
-
-class MLPBlock(nn.Module):
-    """``Dense in`` (hidden units), GELU, ``Dense out``: ``[B, T, D] -> [B, T, D]``."""
-
-    dim: int
-    hidden: int
-    init_scheme: str = "glorot_normal"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _dense(self.dim, self.init_scheme, "out")(nn.gelu(_dense(self.hidden, self.init_scheme, "in")(x)))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
-
-    dim: int
-    heads: int
-    hidden: int
-    init_scheme: str = "glorot_normal"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CausalSelfAttention(self.dim, self.heads, self.init_scheme, name="attn")(nn.LayerNorm(name="ln_1")(x))
-        return x + MLPBlock(self.dim, self.hidden, self.init_scheme, name="mlp")(nn.LayerNorm(name="ln_2")(x))
+GPT_NORMS = ("ln_1", "ln_2")  # the gpt's names of a block's layer norms and MLP layers
+GPT_MLP = ("in", "out")
 
 
 class GPT(nn.Module):
@@ -776,6 +761,7 @@ class GPT(nn.Module):
     hidden: int
     tie_embeddings: bool = False
     init_scheme: str = "glorot_normal"
+    block_shapes: tuple[tuple[int, int], ...] = ()  # per block (heads, hidden) after compaction; () = uniform
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -786,18 +772,26 @@ class GPT(nn.Module):
         embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02), name="embed")
         pos = nn.Embed(self.context, self.dim, embedding_init=nn.initializers.normal(0.02), name="pos_embed")
         h = embed(tokens) + pos(jnp.arange(t))[None]
-        for i in range(self.depth):
-            h = Block(self.dim, self.heads, self.hidden, self.init_scheme, name=f"block_{i}")(h)
+        for i, (heads, hidden) in enumerate(block_shapes(self)):
+            h = tf.Block(heads, self.dim // self.heads, hidden, self.init_scheme, causal=True, norms=GPT_NORMS,
+                         mlp_names=GPT_MLP, name=f"block_{i}")(h)
         h = nn.LayerNorm(name="ln_f")(h)
         if self.tie_embeddings:
             return embed.attend(h)
         return _dense(self.vocab, self.init_scheme, OUTPUT)(h)
 
     def structure(self) -> Structure:
-        """Not a chain; the embeddings, every layer norm and the head are frozen (never pruned nor quantized)."""
-        norms = tuple(f"block_{i}/{n}" for i in range(self.depth) for n in ("ln_1", "ln_2"))
+        """Not a chain; the embeddings, every layer norm and the head are frozen (never pruned nor quantized);
+        the attention (kind ``attn``, whole heads) and MLP (kind ``mlp``, hidden units) layers are pruned."""
+        blocks = [f"block_{i}" for i in range(self.depth)]
+        norms = tuple(f"{blk}/{n}" for blk in blocks for n in GPT_NORMS)
         head = () if self.tie_embeddings else (OUTPUT,)
-        return Structure(output=head, frozen=("embed", "pos_embed", *norms, "ln_f", *head))
+        kinds = tuple((f"{blk}/attn", "attn") for blk in blocks) + tuple((f"{blk}/mlp", "mlp") for blk in blocks)
+        return Structure(output=head, frozen=("embed", "pos_embed", *norms, "ln_f", *head), kinds=kinds,
+                         heads=tuple((f"{blk}/attn", h) for blk, (h, _) in zip(blocks, block_shapes(self))),
+                         mlps=tuple((f"{blk}/mlp/{GPT_MLP[0]}", f"{blk}/mlp/{GPT_MLP[1]}") for blk in blocks))
+
+    compacted = compacted_blocks  # lth compact: fewer heads and hidden units per block
 
 
 @register("gpt")

@@ -9,7 +9,8 @@ format does not apply to the ticket):
   patches times the sparse ``[kh*kw*cin, out]`` kernel), jit-compiled.
 - ``csr``: every kernel as a ``scipy.sparse`` CSR matrix (same im2col for convs), numpy activations
   feature-major ``[features, batch]``; CPU only, single-threaded (scipy's sparse product).
-- ``compact``: the physically smaller dense network of a neuron/filter ticket (:func:`lth.structured.compact`).
+- ``compact``: the physically smaller dense network of a neuron/filter ticket (:func:`lth.structured.compact`),
+  or the smaller vit/gpt of a head/neuron ticket (:func:`lth.prune.compact_blocks.compact_blocks`).
 - ``int8``: the integer program (:mod:`lth.quant.intinfer`: int8 operands, int32 accumulation) of the
   ticket's 8-bit PTQ (per-channel symmetric weights, 8-bit asymmetric activations, min-max
   calibration on train batches). Its reference is the fake-quantized float network it computes
@@ -56,6 +57,7 @@ from .store import (RunStore, StoreError, atomic_write_bytes, load_tree, parquet
                     read_members_file)
 from .stored import StoredRun
 from .models import structure_of
+from .prune.compact_blocks import compact_blocks, compactable
 from .prune.structured import chain_norms, chain_order, compact, compact_ops, is_structured
 from .train import apply_mask, unstack
 
@@ -319,9 +321,16 @@ def build_csr(t: Ticket) -> Built | None:
 
 @register("compact")
 def build_compact(t: Ticket) -> Built | None:
+    st = structure_of(t.model)
+    if st.chain is None and compactable(t.model):  # a vit or gpt: fewer heads and MLP hidden units
+        if t.prune_cfg.granularity not in ("head", "neuron"):
+            return None
+        small, small_params, _ = compact_blocks(t.params, t.mask, t.model)
+        fn = jax.jit(lambda p, x: small.apply({"params": p}, x))
+        p = jax.tree.map(jnp.asarray, small_params)
+        return Built(lambda x: fn(p, x), FLOAT_BYTES * _count(small_params))
     if t.prune_cfg.granularity not in ("neuron", "filter"):
         return None
-    st = structure_of(t.model)
     try:
         compact_ops(st, t.params)  # the model's chain is one compact rebuilds
     except ValueError:

@@ -10,9 +10,13 @@ fake-quant wiring and export see attention and MLP layers as they see any dense 
 - :class:`FeedForward`: ``fc_in`` (``[dim, hidden]``), GELU, ``fc_out`` (``[hidden, dim]``).
 - :class:`Block`: pre-LN residual block (Xiong et al. 2020): ``x + attn(ln_0(x))``, then
   ``x + mlp(ln_1(x))``.
+
+The layer names are fields (``names`` of :class:`FeedForward`, ``norms`` and ``mlp_names`` of
+:class:`Block`) so that a model keeps the parameter names its stored runs were written with: the vit
+uses the defaults, the gpt ``ln_1``/``ln_2`` and ``mlp/{in, out}``.
 - :class:`Embedding`: a learned table (position embeddings, a CLS token).
 
-Models built from them (``vit``) live in :mod:`lth.models`, which declares their structure.
+Models built from them (``vit``, ``gpt``) live in :mod:`lth.models`, which declares their structure.
 
 Kernel inits are named as in :data:`lth.models.INITS` (``glorot_normal``, ``kaiming_normal``: both
 ``flax.linen.initializers`` names); biases start at 0. This module imports nothing of lth.
@@ -58,32 +62,37 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``fc_out(gelu(fc_in(x)))``: ``[..., dim] -> [..., dim]`` through ``hidden`` units."""
+    """``fc_out(gelu(fc_in(x)))``: ``[..., dim] -> [..., dim]`` through ``hidden`` units; ``names``: the
+    two Dense layers' names (in, out)."""
 
     hidden: int
     init_scheme: str = "glorot_normal"
+    names: tuple[str, str] = ("fc_in", "fc_out")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.gelu(dense(self.hidden, self.init_scheme, "fc_in")(x))
-        return dense(x.shape[-1], self.init_scheme, "fc_out")(h)
+        h = nn.gelu(dense(self.hidden, self.init_scheme, self.names[0])(x))
+        return dense(x.shape[-1], self.init_scheme, self.names[1])(h)
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: submodules ``ln_0``, ``attn`` (:class:`SelfAttention`), ``ln_1``,
-    ``mlp`` (:class:`FeedForward`)."""
+    ``mlp`` (:class:`FeedForward` with layers ``mlp_names``); ``norms`` renames the two layer norms."""
 
     heads: int
     head_dim: int
     hidden: int
     init_scheme: str = "glorot_normal"
     causal: bool = False
+    norms: tuple[str, str] = ("ln_0", "ln_1")
+    mlp_names: tuple[str, str] = ("fc_in", "fc_out")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + SelfAttention(self.heads, self.head_dim, x.shape[-1], self.init_scheme, self.causal,
-                              name="attn")(nn.LayerNorm(name="ln_0")(x))
-        return x + FeedForward(self.hidden, self.init_scheme, name="mlp")(nn.LayerNorm(name="ln_1")(x))
+                              name="attn")(nn.LayerNorm(name=self.norms[0])(x))
+        return x + FeedForward(self.hidden, self.init_scheme, self.mlp_names,
+                               name="mlp")(nn.LayerNorm(name=self.norms[1])(x))
 
 
 class Embedding(nn.Module):

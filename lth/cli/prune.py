@@ -68,9 +68,10 @@ def run_sensitivity(args) -> int:
 def add_compact(sub) -> None:
     p = sub.add_parser("compact", help="turn a structurally pruned network into a smaller dense one",
                        description="Build the physically smaller dense network of a level's structurally "
-                                   "pruned ticket (prune.granularity = neuron or filter), check that its "
-                                   "outputs equal the masked network's, and report parameter counts and "
-                                   "measured inference latency of masked vs compact on the same batch.")
+                                   "pruned ticket (prune.granularity = neuron or filter; head or neuron for a "
+                                   "vit or gpt: fewer heads and MLP units), check that its outputs equal the "
+                                   "masked network's, and report parameter counts and measured inference "
+                                   "latency of masked vs compact on the same batch.")
     p.add_argument("run_dir", help="a run folder OUT/<run_id>")
     add_code_arg(p)
     p.add_argument("--level", type=int, required=True, help="IMP level to compact")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -65,16 +66,18 @@ def _apply(model, params, batch_stats, x):
 
 
 def test_metrics(model, params, batch_stats, xs, ys, valid):
-    """(mean cross-entropy loss, error) of one network over padded chunks ``xs [C, n, ...]``."""
+    """(mean cross-entropy loss, error) of one network over padded chunks ``xs [C, n, ...]``; labels
+    ``ys [C, n]``, or ``[C, n, T]`` for a language model (the means are then over every token)."""
     def chunk(carry, inp):
         x, y, v = inp
         logits = _apply(model, params, batch_stats, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         wrong = (jnp.argmax(logits, -1) != y).astype(jnp.float32)
+        v = v.reshape(v.shape + (1,) * (loss.ndim - 1))  # an example's validity covers its tokens
         return (carry[0] + jnp.sum(loss * v), carry[1] + jnp.sum(wrong * v)), None
 
     (loss, wrong), _ = jax.lax.scan(chunk, (jnp.float32(0), jnp.float32(0)), (xs, ys, valid))
-    n = jnp.sum(valid)
+    n = jnp.sum(valid) * math.prod(ys.shape[2:])
     return loss / n, wrong / n
 
 

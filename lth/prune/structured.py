@@ -25,7 +25,8 @@ l2; :func:`block_score`).
 
 :func:`compact` turns a neuron/filter mask of a chain without batch norm or average pooling (mlp,
 lenet_300_100, conv2/4/6, a user chain) into a physically smaller dense network
-(:class:`lth.models.ChainNet`) whose outputs equal the masked network's.
+(:class:`lth.models.ChainNet`) whose outputs equal the masked network's; :func:`compact_run` compacts a
+transformer's removed heads and hidden units with :mod:`lth.prune.compact_blocks`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from ..store import load_tree
 from ..stored import StoredRun
 from ..train import apply_mask, unstack
 from .nm import grouped_fan_ins, nm_prune
+from .compact_blocks import compact_blocks, compactable
 from .heads import check_heads, head_prune
+from .units import check_mlps, mlp_prune, mlp_rate
 
 PyTree = Any
 BLOCK = re.compile(r"stage(\d+)_block(\d+)")  # residual block submodules of lth.models.ResNet
@@ -85,10 +88,12 @@ def granularities(structure: Structure) -> list[str]:
     out = ["weight"]
     if structure.chain is not None:
         hidden = structure.chain_layers()[:-1]
-        if any(op["op"] == "dense" for op in hidden):
+        if any(op["op"] == "dense" for op in hidden) or structure.mlps:
             out.append("neuron")
         if any(op["op"] == "conv" for op in hidden):
             out.append("filter")
+    elif structure.mlps:  # the MLPs inside transformer blocks
+        out.append("neuron")
     if structure.blocks:
         out.append("layer")
     if structure.heads:
@@ -120,6 +125,10 @@ def check_granularity(cfg: PruneConfig, model, params: PyTree, model_name: str) 
             block_names(st, params)
         elif g == "head":
             check_heads(params, st)
+        elif g == "neuron" and st.mlps:
+            check_mlps(params, st)
+            if st.chain is not None:
+                chain_order(st, params)
         else:
             chain_order(st, params)
     except ValueError as e:
@@ -147,6 +156,9 @@ def _check_units_prune(cfg: PruneConfig, st: Structure, model_name: str) -> None
     layers = [op["layer"] for op in st.chain_layers()[:-1] if op["op"] == kind]
     rate = (cfg.conv_rate if cfg.conv_rate is not None else cfg.rate) if kind == "conv" else cfg.rate
     rates = {n: (cfg.rates or {}).get(n, rate) for n in layers if n not in cfg.exclude}
+    if kind == "dense":  # and the MLPs inside blocks (lth.prune.units)
+        rates.update({first: mlp_rate(cfg, first, st) for first, _ in st.mlps})
+        layers += [first for first, _ in st.mlps]
     if any(r > 0 for r in rates.values()):
         return
     raise ConfigError(f"prune.granularity = {cfg.granularity!r} prunes nothing in model.name = {model_name!r}: its "
@@ -189,7 +201,9 @@ def block_names(structure: Structure, params: PyTree) -> list[str]:
 def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model) -> PyTree:
     """Next mask of one member of ``model`` (a Module or its :class:`Structure`): ``cfg.granularity``
     "neuron"/"filter" prunes ``rate`` (``conv_rate`` for convs) of the surviving units of every hidden
-    dense/conv layer of the chain; "layer" drops declared residual blocks (:func:`block_prune`); "n:m"
+    dense/conv layer of the chain (neurons: and of every MLP the model declares, :func:`mlp_prune`);
+    "head" removes attention heads (:func:`head_prune`); "layer" drops declared residual blocks
+    (:func:`block_prune`); "n:m"
     moves every group one step towards N:M (:func:`lth.nm.nm_prune`). ValueError naming what the
     model lacks when it does not support the granularity."""
     st = model if isinstance(model, Structure) else structure_of(model)
@@ -202,6 +216,10 @@ def structured_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, model) -> P
         return block_prune(params, mask, cfg, block_names(st, params))
     if cfg.granularity == "head":
         return head_prune(params, mask, cfg, st)
+    if cfg.granularity == "neuron" and st.mlps:
+        mask = mlp_prune(params, mask, cfg, st)
+        if st.chain is None:
+            return mask
     new = _copy(mask)
     order, norms = chain_order(st, params), chain_norms(st)
     kinds = {op["layer"]: op["op"] for op in st.chain_layers()}
@@ -412,15 +430,25 @@ def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats
     params = unstack(load_tree(store.level_dir(level) / "final.msgpack")["params"], member)
     mask = unstack(load_tree(store.level_dir(level) / "masks.msgpack"), member)
     st = structure_of(model)
-    try:
-        compact_ops(st, params)
-    except ValueError as e:
-        raise ConfigError(f"compact cannot rebuild {run_dir} (model {cfg.model.name}, prune.granularity = "
-                          f"{cfg.prune.granularity!r}): {e}") from None
-    if not is_structured(mask, chain_order(st, params), chain_norms(st)):
-        raise ValueError(f"level {level} of {run_dir} is not structurally pruned (prune.granularity = "
-                         f"{cfg.prune.granularity!r}); nothing to compact")
-    small_model, small_params = compact(params, mask, cfg.model, data.num_classes, data.input_shape, model)
+    extra = {}
+    if st.chain is None and compactable(model):  # a transformer: fewer heads and MLP hidden units
+        small_model, small_params, removed = compact_blocks(params, mask, model)
+        if all(k == n for k, n in [*removed["heads"].values(), *removed["hidden"].values()]):
+            raise ValueError(f"level {level} of {run_dir} has no fully pruned attention head or MLP hidden unit "
+                             f"(prune.granularity = {cfg.prune.granularity!r}); nothing to compact (prune with "
+                             "prune.granularity = 'head' or 'neuron')")
+        extra = {"heads_kept": " ".join(f"{k}/{n}" for k, n in removed["heads"].values()),
+                 "hidden_kept": " ".join(f"{k}/{n}" for k, n in removed["hidden"].values())}
+    else:
+        try:
+            compact_ops(st, params)
+        except ValueError as e:
+            raise ConfigError(f"compact cannot rebuild {run_dir} (model {cfg.model.name}, prune.granularity = "
+                              f"{cfg.prune.granularity!r}): {e}") from None
+        if not is_structured(mask, chain_order(st, params), chain_norms(st)):
+            raise ValueError(f"level {level} of {run_dir} is not structurally pruned (prune.granularity = "
+                             f"{cfg.prune.granularity!r}); nothing to compact")
+        small_model, small_params = compact(params, mask, cfg.model, data.num_classes, data.input_shape, model)
     x = jax.numpy.asarray(data.x_test[:batch])
     big_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
     small_fn = jax.jit(lambda p, x: small_model.apply({"params": p}, x))
@@ -439,6 +467,6 @@ def compact_run(run_dir, level: int, member: int = 0, batch: int = 1000, repeats
     n_big = sum(int(np.size(v)) for v in jax.tree.leaves(params))
     n_small = sum(int(np.size(v)) for v in jax.tree.leaves(small_params))
     return {"level": level, "params_masked": n_big, "params_nonzero": int(sum(np.sum(m) for m in jax.tree.leaves(mask))),
-            "params_compact": n_small, "max_abs_diff": diff, "batch": int(x.shape[0]),
+            "params_compact": n_small, "max_abs_diff": diff, "batch": int(x.shape[0]), **extra,
             "latency_masked_ms": 1e3 * best_time(big_fn, masked),
             "latency_compact_ms": 1e3 * best_time(small_fn, small_params)}

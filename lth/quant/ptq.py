@@ -197,6 +197,11 @@ def layer_program(model) -> list[dict]:
     or naming the layer or op the integer program does not have (batch norm, average pooling, strides).
     """
     st = structure_of(model)
+    if st.chain is None and (st.heads or st.mlps):  # a transformer
+        raise ValueError(f"not supported for model {type(model).__name__}: integer inference (lth export, "
+                         "eval-export) and cross-layer equalization run chains of dense/conv layers with ReLU, and a "
+                         "transformer block also needs softmax attention, layer norms and GELU; use `lth quantize` "
+                         "(fake-quantized PTQ/QAT accuracy and compressed bytes) instead")
     if st.chain is None:
         raise ValueError(f"{type(model).__name__} declares no plain chain of layers (lth.models.Structure.chain): "
                          "cross-layer equalization and integer inference need one (mlp, lenet_300_100, conv2/4/6 "

@@ -52,7 +52,7 @@ from .export import float_size_report, nm_of, size_report, write_export
 from .intinfer import from_quantized
 from .numerics import QuantSpec
 from .gptq_net import check_gptq_model, gptq_population
-from .ptq import QuantizedTicket, ptq_population
+from .ptq import QuantizedTicket, layer_program, ptq_population
 from .qat import float_ft, qat
 from .wiring import Evaluator, fake_quant_predict
 
@@ -676,6 +676,7 @@ def export_level(run_dir: str | Path, level: int, bits: int, path: str | Path, *
     if level not in complete:
         raise StoreError(f"{run.path}: level {level} is not complete; complete levels: "
                          f"{', '.join(map(str, complete)) or 'none'}")
+    layer_program(run.model)  # before quantizing: ValueError for a model the integer program cannot run
     qc = quant_config(None, **settings)
     spec = QuantSpec(bits, scheme, granularity, calibration, act_bits, act_scheme, None, qc.percentile)
     qt, who = quantize_member(run, level, spec, member=member, method=method, qc=qc)

@@ -50,3 +50,15 @@ def test_lottery_cli_ends_with_a_compiles_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("compiles: ") and "cache hits: " in err[-1], err
     assert len(list((tmp_path / "runs").glob("*/level_000/COMPLETE"))) == 1
+
+
+def test_cold_start_benchmark_reads_the_compiles_line():
+    import importlib.util
+    from pathlib import Path
+    from lth.compiles import CompileCount
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cold_start.py"
+    spec = importlib.util.spec_from_file_location("cold_start", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    line = CompileCount(compiles=12, compile_s=8.44, hits=3, hit_s=0.1, trace_s=2.0).line()
+    assert mod.short(f"something\n{line}\n") == "12 (8.4 s)"

@@ -39,6 +39,11 @@ class CompileCount:
     hit_s: float = 0.0
     trace_s: float = 0.0
     by_name: Counter = field(default_factory=Counter)  # fun_name -> real compiles
+    hits_by_name: Counter = field(default_factory=Counter)  # fun_name -> cache hits
+
+    def built(self, name: str) -> int:
+        """Executables of program ``name`` (e.g. ``"jit(sharded)"``) built: compiled or read from the cache."""
+        return self.by_name[name] + self.hits_by_name[name]
 
     def line(self) -> str:
         """``compiles: N (X s); cache hits: M (Y s); tracing Z s``: one line for a command's end."""
@@ -53,15 +58,16 @@ class CompileCount:
         self.hit_s += other.hit_s
         self.trace_s += other.trace_s
         self.by_name.update(other.by_name)
+        self.hits_by_name.update(other.hits_by_name)
 
     def to_json(self) -> dict:
         return {"compiles": self.compiles, "compile_s": self.compile_s, "hits": self.hits, "hit_s": self.hit_s,
-                "trace_s": self.trace_s, "by_name": dict(self.by_name)}
+                "trace_s": self.trace_s, "by_name": dict(self.by_name), "hits_by_name": dict(self.hits_by_name)}
 
     @classmethod
     def from_json(cls, d: dict) -> "CompileCount":
         return cls(int(d["compiles"]), float(d["compile_s"]), int(d["hits"]), float(d["hit_s"]),
-                   float(d["trace_s"]), Counter(d.get("by_name", {})))
+                   float(d["trace_s"]), Counter(d.get("by_name", {})), Counter(d.get("hits_by_name", {})))
 
 
 _active: list[CompileCount] = []
@@ -83,6 +89,7 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
                 if hit:
                     c.hits += 1
                     c.hit_s += duration
+                    c.hits_by_name[str(kwargs.get("fun_name", "?"))] += 1
                 else:
                     c.compiles += 1
                     c.compile_s += duration

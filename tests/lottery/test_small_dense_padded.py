@@ -3,14 +3,13 @@ as the narrow network to float rounding, and no programs of their own."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
+from lth.compiles import counting
 from lth.data import load_dataset
+from lth.lottery import run_lottery
 from lth.models import build_model
 from lth.prune.baselines import pad_params, pads_exactly, unpad_params
 from lth.train import Engine, init_population, init_variables
@@ -61,33 +60,15 @@ def test_only_dense_chains_pad():
     assert not pads_exactly(build_model(dataclasses.replace(conv, width=0.5), 10, img), build_model(conv, 10, img), img)
 
 
-_COUNT = """
-import json, sys
-sys.path.insert(0, "tests")
-from helpers import tiny
-from lth.compiles import counting
-from lth.lottery import run_lottery
-out = {}
-for arms in (["ticket"], ["ticket", "small_dense"]):
-    cfg = tiny(arms=arms, prune={"levels": 2}, train={"steps": 20, "eval_every": 10})
-    with counting() as c:
-        run_lottery(cfg, f"{sys.argv[1]}/{len(arms)}")
-    out["+".join(arms)] = dict(c.by_name)
-print(json.dumps(out))
-"""
-
-
-def test_small_dense_levels_compile_no_training_programs_of_their_own(tmp_path):
-    """Without a compile cache every program is compiled once per Lottery: the small-dense members of
-    levels 1 and 2 (two new widths) add no train or eval program to the ticket-only run's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env["LTH_COMPILE_CACHE"] = "off"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", _COUNT, str(tmp_path)], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
-    ticket, both = counts["ticket"], counts["ticket+small_dense"]
-    assert both.get("jit(sharded)", 0) == ticket.get("jit(sharded)", 0) > 0, counts
-    run = next(tmp_path.glob("2/*/level_002/small_dense_padded.json"))
-    assert json.loads(run.read_text()) == {"full_width": 1.0}
+def test_small_dense_levels_build_no_training_programs_of_their_own(tmp_path):
+    """Every Lottery builds its programs anew (compiled, or read from the compile cache): the small-dense
+    members of levels 1 and 2 (two new widths) add no train or eval program to a ticket-only run's."""
+    built = {}
+    for arms in (["ticket"], ["ticket", "small_dense"]):
+        cfg = tiny(arms=arms, prune={"levels": 2}, train={"steps": 20, "eval_every": 10})
+        with counting() as c:
+            run_lottery(cfg, tmp_path / str(len(arms)))
+        built[len(arms)] = c.built("jit(sharded)")
+    assert built[2] == built[1] > 0, built
+    marker = next(tmp_path.glob("2/*/level_002/small_dense_padded.json"))
+    assert json.loads(marker.read_text()) == {"full_width": 1.0}

@@ -490,7 +490,15 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="lth.train",
                     help="module or .py file providing Engine (default lth.train; for profiling copies)")
     ap.add_argument("--knobs", default="{}", help="JSON keyword arguments for Engine (experimental copies only)")
+    ap.add_argument("--cold-start", action="store_true",
+                    help="only the cold_vs_warm_main_job figure: the README's main job with an empty, then a warm "
+                         "compile cache (benchmarks/cold_start.py)")
     args = ap.parse_args(argv)
+    if args.cold_start:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import cold_start
+        cold_start.run([])
+        return 0
     steps = args.steps or (300 if args.quick else 2000)
     rounds = args.repeats or (2 if args.quick else 3)
     try:

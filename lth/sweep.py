@@ -100,6 +100,7 @@ class Outcome:
     status: str  # trained | complete | busy | failed
     wall_s: float
     message: str = ""
+    compiles: dict | None = None  # what a worker process compiled for the point's group (CompileCount.to_json)
 
 
 def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
@@ -130,9 +131,12 @@ def groups_of(points: list[SweepPoint], max_runs: int = 8) -> list[list[int]]:
 
 def run_group_point(cfg_jsons: list[str], out: str, progress: bool = False) -> list[dict]:
     """Run one group of sweep points in this process (the unit of work of every executor)."""
+    from .compiles import counting
+
     cfgs = [ExperimentConfig.from_json(c) for c in cfg_jsons]
     t0 = time.time()
-    status = run_experiments(cfgs, out, progress=progress)
+    with counting() as count:
+        status = run_experiments(cfgs, out, progress=progress)
     wall = time.time() - t0
     rows = []
     for cfg in cfgs:
@@ -140,6 +144,8 @@ def run_group_point(cfg_jsons: list[str], out: str, progress: bool = False) -> l
         kind, _, message = st.partition(": ")
         rows.append({"run_id": cfg.run_id, "status": kind, "wall_s": wall if kind in ("trained", "quantized") else 0.0,
                      "message": message})
+    if rows:  # the group's compiles, once (a worker process's count for the sweep's compiles: line)
+        rows[0]["compiles"] = count.to_json()
     return rows
 
 
@@ -169,9 +175,12 @@ def run_sweep(points: list[SweepPoint], out: str | Path, *, executor: str = "loc
     groups = groups_of(points, group)
     results: dict[int, Outcome] = {}
 
+    in_process = executor == "local" and workers <= 1  # counted by this process's own counter
+
     def done(idx: list[int], rows: list[dict]) -> None:
         for i, r in zip(idx, rows):
-            results[i] = Outcome(r["run_id"], points[i].label, r["status"], r["wall_s"], r.get("message", ""))
+            results[i] = Outcome(r["run_id"], points[i].label, r["status"], r["wall_s"], r.get("message", ""),
+                                 None if in_process else r.get("compiles"))
             if on_done is not None:
                 on_done(results[i], len(results), len(points))
 

@@ -595,6 +595,13 @@ def eval_steps(cfg: TrainConfig, num_steps: int, spe: int) -> list[int]:
     return steps + [num_steps]
 
 
+def _placed_or_host(x, sharding):
+    """``x`` itself when it is a device array with ``sharding`` already (or a PRNG key), else a host copy."""
+    if not isinstance(x, jax.Array) or _is_key(x) or x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    return np.asarray(x)
+
+
 class Engine:
     """Compiled programs for one (model, optimizer, data set); reused across levels and arms.
 
@@ -651,7 +658,9 @@ class Engine:
         """
         sharding = population_sharding(int(jax.tree.leaves(rngs)[0].shape[0]))
         # placed on the devices first (host copies of numpy inputs), so the init program's outputs
-        # are sharded already: no resharding programs afterwards
+        # are sharded already: no resharding programs afterwards. A device array placed otherwise goes
+        # through the host: resharding it on the devices compiles a slicing program per leaf shape
+        params, batch_stats, masks = jax.tree.map(lambda x: _placed_or_host(x, sharding), (params, batch_stats, masks))
         params, batch_stats, masks, rngs = jax.device_put((params, batch_stats, masks, rngs), sharding)
         state = init_population_state(params, batch_stats, masks, self.tx, rngs, start)
         return jax.device_put(state, sharding)
@@ -793,13 +802,17 @@ def early_stop_steps(records: list[dict]) -> dict[int, int]:
     return {k: v[1] for k, v in best.items()}
 
 
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def stack(trees: Sequence[PyTree]) -> PyTree:
-    """Stack members into a population ``[K, ...]``: numpy on the host for numpy leaves (no device
-    program to compile per shape and K), jax otherwise."""
+    """Stack members into a population ``[K, ...]``: numpy on the host (device arrays are copied there
+    first), so no device program is compiled per leaf shape and K; PRNG keys (no numpy form) with jax."""
     def one(*xs):
-        if all(isinstance(x, (np.ndarray, np.generic)) for x in xs):
-            return np.stack(xs)
-        return jnp.stack(xs)
+        if any(_is_key(x) for x in xs):
+            return jnp.stack(xs)
+        return np.stack([np.asarray(x) for x in xs])
 
     return jax.tree.map(one, *trees)
 

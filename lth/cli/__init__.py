@@ -31,6 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that end with a ``compiles:`` line on stderr (:mod:`lth.compiles`): those that train or quantize.
+COUNTED = ("train", "lottery", "sweep", "quantize")
+
+
+def _run_counted(args) -> int:
+    """Run a command, then print what it compiled: ``compiles: N (X s); cache hits: M (Y s); tracing Z s``
+    (this process and, for ``lth sweep``, its worker processes)."""
+    from ..compiles import counting
+
+    with counting() as count:
+        code = COMMANDS[args.command].run(args)
+    if code != EXIT_USAGE:
+        for other in getattr(args, "worker_compiles", ()):  # set by lth sweep from its worker processes
+            count.add(other)
+        print(count.line(), file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
@@ -45,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trust(*getattr(args, "code", None) or [])  # user code named on the command line (--code)
     try:
+        if args.command in COUNTED:
+            return _run_counted(args)
         return COMMANDS[args.command].run(args)
     except (ConfigError, DataError, StoreError, RegistryError) as e:
         return error(str(e))

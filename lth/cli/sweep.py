@@ -78,6 +78,8 @@ def run_sweep_command(args) -> int:
             o.message = o.message or "waited for another process"
             outcomes[i] = o
         busy = [i for i in busy if outcomes[i].status == "busy"]
+    from ..compiles import CompileCount
+    args.worker_compiles = [CompileCount.from_json(o.compiles) for o in outcomes if o.compiles]
     print(f"{'run_id':<13} {'status':<9} {'wall_s':>7}  settings")
     for o in outcomes:
         print(f"{o.run_id:<13} {o.status:<9} {o.wall_s:7.1f}  {o.label}" + (f"  [{o.message}]" if o.message else ""))

@@ -46,7 +46,7 @@ from .. import __version__
 from ..config import DST_ARMS, ONESHOT_FT_ARMS, ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
 from ..models import build_model, check_output_width, structure_of
-from ..prune.baselines import count_at_width, match_width
+from ..prune.baselines import count_at_width, match_width, pad_params, pads_exactly, unpad_params
 from ..prune.criteria import Signals, magnitude_scores
 from ..prune.dst import MODES, make_mask_update, update_steps
 from ..prune.criteria import scores as criterion_scores
@@ -111,6 +111,9 @@ def member_rngs(members, level: int) -> jax.Array:
 
 MEMBERS_FILE = "members.json"  # the level's main population, in stored order
 SMALL_DENSE_FILE = "small_dense.json"  # the small-dense members, in small_dense_final.msgpack's order
+# present when the level's small-dense members trained padded to full width (Lottery._train_small_dense);
+# absent in levels stored before, whose small-dense members trained at their own width
+SMALL_DENSE_PADDED_FILE = "small_dense_padded.json"
 
 
 def read_members(level_dir) -> list[Member]:
@@ -637,8 +640,10 @@ class Lottery:
                                                                    masks, can_prune)
             width = None if old_metrics is None or not old_small else float(
                 old_metrics.loc[old_metrics["arm"] == "small_dense", "width"].iloc[0])
+            # a level's small-dense members all train one way: a grown level as its stored ones did
+            padded = self._small_dense_pads() and (not old_small or (d / SMALL_DENSE_PADDED_FILE).is_file())
             df, fin = self._train_small_dense(level, [m.seed for m in small_missing], ticket_mask,
-                                              ticket_density, width)
+                                              ticket_density, width, padded)
             small_frames.append(df)
             small_new = df
             small_final = fin if small_final is None else concat_stacked(small_final, fin)
@@ -666,6 +671,8 @@ class Lottery:
             out[name] = tree_bytes(tree)
         for name, df in frames.items():
             out[name] = parquet_bytes(df.reset_index(drop=True))
+        if small_missing and padded:
+            out[SMALL_DENSE_PADDED_FILE] = json.dumps({"full_width": self.cfg.model.width}).encode()
         if small:
             out[SMALL_DENSE_FILE] = members_bytes(small)
             out["small_dense_final.msgpack"] = tree_bytes(small_final)
@@ -727,10 +734,15 @@ class Lottery:
         return pd.DataFrame(rows) if rows else None
 
     def _train_small_dense(self, level: int, seeds: list[int], ticket_mask, ticket_density: float,
-                           width: float | None = None) -> tuple[pd.DataFrame, dict]:
+                           width: float | None = None, padded: bool = False) -> tuple[pd.DataFrame, dict]:
         """Train, for each of ``seeds``, a dense model whose parameter count matches ``ticket_mask``'s
         (the level's first ticket; layerwise counts are equal for every seed). ``width``: the width
-        the level's stored small-dense models have (a level that grows by seeds keeps it)."""
+        the level's stored small-dense models have (a level that grows by seeds keeps it).
+
+        ``padded``: train it inside the full-width model with the extra units masked off
+        (:func:`lth.prune.baselines.pads_exactly`), so every level runs the programs level 0 compiled
+        instead of compiling its own; the narrow network's init, and its weights are stored. Equal to
+        the narrow training up to float rounding."""
         cfg = self.cfg
         target = kept_count(ticket_mask)
         if width is None:
@@ -742,19 +754,36 @@ class Lottery:
             count = count_at_width(cfg.model, width, self.data.num_classes, tuple(self.data.input_shape))
         model = build_model(dataclasses.replace(cfg.model, width=width), self.data.num_classes,
                             self.data.input_shape)
-        engine = Engine(model, self.data, cfg.train)
         keys = seed_keys(seeds)
         params, bs = init_population(model, keys, self.data.input_shape)
-        state = engine.init(params, bs, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params), keys)
+        ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+        if padded:  # the full-width model's programs, with the units beyond the narrow widths masked off
+            engine = self.engine
+            full, narrow = (jax.eval_shape(lambda k, m=m: init_variables(m, k, self.data.input_shape)[0],
+                                           jax.random.key(0)) for m in (self.model, model))
+            (params, ones), bs = pad_params(params, full), {}
+        else:
+            engine = Engine(model, self.data, cfg.train)
+        state = engine.init(params, bs, ones, keys)
         t0 = time.time()
         with self.level_bar(level, engine.num_steps, "small-dense") as bar:
             result = engine.run(state, seeds, progress=bar)
+        final = to_numpy(result.state.params)
+        if padded:
+            final = unpad_params(final, narrow)
         members = [Member("small_dense", s) for s in seeds]
         df = self._metrics_table(level, members, [ticket_density] * len(seeds), result.records,
                                  time.time() - t0, result.diverged)
         df["param_count"] = count
         df["width"] = width
-        return df, {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}
+        return df, {"params": final, "batch_stats": to_numpy(result.state.batch_stats)}
+
+    def _small_dense_pads(self) -> bool:
+        """Whether this run's small-dense models train padded to full width (:func:`pads_exactly`; the
+        model at a small width stands for every width: the layer kinds do not change with it)."""
+        small = build_model(dataclasses.replace(self.cfg.model, width=self.cfg.model.width / 2),
+                            self.data.num_classes, self.data.input_shape)
+        return pads_exactly(small, self.model, tuple(self.data.input_shape))
 
     def _finetune(self) -> Engine:
         if self._share is not None:  # same train and rewind config: the same compiled programs

@@ -13,9 +13,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import ModelConfig
-from ..models import build_model, param_count
+from ..models import ACTIVATIONS, build_model, param_count, structure_of
 
 
 @lru_cache(maxsize=4096)
@@ -46,3 +47,66 @@ def match_width(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int], 
         else:
             hi = mid
     return best
+
+
+# ---------------------------------------------------------------------------- padded small-dense training
+
+def pads_exactly(narrow, full, input_shape: Sequence[int]) -> bool:
+    """Whether the small-dense model ``narrow`` can train inside the full-width model ``full``: a chain of
+    dense layers (with or without ReLU, no norm, no dropout, no batch statistics) whose every parameter
+    is a leading block of ``full``'s (same tree, each dimension at most ``full``'s).
+
+    There a hidden unit whose incoming weights and bias are zero outputs ``relu(0) = 0`` and its outgoing
+    weights are zero, so the padded network computes the narrow one's logits; with those weights masked
+    (zero gradient, zero Adam moments, zero update: :mod:`lth.train`) it stays so through training. The
+    two differ only in float rounding (a longer dot product adds exact zeros in another order: ~1e-8 on
+    the weights, tests/prune/test_small_dense_padded.py). Convolutions are left out: a flatten after a
+    conv interleaves channels, so a narrow fc kernel is not a leading block of the wide one.
+    """
+    chains = [structure_of(m).chain for m in (narrow, full)]
+    if any(c is None or any(op["op"] not in ("flatten", "dense") or "norm" in op for op in c) for c in chains):
+        return False
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)  # shapes only: nothing runs or compiles
+    shapes = [jax.eval_shape(lambda x, m=m: m.init(jax.random.key(0), x, train=False), x) for m in (narrow, full)]
+    if any(set(s) - {"params", ACTIVATIONS} for s in shapes):  # batch statistics or other state
+        return False
+    small, big = (s["params"] for s in shapes)
+    if jax.tree.structure(small) != jax.tree.structure(big):
+        return False
+    return all(len(a.shape) == len(b.shape) and all(i <= j for i, j in zip(a.shape, b.shape))
+               for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(big)))
+
+
+def _block(shape) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
+
+def pad_params(narrow_params, full_shapes):
+    """``(padded, live)``: each narrow leaf written into the leading block of a zero array shaped as its
+    ``full_shapes`` leaf (numpy, on the host), and the mask that is True exactly on that block. A leading
+    population axis ``[K, ...]`` of the narrow leaves (absent from ``full_shapes``) is kept."""
+    def full(x, s):  # the population axis of x, if any, then the full leaf's shape
+        return tuple(np.shape(x)[:np.ndim(x) - len(s.shape)]) + tuple(s.shape)
+
+    def pad(x, s):
+        x = np.asarray(x)
+        out = np.zeros(full(x, s), x.dtype)
+        out[_block(x.shape)] = x
+        return out
+
+    def live(x, s):
+        out = np.zeros(full(x, s), bool)
+        out[_block(np.shape(x))] = True
+        return out
+
+    return jax.tree.map(pad, narrow_params, full_shapes), jax.tree.map(live, narrow_params, full_shapes)
+
+
+def unpad_params(padded, narrow_shapes):
+    """The leading blocks of ``padded`` with the shapes of ``narrow_shapes`` (host numpy): the narrow
+    network a padded small-dense model trained. A leading population axis of ``padded`` is kept."""
+    def cut(x, s):
+        x = np.asarray(x)
+        return x[(slice(None),) * (x.ndim - len(s.shape)) + _block(s.shape)]
+
+    return jax.tree.map(cut, padded, narrow_shapes)

@@ -68,3 +68,43 @@ def test_classifier_quant_rows_have_a_loss_but_no_bits_per_byte(tmp_path):
     assert np.isfinite(rows["loss"]).all() and np.isfinite(rows["val_loss"]).all()
     assert rows[["perplexity", "bits_per_byte", "float_bits_per_byte"]].isna().all().all()
     assert "test acc" in lines[0] and "%" in lines[0]
+
+
+def test_progress_bar_shows_bits_per_byte_for_a_language_model():
+    from lth.lottery.runner import progress_postfix
+    m = {"train": (1.5, 0.4), "val": (math.log(2) * 2.5, 0.3), "test": (math.log(2) * 3.0, 0.2)}
+    assert progress_postfix(m, lm=True) == {"loss": "1.500", "val_bpb": "2.500", "test_bpb": "3.000"}
+    assert progress_postfix(m) == {"loss": "1.500", "val_acc": "30.00%", "test_acc": "20.00%"}
+
+
+def test_report_of_a_language_model_judges_by_bits_per_byte(lm_run, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from analysis import figures, load_runs
+    from analysis.report import write_report
+    from lth.quant.stage import quantize_run
+    root, path = lm_run
+    quantize_run(path, levels=[1], bits_list=[8], methods=["ptq"])
+    made = write_report(root, tmp_path / "report")
+    assert {"bits_per_byte_vs_density", "early_stop_bits_per_byte_vs_density", "learning_curves_ticket",
+            "bits_per_byte_vs_bits"} <= set(made)
+    assert not {"accuracy_vs_density", "accuracy_vs_size", "accuracy_vs_bits", "quant_heatmap"} & set(made)
+    assert all("bits per byte (lower is better)" in made[k] for k in made if "bits_per_byte" in k or "curves" in k)
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "bits per byte (lower is better)" in summary and "accuracy (%)" not in summary
+    df = load_runs(root)
+    fig = figures.bits_per_byte_vs_density(df)
+    ax = fig.axes[0]
+    assert "bits per byte" in ax.get_ylabel() and "lower is better" in ax.get_ylabel()
+    assert "lower is better" in ax.get_title()
+    # the dense point is the final test bits per byte of level 0 (one seed: the value itself)
+    m = StoredRun.open(path).metrics(0)
+    final = m[m["split"] == "test"].sort_values("step")["bits_per_byte"].iloc[-1]
+    ticket = next(line for line in ax.lines if getattr(line, "arm", None) == "ticket")
+    assert ticket.get_ydata()[0] == pytest.approx(final, rel=1e-9)
+    plt.close(fig)
+    fig = figures.bits_per_byte_vs_bits(df[df["run_id"] == path.name])
+    assert "bits per byte" in fig.axes[0].get_ylabel()
+    drawn = [line for ax in fig.axes for line in ax.lines if getattr(line, "method", None) == "ptq"]
+    assert drawn and max(drawn[0].get_ydata()) < 9  # bits per byte, not a percentage
+    plt.close(fig)

@@ -108,3 +108,14 @@ def test_report_of_a_language_model_judges_by_bits_per_byte(lm_run, tmp_path):
     drawn = [line for ax in fig.axes for line in ax.lines if getattr(line, "method", None) == "ptq"]
     assert drawn and max(drawn[0].get_ydata()) < 9  # bits per byte, not a percentage
     plt.close(fig)
+
+
+def test_run_summary_of_a_language_model_prints_bits_per_byte(lm_run, capsys):
+    from lth.cli.common import print_summary
+    _, path = lm_run
+    print_summary(path, 1.0)
+    out = capsys.readouterr().out
+    assert "bits_per_byte" in out and "accuracy" not in out
+    m = StoredRun.open(path).metrics(0)
+    final = m[m["split"] == "test"].sort_values("step")["bits_per_byte"].iloc[-1]
+    assert f"{final:.2f}" in out

@@ -119,3 +119,11 @@ def test_run_summary_of_a_language_model_prints_bits_per_byte(lm_run, capsys):
     m = StoredRun.open(path).metrics(0)
     final = m[m["split"] == "test"].sort_values("step")["bits_per_byte"].iloc[-1]
     assert f"{final:.2f}" in out
+
+
+def test_lth_quantize_prints_bits_per_byte_for_a_language_model(lm_run, capsys):
+    from lth.cli import main
+    _, path = lm_run
+    assert main(["quantize", str(path), "--levels", "1", "--bits", "8", "--method", "ptq", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "bits_per_byte" in out.splitlines()[0] and "accuracy" not in out.splitlines()[0]

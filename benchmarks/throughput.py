@@ -55,8 +55,8 @@ ResNet-20), best of ``--repeats`` interleaved rounds after a warm-up segment, as
     ratio_conv_single = (a) steps/s / (c) steps/s   (ratio_conv_population: (b) network-steps/s / (c))
 
 Transformer rows (``--transformer``, or ``--transformer-only``): the models of the two transformer recipes,
-dense masks, AdamW: ``vit`` (experiments/vit_fmnist.toml: patch 4, dim 64, depth 4, 4 heads, MLP ratio 2,
-CLS token; batch 128 of 10,000 random 28 x 28 x 1 images, lr 1e-3, weight decay 0.05) and ``gpt``
+dense masks, AdamW: ``vit`` (the wider ViT named in experiments/vit_fmnist.toml: patch 4, dim 64, depth 4,
+4 heads, MLP ratio 2, CLS token, 139k parameters; batch 128 of 10,000 random 28 x 28 x 1 images, lr 1e-3, weight decay 0.05) and ``gpt``
 (experiments/gpt_text.toml: depth 2, dim 64, 4 heads, MLP ratio 4, context 64; batch 32 windows of a
 200,000-byte random stream, lr 3e-3, weight decay 0.01, gradient clipping at norm 1). (a) lth, one network
 (the real engine, one compiled segment of ``--transformer-steps`` steps); (c) a PyTorch model of the same
@@ -430,8 +430,8 @@ def conv_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: i
 
 # ----------------------------------------------------------------------------- transformer rows
 
-# name -> (lth model settings, batch, train settings): the models of experiments/vit_fmnist.toml and
-# experiments/gpt_text.toml
+# name -> (lth model settings, batch, train settings): the wider ViT named in experiments/vit_fmnist.toml
+# and the GPT of experiments/gpt_text.toml
 TRANSFORMER_WORKLOADS = {
     "vit": (dict(name="vit", patch=4, dim=64, depth=4, heads=4, mlp_ratio=2.0, pool="cls"), 128,
             dict(optimizer="adamw", lr=1e-3, weight_decay=0.05)),

@@ -403,7 +403,7 @@ class QuantStage:
                      f"byte {g['bits_per_byte'].mean():.4f} ({ref_text}; lower is better) {g['wall_s'].iloc[0]:.1f} s")
 
     def _stored_float_ft(self, level: int, arm: str, column: str = "accuracy") -> dict[int, float]:
-        """seed -> test accuracy of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
+        """seed -> test ``column`` (accuracy) of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
         level_dir = self.run.level_dir(level)
         cid = cell_id(self.run.run_id, level, arm, float_ft_setting(self.qc))
         if cell_problem(level_dir, cid) is not None:

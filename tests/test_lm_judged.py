@@ -127,3 +127,25 @@ def test_lth_quantize_prints_bits_per_byte_for_a_language_model(lm_run, capsys):
     assert main(["quantize", str(path), "--levels", "1", "--bits", "8", "--method", "ptq", "--no-write"]) == 0
     out = capsys.readouterr().out
     assert "bits_per_byte" in out.splitlines()[0] and "accuracy" not in out.splitlines()[0]
+
+
+def test_wandb_gets_a_language_model_bits_per_byte(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from test_wandb_log import _metric_rows, offline_runs
+
+    from lth.wandb_log import WandbSink
+    run_dir = tmp_path / "runs" / "lm1"
+    sink = WandbSink("offline", "lth-test", "tiny", "lm1", {}, run_dir)
+    rows = [{**r, "bits_per_byte": r["loss"] / math.log(2), "perplexity": math.exp(r["loss"])}
+            for r in _metric_rows(0, "ticket", 0, 1.0)]
+    sink.log_level(0, 20, rows)
+    sink.log_quant(0, pd.DataFrame([{"run_id": "lm1", "cell": "c", "level": 0, "arm": "ticket", "seed": 0, "bits": 8,
+                                     "method": "ptq", "scheme": "sym", "accuracy": 0.4, "float_accuracy": 0.41,
+                                     "bits_per_byte": 2.5, "float_bits_per_byte": 2.4}]))
+    sink.close()
+    t = offline_runs(run_dir)["lm1/ticket/0"]
+    curve = [h["test/bits_per_byte"] for h in t["history"] if "test/bits_per_byte" in h]
+    assert curve == pytest.approx([(1 - 0.71) / math.log(2), (1 - 0.72) / math.log(2)])
+    assert t["summary"]["quant/level_000/ptq/w8/bits_per_byte"] == 2.5
+    assert t["summary"]["quant/level_000/ptq/w8/float_bits_per_byte"] == 2.4

@@ -14,18 +14,20 @@ from .summary import paired_differences, spread_rule, summarize
 from .tables import paired_tables, percent_columns, summary_tables, write_table_files
 
 
-def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None) -> list[Path]:
+def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None,
+                  select: str = "accuracy") -> list[Path]:
     """``<stem>.csv``: the tidy summary (one row per run, arm, level; accuracies as fractions);
     ``<stem>.md`` / ``.tex``: the paper tables (:func:`analysis.tables.summary_tables`, percent);
-    with ``diffs`` (:func:`analysis.summary.paired_differences`) also ``paired_differences.csv/.md/.tex``."""
+    with ``diffs`` (:func:`analysis.summary.paired_differences`) also ``paired_differences.csv/.md/.tex``;
+    ``select``: how ``summary``'s early-stop step was chosen (named in the captions)."""
     summary.to_csv(out / f"{stem}.csv", index=False)
     notes = ""
     if summary["diverged"].any():
         bad = summary[summary["diverged"] > 0]
         notes = "diverged (training loss non-finite or far above its first value): " + "; ".join(
             f"run {r.run_id} level {r.level} {r.arm}: {r.diverged} of {r.seeds} seeds" for r in bad.itertuples())
-    paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary), out, stem, dense_span=True,
-                                                      stack=True, notes=notes)
+    paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary, select=select), out, stem,
+                                                      dense_span=True, stack=True, notes=notes)
     if diffs is not None and not diffs.empty:
         diffs.to_csv(out / "paired_differences.csv", index=False)
         paths += [out / "paired_differences.csv"] + write_table_files(paired_tables(diffs, summary), out,
@@ -203,7 +205,7 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
     _write_tables(summary, out, "summary",
                   paired_differences(df, select="loss", metrics=("early_stop_test_bits_per_byte",
                                                                  "final_bits_per_byte"))
-                  if lm else paired_differences(df))
+                  if lm else paired_differences(df), select="loss" if lm else "accuracy")
     n_seeds = int(summary["seeds"].max())
     made: dict[str, str] = {}
     runs_note = (f" One line per run (line style), labelled by the settings that differ: {', '.join(keys)}."

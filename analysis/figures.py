@@ -249,10 +249,9 @@ def bits_per_byte_vs_density(df: pd.DataFrame, split: str = "test", metric: str 
                              ) -> plt.Figure:
     """A language model's :func:`accuracy_vs_density`: ``split`` bits per byte (lower is better) at the end of
     training (``metric="final"``) or at the early-stop step (``"early_stop_test"``: minimum validation loss)."""
-    what = "at the early-stop step (min val loss)" if metric.startswith("early_stop") else "at the end of training"
-    return _density_figure(df, f"{metric}_bits_per_byte", 1, f"{split} bits per byte (lower is better)",
-                           f"{split} bits per byte {what} vs weights remaining (lower is better)", split, by,
-                           dense_line=True, select="loss")
+    what = "early-stop" if metric.startswith("early_stop") else "final"
+    return _density_figure(df, f"{metric}_bits_per_byte", 1, f"{what} {split} bits per byte (lower is better)",
+                           f"{split} bits per byte vs weights remaining", split, by, dense_line=True, select="loss")
 
 
 def pai_accuracy_vs_density(df: pd.DataFrame, split: str = "test", by: str | None = None) -> plt.Figure:

@@ -97,7 +97,7 @@ def test_report_of_a_language_model_judges_by_bits_per_byte(lm_run, tmp_path):
     fig = figures.bits_per_byte_vs_density(df)
     ax = fig.axes[0]
     assert "bits per byte" in ax.get_ylabel() and "lower is better" in ax.get_ylabel()
-    assert "lower is better" in ax.get_title()
+    assert "bits per byte" in ax.get_title()
     # the dense point is the final test bits per byte of level 0 (one seed: the value itself)
     m = StoredRun.open(path).metrics(0)
     final = m[m["split"] == "test"].sort_values("step")["bits_per_byte"].iloc[-1]

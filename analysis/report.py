@@ -346,6 +346,10 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
               "(`early_stop_test_accuracy`: the step of peak validation accuracy) and the early-stop step. "
               "`summary.md` / `summary.tex`: the same as paper tables per run (rows: weights remaining, dense "
               "first; columns: arms; percent)."]
+    if lm:
+        lines += ["- A language model: `summary.csv` also holds `final_bits_per_byte` and "
+                  "`early_stop_test_bits_per_byte` (test bits per byte, lower is better; early stop at the minimum "
+                  "validation loss), and `summary.md` / `.tex` and the paired differences are in bits per byte."]
     if (out / "paired_differences.csv").is_file():
         lines += ["- `paired_differences.csv` / `.md` / `.tex`: ticket minus each other arm, matched by run, level "
                   "and seed (mean, min-max, 95% paired t-interval from 3 seeds, n; percentage points in .md/.tex)."]

@@ -93,6 +93,7 @@ def test_report_of_a_language_model_judges_by_bits_per_byte(lm_run, tmp_path):
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "bits per byte (lower is better)" in summary and "accuracy (%)" not in summary
     assert "minimum validation loss" in summary and "peak validation accuracy" not in summary
+    assert "final_bits_per_byte" in (tmp_path / "report" / "README.md").read_text()
     df = load_runs(root)
     fig = figures.bits_per_byte_vs_density(df)
     ax = fig.axes[0]

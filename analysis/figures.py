@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .summary import seed_spread, spread_rule, summarize  # noqa: E402,F401 - seed_spread: public here too
+from .summary import is_language_model, seed_spread, spread_rule, summarize  # noqa: E402,F401 - public here too
 
 # Okabe & Ito (2008), "Color universal design": eight colours told apart with every common colour-vision
 # deficiency; grey is the ninth for arms beyond them. Every figure takes its colours from here.
@@ -184,8 +184,10 @@ def _panels(n: int, width: float = 5, height: float = 3.4):
 
 
 def _density_figure(df: pd.DataFrame, y: str, scale: float, ylabel: str, title: str, split: str = "test",
-                    by: str | None = None, dense_line: bool = False, legend_size: float = 9) -> plt.Figure:
-    """Summary statistic ``y`` vs weights remaining, one line per (run, arm), one panel per value of ``by``."""
+                    by: str | None = None, dense_line: bool = False, legend_size: float = 9,
+                    select: str = "accuracy") -> plt.Figure:
+    """Summary statistic ``y`` vs weights remaining, one line per (run, arm), one panel per value of ``by``;
+    ``select``: how the early-stop step is chosen on validation (:func:`analysis.summary.summarize`)."""
     from .runs import run_labels, swept_keys
     keys = [k for k in swept_keys(df) if k != by]
     labels = run_labels(df, keys)
@@ -193,7 +195,7 @@ def _density_figure(df: pd.DataFrame, y: str, scale: float, ylabel: str, title: 
     with plt.rc_context(STYLE):
         fig, axes = _panels(len(facets))
         for ax, (name, part) in zip(axes, facets):
-            s = summarize(part, split=split)
+            s = summarize(part, split=split, select=select)
             _arm_lines(ax, s, y, scale=scale, labels=labels)
             if dense_line:
                 _dense_reference(ax, s, y, scale, labels)
@@ -243,6 +245,15 @@ def accuracy_vs_density(df: pd.DataFrame, split: str = "test", metric: str = "fi
                            f"{split} accuracy vs weights remaining", split, by, dense_line=True)
 
 
+def bits_per_byte_vs_density(df: pd.DataFrame, split: str = "test", metric: str = "final", by: str | None = None
+                             ) -> plt.Figure:
+    """A language model's :func:`accuracy_vs_density`: ``split`` bits per byte (lower is better) at the end of
+    training (``metric="final"``) or at the early-stop step (``"early_stop_test"``: minimum validation loss)."""
+    what = "early-stop" if metric.startswith("early_stop") else "final"
+    return _density_figure(df, f"{metric}_bits_per_byte", 1, f"{what} {split} bits per byte (lower is better)",
+                           f"{split} bits per byte vs weights remaining", split, by, dense_line=True, select="loss")
+
+
 def pai_accuracy_vs_density(df: pd.DataFrame, split: str = "test", by: str | None = None) -> plt.Figure:
     """Final accuracy vs weights remaining of the pruning-at-init arms (and their layerwise shuffles,
     dashed) beside the ticket and random pruning at the same per-layer counts."""
@@ -282,9 +293,12 @@ def _missing_figure(text: str, title: str) -> plt.Figure:
 
 
 def learning_curves(df: pd.DataFrame, arm: str = "ticket", split: str = "test", max_levels: int = 4,
-                    control: str = "reinit") -> plt.Figure:
-    """Accuracy vs training step of ``arm`` (solid) and its ``control`` (dashed, where the run has it) at a
-    few levels, one panel per level and one row per run: mean and seed band."""
+                    control: str = "reinit", metric: str = "accuracy") -> plt.Figure:
+    """Accuracy (or ``metric="bits_per_byte"``: a language model's, lower is better) vs training step of
+    ``arm`` (solid) and its ``control`` (dashed, where the run has it) at a few levels, one panel per level
+    and one row per run: mean and seed band."""
+    scale, ylabel = ((1, f"{split} bits per byte (lower is better)") if metric == "bits_per_byte"
+                     else (100, f"{split} accuracy (%)"))
     d = df[(df["split"] == split) & ((df["method"] == "float") if "method" in df else True)]
     runs = list(dict.fromkeys(d["run_id"])) or [""]
     levels = sorted(d[d["arm"] == arm]["level"].unique())
@@ -313,14 +327,14 @@ def learning_curves(df: pd.DataFrame, arm: str = "ticket", split: str = "test", 
                     ga = g[g["arm"] == a]
                     if ga.empty:
                         continue
-                    by = ga.groupby("step", sort=True)["accuracy"]
+                    by = ga.groupby("step", sort=True)[metric]
                     st = arm_style(a) if lv > 0 else arm_style("dense")
                     st["marker"] = None
                     st["linestyle"] = "-" if a == arm else "--"
-                    rule = _band(ax, by.mean().index.to_numpy(), [100 * v.to_numpy() for _, v in by], st,
+                    rule = _band(ax, by.mean().index.to_numpy(), [scale * v.to_numpy() for _, v in by], st,
                                  st["label"]) or rule
                 ax.set_xlabel("training step")
-            row[0].set_ylabel(f"{split} accuracy (%)")
+            row[0].set_ylabel(ylabel)
         handles = [plt.Line2D([], [], color=arm_color(arm), label=arm_style(arm)["label"])]
         if (d["arm"] == control).any() and control != arm:
             handles.append(plt.Line2D([], [], color=arm_color(control), linestyle="--",
@@ -543,29 +557,29 @@ def quant_heatmap(quant: pd.DataFrame, method: str | None = None, arm: str = "ti
 POINT_KEYS = ["run_id", "arm", "level", "bits", "method", "scheme", "granularity", "calibration", "act_bits"]
 
 
-def compression_points(df: pd.DataFrame) -> pd.DataFrame:
+def compression_points(df: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     """Every (run, arm, level, bits, method, ...) point of a :func:`analysis.load_runs` table with a
     size: mean compressed bytes and test accuracy with its seed spread. Float networks are the
     ``bits = 32`` points (final accuracy, size of the float32 network stored sparse); the dense level
-    0 is the arm ``dense``."""
+    0 is the arm ``dense``. ``metric``: the column averaged (``bits_per_byte`` for a language model)."""
     from .runs import float_rows, quant_rows
     from .summary import final_rows
 
     last = final_rows(float_rows(df))
     rows = pd.concat([last, quant_rows(df)], ignore_index=True).dropna(subset=["size_bytes"])
     if rows.empty:
-        return pd.DataFrame(columns=POINT_KEYS + ["size_bytes", "density", "accuracy", "low", "high", "seeds", "rule"])
+        return pd.DataFrame(columns=POINT_KEYS + ["size_bytes", "density", metric, "low", "high", "seeds", "rule"])
     rows = rows.assign(arm=np.where(rows["level"] == 0, "dense", rows["arm"]))
-    return _spread_points(rows)
+    return _spread_points(rows, metric)
 
 
-def _spread_points(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per :data:`POINT_KEYS` group: mean size, density and accuracy with its seed spread."""
+def _spread_points(rows: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """One row per :data:`POINT_KEYS` group: mean size, density and ``metric`` with its seed spread."""
     out = []
     for key, g in rows.groupby(POINT_KEYS, sort=False, dropna=False):
-        mean, lo, hi, rule = seed_spread(g["accuracy"])
+        mean, lo, hi, rule = seed_spread(g[metric] if metric in g else [])
         out.append({**dict(zip(POINT_KEYS, key)), "size_bytes": float(g["size_bytes"].mean()),
-                    "density": float(g["density"].mean()), "accuracy": mean, "low": lo, "high": hi,
+                    "density": float(g["density"].mean()), metric: mean, "low": lo, "high": hi,
                     "seeds": int(g["seed"].nunique()), "rule": rule})
     return pd.DataFrame(out)
 
@@ -614,24 +628,31 @@ def accuracy_vs_size(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def _float_ft_points(df: pd.DataFrame) -> pd.DataFrame:
+def _float_ft_points(df: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     """The float_ft rows of a load_runs table as :func:`compression_points` rows (mean and seed spread)."""
     ft = df[df["method"] == "float_ft"] if "method" in df else df.iloc[:0]
     if ft.empty:
         return pd.DataFrame()
     ft = ft.assign(arm=np.where(ft["level"] == 0, "dense", ft["arm"]))
-    return _spread_points(ft)
+    return _spread_points(ft, metric)
 
 
-def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
+def bits_per_byte_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
+    """A language model's :func:`accuracy_vs_bits`: test bits per byte (lower is better) vs weight bits."""
+    return accuracy_vs_bits(df, max_densities, metric="bits_per_byte")
+
+
+def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3, metric: str = "accuracy") -> plt.Figure:
     """Test accuracy vs weight bits at a few densities (one panel each; dense at 100%): one line per arm
     (colour) and quantization setting (marker and line style: the method), from the float network at 32
     bits; a QAT line starts from its float_ft control (float fine-tuned with QAT's schedule) where the
-    store has it. One run."""
+    store has it. One run. ``metric="bits_per_byte"``: a language model's test bits per byte instead."""
     _one_run(df, "accuracy_vs_bits")
-    points = compression_points(df.assign(size_bytes=df["size_bytes"].fillna(0)))  # sizes are not drawn here
+    scale, ylabel = ((1, "test bits per byte (lower is better)") if metric == "bits_per_byte"
+                     else (100, "test accuracy (%)"))
+    points = compression_points(df.assign(size_bytes=df["size_bytes"].fillna(0)), metric)  # sizes: not drawn
     if not (points["method"] == "float_ft").any():  # QAT's float controls are references, not compressed models
-        points = pd.concat([points, _float_ft_points(df)], ignore_index=True)
+        points = pd.concat([points, _float_ft_points(df, metric)], ignore_index=True)
     levels = sorted(points["level"].unique())
     quantized_levels = sorted(points.loc[points["bits"] < 32, "level"].unique())
     pick = quantized_levels or levels
@@ -656,8 +677,8 @@ def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
                 a = pd.concat([start, a]).sort_values("bits")
                 ms = method_style(method)
                 label = f"{arm_style(arm)['label']}, {ms['label']}" + "".join(f", {k} {key[k]}" for k in sorted(many))
-                c = ax.errorbar(np.log2(a["bits"]), 100 * a["accuracy"],
-                                yerr=[100 * (a["accuracy"] - a["low"]), 100 * (a["high"] - a["accuracy"])],
+                c = ax.errorbar(np.log2(a["bits"]), scale * a[metric],
+                                yerr=[scale * (a[metric] - a["low"]), scale * (a["high"] - a[metric])],
                                 color=arm_color(arm), marker=ms["marker"], fillstyle=ms["fillstyle"], markersize=4.5,
                                 capsize=1.5, linestyle=ms["linestyle"], label=label)
                 c.lines[0].arm, c.lines[0].method = arm, method
@@ -666,8 +687,9 @@ def accuracy_vs_bits(df: pd.DataFrame, max_densities: int = 3) -> plt.Figure:
             ax.set_xticks(np.log2(ticks), [str(int(b)) for b in ticks])
             ax.set_xlabel("weight bits (32: float)")
             ax.set_title(f"{100 * g['density'].mean():.3g}% weights (level {level})")
-        axes[0][0].set_ylabel("test accuracy (%)")
+        axes[0][0].set_ylabel(ylabel)
         axes[0][-1].legend(fontsize=6, title="; ".join(sorted(set(points["rule"]))), title_fontsize=6)
+        fig.suptitle(f"{_title(df)}: {ylabel} vs weight bits", fontsize=10)
     return fig
 
 

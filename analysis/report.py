@@ -18,18 +18,21 @@ from .tables import paired_tables, percent_columns, summary_tables, write_table_
 PANEL_ARMS = 3
 
 
-def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None) -> list[Path]:
+def _write_tables(summary: pd.DataFrame, out: Path, stem: str, diffs: pd.DataFrame | None = None,
+                  select: str = "accuracy") -> list[Path]:
     """``<stem>.csv``: the tidy summary (one row per run, arm, level; accuracies as fractions);
     ``<stem>.md`` / ``.tex``: the paper tables (:func:`analysis.tables.summary_tables`, percent);
-    with ``diffs`` (:func:`analysis.summary.paired_differences`) also ``paired_differences.csv/.md/.tex``."""
+    with ``diffs`` (:func:`analysis.summary.paired_differences`) also ``paired_differences.csv/.md/.tex``;
+    ``select``: how ``summary``'s early-stop step was chosen (named in the captions)."""
     summary.to_csv(out / f"{stem}.csv", index=False)
     notes = ""
     if summary["diverged"].any():
         bad = summary[summary["diverged"] > 0]
         notes = "diverged (training loss non-finite or far above its first value): " + "; ".join(
             f"run {r.run_id} level {r.level} {r.arm}: {r.diverged} of {r.seeds} seeds" for r in bad.itertuples())
-    paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary), out, stem, dense_span=True,
-                                                      stack=True, notes=notes, panel_columns=PANEL_ARMS)
+    paths = [out / f"{stem}.csv"] + write_table_files(summary_tables(summary, select=select), out, stem,
+                                                      dense_span=True, stack=True, notes=notes,
+                                                      panel_columns=PANEL_ARMS)
     if diffs is not None and not diffs.empty:
         diffs.to_csv(out / "paired_differences.csv", index=False)
         paths += [out / "paired_differences.csv"] + write_table_files(paired_tables(diffs, summary), out,
@@ -172,6 +175,25 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "experiment"
 
 
+def _lm_plans(df: pd.DataFrame, by: str | None, n_seeds: int, runs_note: str, facet_note: str) -> list:
+    """The density and learning-curve figures of a language model: bits per byte, lower is better (the
+    early-stop step: minimum validation loss)."""
+    control = "reinit" if "reinit" in set(df["arm"]) else "random_prune"
+    return [
+        ("bits_per_byte_vs_density", lambda: figures.bits_per_byte_vs_density(df, by=by),
+         f"Final test bits per byte (lower is better) vs weights remaining per arm (mean, {spread_rule(n_seeds)}); "
+         f"dotted: the dense network.{runs_note}{facet_note}"),
+        ("early_stop_bits_per_byte_vs_density",
+         lambda: figures.bits_per_byte_vs_density(df, metric="early_stop_test", by=by),
+         f"Test bits per byte (lower is better) at the early-stop step (minimum validation loss) vs weights "
+         f"remaining (mean, {spread_rule(n_seeds)}).{runs_note}{facet_note}"),
+        ("learning_curves_ticket", lambda: figures.learning_curves(df, "ticket", control=control,
+                                                                    metric="bits_per_byte"),
+         f"Test bits per byte (lower is better) vs training step of the winning ticket (solid) and "
+         f"{figures.arm_style(control)['label']} (dashed) at several levels (mean and seed band; one row per run)."),
+    ]
+
+
 def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, run_ids: list[str],
                       by: str | None = None) -> dict[str, str]:
     """The report of one experiment: the runs ``run_ids`` of ``table`` (a :func:`run_table`)."""
@@ -185,9 +207,13 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = run_labels(table, keys)
-    summary = summarize(df)
+    lm = figures.is_language_model(df)  # a language model is judged by bits per byte (lower is better)
+    summary = summarize(df, select="loss") if lm else summarize(df)
     summary = _with_keys(summary, table, keys)
-    _write_tables(summary, out, "summary", paired_differences(df))
+    _write_tables(summary, out, "summary",
+                  paired_differences(df, select="loss", metrics=("early_stop_test_bits_per_byte",
+                                                                 "final_bits_per_byte"))
+                  if lm else paired_differences(df), select="loss" if lm else "accuracy")
     n_seeds = int(summary["seeds"].max())
     made: dict[str, str] = {}
     runs_note = (f" One line per run (line style), labelled by the settings that differ: {', '.join(keys)}."
@@ -207,6 +233,8 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
          "Test accuracy vs training step of the winning ticket (solid) and its random reinit (dashed) at "
          "several levels (mean and seed band; one row per run)."),
     ]
+    if lm:
+        plans = _lm_plans(df, by, n_seeds, runs_note, facet_note)
 
     def per_run(stem: str, frame: pd.DataFrame, make, caption: str) -> None:
         """One figure per run of ``frame`` (suffix ``_<run_id>`` when there are several): it draws one."""
@@ -225,7 +253,13 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
                 f"Large-sparse tickets vs small-dense models at matched non-zero parameter count "
                 f"(mean, std over {n_seeds} seeds).")
     quant = quant_rows(full)
-    if not quant.empty:
+    if not quant.empty and lm:
+        per_run("bits_per_byte_vs_bits", full[full["run_id"].isin(set(quant["run_id"]))], figures.bits_per_byte_vs_bits,
+                "Test bits per byte (lower is better) vs weight bits per arm (colour) and quantization setting "
+                "(PTQ hollow squares, dashed; QAT filled circles, solid, from its float_ft control where computed) "
+                "at a few densities.")
+        pd.concat([quant, float_ft_rows(full)], ignore_index=True).to_csv(out / "quant.csv", index=False)
+    elif not quant.empty:
         with_quant = full[full["run_id"].isin(set(quant["run_id"]))]
         per_run("accuracy_vs_size", with_quant, figures.accuracy_vs_size,
                 "Test accuracy vs compressed size in bytes (log) of every arm x bit width x method (colour: arm; "
@@ -320,6 +354,10 @@ def _write_experiment(root: str | Path, out: str | Path, table: pd.DataFrame, ru
               "(`early_stop_test_accuracy`: the step of peak validation accuracy) and the early-stop step. "
               "`summary.md` / `summary.tex`: the same as paper tables per run (rows: weights remaining, dense "
               "first; columns: arms; percent)."]
+    if lm:
+        lines += ["- A language model: `summary.csv` also holds `final_bits_per_byte` and "
+                  "`early_stop_test_bits_per_byte` (test bits per byte, lower is better; early stop at the minimum "
+                  "validation loss), and `summary.md` / `.tex` and the paired differences are in bits per byte."]
     if (out / "paired_differences.csv").is_file():
         lines += ["- `paired_differences.csv` / `.md` / `.tex`: ticket minus each other arm, matched by run, level "
                   "and seed (mean, min-max, 95% paired t-interval from 3 seeds, n; percentage points in .md/.tex)."]

@@ -13,6 +13,13 @@ from scipy import stats
 GROUP = ["run_id", "experiment", "arm", "level"]
 SELECT = ("accuracy", "loss")  # early stop: the step of peak validation accuracy, or of minimum validation loss
 MIN_SEEDS_FOR_CI = 3  # DESIGN.md rule 4: min-max below 3 seeds, the 95% t-interval from 3 on
+BPB = "bits_per_byte"  # a language model's metric (lth.train.lm_metrics): lower is better
+
+
+def is_language_model(df: pd.DataFrame) -> bool:
+    """Whether the rows are a language model's (text data): they carry finite bits per byte, the metric
+    it is judged by (lower is better) instead of accuracy (per token, for a language model)."""
+    return BPB in df and bool(np.isfinite(pd.to_numeric(df[BPB], errors="coerce")).any())
 
 
 def final_rows(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -130,6 +137,12 @@ def per_seed(df: pd.DataFrame, select: str = "accuracy", split: str = "test") ->
     out["still_improving"] = (out["early_stop_step"] == val_last).to_numpy()
     cols = ["density", "diverged", "final_accuracy", "early_stop_step", "early_stop_val_accuracy",
             "early_stop_val_loss", f"early_stop_{split}_accuracy", "last_step", "still_improving"]
+    if is_language_model(f):  # bits per byte at the end and at the early-stop step (read, not selected, on split)
+        out[f"final_{BPB}"] = rep.groupby(keys, sort=False, dropna=False)[BPB].last().reindex(out.index)
+        at = rep.set_index(keys + ["step"])[BPB]
+        at = at[~at.index.duplicated()]
+        out[f"early_stop_{split}_{BPB}"] = at.reindex(idx).to_numpy()
+        cols += [f"final_{BPB}", f"early_stop_{split}_{BPB}"]
     out = out[list(dict.fromkeys(cols))].reset_index()  # split="val": one early_stop_val_accuracy column
     return out
 
@@ -154,8 +167,10 @@ def summarize(df: pd.DataFrame, split: str = "test", select: str = "accuracy") -
         row["seeds"] = int(g["seed"].nunique())
         row["diverged"] = int(g["diverged"].sum())  # seeds whose loss diverged (lth.train.diverged_steps)
         row["still_improving"] = int(g["still_improving"].sum())  # seeds whose val peak is the last step
-        for col in ("final_accuracy", f"early_stop_{split}_accuracy", "early_stop_step"):
-            row.update(spread_columns(g[col], col))
+        for col in ("final_accuracy", f"early_stop_{split}_accuracy", "early_stop_step", f"final_{BPB}",
+                    f"early_stop_{split}_{BPB}"):
+            if col in g:  # (bits per byte: language models only)
+                row.update(spread_columns(g[col], col))
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:

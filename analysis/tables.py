@@ -219,10 +219,18 @@ def summary_tables(summary: pd.DataFrame, split: str = "test",
         spread = "mean ± 95% t-interval half-width (from 3 seeds) (min–max over seeds)"
         dagger = "; †: for some seeds the validation peak is the last evaluated step (still improving)" \
             if g["still_improving"].any() else ""
-        out.append((f"{title}: {split} accuracy (%) at the early-stop step ({how}); {spread}; {note}{dagger}.",
-                    _layout(cells(es, 100, improving="mark"), arms, density)))
-        out.append((f"{title}: {split} accuracy (%) at the end of training; {spread}; {note}.",
-                    _layout(cells("final_accuracy", 100), arms, density)))
+        if "final_bits_per_byte_mean" in g and np.isfinite(g["final_bits_per_byte_mean"]).any():
+            # a language model: bits per byte (lower is better), not its per-token accuracy
+            out.append((f"{title}: {split} bits per byte (lower is better) at the early-stop step ({how}); {spread}; "
+                        f"{note}{dagger}.",
+                        _layout(cells(f"early_stop_{split}_bits_per_byte", 1, improving="mark"), arms, density)))
+            out.append((f"{title}: {split} bits per byte (lower is better) at the end of training; {spread}; {note}.",
+                        _layout(cells("final_bits_per_byte", 1), arms, density)))
+        else:
+            out.append((f"{title}: {split} accuracy (%) at the early-stop step ({how}); {spread}; {note}{dagger}.",
+                        _layout(cells(es, 100, improving="mark"), arms, density)))
+            out.append((f"{title}: {split} accuracy (%) at the end of training; {spread}; {note}.",
+                        _layout(cells("final_accuracy", 100), arms, density)))
         out.append((f"{title}: early-stop step (first step of {how}; iterations); mean (min–max); "
                     f"{note}; still improving: the peak is the last evaluated step, not an early stop.",
                     _layout(cells("early_stop_step", 1, fmt_int=True, improving="text"), arms, density)))
@@ -237,7 +245,10 @@ def paired_tables(diffs: pd.DataFrame, summary: pd.DataFrame | None = None) -> l
     if diffs.empty:
         return out
     what = {"early_stop_test_accuracy": "test accuracy at the early-stop step (peak validation accuracy)",
-            "final_accuracy": "test accuracy at the end of training"}
+            "final_accuracy": "test accuracy at the end of training",
+            "early_stop_test_bits_per_byte": "test bits per byte (lower is better) at the early-stop step "
+                                             "(minimum validation loss)",
+            "final_bits_per_byte": "test bits per byte (lower is better) at the end of training"}
     keys = [c for c in summary.columns if "." in c] if summary is not None else []
     for (run_id, metric), g in diffs.groupby(["run_id", "metric"], sort=True):
         ref = g["reference"].iloc[0]
@@ -245,16 +256,19 @@ def paired_tables(diffs: pd.DataFrame, summary: pd.DataFrame | None = None) -> l
         varies = g["n"].nunique() > 1
         vals = {}
         for r in g.itertuples(index=False):
-            text = spread_text(r.diff_mean, r.diff_min, r.diff_max, r.diff_ci_low, int(r.n), sign=True)
+            text = spread_text(r.diff_mean, r.diff_min, r.diff_max, r.diff_ci_low, int(r.n), sign=True,
+                               scale=1 if metric.endswith("bits_per_byte") else 100)
             vals[(r.level, r.arm)] = text + (f", n={int(r.n)}" if text and varies else "")
         s = pd.Series(vals, dtype=object)
         s.index.names = ["level", "arm"]
         density = g.groupby("level")["density"].first()
         t = _layout(s, arms, density).rename(columns={a: f"{ref} - {a}" for a in arms})
+        bpb = metric.endswith("bits_per_byte")
         info = summary[summary["run_id"] == run_id] if summary is not None else g
         title = _run_title(run_id, info if not info.empty else g, keys)
         out.append((f"{title}: paired difference {ref} minus control of the {what.get(metric, metric)}, "
-                    f"percentage points, matched by seed; mean ± 95% t-interval half-width (from 3 pairs) "
+                    f"{'bits per byte (negative: the reference is better)' if bpb else 'percentage points'}, "
+                    f"matched by seed; mean ± 95% t-interval half-width (from 3 pairs) "
                     f"(min–max over seeds); {_n_note(g['n']).replace('seed', 'pair')}.", t))
     return out
 

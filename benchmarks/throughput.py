@@ -53,6 +53,19 @@ ResNet-20), best of ``--repeats`` interleaved rounds after a warm-up segment, as
 
     conv_vs_bare_jit  = (a) steps/s / (e) steps/s
     ratio_conv_single = (a) steps/s / (c) steps/s   (ratio_conv_population: (b) network-steps/s / (c))
+
+Transformer rows (``--transformer``, or ``--transformer-only``): the models of the two transformer recipes,
+dense masks, AdamW: ``vit`` (the wider ViT named in experiments/vit_fmnist.toml: patch 4, dim 64, depth 4,
+4 heads, MLP ratio 2, CLS token, 139k parameters; batch 128 of 10,000 random 28 x 28 x 1 images, lr 1e-3, weight decay 0.05) and ``gpt``
+(experiments/gpt_text.toml: depth 2, dim 64, 4 heads, MLP ratio 4, context 64; batch 32 windows of a
+200,000-byte random stream, lr 3e-3, weight decay 0.01, gradient clipping at norm 1). (a) lth, one network
+(the real engine, one compiled segment of ``--transformer-steps`` steps); (c) a PyTorch model of the same
+shapes written with torch.nn primitives (pre-LN blocks of separate q/k/v/out Linear layers,
+``F.scaled_dot_product_attention``, tanh GELU, LayerNorm eps 1e-6; batches by indexing a random
+permutation, ``AdamW``, ``clip_grad_norm_`` for the GPT; 2 threads). Best of ``--repeats`` interleaved
+rounds after a warm-up segment; images/s and tokens/s are steps/s x batch (x context):
+
+    ratio_transformer_single: vit = (a) steps/s / (c) steps/s, gpt = likewise
 """
 
 from __future__ import annotations
@@ -415,6 +428,206 @@ def conv_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: i
             + f"  (K={CONV_K} network-steps/s against (c))")
 
 
+# ----------------------------------------------------------------------------- transformer rows
+
+# name -> (lth model settings, batch, train settings): the wider ViT named in experiments/vit_fmnist.toml
+# and the GPT of experiments/gpt_text.toml
+TRANSFORMER_WORKLOADS = {
+    "vit": (dict(name="vit", patch=4, dim=64, depth=4, heads=4, mlp_ratio=2.0, pool="cls"), 128,
+            dict(optimizer="adamw", lr=1e-3, weight_decay=0.05)),
+    "gpt": (dict(name="gpt", depth=2, dim=64, heads=4, mlp_ratio=4.0), 32,
+            dict(optimizer="adamw", lr=3e-3, weight_decay=0.01, clip_norm=1.0)),
+}
+VIT_N, VIT_SHAPE, GPT_BYTES, GPT_CONTEXT = 10_000, (28, 28, 1), 200_000, 64
+
+
+def transformer_data(name: str):
+    """What the engine reads: random images (vit) or a random byte stream with its windows (gpt)."""
+    rng = np.random.default_rng(0)
+    if name == "vit":
+        x = rng.standard_normal((VIT_N, *VIT_SHAPE), dtype=np.float32)
+        y = rng.integers(0, CLASSES, VIT_N).astype(np.int32)
+        ex, ey = np.zeros((0, *VIT_SHAPE), np.float32), np.zeros((0,), np.int32)
+        return SimpleNamespace(x_train=x, y_train=y, x_val=ex, y_val=ey, x_test=ex, y_test=ey), CLASSES
+    stream = rng.integers(0, 256, GPT_BYTES).astype(np.uint8)
+    win = np.lib.stride_tricks.sliding_window_view(stream[:-1], GPT_CONTEXT)
+    ex, ey = np.zeros((0, GPT_CONTEXT), np.float32), np.zeros((0, GPT_CONTEXT), np.int32)
+    return SimpleNamespace(x_train=win, y_train=win, x_val=ex, y_val=ey, x_test=ex, y_test=ey,
+                           train_tokens=stream, context=GPT_CONTEXT), 256
+
+
+class LthModelRunner:
+    """One network of a configured model (``model``: ModelConfig fields) in the lth engine, dense masks;
+    ``segment()`` times one ``engine.run`` of ``steps`` steps."""
+
+    def __init__(self, data, classes: int, model: dict, steps: int, rounds: int, engine_mod, knobs: dict,
+                 member_batch: int | None = None, **train):
+        import jax
+        import jax.numpy as jnp
+
+        from lth.config import ModelConfig, TrainConfig
+        from lth.models import build_model
+        from lth.train import init_population
+
+        self.jax, self.steps, self.k = jax, steps, 1
+        shape = np.shape(data.x_train)[1:]
+        net = build_model(ModelConfig(**model), classes, shape)
+        total = steps * (rounds + 1)
+        cfg = TrainConfig(steps=total, eval_every=10 * total, member_batch=member_batch, **train)
+        self.engine = engine_mod.Engine(net, data, cfg, **knobs)
+        params, bs = init_population(net, jax.random.split(jax.random.key(0), 1), shape)
+        masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+        self.state = self.engine.init(params, bs, masks, jax.random.split(jax.random.key(2), 1))
+        self.seeds, self.pos = [0], 0
+        t0 = time.perf_counter()
+        self.segment()  # compiles the segment program
+        self.first_s = time.perf_counter() - t0
+
+    segment = LthRunner.segment
+
+
+def torch_transformer(name: str, model: dict, classes: int):
+    """The ViT or GPT of ``model`` in PyTorch, written with torch.nn primitives, shapes as lth.models."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    dim, heads = model["dim"], model["heads"]
+    hidden = int(dim * model["mlp_ratio"])
+    causal = name == "gpt"
+
+    class Block(nn.Module):  # pre-LN: x + attn(ln(x)), then x + mlp(ln(x))
+        def __init__(self):
+            super().__init__()
+            self.ln_0, self.ln_1 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+            self.fc_in, self.fc_out = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = self.ln_0(x)
+            q, k, v = (f(h).view(b, t, heads, dim // heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, t, dim)
+            x = x + self.out(a)
+            return x + self.fc_out(F.gelu(self.fc_in(self.ln_1(x)), approximate="tanh"))
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            p, c = model["patch"], VIT_SHAPE[2]
+            tokens = (VIT_SHAPE[0] // p) * (VIT_SHAPE[1] // p) + 1
+            self.embed = nn.Linear(p * p * c, dim)
+            self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+            self.blocks = nn.Sequential(*(Block() for _ in range(model["depth"])))
+            self.ln_f, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, classes)
+
+        def forward(self, x):  # x [B, H, W, C] as lth feeds it
+            b, h, w, c = x.shape
+            p = model["patch"]
+            x = x.reshape(b, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+            x = torch.cat([self.cls.expand(b, -1, -1), self.embed(x)], 1) + self.pos
+            return self.head(self.ln_f(self.blocks(x))[:, 0])
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pos = nn.Embedding(256, dim), nn.Embedding(GPT_CONTEXT, dim)
+            self.blocks = nn.Sequential(*(Block() for _ in range(model["depth"])))
+            self.ln_f, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 256)
+
+        def forward(self, x):  # x [B, T] byte ids
+            h = self.embed(x) + self.pos(torch.arange(x.shape[1]))
+            return self.head(self.ln_f(self.blocks(h)))
+
+    return ViT() if name == "vit" else GPT()
+
+
+class TorchTransformerRunner:
+    """The PyTorch loop of the same transformer: batches by indexing a random permutation, forward,
+    ``backward()``, (clipping,) ``AdamW.step()``; 2 threads."""
+
+    def __init__(self, name: str, data, classes: int, model: dict, batch: int, steps: int, train: dict):
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        self.torch, self.steps = torch, steps
+        net = torch_transformer(name, model, classes)
+        opt = torch.optim.AdamW(net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+        clip = train.get("clip_norm")
+        if name == "gpt":
+            stream = torch.from_numpy(data.train_tokens.astype(np.int64))
+            n = len(stream) - GPT_CONTEXT - 1
+            offsets = torch.arange(GPT_CONTEXT)
+
+            def take(j):
+                pos = j[:, None] + offsets
+                return stream[pos], stream[pos + 1]
+        else:
+            xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
+            n = len(xt)
+
+            def take(j):
+                return xt[j], yt[j]
+        net.train()
+
+        def train_step(xb, yb):
+            opt.zero_grad()
+            logits = net(xb)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            return loss
+
+        def batches():
+            while True:
+                perm = torch.randperm(n)
+                for i in range(n // batch):
+                    yield take(perm[i * batch:(i + 1) * batch])
+
+        self.train_step, self.batches = train_step, batches()
+        t0 = time.perf_counter()
+        self.segment()  # warm-up
+        self.first_s = time.perf_counter() - t0
+
+    segment = TorchConvRunner.segment
+
+
+def transformer_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: int | None) -> None:
+    """The vit and gpt rows: lth one network and the PyTorch reference, best of ``rounds`` interleaved."""
+    log(f"transformers: {steps} steps per segment, best of {rounds} interleaved rounds after a warm-up segment, "
+        "dense masks")
+    ratio = {}
+    for name, (model, batch, train) in TRANSFORMER_WORKLOADS.items():
+        data, classes = transformer_data(name)
+        runners: dict[str, object] = {}
+        runners["lth"] = r = LthModelRunner(data, classes, model, steps, rounds, engine_mod, knobs, mb,
+                                            batch_size=batch, **train)
+        log(f"  {name}: lth segment = {r.engine.segment}; compile + first segment {r.first_s:.1f} s")
+        if torch_mod is not None:
+            runners["torch"] = TorchTransformerRunner(name, data, classes, model, batch, steps, train)
+        best = {k: float("inf") for k in runners}
+        for _ in range(rounds):
+            for k, run in runners.items():
+                best[k] = min(best[k], run.segment())
+        sps = {k: steps / dt for k, dt in best.items()}
+        per = batch * (GPT_CONTEXT if name == "gpt" else 1)
+        unit = "tokens/s" if name == "gpt" else "images/s"
+        log(f"  {name}: (a) lth single {sps['lth']:7.2f} steps/s = {sps['lth'] * per:9.0f} {unit}"
+            + (f" | (c) torch {sps['torch']:7.2f} steps/s = {sps['torch'] * per:9.0f} {unit}" if "torch" in sps
+               else ""))
+        if "torch" in sps:
+            ratio[name] = sps["lth"] / sps["torch"]
+    if ratio:
+        log("ratio_transformer_single: " + " ".join(f"{k}={v:.2f}" for k, v in ratio.items()))
+    else:
+        log(f"ratio_transformer_single: skipped ({TORCH_HINT})")
+
+
 # ----------------------------------------------------------------------------- (d): peak
 
 class PeakRunner:
@@ -487,6 +700,11 @@ def main(argv=None) -> int:
     ap.add_argument("--conv-only", action="store_true", help="only the convnet rows")
     ap.add_argument("--conv-steps", type=int, default=6,
                     help="steps per timed convnet segment (half for ResNet-20; default 6)")
+    ap.add_argument("--transformer", action="store_true",
+                    help="also the transformer rows (the vit and gpt recipes' models against PyTorch)")
+    ap.add_argument("--transformer-only", action="store_true", help="only the transformer rows")
+    ap.add_argument("--transformer-steps", type=int, default=20,
+                    help="steps per timed transformer segment (default 20)")
     ap.add_argument("--engine", default="lth.train",
                     help="module or .py file providing Engine (default lth.train; for profiling copies)")
     ap.add_argument("--knobs", default="{}", help="JSON keyword arguments for Engine (experimental copies only)")
@@ -532,6 +750,10 @@ def main(argv=None) -> int:
     if args.conv or args.conv_only:
         conv_rows(args.conv_steps, rounds, torch_mod, engine_mod, knobs, mb)
         if args.conv_only:
+            return 0
+    if args.transformer or args.transformer_only:
+        transformer_rows(args.transformer_steps, rounds, torch_mod, engine_mod, knobs, mb)
+        if args.transformer_only:
             return 0
 
     log(f"workload: LeNet-300-100, batch {BATCH}, Adam lr {LR}, {N_TRAIN} x {DIM} float32 random data, "

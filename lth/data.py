@@ -518,6 +518,9 @@ class TokenStream:
 
     tokens: np.ndarray
     info: dict = dataclasses.field(default_factory=dict)
+    # where the corpus has an official split (e.g. WikiText-2's three files): the byte offsets (end of
+    # train, end of val); None splits by position by TEXT_SPLIT
+    bounds: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -579,6 +582,9 @@ def _text_dataset(cfg: DataConfig, stream: TokenStream) -> TextDataset:
     T = cfg.context
     fractions = TEXT_SPLIT if cfg.val_size is None else (0.8, 0.0, 0.2)
     tr, va, te = split_by_position(len(tokens), fractions)
+    if stream.bounds is not None:  # the corpus' own split (data.val_size = 0: its val bytes are left out)
+        a, b = stream.bounds
+        tr, va, te = slice(0, a), slice(a, b if cfg.val_size is None else a), slice(b, len(tokens))
     train = np.array(tokens[tr])  # an own copy: the views below must not outlive a caller's buffer
     if len(train) < T + 1 or len(tokens[te]) < T + 1 or (va.stop > va.start and len(tokens[va]) < T + 1):
         raise DataError(f"text data set {cfg.name!r}: {len(tokens)} bytes are too few for data.context = {T}: "
@@ -631,6 +637,38 @@ def text(cfg: DataConfig) -> TokenStream:
                         "(e.g. --set data.path=corpus.txt); data.name = 'pystdlib' needs none")
     tokens, info = read_text_bytes(cfg.path)
     return TokenStream(tokens, info)
+
+
+TINYSTORIES_FILES = ("TinyStories-valid.txt",)
+WIKITEXT2_FILES = ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw")
+
+
+def _downloaded_text(name: str, files: tuple[str, ...]) -> list[Path]:
+    """The files of the text data set ``name`` in ``$LTH_DATA_DIR/<name>``; DataError saying how to get them."""
+    folder = data_dir() / name
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{name}: data set not found: {', '.join(missing)} missing in {folder}. To get it: run "
+                        f"`lth data download {name}` (needs the internet; sha256-checked), or set LTH_DATA_DIR "
+                        "to the data root that holds it")
+    return [folder / f for f in files]
+
+
+@register("tinystories", num_classes=VOCAB_BYTES)
+def tinystories(cfg: DataConfig) -> TokenStream:
+    """TinyStories (Eldan & Li 2023), the authors' validation file (``lth data download tinystories``):
+    about 19 MB of simple English stories, split by position (80/10/10)."""
+    tokens, info = read_text_bytes(_downloaded_text("tinystories", TINYSTORIES_FILES)[0])
+    return TokenStream(tokens, info)
+
+
+@register("wikitext2", num_classes=VOCAB_BYTES)
+def wikitext2(cfg: DataConfig) -> TokenStream:
+    """WikiText-2 raw (Merity et al. 2017; ``lth data download wikitext2``) with its own split: the train,
+    valid and test files are the train, val and test parts (bytes as tokens, the raw text)."""
+    parts = [read_text_bytes(f)[0] for f in _downloaded_text("wikitext2", WIKITEXT2_FILES)]
+    a = len(parts[0])
+    return TokenStream(np.concatenate(parts), {"files": len(parts)}, bounds=(a, a + len(parts[1])))
 
 
 def pystdlib_files() -> list[Path]:

@@ -16,23 +16,26 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .data import CIFAR_FILES, IDX_FILES, DataError, data_dir
+from .data import CIFAR_FILES, IDX_FILES, TINYSTORIES_FILES, WIKITEXT2_FILES, DataError, data_dir
 
 CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class FileSpec:
-    """One file to fetch. ``members``: for an archive, the base names to extract (nothing else is)."""
+    """One file to fetch. ``members``: for an archive (tar or zip), the base names to extract (nothing else
+    is). ``size``: its length in bytes where pinned (a transfer of another length is refused early)."""
 
     url: str
     sha256: str
     filename: str
     members: tuple[str, ...] = ()
+    size: int | None = None
 
 
 _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -48,6 +51,20 @@ SOURCES: dict[str, list[FileSpec]] = {
     "cifar10": [FileSpec("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
                          "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
                          "cifar-10-binary.tar.gz", members=CIFAR_FILES)],
+    # TinyStories (Eldan & Li 2023), the validation file only (19 MB: plenty for a byte-level GPT on a
+    # CPU; the 1.9 GB train file is not fetched), at a pinned revision of the authors' Hugging Face
+    # repository; sha256 and size as published for that revision (Hugging Face LFS metadata, quoted alike
+    # by several public projects that pin the file)
+    "tinystories": [FileSpec("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/"
+                             "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64/TinyStories-valid.txt",
+                             "94e431816c4cce81ff71e4408ff8d3bda9a42e8d2663986697c3954288cb38b4",
+                             TINYSTORIES_FILES[0], size=19_447_282)],
+    # WikiText-2 raw (Merity et al. 2017): the original archive (its first host, research.metamind.io on
+    # S3, is gone), as mirrored at a pinned commit of llama.cpp's CI data set on Hugging Face
+    "wikitext2": [FileSpec("https://huggingface.co/datasets/ggml-org/ci/resolve/"
+                           "927b3642933080f1b0e811e2f916e14c292992f9/wikitext-2-raw-v1.zip",
+                           "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+                           "wikitext-2-raw-v1.zip", members=WIKITEXT2_FILES, size=4_721_645)],
 }
 
 
@@ -131,12 +148,13 @@ def _make_dirs(path: Path) -> list[Path]:
 
 def _fetch(spec: FileSpec, path: Path, timeout: float) -> None:
     """Stream ``spec.url`` into ``path`` while hashing; DataError on a network error or mismatch."""
-    h = hashlib.sha256()
+    h, n = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(spec.url, timeout=timeout) as r, open(path, "wb") as f:
             while chunk := r.read(CHUNK_BYTES):
                 h.update(chunk)
                 f.write(chunk)
+                n += len(chunk)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         if isinstance(e, urllib.error.HTTPError):
             reason = f"HTTP {e.code} {e.reason}"
@@ -145,37 +163,50 @@ def _fetch(spec: FileSpec, path: Path, timeout: float) -> None:
         raise DataError(f"could not download {spec.url} (expected sha256 {spec.sha256}): {reason}; "
                         f"nothing was saved. Check the connection and retry, or put the file in "
                         f"place by hand") from None
+    if spec.size is not None and n != spec.size:
+        raise DataError(f"size mismatch for {spec.url}: expected {spec.size} bytes, got {n}; the file was "
+                        f"discarded (a cut transfer or a changed upstream file)")
     if h.hexdigest() != spec.sha256:
         raise DataError(f"sha256 mismatch for {spec.url}: expected {spec.sha256}, got {h.hexdigest()}; "
                         f"the file was discarded (a damaged transfer or a changed upstream file)")
 
 
 def _extract(spec: FileSpec, archive: Path, out: Path) -> None:
-    """Copy ``spec.members`` (regular files, matched by base name) out of a tar archive into ``out``.
+    """Copy ``spec.members`` (regular files, matched by base name) out of a tar or zip archive into ``out``.
 
     Members are written under their base name only, so a path in the archive can never escape
     ``out``; links, devices and names with ``..`` or an absolute path are ignored.
     """
     wanted, sums = set(spec.members), {}
+
+    def take(name: str, regular: bool, open_member) -> None:
+        parts = PurePosixPath(name).parts
+        base = parts[-1] if parts else ""
+        if base not in wanted or not regular or name.startswith("/") or ".." in parts:
+            return
+        if base in sums:
+            raise DataError(f"{spec.url}: archive holds {base} twice; refusing to guess")
+        src = open_member()
+        if src is None:
+            return
+        h = hashlib.sha256()
+        with src, open(out / base, "wb") as f:
+            while chunk := src.read(CHUNK_BYTES):
+                h.update(chunk)
+                f.write(chunk)
+        sums[base] = h.hexdigest()
+
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for info in tar:
-                parts = PurePosixPath(info.name).parts
-                base = parts[-1] if parts else ""
-                if base not in wanted or not info.isreg() or info.name.startswith("/") or ".." in parts:
-                    continue
-                if base in sums:
-                    raise DataError(f"{spec.url}: archive holds {base} twice; refusing to guess")
-                src = tar.extractfile(info)
-                if src is None:
-                    continue
-                h = hashlib.sha256()
-                with src, open(out / base, "wb") as f:
-                    while chunk := src.read(CHUNK_BYTES):
-                        h.update(chunk)
-                        f.write(chunk)
-                sums[base] = h.hexdigest()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():  # a zip entry is a regular file unless a folder or a symlink
+                    link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                    take(info.filename, not info.is_dir() and not link, lambda info=info: z.open(info))
+        else:
+            with tarfile.open(archive, "r:*") as tar:
+                for info in tar:
+                    take(info.name, info.isreg(), lambda info=info: tar.extractfile(info))
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{spec.url}: cannot extract {spec.filename}: {e}") from None
     missing = [m for m in spec.members if m not in sums]
     if missing:

@@ -783,6 +783,12 @@ class Engine:
         return TrainResult(state=state, records=records, snapshots=snapshots, diverged=diverged, mask_info=mask_info)
 
 
+def is_language_model(data) -> bool:
+    """Whether ``data`` is a text corpus (:class:`lth.data.TextDataset`: next-token prediction over bytes),
+    whose models are judged by bits per byte (lower is better) rather than accuracy."""
+    return getattr(data, "train_tokens", None) is not None
+
+
 def lm_metrics(loss: float) -> dict[str, float]:
     """A language model's metrics from its mean next-token loss (nats per token, bytes as tokens):
     ``perplexity = exp(loss)`` and ``bits_per_byte = loss / ln 2``."""

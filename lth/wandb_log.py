@@ -174,6 +174,8 @@ class WandbSink:
                 for r in at.itertuples():
                     point[f"{r.split}/loss"] = float(r.loss)
                     point[f"{r.split}/accuracy"] = float(r.accuracy)
+                    if "bits_per_byte" in at:  # a language model (lth.train.lm_metrics)
+                        point[f"{r.split}/bits_per_byte"] = float(r.bits_per_byte)
                 run.log(point)
             row = level_row(m.assign(level=level))
             table = self.levels[arm, int(seed)]
@@ -211,8 +213,9 @@ class WandbSink:
                 **{c: q[c].astype(str) for c in q.columns if q[c].dtype == object}))})
             for r in q.to_dict("records"):
                 label = quant_label(r, varying)
-                for col in ("accuracy", "float_accuracy", "compression", "size_bytes"):
-                    if col in r and r[col] is not None:
+                for col in ("accuracy", "float_accuracy", "compression", "size_bytes", "bits_per_byte",
+                            "float_bits_per_byte"):
+                    if col in r and r[col] is not None and not (col.endswith("per_byte") and pd.isna(r[col])):
                         run.summary[f"quant/level_{level:03d}/{label}/{col}"] = r[col]
 
     def log_stability(self, level: int, rows) -> None:

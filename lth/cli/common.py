@@ -69,8 +69,14 @@ def print_summary(run_dir: Path, wall_s: float, df=None) -> None:
     from analysis import load_runs, final_accuracy
     from analysis.tables import percent_columns
 
+    from analysis.summary import is_language_model
+
     df = load_runs(run_dir.parent, run_ids=[run_dir.name]) if df is None else df
-    table = percent_columns(final_accuracy(df), ["density", "accuracy", "accuracy_std"])  # a person reads %
+    if is_language_model(df):  # judged by test bits per byte (lower is better), not per-token accuracy
+        table = percent_columns(final_accuracy(df.assign(accuracy=df["bits_per_byte"])), ["density"])
+        table = table.rename(columns={"accuracy": "bits_per_byte", "accuracy_std": "bits_per_byte_std"})
+    else:
+        table = percent_columns(final_accuracy(df), ["density", "accuracy", "accuracy_std"])  # a person reads %
     print(f"run {run_dir.name}: {run_dir}  ({wall_s:.1f} s)")
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
     if "diverged_step" in df:

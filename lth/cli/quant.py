@@ -223,6 +223,8 @@ def run_quantize(args) -> int:
                       write=not args.no_write, recompute=args.recompute, log=_log, **_settings(args))
     cols = ["level", "arm", "seed", "density", "bits", "scheme", "granularity", "calibration", "method",
             "accuracy", "float_accuracy", "size_bytes", "compression"]
+    if len(df) and df["bits_per_byte"].notna().any():  # a language model: bits per byte, lower is better
+        cols[cols.index("accuracy"):cols.index("float_accuracy") + 1] = ["bits_per_byte", "float_bits_per_byte"]
     from analysis.tables import percent_columns
     shown = percent_columns(df[cols], ["density", "accuracy", "float_accuracy"]) if len(df) else df
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(df) else

@@ -23,10 +23,11 @@ def add_data(sub) -> None:
     p = sub.add_parser("data", help="data set utilities")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     d = dsub.add_parser("download", help="download a data set (needs the internet), checking sha256",
-                        description="Fetch the official archives of mnist or cifar10 into "
-                                    "$LTH_DATA_DIR/<name> (default ~/.cache/lth/data), verify their "
-                                    "sha256 and write them atomically.")
-    d.add_argument("name", choices=["mnist", "cifar10"], help="data set to fetch")
+                        description="Fetch the official files of mnist, cifar10, tinystories (its validation "
+                                    "file, 19 MB) or wikitext2 (the raw archive) into $LTH_DATA_DIR/<name> "
+                                    "(default ~/.cache/lth/data), verify their pinned sha256 and write them "
+                                    "atomically; then data.name = <name> reads them.")
+    d.add_argument("name", choices=["mnist", "cifar10", "tinystories", "wikitext2"], help="data set to fetch")
     d.add_argument("--dest", default=None, help="data root (default: $LTH_DATA_DIR or ~/.cache/lth/data)")
     p.set_defaults(data_parser=p)
 

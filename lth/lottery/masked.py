@@ -46,7 +46,7 @@ from ..prune.masks import density, prunable
 from ..store import (COMPLETE, RunStore, StoreError, load_tree, parquet_bytes, prepare_root, read_sums,
                      tree_bytes)
 from .runner import Member, metrics_table, progress_bar, sparsity_table, stored_init
-from ..train import Engine, init_variables, stack, unstack
+from ..train import Engine, init_variables, is_language_model, stack, unstack
 from ..trees import kept_count, seed_keys, to_numpy
 from ..wandb_log import WandbSink, flatten
 
@@ -261,7 +261,7 @@ class MaskedRun:
         can_prune = prunable(unstack(init["params"], 0), cfg.prune, structure_of(self.model))
         state = engine.init(init["params"], init["batch_stats"], stack(masks), seed_keys(seeds))
         t0 = time.time()
-        with progress_bar(self.progress, "masked", engine.num_steps) as bar:
+        with progress_bar(self.progress, "masked", engine.num_steps, lm=is_language_model(engine.data)) as bar:
             result = engine.run(state, seeds, progress=bar)
         wall_s = time.time() - t0
         final = {"params": to_numpy(result.state.params), "batch_stats": to_numpy(result.state.batch_stats)}

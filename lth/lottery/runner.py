@@ -57,6 +57,7 @@ from ..prune.structured import check_granularity, structured_prune
 from ..store import (RunStore, StoreError, concat_stacked, load_tree, parquet_bytes, prepare_root, read_json, read_members_file,
                      read_parquet, read_sums, stacked_seeds, take_seeds, tree_bytes, with_seeds)
 from ..train import Engine, TrainResult, early_stop_steps, eval_steps, final_lr, init_population, init_variables, stack, unstack
+from ..train import is_language_model, lm_metrics
 from ..trees import kept_count, seed_keys, to_device, to_numpy
 from ..wandb_log import WandbSink, flatten
 from .arms import ARMS, ONESHOT_ARMS, ArmStart, prepare_oneshot
@@ -804,7 +805,7 @@ class Lottery:
         if start is None:
             start = 0 if level == 0 or what else self.cfg.rewind.step
         desc = f"level {level}/{self.cfg.prune.levels}{' ' + what if what else ''}"
-        return progress_bar(self.progress, desc, total, start)
+        return progress_bar(self.progress, desc, total, start, lm=is_language_model(self.data))
 
 
 def metrics_table(run_id: str, level: int, members, densities, records, wall_s: float, diverged) -> pd.DataFrame:
@@ -854,9 +855,10 @@ def sparsity_table(level: int, members, final_params, masks, can_prune, structur
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
+def progress_bar(enabled: bool, desc: str, total: int, start: int = 0, lm: bool = False):
     """A tqdm bar over ``total`` training steps from global step ``start``; yields the engine's
-    ``progress(step, metrics)`` callback (None when disabled)."""
+    ``progress(step, metrics)`` callback (None when disabled). ``lm``: a language model, shown in bits
+    per byte (:func:`progress_postfix`)."""
     if not enabled:
         yield None
         return
@@ -867,16 +869,27 @@ def progress_bar(enabled: bool, desc: str, total: int, start: int = 0):
     def update(step: int, metrics: dict) -> None:
         bar.update(step - last[0])
         last[0] = step
-        post = {"loss": f"{metrics['train'][0]:.3f}"}
-        if "val" in metrics:
-            post["val_acc"] = f"{100 * metrics['val'][1]:.2f}%"  # a person reads percent
-        post["test_acc"] = f"{100 * metrics['test'][1]:.2f}%"
-        bar.set_postfix(post)
+        bar.set_postfix(progress_postfix(metrics, lm))
 
     try:
         yield update
     finally:
         bar.close()
+
+
+def progress_postfix(metrics: dict, lm: bool = False) -> dict[str, str]:
+    """The progress bar's numbers from the engine's ``{split: (loss, accuracy)}``: the train loss and the
+    val/test accuracy in percent (a person reads percent), or for a language model (``lm``) the val/test
+    bits per byte (:func:`lth.train.lm_metrics`; lower is better)."""
+    post = {"loss": f"{metrics['train'][0]:.3f}"}
+    for split in ("val", "test"):
+        if split in metrics:
+            loss, acc = metrics[split]
+            if lm:
+                post[f"{split}_bpb"] = f"{lm_metrics(loss)['bits_per_byte']:.3f}"
+            else:
+                post[f"{split}_acc"] = f"{100 * acc:.2f}%"
+    return post
 
 
 def run_lottery(cfg: ExperimentConfig, out: str | Path, *, progress: bool | None = None) -> RunStore:

@@ -46,7 +46,8 @@ from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes, read_json)
 from ..stored import QUANT_SETTINGS, Population, StoredRun, stored_quant_settings, write_quant_settings
-from ..train import init_population, make_schedule, member_batch_size, stack, steps_per_epoch, total_steps, unstack
+from ..train import (init_population, is_language_model, lm_metrics, make_schedule, member_batch_size, stack,
+                     steps_per_epoch, total_steps, unstack)
 from ..trees import kept_count, seed_keys
 from .export import float_size_report, nm_of, size_report, write_export
 from .intinfer import from_quantized
@@ -64,7 +65,12 @@ COLUMNS = ["run_id", "cell", "level", "arm", "seed", "density", "param_count", "
            "float_val_accuracy", "size_bytes", "compression", "float_size_bytes", "fp32_dense_bytes",
            "fp16_dense_bytes", "int8_dense_bytes", "bias_correction", "cle", "learned_scale", "qat_start",
            "qat_steps", "qat_lr", "retry", "calibration_requested", "calibration_tried", "wall_s", "group_size",
-           "act_order"]
+           "act_order"] + [
+    # the mean next-token loss over the same fixed val/test windows as training's evaluation, and for a
+    # language model (text data) its perplexity and bits per byte (lower is better; NaN for classifiers)
+    "loss", "val_loss", "perplexity", "val_perplexity", "bits_per_byte", "val_bits_per_byte",
+    "float_bits_per_byte", "float_val_bits_per_byte"]
+LM_COLUMNS = COLUMNS[COLUMNS.index("loss"):]
 
 
 # ============================================================================ settings and cells
@@ -365,9 +371,10 @@ class QuantStage:
                     rows["density"] = [float(info[m][0]) for m in pop.members]
                     rows["param_count"] = [int(info[m][1]) for m in pop.members]
                 computed.append(rows)
-                if setting.method == FLOAT_FT:
+                if setting.method == FLOAT_FT:  # (a language model's log lines compare bits per byte)
+                    ref = "bits_per_byte" if is_language_model(run.data) else "accuracy"
                     ft_acc.update({(a, int(sd)): float(x)
-                                   for a, sd, x in zip(rows["arm"], rows["seed"], rows["accuracy"])})
+                                   for a, sd, x in zip(rows["arm"], rows["seed"], rows[ref])})
                 if self.log is not None:
                     self._log_rows(level, setting, rows, ft_acc)
             rows = pd.concat(computed, ignore_index=True)
@@ -379,7 +386,8 @@ class QuantStage:
                 if self.write:
                     old = (pd.read_parquet(level_dir / QUANT_DIR / f"{c.id}.parquet") if have
                            else part.iloc[:0])
-                    write_cell(level_dir, c, run.run_id, pd.concat([old[COLUMNS], part[COLUMNS]], ignore_index=True))
+                    write_cell(level_dir, c, run.run_id, pd.concat([old.reindex(columns=COLUMNS), part[COLUMNS]],
+                                                                   ignore_index=True))
                 frames.append(part[COLUMNS])
         if self.write and self.record:  # `lth quantize RUN` without --config starts from them
             write_quant_settings(run.path, self.qc.to_dict(), f"experiment {self.cfg.name!r}")
@@ -388,6 +396,8 @@ class QuantStage:
     def _log_rows(self, level: int, setting: Setting, rows: pd.DataFrame, ft_acc: dict) -> None:
         """One log line per arm: its mean test accuracy, how many members, and its reference (QAT:
         float_ft, the float network fine-tuned with QAT's schedule; PTQ and float_ft: the float network)."""
+        if is_language_model(self.run.data):
+            return self._log_lm_rows(level, setting, rows, ft_acc)
         for arm, g in rows.groupby("arm", sort=False):
             n = len(g)
             if setting.method == "qat":
@@ -400,14 +410,31 @@ class QuantStage:
             self.log(f"level {level} {arm} {setting.label} ({n} member{'' if n == 1 else 's'}): test acc "
                      f"{100 * g['accuracy'].mean():.2f}% ({ref_text}) {g['wall_s'].iloc[0]:.1f} s")
 
-    def _stored_float_ft(self, level: int, arm: str) -> dict[int, float]:
-        """seed -> test accuracy of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
+    def _log_lm_rows(self, level: int, setting: Setting, rows: pd.DataFrame, ft_bpb: dict) -> None:
+        """:meth:`_log_rows` for a language model: test bits per byte (lower is better) against the same
+        references (QAT: its float_ft control; PTQ and float_ft: the float network)."""
+        for arm, g in rows.groupby("arm", sort=False):
+            n = len(g)
+            if setting.method == "qat":
+                stored = self._stored_float_ft(level, arm, "bits_per_byte")
+                ref = [ft_bpb.get((arm, int(sd)), stored.get(int(sd))) for sd in g["seed"]]
+                ref_text = ("float_ft not computed" if any(r is None or not np.isfinite(r) for r in ref)
+                            else f"float_ft {float(np.mean(ref)):.4f}")
+            else:
+                ref_text = f"float {g['float_bits_per_byte'].mean():.4f}"
+            self.log(f"level {level} {arm} {setting.label} ({n} member{'' if n == 1 else 's'}): test bits per "
+                     f"byte {g['bits_per_byte'].mean():.4f} ({ref_text}; lower is better) {g['wall_s'].iloc[0]:.1f} s")
+
+    def _stored_float_ft(self, level: int, arm: str, column: str = "accuracy") -> dict[int, float]:
+        """seed -> test ``column`` (accuracy) of ``arm``'s stored float_ft cell at ``level`` (empty when none is intact)."""
         level_dir = self.run.level_dir(level)
         cid = cell_id(self.run.run_id, level, arm, float_ft_setting(self.qc))
         if cell_problem(level_dir, cid) is not None:
             return {}
-        t = pd.read_parquet(level_dir / QUANT_DIR / f"{cid}.parquet", columns=["seed", "accuracy"])
-        return {int(a): float(b) for a, b in zip(t["seed"], t["accuracy"])}
+        t = pd.read_parquet(level_dir / QUANT_DIR / f"{cid}.parquet")
+        if column not in t:  # a cell stored before the column existed
+            return {}
+        return {int(a): float(b) for a, b in zip(t["seed"], t[column])}
 
     # ------------------------------------------------------------------ one setting, one population
     def _quantize(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
@@ -424,21 +451,23 @@ class QuantStage:
         float_val = float_acc.get("val", float_acc["test"])
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
-            qts, acc, tried = self._retry(pop, spec, float_val)
+            qts, metrics, tried = self._retry(pop, spec, float_val)
         elif setting.method in GPTQ_METHODS:
             joint = setting.method == "sparsegpt_gptq"
             qts, masks = gptq_population(model, pop.params, pop.batch_stats, pop.masks, spec, self.calib_x,
                                          group_size=qc.group_size, act_order=qc.act_order, damp=qc.gptq_damp,
                                          density=qc.joint_density if joint else None,
                                          member_batch=self.member_batch, return_masks=True)
-            acc = self.ev.quantized(model, qts)
+            metrics = self.ev.quantized_metrics(model, qts)
         elif setting.method == "ptq":
             qts = ptq_population(model, pop.params, pop.batch_stats, spec, self.calib_x,
                                  bias_correction=qc.bias_correction, cle=qc.cle, member_batch=self.member_batch)
-            acc = self.ev.quantized(model, qts)
+            metrics = self.ev.quantized_metrics(model, qts)
         else:
             qts, steps, lr = self._qat(level, pop, spec)
-            acc = self.ev.quantized(model, qts)
+            metrics = self.ev.quantized_metrics(model, qts)
+        acc = {name: a for name, (_, a) in metrics.items()}
+        lm = self._lm_columns(level, pop, metrics)
         rows = []
         for k, (arm, seed) in enumerate(pop.members):
             sizes = size_report(qts[k], nm_of(self.run.cfg.prune))  # N:M kernels in the nm encoding
@@ -463,7 +492,7 @@ class QuantStage:
                                           else spec.calibration),
                 "calibration_tried": ",".join(tried),
                 "group_size": int(qc.group_size or 0) if setting.method in GPTQ_METHODS else 0,
-                "act_order": bool(qc.act_order and setting.method in GPTQ_METHODS),
+                "act_order": bool(qc.act_order and setting.method in GPTQ_METHODS), **lm[k],
             })
         rows = pd.DataFrame.from_records(rows)
         if setting.method == "sparsegpt_gptq":  # its own, sparser masks: the rows' density and count are theirs
@@ -479,7 +508,9 @@ class QuantStage:
         qc = self.qc
         float_acc, float_sizes = self._float_reference(level, pop)
         ft, steps, lr = self._qat(level, pop, program_spec(qc), quantize=False)
-        acc = self.ev.accuracy(pop.model, ft["params"], ft["batch_stats"])
+        metrics = self.ev.metrics(pop.model, ft["params"], ft["batch_stats"])
+        acc = {name: a for name, (_, a) in metrics.items()}
+        lm = self._lm_columns(level, pop, metrics)
         rows = []
         for k, (arm, seed) in enumerate(pop.members):
             sizes = float_size_report(unstack(ft["params"], k), unstack(ft["batch_stats"], k))
@@ -494,7 +525,7 @@ class QuantStage:
                 "fp16_dense_bytes": int(sizes["fp32_dense_bytes"]) // 2, "int8_dense_bytes": np.nan,
                 "bias_correction": False, "cle": False, "learned_scale": False, "qat_start": qc.qat_start,
                 "qat_steps": int(steps), "qat_lr": float(lr), "retry": False, "calibration_requested": "",
-                "calibration_tried": "", "group_size": 0, "act_order": False,
+                "calibration_tried": "", "group_size": 0, "act_order": False, **lm[k],
             })
         return pd.DataFrame.from_records(rows)
 
@@ -505,11 +536,32 @@ class QuantStage:
         if key not in self._float:
             if len(self._float) > 16:
                 self._float.clear()
-            acc = self.ev.accuracy(pop.model, pop.params, pop.batch_stats)
+            metrics = self.ev.metrics(pop.model, pop.params, pop.batch_stats)
+            acc = {name: a for name, (_, a) in metrics.items()}
             sizes = [int(float_size_report(unstack(pop.params, k), unstack(pop.batch_stats, k))["size_bytes"])
                      for k in range(len(pop.members))]
-            self._float[key] = (acc, sizes)
-        return self._float[key]
+            self._float[key] = (acc, sizes, {name: loss for name, (loss, _) in metrics.items()})
+        return self._float[key][:2]
+
+    def _lm_columns(self, level: int, pop: Population, metrics: dict) -> list[dict]:
+        """Per member, the :data:`LM_COLUMNS` of its evaluation ``metrics`` (split -> (loss, accuracy) ``[K]``):
+        the mean token loss on test and val, and for a language model its perplexity and bits per byte
+        (:func:`lth.train.lm_metrics`) beside the float network's bits per byte; NaN where they do not apply."""
+        self._float_reference(level, pop)
+        float_loss = self._float[(level, tuple(pop.members))][2]
+        lm = is_language_model(self.run.data)
+        out = []
+        for k in range(len(pop.members)):
+            row = {}
+            for split, prefix in (("test", ""), ("val", "val_")):
+                loss = float(metrics.get(split, metrics["test"])[0][k])
+                ref = float(float_loss.get(split, float_loss["test"])[k])
+                m, f = (lm_metrics(loss), lm_metrics(ref)) if lm else ({}, {})
+                row.update({f"{prefix}loss": loss, f"{prefix}perplexity": m.get("perplexity", np.nan),
+                            f"{prefix}bits_per_byte": m.get("bits_per_byte", np.nan),
+                            f"float_{prefix}bits_per_byte": f.get("bits_per_byte", np.nan)})
+            out.append(row)
+        return out
 
     def _retry(self, pop: Population, spec: QuantSpec, float_val: np.ndarray):
         """Recompute S and Z another way until the val drop is within tolerance (per member).
@@ -537,7 +589,7 @@ class QuantStage:
                     best[k] = (qts[k], val[k])
                 done[k] = within
         qts = [b[0] for b in best]
-        return qts, self.ev.quantized(pop.model, qts), tried
+        return qts, self.ev.quantized_metrics(pop.model, qts), tried
 
     def _qat(self, level: int, pop: Population, spec: QuantSpec,
              quantize: bool = True) -> tuple[list[QuantizedTicket] | dict, int, float]:

@@ -391,12 +391,26 @@ class Evaluator:
 
     def accuracy(self, model, params: PyTree, batch_stats: PyTree) -> dict[str, np.ndarray]:
         """split -> accuracy ``[K]`` of the stacked ``[K, ...]`` params/batch_stats."""
+        return {name: acc for name, (_, acc) in self.metrics(model, params, batch_stats).items()}
+
+    def metrics(self, model, params: PyTree, batch_stats: PyTree) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """split -> (mean loss ``[K]``, accuracy ``[K]``) of the stacked ``[K, ...]`` params/batch_stats: for
+        text, the mean next-token loss over the split's fixed windows, as training's evaluation."""
         fn = self._fn(model)
-        return {name: np.asarray(fn(params, batch_stats, *s)[1]) for name, s in self.sets.items()}
+        out = {}
+        for name, s in self.sets.items():
+            loss, acc = fn(params, batch_stats, *s)
+            out[name] = (np.asarray(loss), np.asarray(acc))
+        return out
 
     def quantized(self, model, qts: Sequence[QuantizedTicket],
                   fq: FakeQuantModel | None = None) -> dict[str, np.ndarray]:
+        return {name: acc for name, (_, acc) in self.quantized_metrics(model, qts, fq).items()}
+
+    def quantized_metrics(self, model, qts: Sequence[QuantizedTicket],
+                          fq: FakeQuantModel | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """split -> (loss ``[K]``, accuracy ``[K]``) of the fake-quantized members ``qts``."""
         fq = fq or fake_quant_model(model, qts[0].spec, "static")
         v = stack([q.variables() for q in qts])
-        return self.accuracy(fq, v["params"], v["batch_stats"])
+        return self.metrics(fq, v["params"], v["batch_stats"])
 

@@ -134,6 +134,7 @@ def gptq_population(model, params: PyTree, batch_stats: PyTree, masks: PyTree, s
         x = layer_inputs_program(model, key, member_batch)(params, batch_stats, x_cal)  # [K, N, in]
         m = jnp.asarray(get_layer(masks, key)["kernel"], jnp.float32)
         w_new, qp, m_new = run(as_w(kernel), x, as_w(m))
+        w_new = jnp.where(m_new > 0, w_new, 0.0)  # +0.0 where pruned (the sweep's products can leave -0.0)
         masks_out = set_leaf(masks_out, key, "kernel", np.swapaxes(np.asarray(m_new), 1, 2).reshape(shape) > 0)
         params = set_leaf(params, key, "kernel", jnp.swapaxes(w_new, 1, 2).reshape(shape))
         if group_size is None:  # PTQ's per-channel layout

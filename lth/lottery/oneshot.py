@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..config import ONESHOT_ARMS, ONESHOT_FT_ARMS
+from ..config import ONESHOT_ARMS, ONESHOT_FT_ARMS, ConfigError
 from ..train import Engine, TrainResult, final_lr, total_steps
 
 
@@ -30,6 +30,18 @@ def parts(members) -> dict[str, list[int]]:
     for k, m in enumerate(members):
         out["evaluate" if m.arm in ONESHOT_ARMS else "finetune" if m.arm in ONESHOT_FT_ARMS else "train"].append(k)
     return out
+
+
+def check_finetune_lr(cfg, n_train: int) -> None:
+    """ConfigError before any work when ``*_ft`` arms would fine-tune at lr 0: the default
+    ``prune.oneshot_finetune_lr`` is train's final lr, which a schedule decaying to 0 (cosine, linear) makes
+    0, so the arm would be its plain arm under another name."""
+    if not set(cfg.arms) & set(ONESHOT_FT_ARMS) or cfg.prune.oneshot_finetune_lr:
+        return
+    if final_lr(cfg.train, total_steps(cfg.train, n_train)) <= 0:
+        raise ConfigError(f"arms {sorted(set(cfg.arms) & set(ONESHOT_FT_ARMS))}: the default "
+                          f"prune.oneshot_finetune_lr (train's final lr) is 0 with train.schedule = "
+                          f"{cfg.train.schedule!r}; set prune.oneshot_finetune_lr, e.g. {cfg.train.lr / 10:g}")
 
 
 def finetune_engine(model, data, cfg) -> Engine:

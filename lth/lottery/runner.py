@@ -63,7 +63,7 @@ from .arms import ARMS, ONESHOT_ARMS, ArmStart, prepare_oneshot
 from .copies import copy_arms
 from .earlybird import EarlyBird, epoch_ends
 from .earlybird import applies as earlybird_applies
-from .oneshot import evaluate_records, finetune_engine, merge, parts
+from .oneshot import check_finetune_lr, evaluate_records, finetune_engine, merge, parts
 
 @dataclass(frozen=True)
 class Member:
@@ -292,6 +292,7 @@ class Lottery:
                             tuple(k for _, k in self.structure.kinds))
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self._check_oneshot(shapes)
+        check_finetune_lr(cfg, len(self.data.x_train))
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
         self.sink: WandbSink | None = None  # set by open_sink
 

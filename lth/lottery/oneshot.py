@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from ..config import ONESHOT_ARMS, ONESHOT_FT_ARMS, ConfigError
-from ..train import Engine, TrainResult, final_lr, total_steps
+from ..train import Engine, TrainResult, final_lr, lm_metrics, total_steps
 
 
 def parts(members) -> dict[str, list[int]]:
@@ -53,11 +53,13 @@ def finetune_engine(model, data, cfg) -> Engine:
 
 
 def evaluate_records(engine: Engine, state) -> list[dict]:
-    """Metric rows of a population evaluated as it is: val and test at step 0."""
+    """Metric rows of a population evaluated as it is: val and test at step 0 (and, for a language model,
+    perplexity and bits per byte, as :class:`lth.train.Engine` records them)."""
     rows = []
     for split, (loss, acc) in engine.evaluate(state).items():
         for k in range(len(loss)):
-            rows.append({"member": k, "step": 0, "split": split, "loss": float(loss[k]), "accuracy": float(acc[k])})
+            rows.append({"member": k, "step": 0, "split": split, "loss": float(loss[k]), "accuracy": float(acc[k]),
+                         **(lm_metrics(float(loss[k])) if engine.window else {})})  # a language model's bits per byte
     return rows
 
 

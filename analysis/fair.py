@@ -21,7 +21,7 @@ REFERENCE = {"float": "float", "ptq": "float", "qat": FLOAT_FT}
 # a QAT row and its float_ft control: the same member, the same fine-tuning schedule
 PAIR_KEYS = ["run_id", "level", "arm", "seed", "qat_start", "qat_steps", "qat_lr"]
 CANDIDATE_KEYS = ["run_id", "arm", "level", "bits", "method", "scheme", "granularity", "calibration", "act_bits",
-                  "reference"]
+                  "act_order", "reference"]
 
 
 def with_reference(df: pd.DataFrame) -> pd.DataFrame:
@@ -88,6 +88,8 @@ def smallest_within(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
     from .figures import ARM_STYLE
 
     cand = with_reference(df)
+    if "act_order" not in cand:  # a table of stores quantized before GPTQ's act_order existed
+        cand = cand.assign(act_order=False)
     cols = ["run_id", "arm", "dense_float_accuracy", "size_bytes", "density", "bits", "method", "reference", "accuracy",
             "reference_accuracy", "judged_accuracy", "seeds", "compression_vs_dense"]
     if cand.empty:

@@ -438,7 +438,7 @@ def sensitivity_curves(table: pd.DataFrame, split: str = "test") -> plt.Figure:
 
 # the columns of a quant row that tell two quantized models apart (besides run, arm, level, seed and bits):
 # no figure averages over them
-QUANT_SETTING = ["method", "scheme", "granularity", "calibration", "act_bits", "act_scheme", "bias_correction", "cle",
+QUANT_SETTING = ["method", "scheme", "granularity", "calibration", "act_bits", "act_order", "act_scheme", "bias_correction", "cle",
                  "learned_scale", "qat_start", "qat_steps", "qat_lr", "retry"]
 # what a float_ft row shares with the QAT rows it is the control of (QAT's schedule)
 QAT_SCHEDULE = ["qat_start", "qat_steps", "qat_lr"]
@@ -554,7 +554,8 @@ def quant_heatmap(quant: pd.DataFrame, method: str | None = None, arm: str = "ti
     return fig
 
 
-POINT_KEYS = ["run_id", "arm", "level", "bits", "method", "scheme", "granularity", "calibration", "act_bits"]
+POINT_KEYS = ["run_id", "arm", "level", "bits", "method", "scheme", "granularity", "calibration", "act_bits",
+              "act_order"]
 
 
 def compression_points(df: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
@@ -570,6 +571,8 @@ def compression_points(df: pd.DataFrame, metric: str = "accuracy") -> pd.DataFra
     if rows.empty:
         return pd.DataFrame(columns=POINT_KEYS + ["size_bytes", "density", metric, "low", "high", "seeds", "rule"])
     rows = rows.assign(arm=np.where(rows["level"] == 0, "dense", rows["arm"]))
+    if "act_order" not in rows:  # stores quantized before GPTQ's act_order existed
+        rows = rows.assign(act_order=False)
     return _spread_points(rows, metric)
 
 

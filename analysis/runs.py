@@ -142,7 +142,7 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
         return pd.DataFrame(columns=_KEYS + ["loss", "accuracy", "early_stop_step"])
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["run_id", "level", "arm", "seed", "step", "split"], kind="stable", ignore_index=True)
-    df = df.assign(bits=32, method="float", scheme="float", granularity="", calibration="", act_bits=32)
+    df = df.assign(bits=32, method="float", scheme="float", granularity="", calibration="", act_bits=32, act_order=False)
     q = load_quant(root, say=say) if quant else pd.DataFrame()
     if not q.empty and run_ids is not None:
         q = q[q["run_id"].isin(set(run_ids))]
@@ -156,6 +156,8 @@ def load_runs(root: str | Path, run_ids: Iterable[str] | None = None, quant: boo
         df["size_bytes"], df["compression"] = float("nan"), float("nan")
     if not q.empty:
         q = q.assign(split="test")
+        # cells stored before GPTQ's act_order existed did not use it
+        q["act_order"] = q["act_order"].fillna(False).astype(bool) if "act_order" in q else False
         hp = df.drop_duplicates("run_id").set_index("run_id")
         extra = [c for c in df.columns if "." in c]  # the flattened hparams
         q = q.drop(columns=[c for c in extra if c in q]).join(hp[extra], on="run_id")

@@ -704,10 +704,6 @@ def check_against_model(cfg: ExperimentConfig, layers: dict[str, str], num_steps
         if name not in parts:
             raise ConfigError(f"prune.exclude names layer {name!r}, which model {cfg.model.name} does not have; "
                               f"its layers: {', '.join(sorted(layers))}")
-    convs = sorted(k for k, kind in layers.items() if kind == "conv")
-    if cfg.quant is not None and set(GPTQ_METHODS) & set(cfg.quant.method) and convs:
-        raise ConfigError(f"quant.method = gptq: conv layers not supported yet (model {cfg.model.name} has "
-                          f"{', '.join(convs)}); use ptq or qat")
     check_numerics(cfg)
     if cfg.rewind.step > num_steps:
         raise ConfigError(f"rewind.step = {cfg.rewind.step} is past the end of training ({num_steps} steps); "

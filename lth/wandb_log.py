@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # the settings of a quant row that name its method (beyond method and bits), in label order
-QUANT_SETTING_COLUMNS = ("scheme", "granularity", "calibration", "act_bits")
+QUANT_SETTING_COLUMNS = ("scheme", "granularity", "calibration", "act_bits", "act_order")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -81,7 +81,8 @@ def quant_label(row: dict, varying: Iterable[str] = ()) -> str:
     bits = row.get("bits")
     has_bits = isinstance(bits, numbers.Real) and bits == bits  # not missing, not NaN
     parts = [str(row.get("method", "?")), f"w{int(bits)}" if has_bits else ""]
-    parts += [f"{k}{row[k]}" if k == "act_bits" else str(row[k]) for k in varying if k in row]
+    parts += [f"{k}{row[k]}" if k == "act_bits" else ("act_order" if row[k] else "") if k == "act_order" else str(row[k])
+              for k in varying if k in row]
     return "/".join(p for p in parts if p)
 
 

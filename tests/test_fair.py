@@ -74,3 +74,22 @@ def test_qat_without_its_float_ft_is_left_out_with_a_warning():
     other.loc[other.method == "float_ft", "qat_steps"] = 99
     with pytest.warns(UserWarning, match="no float_ft"):
         assert smallest_within(other)[lambda f: f.arm == "ticket"].method.iloc[0] == "ptq"
+
+
+def test_gptq_settings_differing_only_in_act_order_are_not_pooled():
+    # two 4-bit gptq settings of the same ticket, equal in every key but act_order: pooled, their mean
+    # (87.5%) would miss the 1-point window of the dense 90%; apart, the act_order=False one (95%) is in it
+    rows = []
+    for seed in (0, 1):
+        rows += [_float(0, 0.90, 1000, seed), _float(1, 0.895, 500, seed)]
+        for act_order, acc in ((False, 0.95), (True, 0.80)):
+            rows.append({**_quant("ptq", 4, acc, 100, seed, 0.895), "method": "gptq", "act_order": act_order})
+    table = pd.DataFrame(rows)
+    ticket = smallest_within(table).query("arm == 'ticket'").iloc[0]
+    assert (ticket.method, ticket.bits) == ("gptq", 4)
+    assert ticket.accuracy == pytest.approx(0.95) and ticket.seeds == 2
+    points = figures.compression_points(table)
+    gptq = points[points.method == "gptq"].sort_values("act_order")
+    assert gptq.act_order.tolist() == [False, True] and gptq.accuracy.tolist() == pytest.approx([0.95, 0.80])
+    settings = figures.quant_settings(table[table.method == "gptq"])
+    assert len(settings) == 2 and settings.setting.str.contains("act_order").all()

@@ -124,7 +124,11 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="the file to write, e.g. ticket_l8_4bit.lthq")
     p.add_argument("--member", type=int, default=0,
                    help="which ticket member (seed) of the level, by position (default: 0)")
-    p.add_argument("--method", choices=["ptq", "qat"], default="ptq", help="ptq (default) or qat")
+    p.add_argument("--method", choices=["ptq", "qat", "gptq"], default="ptq",
+                   help="ptq (default), qat or gptq (Frantar et al. 2023)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="gptq: one scale per group of this many inputs of a channel (default: per channel)")
+    p.add_argument("--act-order", action="store_true", help="gptq: sweep inputs by decreasing Hessian diagonal")
     _add_common(p, many=False)
 
 
@@ -146,11 +150,11 @@ def _settings(args) -> dict:
     """QuantConfig fields set on the command line (unset ones keep their defaults)."""
     out = {}
     for name in ("scheme", "granularity", "calibration", "act_bits", "calib_batches", "percentile", "qat_steps",
-                 "qat_lr", "tolerance", "qat_start", "arms"):
+                 "qat_lr", "tolerance", "qat_start", "arms", "group_size"):
         v = getattr(args, name, None)
         if v is not None:
             out[name] = v
-    for name in ("bias_correction", "cle", "learned_scale", "retry"):
+    for name in ("bias_correction", "cle", "learned_scale", "retry", "act_order"):
         if getattr(args, name, False):
             out[name] = True
     if getattr(args, "weights_only", False):

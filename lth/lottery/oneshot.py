@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..config import ONESHOT_ARMS, ONESHOT_FT_ARMS
-from ..train import Engine, TrainResult, final_lr, total_steps
+from ..config import ONESHOT_ARMS, ONESHOT_FT_ARMS, ConfigError
+from ..train import Engine, TrainResult, final_lr, lm_metrics, total_steps
 
 
 def parts(members) -> dict[str, list[int]]:
@@ -32,6 +32,18 @@ def parts(members) -> dict[str, list[int]]:
     return out
 
 
+def check_finetune_lr(cfg, n_train: int) -> None:
+    """ConfigError before any work when ``*_ft`` arms would fine-tune at lr 0: the default
+    ``prune.oneshot_finetune_lr`` is train's final lr, which a schedule decaying to 0 (cosine, linear) makes
+    0, so the arm would be its plain arm under another name."""
+    if not set(cfg.arms) & set(ONESHOT_FT_ARMS) or cfg.prune.oneshot_finetune_lr:
+        return
+    if final_lr(cfg.train, total_steps(cfg.train, n_train)) <= 0:
+        raise ConfigError(f"arms {sorted(set(cfg.arms) & set(ONESHOT_FT_ARMS))}: the default "
+                          f"prune.oneshot_finetune_lr (train's final lr) is 0 with train.schedule = "
+                          f"{cfg.train.schedule!r}; set prune.oneshot_finetune_lr, e.g. {cfg.train.lr / 10:g}")
+
+
 def finetune_engine(model, data, cfg) -> Engine:
     """The engine of the ``*_ft`` arms: ``prune.oneshot_finetune_steps`` steps at a constant lr."""
     pc = cfg.prune
@@ -41,11 +53,13 @@ def finetune_engine(model, data, cfg) -> Engine:
 
 
 def evaluate_records(engine: Engine, state) -> list[dict]:
-    """Metric rows of a population evaluated as it is: val and test at step 0."""
+    """Metric rows of a population evaluated as it is: val and test at step 0 (and, for a language model,
+    perplexity and bits per byte, as :class:`lth.train.Engine` records them)."""
     rows = []
     for split, (loss, acc) in engine.evaluate(state).items():
         for k in range(len(loss)):
-            rows.append({"member": k, "step": 0, "split": split, "loss": float(loss[k]), "accuracy": float(acc[k])})
+            rows.append({"member": k, "step": 0, "split": split, "loss": float(loss[k]), "accuracy": float(acc[k]),
+                         **(lm_metrics(float(loss[k])) if engine.window else {})})  # a language model's bits per byte
     return rows
 
 

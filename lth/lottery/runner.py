@@ -64,7 +64,7 @@ from .arms import ARMS, ONESHOT_ARMS, ArmStart, prepare_oneshot
 from .copies import copy_arms
 from .earlybird import EarlyBird, epoch_ends
 from .earlybird import applies as earlybird_applies
-from .oneshot import evaluate_records, finetune_engine, merge, parts
+from .oneshot import check_finetune_lr, evaluate_records, finetune_engine, merge, parts
 
 @dataclass(frozen=True)
 class Member:
@@ -296,6 +296,7 @@ class Lottery:
                             tuple(k for _, k in self.structure.kinds))
         check_granularity(cfg.prune, self.model, shapes, cfg.model.name)
         self._check_oneshot(shapes)
+        check_finetune_lr(cfg, len(self.data.x_train))
         self.trained_levels: list[int] = []  # levels trained by this process (not resumed)
         self.sink: WandbSink | None = None  # set by open_sink
 
@@ -535,7 +536,14 @@ class Lottery:
             return result, masks, {"agp.parquet": parquet_bytes(agp)}
         split = parts(plan.members)
         if level > 0 and (split["evaluate"] or split["finetune"]):
-            return self._run_with_oneshot(level, plan, split, bar), plan.masks, {}
+            result, trained = self._run_with_oneshot(level, plan, split, bar)
+            if trained is None or trained[0].engine.mask_fn is None:
+                return result, plan.masks, {}
+            # set/rigl beside one-shot arms: the masks they end with and their regrowth table, as below
+            host = to_numpy(result.state.mask)
+            masks = [unstack(host, k) if m.arm in MODES else plan.masks[k] for k, m in enumerate(plan.members)]
+            table = dst_table(*trained, self.dst_end_step(), self.cfg.prune.dst_delta_t)
+            return result, masks, {"dst.parquet": parquet_bytes(table)}
         own = level == 0 and earlybirds is None
         if own:
             eb = self.earlybird(plan.members, list(range(len(plan.members))), plan.can_prune)
@@ -556,26 +564,30 @@ class Lottery:
         files["dst.parquet"] = parquet_bytes(dst_table(plan, result, self.dst_end_step(), self.cfg.prune.dst_delta_t))
         return result, masks, files
 
-    def _run_with_oneshot(self, level: int, plan: "LevelPlan", split: dict, bar) -> TrainResult:
-        """A level with one-shot arms (:mod:`lth.lottery.oneshot`): the others train on the level's engine,
-        the plain one-shot members are evaluated as pruned, the ``*_ft`` ones fine-tuned; one result."""
+    def _run_with_oneshot(self, level: int, plan: "LevelPlan", split: dict, bar):
+        """A level with one-shot arms (:mod:`lth.lottery.oneshot`): the others train on the level's engine
+        (set/rigl members with their mask updates), the plain one-shot members are evaluated as pruned, the
+        ``*_ft`` ones fine-tuned; one result, and the (plan, result) of the trained part (None: none)."""
         def sub(idx, engine, start):
             p = LevelPlan([plan.members[k] for k in idx], [plan.weights[k] for k in idx],
                           [plan.masks[k] for k in idx], plan.can_prune, start, engine)
             return p, self.initial_state(level, p)
 
-        pieces = []
+        pieces, trained = [], None
         if split["train"]:
             p, state = sub(split["train"], plan.engine, plan.start)
-            pieces.append((split["train"], p.engine.run(state, [data_seed(m) for m in p.members], start=p.start,
-                                                        progress=bar)))
+            moving = p.engine.mask_fn is not None
+            r = p.engine.run(state, [data_seed(m) for m in p.members], start=p.start, progress=bar,
+                             member_args=[MODES.get(m.arm, 0) for m in p.members] if moving else None)
+            pieces.append((split["train"], r))
+            trained = (p, r)
         if split["evaluate"]:
             p, state = sub(split["evaluate"], self.engine, 0)
             pieces.append((split["evaluate"], TrainResult(state=state, records=evaluate_records(self.engine, state))))
         if split["finetune"]:
             p, state = sub(split["finetune"], self._oneshot(), 0)
             pieces.append((split["finetune"], p.engine.run(state, [data_seed(m) for m in p.members])))
-        return merge(pieces, len(plan.members))
+        return merge(pieces, len(plan.members)), trained
 
     def _oneshot(self) -> Engine:
         if self._share is not None:  # the group shares the *_ft settings (population_key)

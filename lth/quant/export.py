@@ -335,12 +335,20 @@ def integer_arrays(im: IntegerModel, nm: tuple[int, int] | None = None) -> tuple
     arrays: dict[str, np.ndarray] = {}
     layers: dict[str, dict] = {}
     for name, L in im.layers.items():
-        enc, meta = encode_kernel(L.q, L.zero_point, L.bits, L.scheme, nm=nm)
+        grouped = L.group_index is not None
+        zero = expand_groups({"scale": L.scale, "zero_point": L.zero_point, "group_index": L.group_index},
+                             L.q.shape)[1] if grouped else L.zero_point
+        enc, meta = encode_kernel(L.q, zero, L.bits, L.scheme, nm=nm)
         for k, a in enc.items():
             arrays[f"{name}/{k}"] = a
         arrays[f"{name}/scale"] = np.asarray(L.scale, np.float32).reshape(-1)
         if L.scheme == "asym" and L.bits > 1:
             arrays[f"{name}/zero_point"] = np.asarray(L.zero_point, np.uint8).reshape(-1)
+        if grouped:  # GPTQ's groups: scales [groups, C] and, under act-order, each input's group
+            meta.update(_group_meta(L.group_index, int(np.shape(L.scale)[0])))
+            if "group_index_bits" in meta:
+                arrays[f"{name}/group_index"] = pack_bits(np.asarray(L.group_index, np.int64),
+                                                          meta["group_index_bits"])
         arrays[f"{name}/bias"] = np.asarray(L.bias, np.float32)
         arrays[f"{name}/act_scale"] = np.asarray([L.act_scale], np.float32)
         if L.act_scheme == "asym":
@@ -349,6 +357,30 @@ def integer_arrays(im: IntegerModel, nm: tuple[int, int] | None = None) -> tuple
                     act_scheme=L.act_scheme)
         layers[name] = meta
     return arrays, layers
+
+
+def _group_meta(group_index: np.ndarray, groups: int) -> dict:
+    """Header fields of a grouped quantizer: ``groups`` and either ``group_size`` (the groups are runs of
+    ``group_size`` consecutive inputs: nothing stored) or ``group_index_bits`` (act-order: each input's
+    group packed in ``ceil(log2 groups)`` bits, as :func:`group_index_bytes` counts)."""
+    idx = np.asarray(group_index).ravel()
+    size = max(1, int(np.sum(idx == 0)))  # the first group is a full one
+    if np.array_equal(idx, np.arange(idx.size) // size):
+        return {"groups": groups, "group_size": size}
+    return {"groups": groups, "group_index_bits": max(1, math.ceil(math.log2(groups)))}
+
+
+def _group_index(arrays: dict, name: str, meta: dict) -> np.ndarray | None:
+    """``group_index [fan_in]`` of a layer of an export file (None: not grouped)."""
+    if "groups" not in meta:
+        return None
+    fan_in = int(np.prod(meta["shape"][:-1], dtype=np.int64))
+    if "group_size" in meta:
+        return (np.arange(fan_in) // int(meta["group_size"])).astype(np.int32)
+    idx = unpack_bits(arrays[f"{name}/group_index"], int(meta["group_index_bits"]), fan_in).astype(np.int32)
+    if idx.size and (idx.min() < 0 or idx.max() >= int(meta["groups"])):
+        raise ValueError(f"layer {name}: group index out of range [0, {meta['groups']})")
+    return idx
 
 
 def export_bytes(im: IntegerModel, info: dict | None = None, nm: tuple[int, int] | None = None) -> bytes:
@@ -428,12 +460,19 @@ def _decode_export(payload: bytes, header: dict) -> tuple[IntegerModel, dict]:
         if not meta["per_channel"]:
             scale, zp = scale.reshape(()), zp.reshape(())
         enc = {k: arrays[f"{name}/{k}"] for k in ("values", "index") if f"{name}/{k}" in arrays}
-        q = decode_kernel(enc, meta, zp if meta["per_channel"] else np.full(c, zp))
+        group_index = _group_index(arrays, name, meta)
+        if group_index is None:
+            q = decode_kernel(enc, meta, zp if meta["per_channel"] else np.full(c, zp))
+        else:
+            scale, zp = scale.reshape(int(meta["groups"]), c), zp.reshape(int(meta["groups"]), c)
+            zero = expand_groups({"scale": scale, "zero_point": zp, "group_index": group_index}, meta["shape"])[1]
+            q = decode_kernel(enc, meta, zero)
         act_zp = int(arrays[f"{name}/act_zero_point"][0]) if meta["act_scheme"] == "asym" else 0
         layers[name] = IntLayer(kind=meta["kind"], q=q, bits=int(meta["bits"]), scheme=meta["scheme"], scale=scale,
                                 zero_point=zp, bias=arrays[f"{name}/bias"].astype(np.float32),
                                 act_scale=float(arrays[f"{name}/act_scale"][0]), act_zero_point=act_zp,
-                                act_bits=int(meta["act_bits"]), act_scheme=meta["act_scheme"])
+                                act_bits=int(meta["act_bits"]), act_scheme=meta["act_scheme"],
+                                group_index=group_index)
     im = IntegerModel(program=header["program"], layers=layers, input_shape=tuple(header["input_shape"]),
                       num_classes=int(header["num_classes"]))
     return im, header

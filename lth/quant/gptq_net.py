@@ -1,7 +1,10 @@
 """GPTQ of whole networks (Frantar et al. 2023), a population at a time: the quant method ``gptq``.
 
 Layer after layer in forward (call) order, every member's Dense kernel is quantized by
-:func:`lth.quant.gptq.gptq` (``w = kernel.T [out, in]``) from its calibration inputs ``[N, in]``,
+:func:`lth.quant.gptq.gptq` (``w = kernel.T [out, in]``) from its calibration inputs ``[N, in]``
+(a 2-D conv kernel ``[kh, kw, cin, out]`` as ``[out, kh*kw*cin]`` with its im2col inputs, kept as
+``R [in, in]`` with ``R^T R = X^T X``: the one-shot arms' :func:`lth.prune.oneshot_net.conv_patches`
+and :func:`~lth.prune.oneshot_net.gram_root`; GPTQ needs only ``X^T X``),
 recorded with the layers before it *already GPTQ-quantized* (the paper's sequential setting), with
 the member's mask fixed: pruned weights stay exactly 0 and only kept weights absorb rounding
 errors. The grid is lth's min-max grid (:mod:`lth.quant.numerics`) per output channel, or per group
@@ -10,7 +13,8 @@ of ``group_size`` inputs of a channel. Activations are then quantized exactly as
 
 Weight quantizers are stored as PTQ's per-channel ``{"scale" [C], "zero_point" [C]}``; grouped ones
 as ``{"scale" [groups, C], "zero_point" [groups, C], "group_index" [fan_in]}`` (the group of each
-input; :func:`lth.quant.wiring.expand_groups`). Conv kernels are not supported yet.
+input, ``fan_in = kh*kw*cin`` for a conv in the kernel's row-major order;
+:func:`lth.quant.wiring.expand_groups`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..prune.oneshot_net import conv_patches, gram_root
 from ..train import population_program
 from .gptq import gptq
 from .numerics import QuantSpec
@@ -41,15 +46,18 @@ def conv_layers(params: PyTree) -> list[str]:
 
 
 def check_gptq_model(params: PyTree, where: str = "quant.method") -> None:
-    """ValueError (one line) when the model has conv layers, which GPTQ does not handle yet."""
-    convs = conv_layers(params)
-    if convs:
-        raise ValueError(f"{where} = gptq: conv layers not supported yet (this model has {', '.join(convs)}); "
-                         "use ptq or qat, or a model of Dense layers")
+    """ValueError (one line) when the model has kernels of rank > 4 (3-D convs), which GPTQ does not
+    unfold; Dense and 2-D conv kernels are handled."""
+    other = [k for k in conv_layers(params) if np.ndim(get_layer(params, k)["kernel"]) != 4]
+    if other:
+        raise ValueError(f"{where} = gptq: only Dense and 2-D conv layers are supported (this model has "
+                         f"{', '.join(other)}); use ptq or qat for it")
 
 
 def layer_inputs_program(model, key: str, member_batch: int | None):
-    """Compiled ``(params [K], batch_stats [K], x [N, ...]) -> inputs of layer key [K, N', in]``."""
+    """Compiled ``(params [K], batch_stats [K], x [N, ...]) -> inputs of layer key [K, N', in]``: a Dense
+    layer's input rows; a 2-D conv's im2col rows as their Gram root ``[K, in, in]``
+    (:func:`lth.prune.oneshot_net.gram_root`: the same ``X^T X``, ``in = kh*kw*cin``)."""
     def build():
         def member(p, b, x):
             store: dict = {}
@@ -57,13 +65,20 @@ def layer_inputs_program(model, key: str, member_batch: int | None):
             def record(next_fun, args, kwargs, context):
                 if (context.method_name == "__call__" and isinstance(context.module, QUANT_LAYERS) and args
                         and "/".join(context.module.path) == key):
-                    store["x"] = args[0]
+                    a = args[0]
+                    if isinstance(context.module, nn.Conv):
+                        rows = conv_patches(context.module, a)
+                        if rows is None:
+                            raise ValueError(f"quant.method = gptq: conv layer {key} cannot be unfolded (grouped, "
+                                             "circular padding or not 2-D); use ptq or qat for this model")
+                        store["x"] = gram_root(rows.astype(jnp.float32))
+                    else:
+                        store["x"] = a.reshape(-1, a.shape[-1])
                 return next_fun(*args, **kwargs)
 
             with nn.intercept_methods(record):
                 model.apply(base_variables(p, b), x, train=False)
-            a = store["x"]
-            return a.reshape(-1, a.shape[-1])
+            return store["x"]
 
         return jax.jit(population_program(member, (0, 0, None), member_batch))
 
@@ -113,12 +128,15 @@ def gptq_population(model, params: PyTree, batch_stats: PyTree, masks: PyTree, s
     x_cal = jnp.asarray(calib_x)
     wq: dict[str, dict] = {}
     for key in order:
-        kernel = get_layer(params, key)["kernel"]  # [K, in, out]
+        kernel = get_layer(params, key)["kernel"]  # [K, in, out] or a conv's [K, kh, kw, cin, out]
+        shape = kernel.shape
+        as_w = lambda a: jnp.swapaxes(a.reshape(shape[0], -1, shape[-1]), 1, 2)  # noqa: E731  [K, out, in]
         x = layer_inputs_program(model, key, member_batch)(params, batch_stats, x_cal)  # [K, N, in]
         m = jnp.asarray(get_layer(masks, key)["kernel"], jnp.float32)
-        w_new, qp, m_new = run(jnp.swapaxes(kernel, 1, 2), x, jnp.swapaxes(m, 1, 2))
-        masks_out = set_leaf(masks_out, key, "kernel", np.swapaxes(np.asarray(m_new), 1, 2) > 0)
-        params = set_leaf(params, key, "kernel", jnp.swapaxes(w_new, 1, 2))
+        w_new, qp, m_new = run(as_w(kernel), x, as_w(m))
+        w_new = jnp.where(m_new > 0, w_new, 0.0)  # +0.0 where pruned (the sweep's products can leave -0.0)
+        masks_out = set_leaf(masks_out, key, "kernel", np.swapaxes(np.asarray(m_new), 1, 2).reshape(shape) > 0)
+        params = set_leaf(params, key, "kernel", jnp.swapaxes(w_new, 1, 2).reshape(shape))
         if group_size is None:  # PTQ's per-channel layout
             wq[key] = {"scale": qp["scale"][:, 0], "zero_point": qp["zero_point"][:, 0]}
         else:

@@ -14,6 +14,12 @@ runs on the int8 values (both commute with the monotone quantizer, so this equal
 ``pool(relu(y))`` as the fake-quant model does). The output layer's accumulator is dequantized
 to float logits. Unsigned codes are shifted by ``2^(b-1)`` into int8 (and their zero points with
 them), so 8-bit asymmetric tensors fit int8 operands.
+
+Grouped weights (GPTQ's ``quant.group_size``: a scale and zero point per group of inputs of each
+channel, ``group_index [fan_in]`` the group of each input) have no single accumulator scale, so
+each group gets its own int32 accumulator (the zero-point terms of Eq. 7 per group) and the groups
+are summed in float32: ``y_c = Sx sum_g Sw_gc acc_gc + b_c`` (the bias stays float32, as the fake-quant
+model keeps it); ``y`` is then quantized to the next layer's input, ``clip(round(y / S_next) + Z_next)``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class IntLayer:
     act_zero_point: int
     act_bits: int
     act_scheme: str
+    # grouped weights (GPTQ): scale and zero_point are [groups, C], group_index [fan_in] (int32) the
+    # group of each input in the kernel's row-major (kh, kw, cin) order; None: per channel/tensor
+    group_index: np.ndarray | None = None
 
 
 @dataclass
@@ -90,7 +99,8 @@ def from_quantized(model, qt: QuantizedTicket, input_shape, num_classes: int) ->
             kind=op["op"], q=codes[name], bits=spec.bits, scheme=spec.scheme,
             scale=np.asarray(wq["scale"], np.float32), zero_point=np.asarray(wq["zero_point"]).astype(np.int32),
             bias=np.asarray(qt.params[name]["bias"], np.float32), act_scale=float(aq["scale"]),
-            act_zero_point=int(aq["zero_point"]), act_bits=spec.act_bits, act_scheme=spec.act_scheme)
+            act_zero_point=int(aq["zero_point"]), act_bits=spec.act_bits, act_scheme=spec.act_scheme,
+            group_index=np.asarray(wq["group_index"], np.int32) if "group_index" in wq else None)
     return IntegerModel(program, layers, tuple(input_shape), int(num_classes))
 
 
@@ -107,6 +117,10 @@ def _device_arrays(im: IntegerModel) -> dict:
     out = {}
     for i, name in enumerate(names):
         L = im.layers[name]
+        if L.group_index is not None:
+            nxt = im.layers[names[i + 1]] if i + 1 < len(names) else None
+            out[name] = jax.tree.map(jnp.asarray, _grouped_arrays(L, nxt))
+            continue
         c = L.q.shape[-1]
         ws, xs = _shift(L.bits, L.scheme), _shift(L.act_bits, L.act_scheme)
         w8 = (L.q - ws).astype(np.int8)
@@ -123,6 +137,48 @@ def _device_arrays(im: IntegerModel) -> dict:
         out[name] = jax.tree.map(jnp.asarray, d)
     im._arrays = out
     return out
+
+
+def _grouped_arrays(L: IntLayer, nxt: IntLayer | None) -> dict:
+    """A grouped layer's operands: ``w8g [G, *kernel]`` (the kernel's int8 codes in group g's inputs, 0
+    elsewhere), per (group, channel) zero points, code sums and float32 scales, the input -> group
+    indicator ``onehot [*kernel[:-1], G]`` (int8) and the group sizes ``k [G]``."""
+    ws, xs = _shift(L.bits, L.scheme), _shift(L.act_bits, L.act_scheme)
+    groups, c = np.shape(L.scale)
+    w8 = (L.q - ws).astype(np.int8)
+    onehot = (np.asarray(L.group_index)[:, None] == np.arange(groups)[None]).reshape(*L.q.shape[:-1], groups)
+    w8g = np.moveaxis(onehot, -1, 0)[..., None] * w8[None]  # [G, *kernel]
+    d = {"w8g": w8g.astype(np.int8), "onehot": onehot.astype(np.int8),
+         "zw": (np.asarray(L.zero_point) - ws).astype(np.int32),  # [G, C]
+         "wsum": w8g.astype(np.int32).reshape(groups, -1, c).sum(1), "k": onehot.reshape(-1, groups).sum(0)
+         .astype(np.int32), "zx": np.int32(L.act_zero_point - xs),
+         "s_in": (np.float32(L.act_scale) * np.asarray(L.scale, np.float32)).astype(np.float32),  # Sx Sw [G, C]
+         "bias": np.asarray(L.bias, np.float32)}
+    if nxt is not None:
+        d["s_next"], d["z_next"] = np.float32(nxt.act_scale), np.int32(nxt.act_zero_point)
+    return d
+
+
+def _grouped_layer(h, A, kind: str):
+    """Float32 output ``[N, ..., C]`` of a grouped layer: one int32 accumulator per group (Jacob et al.
+    2018, Eq. 7 within the group), summed over the groups at their scales ``Sx Sw_gc``, plus the bias."""
+    w8g = A["w8g"]
+    groups, c = w8g.shape[0], w8g.shape[-1]
+    if kind == "dense":
+        acc = jnp.einsum("ni,gic->ngc", h, w8g, preferred_element_type=jnp.int32)
+        rowsum = lax.dot_general(h, A["onehot"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    else:
+        kh, kw, cin = w8g.shape[1:4]
+        pads = ((0, 0), ((kh - 1) // 2, kh - 1 - (kh - 1) // 2), ((kw - 1) // 2, kw - 1 - (kw - 1) // 2), (0, 0))
+        hp = jnp.pad(h, pads, constant_values=A["zx"].astype(h.dtype))
+        dn = ("NHWC", "HWIO", "NHWC")
+        w = jnp.moveaxis(w8g, 0, -2).reshape(kh, kw, cin, groups * c)  # out channels (g, c)
+        acc = lax.conv_general_dilated(hp, w, (1, 1), "VALID", dimension_numbers=dn, preferred_element_type=jnp.int32)
+        acc = acc.reshape(*acc.shape[:-1], groups, c)
+        rowsum = lax.conv_general_dilated(hp, A["onehot"], (1, 1), "VALID", dimension_numbers=dn,
+                                          preferred_element_type=jnp.int32)
+    acc = acc - A["zx"] * A["wsum"] - A["zw"] * rowsum[..., None] + (A["k"] * A["zx"])[:, None] * A["zw"]
+    return jnp.sum(acc.astype(jnp.float32) * A["s_in"], axis=-2) + A["bias"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -174,6 +230,18 @@ def _forward(program, meta, arrays, x):
         elif kind == "pool":
             h = lax.reduce_window(h, jnp.array(jnp.iinfo(jnp.int8).min, jnp.int8), lax.max, (1, 2, 2, 1),
                                   (1, 2, 2, 1), "VALID")
+        elif "w8g" in arrays[op["layer"]]:  # grouped weights: float32 sum of the groups' accumulators
+            A = arrays[op["layer"]]
+            y = _grouped_layer(h, A, kind)
+            if "s_next" not in A:  # the output layer
+                return y
+            i = names.index(op["layer"])
+            _, _, nbits, nscheme, _, _ = meta[names[i + 1]]
+            qmin, qmax = qrange(nbits, nscheme)
+            q = jnp.clip(jnp.round(y / A["s_next"]) + A["z_next"], qmin, qmax)
+            if op["relu"]:
+                q = jnp.maximum(q, A["z_next"])
+            h = (q - _shift(nbits, nscheme)).astype(jnp.int8)
         else:
             A = arrays[op["layer"]]
             acc = _int_dense(h, A) if kind == "dense" else _int_conv(h, A)

@@ -38,8 +38,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from ..config import (GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_quant, quant_numerics_version,
-                      stale_numerics)
+from ..config import (GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_gptq_settings, check_quant,
+                      quant_numerics_version, stale_numerics)
 from ..lottery.arms import reinit_weights
 from ..models import structure_of
 from ..prune.masks import density, prunable
@@ -691,7 +691,8 @@ def quantize_run(run_dir: str | Path, levels: Iterable[int] | None = None, bits_
 
 def quantize_member(run: StoredRun, level: int, spec: QuantSpec, *, member: int = 0, method: str = "ptq",
                     qc: QuantConfig | None = None) -> tuple[QuantizedTicket, dict]:
-    """One ticket member of a level quantized (PTQ or QAT); also returns ``{"arm", "seed"}``."""
+    """One ticket member of a level quantized (PTQ, QAT or GPTQ with ``qc``'s group_size, act_order and
+    gptq_damp); also returns ``{"arm", "seed"}``."""
     qc = qc or QuantConfig()
     pop = run.population(level)
     tickets = [k for k, (arm, _) in enumerate(pop.members) if arm == "ticket"]
@@ -704,8 +705,11 @@ def quantize_member(run: StoredRun, level: int, spec: QuantSpec, *, member: int 
                             bias_correction=qc.bias_correction, cle=qc.cle)[0]
     elif method == "qat":
         qt = stage._qat(level, one, spec)[0][0]
+    elif method == "gptq":
+        qt = gptq_population(one.model, one.params, one.batch_stats, one.masks, spec, stage.calib_x,
+                             group_size=qc.group_size, act_order=qc.act_order, damp=qc.gptq_damp)[0]
     else:
-        raise ValueError(f"method = {method!r}; allowed: ptq, qat")
+        raise ValueError(f"method = {method!r}; allowed: ptq, qat, gptq")
     arm, seed = one.members[0]
     return qt, {"arm": arm, "seed": seed}
 
@@ -729,8 +733,13 @@ def export_level(run_dir: str | Path, level: int, bits: int, path: str | Path, *
         raise StoreError(f"{run.path}: level {level} is not complete; complete levels: "
                          f"{', '.join(map(str, complete)) or 'none'}")
     layer_program(run.model)  # before quantizing: ValueError for a model the integer program cannot run
-    qc = quant_config(None, **settings)
-    spec = QuantSpec(bits, scheme, granularity, calibration, act_bits, act_scheme, None, qc.percentile)
+    qc = quant_config(None, method=[method], **settings)
+    check_gptq_settings(qc, "lth export")
+    if method == "gptq":  # GPTQ fits its own grid: per channel, or per group of quant.group_size inputs
+        check_gptq_model(unstack(run.population(level).params, 0), "--method")
+        granularity = f"group{qc.group_size}" if qc.group_size else "channel"
+    spec = QuantSpec(bits, scheme, granularity if method != "gptq" else "channel", calibration, act_bits,
+                     act_scheme, None, qc.percentile)
     qt, who = quantize_member(run, level, spec, member=member, method=method, qc=qc)
     im = from_quantized(run.model, qt, run.data.input_shape, run.data.num_classes)
     nm = nm_of(run.cfg.prune)  # N:M tickets store their kernels as N:M

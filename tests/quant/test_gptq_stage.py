@@ -192,5 +192,5 @@ def test_bad_gptq_settings_are_one_line_errors(tmp_path):
     from lth.config import ExperimentConfig
     conv = {**TINY, "quant": {"method": ["gptq"]}}  # the layers below stand for a conv net's
     from lth.config import check_against_model
-    with pytest.raises(ConfigError, match="quant.method = gptq: conv layers not supported yet"):
-        check_against_model(ExperimentConfig.from_dict(conv), {"conv_0": "conv", "dense_0": "dense"}, 60)
+    # conv layers are GPTQ-quantized as [out, kh*kw*cin] with im2col inputs (test_gptq_conv): no refusal
+    check_against_model(ExperimentConfig.from_dict(conv), {"conv_0": "conv", "dense_0": "dense"}, 60)

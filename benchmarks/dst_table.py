@@ -8,6 +8,9 @@ example for dense layers; RigL pays 2 f_S + f_D at each mask update, :func:`lth.
 plus for the ticket the cumulative FLOPs of IMP to find it (every level up to it, the dense one included).
 Dense (MLP) layers only: a conv's FLOPs per weight depend on its output size.
 
+Then one row per (level, arm, layer) of static/set/rigl (``ever_active.parquet``): the final density of the
+layer and the fraction of its weights active at any step of the level's training, mean over seeds.
+
     python benchmarks/dst_table.py /tmp/dstruns/<run_id>
 """
 
@@ -77,6 +80,33 @@ def main(run: Path) -> pd.DataFrame:
     return out
 
 
+def layer_table(run: Path) -> pd.DataFrame:
+    """Per (level, arm, layer) of the static/set/rigl members: ``density`` (final mask) and ``ever_active``
+    (weights active at any step / layer size), mean over seeds (copy 0), from each complete level's
+    ``ever_active.parquet``; empty where no level stored one."""
+    frames = []
+    for d in sorted(run.glob("level_[0-9][0-9][0-9]")):
+        if (d / "COMPLETE").is_file() and (d / "ever_active.parquet").is_file():
+            e = pd.read_parquet(d / "ever_active.parquet")
+            frames.append(e[e["copy"] == 0].assign(level=int(d.name[6:])))
+    cols = ["level", "arm", "layer", "seeds", "density", "ever_active"]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    e = pd.concat(frames, ignore_index=True)
+    e = e.assign(density=e["active"] / e["size"], ever_active=e["ever"] / e["size"])
+    out = e.groupby(["level", "arm", "layer"], sort=False).agg(
+        seeds=("seed", "nunique"), density=("density", "mean"), ever_active=("ever_active", "mean")).reset_index()
+    return out[cols].round({"density": 4, "ever_active": 4})
+
+
+def _show(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string(index=False)
+
+
 if __name__ == "__main__":
-    table = main(Path(sys.argv[1]))
-    print(table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string(index=False))
+    run = Path(sys.argv[1])
+    print(_show(main(run)))
+    layers = layer_table(run)
+    if len(layers):
+        print()
+        print(_show(layers))

@@ -237,3 +237,26 @@ def test_mask_analysis_compares_each_arms_final_mask_with_the_ticket(dst_run):
     assert row.ever_active == pytest.approx(e / a.size) and row.ever_active > row.density
     st = arms[arms.arm == "static"]
     assert np.allclose(st.ever_active, st.density)  # never moved
+
+
+def test_dst_table_shows_final_density_and_ever_active_per_layer(dst_run):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dst_table", Path(__file__).resolve().parents[2] / "benchmarks" / "dst_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg, d = dst_run
+    tab = bench.layer_table(d.parent)
+    assert set(tab.arm) == {"static", "set", "rigl"} and (tab.level == 1).all()
+    ever = pd.read_parquet(d / "ever_active.parquet")
+    for row in tab.itertuples():
+        e = ever[(ever.arm == row.arm) & (ever.layer == row.layer)].iloc[0]
+        assert row.density == pytest.approx(e["active"] / e["size"], abs=1e-4)
+        assert row.ever_active == pytest.approx(e["ever"] / e["size"], abs=1e-4) and row.ever_active >= row.density
+    st = tab[tab.arm == "static"]
+    assert (st.ever_active == st.density).all()
+    assert (tab[tab.arm == "rigl"].ever_active > tab[tab.arm == "rigl"].density).any()
+    acc = bench.main(d.parent)  # the accuracy / FLOPs table still reads the run
+    assert set(acc.arm) == {"ticket", "static", "set", "rigl"}

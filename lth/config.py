@@ -520,6 +520,7 @@ class ExperimentConfig:
             raise ConfigError(f"arms = {list(self.arms)} is not allowed with prune.granularity = 'layer': "
                               "random_prune and shuffle permute weights within each layer, which leaves whole-"
                               "block masks unchanged; use arms from 'ticket', 'reinit', 'small_dense'")
+        _check_dst_arms(self)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -580,6 +581,24 @@ class ExperimentConfig:
 # settings that say how many members a run holds (not part of its run id: the run grows)
 GROWABLE_TOP = ("seeds", "arms")
 GROWABLE_PRUNE = ("levels",)
+
+
+def _check_dst_arms(cfg: "ExperimentConfig") -> None:
+    """The sparse-from-scratch arms drop and grow single weights (lth.prune.dst) at the count of a ticket
+    pruned level by level: with whole neurons, filters, heads or n:m groups (prune.granularity) their masks
+    would not be of that granularity, and AGP (prune.schedule = 'gradual') prunes every member itself."""
+    dst = [a for a in cfg.arms if a in DST_ARMS]
+    if not dst:
+        return
+    pc = cfg.prune
+    if pc.granularity != "weight":
+        raise ConfigError(f"arms {dst} are not allowed with prune.granularity = {pc.granularity!r}: static, set "
+                          "and rigl drop and grow single weights (unstructured); use prune.granularity = 'weight' "
+                          "with them, or leave them out of arms")
+    if pc.schedule == "gradual":
+        raise ConfigError(f"arms {dst} are not allowed with prune.schedule = 'gradual' (AGP prunes every member "
+                          "during one run); use prune.schedule = 'imp' or 'oneshot' with them, or leave them out "
+                          "of arms")
 
 
 def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:

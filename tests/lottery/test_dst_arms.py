@@ -260,3 +260,33 @@ def test_dst_table_shows_final_density_and_ever_active_per_layer(dst_run):
     assert (tab[tab.arm == "rigl"].ever_active > tab[tab.arm == "rigl"].density).any()
     acc = bench.main(d.parent)  # the accuracy / FLOPs table still reads the run
     assert set(acc.arm) == {"ticket", "static", "set", "rigl"}
+
+
+@pytest.mark.parametrize("prune, fragment", [
+    ({"granularity": "neuron"}, "prune.granularity = 'neuron'"),
+    ({"granularity": "n:m", "n": 2, "m": 4}, "prune.granularity = 'n:m'"),
+    ({"granularity": "head"}, "prune.granularity = 'head'"),
+    ({"schedule": "gradual"}, "prune.schedule = 'gradual'"),
+])
+def test_dst_arms_with_structured_granularity_or_agp_are_a_config_error(prune, fragment):
+    with pytest.raises(ConfigError, match="arms \\['set', 'rigl'\\] are not allowed with") as e:
+        tiny(arms=["ticket", "set", "rigl"], prune=prune)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert "use prune." in str(e.value)  # what is allowed instead
+    tiny(arms=["ticket", "random_prune"], prune=prune)  # the other arms keep those settings
+
+
+def test_dst_arms_with_structured_granularity_stop_the_cli_before_any_work(tmp_path, capsys):
+    from pathlib import Path
+
+    from lth.cli import main
+
+    out = tmp_path / "out"
+    experiment = Path(__file__).resolve().parents[2] / "experiments" / "dst_lenet_fmnist.toml"
+    code = main(["lottery", str(experiment), "--out", str(out), "--no-progress",
+                 "--set", "prune.granularity=filter"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("lth: error: ") and "prune.granularity = 'filter'" in lines[0]
+    assert not out.exists() or not any(out.rglob("*.json"))

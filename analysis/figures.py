@@ -21,27 +21,39 @@ PALETTE = [OKABE_ITO[c] for c in ("blue", "vermillion", "bluish_green", "reddish
 MARKERS = ["o", "s", "^", "v", "D", "P", "X", "h", "<", ">"]
 LINESTYLES = ["-", "--", ":", "-."]
 
-# one colour per arm, the same in every figure (accuracy, quantization, stability, masks)
-ARM_COLOR = {"ticket": OKABE_ITO["blue"], "reinit": OKABE_ITO["vermillion"], "random_prune": OKABE_ITO["bluish_green"],
-             "shuffle": OKABE_ITO["reddish_purple"], "small_dense": OKABE_ITO["orange"], "dense": OKABE_ITO["black"],
-             "snip": OKABE_ITO["sky_blue"], "grasp": OKABE_ITO["yellow"], "synflow": GREY}
-ARM_COLOR.update({f"{a}_shuffle": ARM_COLOR[a] for a in ("snip", "grasp", "synflow")})
-
+# One style per arm, the same in every figure (accuracy, quantization, stability, masks): a family of
+# arms shares one Okabe-Ito hue and its variants differ by marker and line style, and no two arms share
+# (colour, marker) (so a figure that draws runs apart by line style still tells every arm apart):
+# IMP and its controls one hue each; pruning at init (SNIP, GraSP, SynFlow; shuffles: the outline marker,
+# dashed) sky blue; one-shot pruning of the trained dense network (magnitude, Wanda, SparseGPT: dashed;
+# fine-tuned: the mirrored or fuller marker, dash-dot) black, the dense network's hue; sparse from scratch
+# (static, SET, RigL) grey.
+_FAMILY_PAI, _FAMILY_ONESHOT, _FAMILY_DST = OKABE_ITO["sky_blue"], OKABE_ITO["black"], GREY
 ARM_STYLE = {
-    "ticket": dict(color=ARM_COLOR["ticket"], marker="o", label="winning ticket"),
-    "reinit": dict(color=ARM_COLOR["reinit"], marker="s", label="random reinit"),
-    "random_prune": dict(color=ARM_COLOR["random_prune"], marker="^", label="random pruning"),
-    "shuffle": dict(color=ARM_COLOR["shuffle"], marker="v", label="shuffled mask"),
-    "small_dense": dict(color=ARM_COLOR["small_dense"], marker="D", label="small dense"),
-    "dense": dict(color=ARM_COLOR["dense"], marker="*", label="dense (level 0)"),
-    "snip": dict(color=ARM_COLOR["snip"], marker="P", label="SNIP"),
-    "grasp": dict(color=ARM_COLOR["grasp"], marker="X", label="GraSP"),
-    "synflow": dict(color=ARM_COLOR["synflow"], marker="h", label="SynFlow"),
-    "snip_shuffle": dict(color=ARM_COLOR["snip"], marker="P", linestyle="--", label="SNIP, shuffled per layer"),
-    "grasp_shuffle": dict(color=ARM_COLOR["grasp"], marker="X", linestyle="--", label="GraSP, shuffled per layer"),
-    "synflow_shuffle": dict(color=ARM_COLOR["synflow"], marker="h", linestyle="--",
-                            label="SynFlow, shuffled per layer"),
+    "ticket": dict(color=OKABE_ITO["blue"], marker="o", linestyle="-", label="winning ticket"),
+    "reinit": dict(color=OKABE_ITO["vermillion"], marker="s", linestyle="-", label="random reinit"),
+    "random_prune": dict(color=OKABE_ITO["bluish_green"], marker="^", linestyle="-", label="random pruning"),
+    "shuffle": dict(color=OKABE_ITO["reddish_purple"], marker="v", linestyle="-", label="shuffled mask"),
+    "small_dense": dict(color=OKABE_ITO["orange"], marker="D", linestyle="-", label="small dense"),
+    "dense": dict(color=OKABE_ITO["black"], marker="*", linestyle="-", label="dense (level 0)"),
+    "snip": dict(color=_FAMILY_PAI, marker="P", linestyle="-", label="SNIP"),
+    "grasp": dict(color=_FAMILY_PAI, marker="X", linestyle="-", label="GraSP"),
+    "synflow": dict(color=_FAMILY_PAI, marker="h", linestyle="-", label="SynFlow"),
+    "snip_shuffle": dict(color=_FAMILY_PAI, marker="+", linestyle="--", label="SNIP, shuffled per layer"),
+    "grasp_shuffle": dict(color=_FAMILY_PAI, marker="x", linestyle="--", label="GraSP, shuffled per layer"),
+    "synflow_shuffle": dict(color=_FAMILY_PAI, marker="H", linestyle="--", label="SynFlow, shuffled per layer"),
+    "static": dict(color=_FAMILY_DST, marker="s", linestyle=":", label="static sparse (fixed mask from init)"),
+    "set": dict(color=_FAMILY_DST, marker="D", linestyle="--", label="SET (random regrowth)"),
+    "rigl": dict(color=_FAMILY_DST, marker="p", linestyle="-", label="RigL (gradient regrowth)"),
+    "oneshot_magnitude": dict(color=_FAMILY_ONESHOT, marker="v", linestyle="--", label="one-shot magnitude"),
+    "wanda": dict(color=_FAMILY_ONESHOT, marker="<", linestyle="--", label="Wanda (one-shot)"),
+    "sparsegpt": dict(color=_FAMILY_ONESHOT, marker="d", linestyle="--", label="SparseGPT (one-shot)"),
+    "oneshot_magnitude_ft": dict(color=_FAMILY_ONESHOT, marker="^", linestyle="-.",
+                                 label="one-shot magnitude, fine-tuned"),
+    "wanda_ft": dict(color=_FAMILY_ONESHOT, marker=">", linestyle="-.", label="Wanda, fine-tuned"),
+    "sparsegpt_ft": dict(color=_FAMILY_ONESHOT, marker="D", linestyle="-.", label="SparseGPT, fine-tuned"),
 }
+ARM_COLOR = {arm: st["color"] for arm, st in ARM_STYLE.items()}
 PAI_ARMS = ("snip", "grasp", "synflow", "snip_shuffle", "grasp_shuffle", "synflow_shuffle")
 BITS_MARKER = {32: "o", 8: "s", 4: "^", 3: "v", 2: "D", 1: "x"}
 # quantization methods: each its own marker and line style (PTQ and QAT are different models)

@@ -24,6 +24,7 @@ import pandas as pd
 from .runs import NotAStoreError, complete_levels, run_dirs
 
 ALL = "all"
+MOVING_ARMS = ("set", "rigl")  # arms whose masks change during training (the others: ever active = final)
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -85,6 +86,7 @@ class _Run:
         self.masks: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: bool mask}
         self.arm_masks: dict[int, dict[tuple[str, int], dict]] = {}  # level -> (arm, seed) -> masks of the other arms
         self.final: dict[int, dict[int, dict]] = {}  # level -> seed -> {layer: trained weights}
+        self.ever: dict[int, pd.DataFrame] = {}  # level -> ever_active.parquet (static/set/rigl), where stored
         self.layers: list[str] = []
         if not (run / "init.msgpack").is_file():  # nothing to compare with (e.g. a table-only store)
             return
@@ -118,6 +120,8 @@ class _Run:
                                      for k, m in enumerate(members)
                                      if m["arm"] != "ticket" and not m.get("copy") and m["seed"] in tickets}
             self.final[level] = {s: {n: final[n][k] for n in self.layers} for s, k in tickets.items()}
+            if (d / "ever_active.parquet").is_file():
+                self.ever[level] = pd.read_parquet(d / "ever_active.parquet")
 
 
 def _stderr(msg: str) -> None:
@@ -160,21 +164,37 @@ def ticket_table(run: _Run) -> pd.DataFrame:
 def arm_table(run: _Run) -> pd.DataFrame:
     """Per (seed, level, arm, layer): the arm's (final) mask against the same seed's ticket: ``density``,
     ``jaccard_ticket`` and chance ``jaccard_random`` (two independent random masks of densities p and q:
-    ``pq / (p + q - pq)``). For set/rigl the mask is the one they ended training with."""
+    ``pq / (p + q - pq)``). For set/rigl the mask is the one they ended training with; ``ever_active``: the
+    fraction of the layer's weights active at any step of the level's training (``ever_active.parquet``;
+    an arm whose mask never moves: its density; set/rigl of a store without that file: NaN)."""
     rows = []
     for level in sorted(run.arm_masks):
         for (arm, seed), mask in run.arm_masks[level].items():
             ticket = run.masks[level][seed]
             ov = _layer_overlap(mask, ticket, run.layers)
+            ever = _ever_counts(run.ever.get(level), arm, seed)
             for layer in [*run.layers, ALL]:
                 names = run.layers if layer == ALL else [layer]
                 size = sum(mask[n].size for n in names)
                 p = sum(int(mask[n].sum()) for n in names) / size
                 q = sum(int(ticket[n].sum()) for n in names) / size
+                if ever is not None:
+                    e = sum(ever.get(n, np.nan) for n in names) / size
+                else:
+                    e = np.nan if arm in MOVING_ARMS else p
                 rows.append({"run_id": run.run_id, "seed": seed, "level": level, "arm": arm, "layer": layer,
                              "density": p, "jaccard_ticket": ov[layer],
-                             "jaccard_random": p * q / (p + q - p * q) if p + q else np.nan})
+                             "jaccard_random": p * q / (p + q - p * q) if p + q else np.nan,
+                             "ever_active": e})
     return pd.DataFrame(rows)
+
+
+def _ever_counts(table: pd.DataFrame | None, arm: str, seed: int) -> dict[str, int] | None:
+    """``{layer: weights ever active}`` of (arm, seed, copy 0) in a level's ``ever_active.parquet``, or None."""
+    if table is None:
+        return None
+    rows = table[(table["arm"] == arm) & (table["seed"] == seed) & (table["copy"] == 0)]
+    return dict(zip(rows["layer"], rows["ever"].astype(int))) if len(rows) else None
 
 
 def seed_table(run: _Run) -> pd.DataFrame:
@@ -232,7 +252,8 @@ def mask_analysis(root: str | Path, say=None) -> dict[str, pd.DataFrame]:
     - ``seeds``: per (run_id, level, layer, seed_a, seed_b): ``jaccard``;
     - ``levels``: per (run_id, seed, level_a, level_b, layer): ``jaccard``;
     - ``earlybird``: :func:`load_earlybird`;
-    - ``arms``: per (run_id, seed, level, arm, layer) the other arms' masks against the ticket (:func:`arm_table`).
+    - ``arms``: per (run_id, seed, level, arm, layer) the other arms' masks against the ticket, and the
+      fraction of the layer ever active in training (:func:`arm_table`).
 
     ``layer`` is a prunable leaf (``dense_0/kernel``) or ``'all'`` (every prunable weight together).
     """

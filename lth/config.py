@@ -563,6 +563,7 @@ class ExperimentConfig:
             raise ConfigError(f"arms = {list(self.arms)} is not allowed with prune.granularity = 'layer': "
                               "random_prune and shuffle permute weights within each layer, which leaves whole-"
                               "block masks unchanged; use arms from 'ticket', 'reinit', 'small_dense'")
+        _check_dst_arms(self)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -633,6 +634,24 @@ def check_numerics(cfg: "ExperimentConfig") -> None:
         raise ConfigError(f"prune.numerics_version = {cfg.prune.numerics_version} is the numerics of "
                           f"{_criterion_numerics_key(cfg.prune)} in runs stored before its fix; lth computes "
                           f"only version {current}: remove the setting (a new run id)")
+
+
+def _check_dst_arms(cfg: "ExperimentConfig") -> None:
+    """The sparse-from-scratch arms drop and grow single weights (lth.prune.dst) at the count of a ticket
+    pruned level by level: with whole neurons, filters, heads or n:m groups (prune.granularity) their masks
+    would not be of that granularity, and AGP (prune.schedule = 'gradual') prunes every member itself."""
+    dst = [a for a in cfg.arms if a in DST_ARMS]
+    if not dst:
+        return
+    pc = cfg.prune
+    if pc.granularity != "weight":
+        raise ConfigError(f"arms {dst} are not allowed with prune.granularity = {pc.granularity!r}: static, set "
+                          "and rigl drop and grow single weights (unstructured); use prune.granularity = 'weight' "
+                          "with them, or leave them out of arms")
+    if pc.schedule == "gradual":
+        raise ConfigError(f"arms {dst} are not allowed with prune.schedule = 'gradual' (AGP prunes every member "
+                          "during one run); use prune.schedule = 'imp' or 'oneshot' with them, or leave them out "
+                          "of arms")
 
 
 def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:

@@ -52,6 +52,10 @@ class TrainState:
     opt_state: PyTree
     mask: PyTree  # bools, same tree as params
     rng: jax.Array
+    # bools, same tree as params: the union of every mask this state has trained with (the start mask
+    # OR-ed at each :func:`remask`), so moving masks (SET/RigL) report the weights ever active; carried in
+    # the state, so a resumed segment continues it exactly
+    ever: PyTree = None
 
 
 # ---------------------------------------------------------------------------- schedule, optimizer
@@ -152,13 +156,15 @@ def init_state(params: PyTree, batch_stats: PyTree, mask: PyTree, tx: optax.Grad
     """State of one member: masked params, fresh optimizer state at step 0."""
     params = apply_mask(params, mask)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), mask=mask, rng=rng)
+                      opt_state=tx.init(params), mask=mask, rng=rng,
+                      ever=jax.tree.map(lambda m: jnp.asarray(m) != 0, mask))
 
 
 def remask(state: TrainState, mask: PyTree, tx: optax.GradientTransformation) -> TrainState:
     """``state`` (one member) with new masks: newly pruned weights and their optimizer moments zeroed."""
     opt_state = optax.tree_map_params(tx, lambda v, m: jnp.where(m, v, jnp.zeros_like(v)), state.opt_state, mask)
-    return state.replace(params=apply_mask(state.params, mask), opt_state=opt_state, mask=mask)
+    ever = None if state.ever is None else jax.tree.map(lambda e, m: e | (m != 0), state.ever, mask)
+    return state.replace(params=apply_mask(state.params, mask), opt_state=opt_state, mask=mask, ever=ever)
 
 
 def init_population_state(params, batch_stats, masks, tx, rngs, start: int = 0) -> TrainState:

@@ -556,6 +556,9 @@ class Lottery:
                                  observe=(lambda step, w: [e(step, w) for e in watch]) if watch else None,
                                  member_args=[MODES.get(m.arm, 0) for m in plan.members] if moving else None)
         files = {"earlybird.parquet": parquet_bytes(watch[0].table())} if own and watch else {}
+        if any(m.arm in MODES for m in plan.members):  # static/set/rigl: the weights ever active per layer
+            files["ever_active.parquet"] = parquet_bytes(ever_table(plan, to_numpy(result.state.mask),
+                                                                    to_numpy(result.state.ever)))
         if not moving:
             return result, plan.masks, files
         # set/rigl: the masks they end with (every other member's is the one it started with)
@@ -852,6 +855,25 @@ def dst_table(plan: "LevelPlan", result: TrainResult, end_step: int, delta_t: in
                 rows += [{"arm": m.arm, "seed": m.seed, "copy": m.copy, "step": t, "layer": n,
                           "regrown": int(regrown[k, j])} for j, n in enumerate(names)]
     return pd.DataFrame(rows, columns=["arm", "seed", "copy", "step", "layer", "regrown"])
+
+
+def ever_table(plan: "LevelPlan", final_masks, ever) -> pd.DataFrame:
+    """Per static/set/rigl member and prunable layer (``ever_active.parquet``): ``size``, ``active`` (weights
+    in the final mask) and ``ever`` (weights active at any step of the level's training: the union of its
+    masks, :attr:`lth.train.TrainState.ever`). ``final_masks``, ``ever``: the population's, ``[K, ...]``."""
+    flat = jax.tree_util.tree_flatten_with_path(plan.can_prune)[0]
+    names = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
+    which = [bool(c) for _, c in flat]
+    fin, evr = jax.tree.leaves(final_masks), jax.tree.leaves(ever)
+    rows = []
+    for k, m in enumerate(plan.members):
+        if m.arm not in MODES:
+            continue
+        for n, c, a, e in zip(names, which, fin, evr):
+            if c:
+                rows.append({"arm": m.arm, "seed": m.seed, "copy": m.copy, "layer": n, "size": int(a[k].size),
+                             "active": int(np.count_nonzero(a[k])), "ever": int(np.count_nonzero(e[k]))})
+    return pd.DataFrame(rows, columns=["arm", "seed", "copy", "layer", "size", "active", "ever"])
 
 
 def sparsity_table(level: int, members, final_params, masks, can_prune, structure=None) -> pd.DataFrame:

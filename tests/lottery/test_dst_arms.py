@@ -54,10 +54,12 @@ def test_exact_counts_and_zeros_at_every_step_masks_move_at_update_steps_only(se
     modes = [STATIC, SET, RIGL]
     state = _state(setup, modes)
     prev = to_numpy(state.mask)
+    union = prev  # the masks of every step, OR-ed by hand
     changed = {m: [] for m in modes}
     for t in range(STEPS):
         state = engine.run(state, [0] * 3, start=t, stop=t + 1, evaluate=False, member_args=modes).state
         host = to_numpy((state.mask, state.params, state.opt_state))
+        union = jax.tree.map(np.logical_or, union, host[0])
         for k, m in enumerate(modes):
             mk = unstack(host[0], k)
             assert _counts(mk) == _counts(mask), (t, m)  # every layer keeps its exact count
@@ -72,6 +74,15 @@ def test_exact_counts_and_zeros_at_every_step_masks_move_at_update_steps_only(se
     want = update_steps(0, STEPS, delta_t=DT, end_step=END)
     assert want == [3, 6, 9, 12]
     assert changed[STATIC] == [] and changed[SET] == want and changed[RIGL] == want
+    ever = to_numpy(state.ever)  # the state's running union: the by-hand one exactly
+    for a, b in zip(jax.tree.leaves(ever), jax.tree.leaves(union)):
+        assert np.array_equal(a, b)
+    for k, m in enumerate(modes):
+        got = _counts(unstack(ever, k))
+        if m == STATIC:
+            assert got == _counts(mask)  # a mask that never moves: ever active == final
+        else:  # moved: more weights were active at some step than at the end, in every pruned layer
+            assert all(g >= c for g, c in zip(got, _counts(mask))) and sum(got) > sum(_counts(mask))
 
 
 def test_rigl_grows_the_largest_dense_gradient_as_update_mask_by_hand(setup):
@@ -110,6 +121,10 @@ def test_resumed_equals_uninterrupted_and_population_equals_alone(setup):
     a, b = to_numpy((whole.mask, whole.params)), to_numpy((resumed.mask, resumed.params))
     for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
         assert np.array_equal(x, y)  # the update schedule is a function of the step
+    ever_whole, ever_resumed = to_numpy(whole.ever), to_numpy(resumed.ever)
+    for x, y in zip(jax.tree.leaves(ever_whole), jax.tree.leaves(ever_resumed)):
+        assert np.array_equal(x, y)  # the ever-active union travels in the state across the resume
+    assert sum(map(np.sum, jax.tree.leaves(ever_whole))) > sum(map(np.sum, jax.tree.leaves(a[0])))
     for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     for k, m in enumerate(modes):  # each member alone trains as in the population
@@ -167,6 +182,16 @@ def test_lottery_level_erk_budgets_stored_masks_and_regrowth_table(dst_run):
     assert set(tab.arm) == {"set", "rigl"} and set(tab.layer) == {f"{n}/kernel" for n in names}
     r = tab[(tab.arm == "rigl") & (tab.step == 10) & (tab.layer == "dense_0/kernel")].regrown.item()
     assert r == round(float(drop_fraction(10, alpha=0.3, end_step=end)) * erk["dense_0"])
+    ever = pd.read_parquet(d / "ever_active.parquet")  # per static/set/rigl member and prunable layer
+    assert set(ever.arm) == {"static", "set", "rigl"} and set(ever.layer) == {f"{n}/kernel" for n in names}
+    for row in ever.itertuples():
+        m = unstack(masks, at[row.arm])[row.layer.split("/")[0]]["kernel"]
+        assert row.active == int(m.sum()) and row.size == m.size  # the stored final mask
+        assert row.ever >= row.active
+        if row.arm == "static":
+            assert row.ever == row.active
+    moved = ever[ever.arm != "static"]
+    assert (moved.ever > moved.active).any()
 
 
 def test_dst_runs_train_alone_and_bad_settings_name_the_field():
@@ -207,3 +232,61 @@ def test_mask_analysis_compares_each_arms_final_mask_with_the_ticket(dst_run):
     row = arms[(arms.arm == "rigl") & (arms.layer == "dense_1/kernel")].iloc[0]
     assert row.jaccard_ticket == pytest.approx((a & b).sum() / (a | b).sum())
     assert row.density == pytest.approx(a.mean())
+    ever = pd.read_parquet(d / "ever_active.parquet")
+    e = ever[(ever.arm == "rigl") & (ever.layer == "dense_1/kernel")].ever.item()
+    assert row.ever_active == pytest.approx(e / a.size) and row.ever_active > row.density
+    st = arms[arms.arm == "static"]
+    assert np.allclose(st.ever_active, st.density)  # never moved
+
+
+def test_dst_table_shows_final_density_and_ever_active_per_layer(dst_run):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dst_table", Path(__file__).resolve().parents[2] / "benchmarks" / "dst_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg, d = dst_run
+    tab = bench.layer_table(d.parent)
+    assert set(tab.arm) == {"static", "set", "rigl"} and (tab.level == 1).all()
+    ever = pd.read_parquet(d / "ever_active.parquet")
+    for row in tab.itertuples():
+        e = ever[(ever.arm == row.arm) & (ever.layer == row.layer)].iloc[0]
+        assert row.density == pytest.approx(e["active"] / e["size"], abs=1e-4)
+        assert row.ever_active == pytest.approx(e["ever"] / e["size"], abs=1e-4) and row.ever_active >= row.density
+    st = tab[tab.arm == "static"]
+    assert (st.ever_active == st.density).all()
+    assert (tab[tab.arm == "rigl"].ever_active > tab[tab.arm == "rigl"].density).any()
+    acc = bench.main(d.parent)  # the accuracy / FLOPs table still reads the run
+    assert set(acc.arm) == {"ticket", "static", "set", "rigl"}
+
+
+@pytest.mark.parametrize("prune, fragment", [
+    ({"granularity": "neuron"}, "prune.granularity = 'neuron'"),
+    ({"granularity": "n:m", "n": 2, "m": 4}, "prune.granularity = 'n:m'"),
+    ({"granularity": "head"}, "prune.granularity = 'head'"),
+    ({"schedule": "gradual"}, "prune.schedule = 'gradual'"),
+])
+def test_dst_arms_with_structured_granularity_or_agp_are_a_config_error(prune, fragment):
+    with pytest.raises(ConfigError, match="arms \\['set', 'rigl'\\] are not allowed with") as e:
+        tiny(arms=["ticket", "set", "rigl"], prune=prune)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert "use prune." in str(e.value)  # what is allowed instead
+    tiny(arms=["ticket", "random_prune"], prune=prune)  # the other arms keep those settings
+
+
+def test_dst_arms_with_structured_granularity_stop_the_cli_before_any_work(tmp_path, capsys):
+    from pathlib import Path
+
+    from lth.cli import main
+
+    out = tmp_path / "out"
+    experiment = Path(__file__).resolve().parents[2] / "experiments" / "dst_lenet_fmnist.toml"
+    code = main(["lottery", str(experiment), "--out", str(out), "--no-progress",
+                 "--set", "prune.granularity=filter"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("lth: error: ") and "prune.granularity = 'filter'" in lines[0]
+    assert not out.exists() or not any(out.rglob("*.json"))

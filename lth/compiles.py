@@ -120,5 +120,5 @@ def counting() -> Iterator[CompileCount]:
     try:
         yield count
     finally:
-        with _lock:
-            _active.remove(count)
+        with _lock:  # by identity: two counters with equal tallies compare equal
+            _active[:] = [c for c in _active if c is not count]

@@ -96,7 +96,8 @@ def test_changing_only_quant_settings_trains_nothing_and_computes_only_new_cells
     shutil.copytree(reference, out)
     run = out / _cfg().run_id
     trained = {p: p.stat().st_mtime_ns for p in run.rglob("*")
-               if p.is_file() and "quant" not in p.parts and p.name not in (".lock", "hparams.json")}
+               if p.is_file() and "quant" not in p.parts
+               and p.name not in (".lock", "hparams.json", "quant_settings.json")}  # the new [quant] is recorded
     assert any(p.name == "final.msgpack" for p in trained)
     hparams = (run / "hparams.json").read_text()
     before = _table(out)

@@ -238,9 +238,67 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     return _nhwc_conv(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in padding))
 
 
+# Batch chunking of the CPU convolutions. XLA's CPU convolution (Eigen) slows down per example as the
+# batch grows, most of all the weight gradient, which contracts over N x H x W: measured one thread,
+# Conv-2's 64 -> 64 conv at batch 128 ran its weight gradient at 25 GFLOP/s and at 64 GFLOP/s in
+# pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution, its input gradient
+# and its weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
+# at least 1 example, at most CPU_CONV_MAX_PIECES pieces); the weight gradient is the sum of the
+# pieces'. Per example the numbers are those of the whole batch (a convolution of one example does
+# not read another); the weight gradient differs in float rounding (another summation order).
+# ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
+CPU_CONV_CHUNK_PIXELS = 2048
+CPU_CONV_MAX_PIECES = 16
+
+
+def cpu_conv_chunk_pixels() -> int:
+    """The pixel limit of a CPU convolution's batch pieces: ``$LTH_CPU_CONV_CHUNK_PIXELS`` or
+    :data:`CPU_CONV_CHUNK_PIXELS`; 0 = no chunking. Read when a program is traced."""
+    import os
+
+    raw = os.environ.get("LTH_CPU_CONV_CHUNK_PIXELS", "").strip()
+    if not raw:
+        return CPU_CONV_CHUNK_PIXELS
+    if not raw.isdigit():
+        raise ValueError(f"LTH_CPU_CONV_CHUNK_PIXELS={raw!r}: a whole number of pixels >= 0 (0 turns batch "
+                         f"chunking of CPU convolutions off; default {CPU_CONV_CHUNK_PIXELS})")
+    return int(raw)
+
+
+def conv_chunk(n: int, h: int, w: int) -> int:
+    """Examples per piece of a CPU convolution of a ``[n, h, w, C]`` batch (``n``: no chunking)."""
+    limit = cpu_conv_chunk_pixels()
+    if limit <= 0:
+        return n
+    return min(n, max(1, limit // (h * w), -(-n // CPU_CONV_MAX_PIECES)))
+
+
+def conv_path(backend: str | None = None) -> str:
+    """Which convolution code lth's conv layers run on ``backend`` (default: jax's), in words."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return f"{backend}: lax.conv_general_dilated (XLA's own kernels and gradients)"
+    limit = cpu_conv_chunk_pixels()
+    chunks = (f"batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces)" if limit
+              else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
+    return f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}"
+
+
+def _pieces(a: jax.Array, c: int) -> list[jax.Array]:
+    return [a[i:i + c] for i in range(0, a.shape[0], c)]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _nhwc_conv(x, w, strides, pads):
-    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; gradients in the same layout."""
+    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; gradients in the same layout, run on
+    batch pieces of :func:`conv_chunk` examples."""
+    c = conv_chunk(*x.shape[:3])
+    if c >= x.shape[0]:
+        return _nhwc_conv_plain(x, w, strides, pads)
+    return jnp.concatenate([_nhwc_conv_plain(p, w, strides, pads) for p in _pieces(x, c)])
+
+
+def _nhwc_conv_plain(x, w, strides, pads):
     return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
@@ -250,6 +308,19 @@ def _nhwc_conv_fwd(x, w, strides, pads):
 
 def _nhwc_conv_bwd(strides, pads, res, dy):
     x, w = res
+    c = conv_chunk(*x.shape[:3])
+    if c >= x.shape[0]:
+        return _nhwc_conv_grads(strides, pads, x, w, dy)
+    dxs, dw = [], None
+    for xp, dyp in zip(_pieces(x, c), _pieces(dy, c)):
+        dxp, dwp = _nhwc_conv_grads(strides, pads, xp, w, dyp)
+        dxs.append(dxp)
+        dw = dwp if dw is None else dw + dwp
+    return jnp.concatenate(dxs), dw
+
+
+def _nhwc_conv_grads(strides, pads, x, w, dy):
+    """(dx, dw) of ``_nhwc_conv_plain`` as NHWC x HWIO convolutions."""
     (kh, kw), (h, wd), (ho, wo) = w.shape[:2], x.shape[1:3], dy.shape[1:3]
     dims = list(zip(pads, (h, wd), (ho, wo), (kh, kw), strides))
     # dx: dy (dilated by the stride) * the flipped kernel with in/out swapped, [kh, kw, O, C]

@@ -299,7 +299,30 @@ def _nhwc_conv(x, w, strides, pads):
 
 
 def _nhwc_conv_plain(x, w, strides, pads):
+    if _gemm_conv_wanted(x, w):
+        return _gemm_conv(x, w, strides, pads)
     return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+def _gemm_conv_wanted(x, w) -> bool:
+    """Whether a CPU convolution runs as im2col + one matmul: when the image is smaller than the kernel
+    (VGG's 3x3 convs on 2x2 maps), where Eigen's convolution and its input gradient ran at ~1 GFLOP/s
+    against ~90 on the same layer at 4x4 (one thread; docs/notes/convspeed.md)."""
+    return x.shape[1] < w.shape[0] or x.shape[2] < w.shape[1]
+
+
+def _patches(x, kernel, strides, pads):
+    """im2col: ``x [N, H, W, C] -> [N, H', W', kh * kw * C]`` (taps in (kh, kw, C) order, as HWIO)."""
+    (kh, kw), (sh, sw) = kernel, strides
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    return jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _gemm_conv(x, w, strides, pads):
+    p = _patches(x, w.shape[:2], strides, pads)
+    return (p.reshape(-1, p.shape[-1]) @ w.reshape(-1, w.shape[-1])).reshape(*p.shape[:3], w.shape[-1])
 
 
 def _nhwc_conv_fwd(x, w, strides, pads):
@@ -320,7 +343,13 @@ def _nhwc_conv_bwd(strides, pads, res, dy):
 
 
 def _nhwc_conv_grads(strides, pads, x, w, dy):
-    """(dx, dw) of ``_nhwc_conv_plain`` as NHWC x HWIO convolutions."""
+    """(dx, dw) of ``_nhwc_conv_plain`` as NHWC x HWIO convolutions (or matmuls, :func:`_gemm_conv_wanted`)."""
+    if _gemm_conv_wanted(x, w):
+        p, to_x = jax.vjp(lambda x: _patches(x, w.shape[:2], strides, pads), x)
+        d2 = dy.reshape(-1, dy.shape[-1])
+        w2 = w.reshape(-1, w.shape[-1])
+        dx, = to_x((d2 @ w2.T).reshape(p.shape))  # col2im: the transpose of the patch gather
+        return dx, (p.reshape(-1, p.shape[-1]).T @ d2).reshape(w.shape)
     (kh, kw), (h, wd), (ho, wo) = w.shape[:2], x.shape[1:3], dy.shape[1:3]
     dims = list(zip(pads, (h, wd), (ho, wo), (kh, kw), strides))
     # dx: dy (dilated by the stride) * the flipped kernel with in/out swapped, [kh, kw, O, C]

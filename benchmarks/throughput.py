@@ -390,7 +390,10 @@ class TorchConvRunner:
 def conv_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: int | None) -> None:
     """Every convnet workload: lth one network (the auto segment strategy, and "step" for
     comparison), lth population of CONV_K, bare jitted step, PyTorch; best of ``rounds`` interleaved."""
+    from lth.models import conv_path
+
     x, y = make_images()
+    log(f"conv path: {conv_path()}")
     log(f"convnets: CIFAR-shaped random data {CONV_N} x {'x'.join(map(str, CONV_SHAPE))} float32, dense masks, "
         f"{steps} steps per segment ({max(1, steps // 2)} for ResNet-20 and VGG-11), best of {rounds} interleaved rounds "
         f"after a warm-up segment; population K = {CONV_K}")

@@ -248,7 +248,7 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
 # not read another); the weight gradient differs in float rounding (another summation order).
 # ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
 CPU_CONV_CHUNK_PIXELS = 2048
-CPU_CONV_MAX_PIECES = 16
+CPU_CONV_MAX_PIECES = 4
 
 
 def cpu_conv_chunk_pixels() -> int:

@@ -44,8 +44,8 @@ def small_pieces(monkeypatch):
 
 def test_the_chunk_rule_and_the_path_are_visible(monkeypatch):
     monkeypatch.setenv("LTH_CPU_CONV_CHUNK_PIXELS", "2048")
-    assert conv_chunk(128, 32, 32) == 8  # at most 16 pieces
-    assert conv_chunk(128, 8, 8) == 32
+    assert conv_chunk(128, 32, 32) == 32  # at most 4 pieces (compile time)
+    assert conv_chunk(128, 4, 4) == 128 and conv_chunk(256, 4, 4) == 128
     assert conv_chunk(20, 4, 4) == 20  # a whole batch under the limit: one piece
     assert "2048" in conv_path("cpu") and "lax.conv_general_dilated" in conv_path("gpu")
     monkeypatch.setenv("LTH_CPU_CONV_CHUNK_PIXELS", "0")

@@ -242,6 +242,7 @@ CONV_WORKLOADS = {
     "conv2_b60": ("conv2", 60, dict(optimizer="adam", lr=2e-4)),
     "conv2_b128": ("conv2", 128, dict(optimizer="adam", lr=2e-4)),
     "resnet20_b128": ("resnet20", 128, dict(optimizer="sgd", lr=0.1, momentum=0.9)),
+    "vgg11_b128": ("vgg11", 128, dict(optimizer="sgd", lr=0.1, momentum=0.9)),
 }
 CONV_N, CONV_SHAPE, CONV_K = 10_000, (32, 32, 3), 4
 
@@ -314,8 +315,18 @@ class BareJitRunner:
 
 
 def torch_model(model_name: str):
-    """Conv-2 or ResNet-20 in PyTorch, layer for layer as lth.models builds them."""
+    """Conv-2, ResNet-20 or VGG-11 in PyTorch, layer for layer as lth.models builds them."""
     import torch.nn as nn
+
+    if model_name == "vgg11":  # conv (no bias)-BN-ReLU, 2x2 max-pools, global average pool, output
+        layers, cin = [], 3
+        for item in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512):
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
+                cin = item
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, CLASSES))
 
     if model_name == "conv2":
         return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
@@ -392,13 +403,16 @@ class TorchConvRunner:
 def conv_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: int | None) -> None:
     """Every convnet workload: lth one network (the auto segment strategy, and "step" for
     comparison), lth population of CONV_K, bare jitted step, PyTorch; best of ``rounds`` interleaved."""
+    from lth.models import conv_path
+
     x, y = make_images()
+    log(f"conv path: {conv_path()}")
     log(f"convnets: CIFAR-shaped random data {CONV_N} x {'x'.join(map(str, CONV_SHAPE))} float32, dense masks, "
-        f"{steps} steps per segment ({max(1, steps // 2)} for ResNet-20), best of {rounds} interleaved rounds "
+        f"{steps} steps per segment ({max(1, steps // 2)} for ResNet-20 and VGG-11), best of {rounds} interleaved rounds "
         f"after a warm-up segment; population K = {CONV_K}")
     ratio_torch, ratio_bare = {}, {}
     for name, (model, batch, train) in CONV_WORKLOADS.items():
-        n = steps if model != "resnet20" else max(1, steps // 2)
+        n = conv_steps(model, steps)
         kw = dict(model=model, density=1.0, batch_size=batch, **train)
         runners: dict[str, object] = {}
         runners["lth"] = r = LthRunner(x, y, 1, n, rounds, engine_mod, knobs, mb, **kw)
@@ -423,7 +437,7 @@ def conv_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: i
             ratio_torch[name] = (sps["lth"] / sps["torch"], sps["pop"] * CONV_K / sps["torch"])
     log("conv_vs_bare_jit: " + "  ".join(f"{k} {v:.2f}" for k, v in ratio_bare.items()))
     if ratio_torch:
-        log("ratio_conv_single: " + "  ".join(f"{k} {v[0]:.2f}" for k, v in ratio_torch.items()))
+        log("ratio_conv_single: " + " ".join(f"{k}={v[0]:.2f}" for k, v in ratio_torch.items()))
         log(f"ratio_conv_population: " + "  ".join(f"{k} {v[1]:.2f}" for k, v in ratio_torch.items())
             + f"  (K={CONV_K} network-steps/s against (c))")
 
@@ -628,6 +642,45 @@ def transformer_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict
         log(f"ratio_transformer_single: skipped ({TORCH_HINT})")
 
 
+def conv_steps(model: str, steps: int) -> int:
+    """Steps per timed segment of a convnet row: half of ``steps`` for the larger ResNet-20 and VGG-11."""
+    return steps if model.startswith("conv") else max(1, steps // 2)
+
+
+def conv_ratio_rows(steps: int, rounds: int, torch_mod, engine_mod, knobs: dict, mb: int | None,
+                    only: list[str] | None = None) -> dict[str, float]:
+    """The quick ``ratio_conv_single`` line (``--conv-ratio``): per convnet workload only (a) lth, one
+    network (the real engine, ``train.segment = auto``), and (c) the PyTorch loop, best of ``rounds``
+    interleaved segments after a warm-up segment each. Prints which convolution path lth ran
+    (:func:`lth.models.conv_path`). Returns {workload: lth steps/s / torch steps/s}."""
+    from lth.models import conv_path
+
+    if torch_mod is None:
+        log(f"ratio_conv_single: skipped ({TORCH_HINT})")
+        return {}
+    x, y = make_images()
+    log(f"conv path: {conv_path()}")
+    log(f"convnets (ratio only): CIFAR-shaped random data {CONV_N} x {'x'.join(map(str, CONV_SHAPE))} float32, "
+        f"dense masks, {steps} steps per segment ({conv_steps('vgg11', steps)} for ResNet-20 and VGG-11), best of "
+        f"{rounds} interleaved rounds after a warm-up segment; torch {torch_mod.get_num_threads()} threads")
+    ratios = {}
+    for name, (model, batch, train) in CONV_WORKLOADS.items():
+        if only and name not in only:
+            continue
+        n = conv_steps(model, steps)
+        lth_run = LthRunner(x, y, 1, n, rounds, engine_mod, knobs, mb, model=model, density=1.0, batch_size=batch,
+                            **train)
+        torch_run = TorchConvRunner(x, y, model, batch, n, train)
+        best = [float("inf"), float("inf")]
+        for _ in range(rounds):
+            best = [min(best[0], lth_run.segment()), min(best[1], torch_run.segment())]
+        ratios[name] = best[1] / best[0]
+        log(f"  {name}: lth segment = {lth_run.engine.segment}, compile + first segment {lth_run.first_s:.1f} s | "
+            f"(a) lth {n / best[0]:6.2f} steps/s | (c) torch {n / best[1]:6.2f} steps/s | ratio {ratios[name]:.2f}")
+    log("ratio_conv_single: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    return ratios
+
+
 # ----------------------------------------------------------------------------- (d): peak
 
 class PeakRunner:
@@ -698,6 +751,10 @@ def main(argv=None) -> int:
     ap.add_argument("--conv", action="store_true",
                     help="also the convnet rows (Conv-2 batch 60 and 128, ResNet-20 batch 128)")
     ap.add_argument("--conv-only", action="store_true", help="only the convnet rows")
+    ap.add_argument("--conv-ratio", action="store_true",
+                    help="only the quick ratio_conv_single line: lth one network against PyTorch per convnet row")
+    ap.add_argument("--conv-rows", default=None,
+                    help="with --conv-ratio: comma-separated workloads (default all: " + ",".join(CONV_WORKLOADS) + ")")
     ap.add_argument("--conv-steps", type=int, default=6,
                     help="steps per timed convnet segment (half for ResNet-20; default 6)")
     ap.add_argument("--transformer", action="store_true",
@@ -747,6 +804,13 @@ def main(argv=None) -> int:
     if torch_mod is not None:
         log(f"torch {torch_mod.__version__}, {torch_mod.get_num_threads()} threads")
 
+    if args.conv_ratio:
+        only = [r.strip() for r in args.conv_rows.split(",")] if args.conv_rows else None
+        unknown = sorted(set(only or ()) - set(CONV_WORKLOADS))
+        if unknown:
+            ap.error(f"--conv-rows {args.conv_rows!r}: unknown {', '.join(unknown)}; allowed: {', '.join(CONV_WORKLOADS)}")
+        conv_ratio_rows(args.conv_steps, rounds, torch_mod, engine_mod, knobs, mb, only)
+        return 0
     if args.conv or args.conv_only:
         conv_rows(args.conv_steps, rounds, torch_mod, engine_mod, knobs, mb)
         if args.conv_only:

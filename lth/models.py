@@ -243,10 +243,91 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     return _nhwc_conv(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in padding))
 
 
+# Batch chunking of the CPU convolutions. XLA's CPU convolution (Eigen) slows down per example as the
+# batch grows, most of all the weight gradient, which contracts over N x H x W: measured one thread,
+# Conv-2's 64 -> 64 conv at batch 128 ran its weight gradient at 25 GFLOP/s and at 64 GFLOP/s in
+# pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution, its input gradient
+# and its weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
+# at least 1 example, at most CPU_CONV_MAX_PIECES pieces); the weight gradient is the sum of the
+# pieces'. Per example the numbers are those of the whole batch (a convolution of one example does
+# not read another); the weight gradient differs in float rounding (another summation order).
+# ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
+CPU_CONV_CHUNK_PIXELS = 2048
+CPU_CONV_MAX_PIECES = 4
+
+
+def cpu_conv_chunk_pixels() -> int:
+    """The pixel limit of a CPU convolution's batch pieces: ``$LTH_CPU_CONV_CHUNK_PIXELS`` or
+    :data:`CPU_CONV_CHUNK_PIXELS`; 0 = no chunking. Read when a program is traced."""
+    import os
+
+    raw = os.environ.get("LTH_CPU_CONV_CHUNK_PIXELS", "").strip()
+    if not raw:
+        return CPU_CONV_CHUNK_PIXELS
+    if not raw.isdigit():
+        raise ValueError(f"LTH_CPU_CONV_CHUNK_PIXELS={raw!r}: a whole number of pixels >= 0 (0 turns batch "
+                         f"chunking of CPU convolutions off; default {CPU_CONV_CHUNK_PIXELS})")
+    return int(raw)
+
+
+def conv_chunk(n: int, h: int, w: int) -> int:
+    """Examples per piece of a CPU convolution of a ``[n, h, w, C]`` batch (``n``: no chunking)."""
+    limit = cpu_conv_chunk_pixels()
+    if limit <= 0:
+        return n
+    return min(n, max(1, limit // (h * w), -(-n // CPU_CONV_MAX_PIECES)))
+
+
+def conv_path(backend: str | None = None) -> str:
+    """Which convolution code lth's conv layers run on ``backend`` (default: jax's), in words."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return f"{backend}: lax.conv_general_dilated (XLA's own kernels and gradients)"
+    limit = cpu_conv_chunk_pixels()
+    chunks = (f"batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces)" if limit
+              else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
+    return f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}"
+
+
+def _pieces(a: jax.Array, c: int) -> list[jax.Array]:
+    return [a[i:i + c] for i in range(0, a.shape[0], c)]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _nhwc_conv(x, w, strides, pads):
-    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; gradients in the same layout."""
+    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; gradients in the same layout, run on
+    batch pieces of :func:`conv_chunk` examples."""
+    c = conv_chunk(*x.shape[:3])
+    if c >= x.shape[0]:
+        return _nhwc_conv_plain(x, w, strides, pads)
+    return jnp.concatenate([_nhwc_conv_plain(p, w, strides, pads) for p in _pieces(x, c)])
+
+
+def _nhwc_conv_plain(x, w, strides, pads):
+    if _gemm_conv_wanted(x, w):
+        return _gemm_conv(x, w, strides, pads)
     return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+def _gemm_conv_wanted(x, w) -> bool:
+    """Whether a CPU convolution runs as im2col + one matmul: when the image is smaller than the kernel
+    (VGG's 3x3 convs on 2x2 maps), where Eigen's convolution and its input gradient ran at ~1 GFLOP/s
+    against ~90 on the same layer at 4x4 (one thread; docs/notes/convspeed.md)."""
+    return x.shape[1] < w.shape[0] or x.shape[2] < w.shape[1]
+
+
+def _patches(x, kernel, strides, pads):
+    """im2col: ``x [N, H, W, C] -> [N, H', W', kh * kw * C]`` (taps in (kh, kw, C) order, as HWIO)."""
+    (kh, kw), (sh, sw) = kernel, strides
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    return jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _gemm_conv(x, w, strides, pads):
+    p = _patches(x, w.shape[:2], strides, pads)
+    return (p.reshape(-1, p.shape[-1]) @ w.reshape(-1, w.shape[-1])).reshape(*p.shape[:3], w.shape[-1])
 
 
 def _nhwc_conv_fwd(x, w, strides, pads):
@@ -255,6 +336,25 @@ def _nhwc_conv_fwd(x, w, strides, pads):
 
 def _nhwc_conv_bwd(strides, pads, res, dy):
     x, w = res
+    c = conv_chunk(*x.shape[:3])
+    if c >= x.shape[0]:
+        return _nhwc_conv_grads(strides, pads, x, w, dy)
+    dxs, dw = [], None
+    for xp, dyp in zip(_pieces(x, c), _pieces(dy, c)):
+        dxp, dwp = _nhwc_conv_grads(strides, pads, xp, w, dyp)
+        dxs.append(dxp)
+        dw = dwp if dw is None else dw + dwp
+    return jnp.concatenate(dxs), dw
+
+
+def _nhwc_conv_grads(strides, pads, x, w, dy):
+    """(dx, dw) of ``_nhwc_conv_plain`` as NHWC x HWIO convolutions (or matmuls, :func:`_gemm_conv_wanted`)."""
+    if _gemm_conv_wanted(x, w):
+        p, to_x = jax.vjp(lambda x: _patches(x, w.shape[:2], strides, pads), x)
+        d2 = dy.reshape(-1, dy.shape[-1])
+        w2 = w.reshape(-1, w.shape[-1])
+        dx, = to_x((d2 @ w2.T).reshape(p.shape))  # col2im: the transpose of the patch gather
+        return dx, (p.reshape(-1, p.shape[-1]).T @ d2).reshape(w.shape)
     (kh, kw), (h, wd), (ho, wo) = w.shape[:2], x.shape[1:3], dy.shape[1:3]
     dims = list(zip(pads, (h, wd), (ho, wo), (kh, kw), strides))
     # dx: dy (dilated by the stride) * the flipped kernel with in/out swapped, [kh, kw, O, C]

@@ -20,15 +20,10 @@ import numpy as np
 from ..config import PruneConfig
 from ..models import Structure
 from .masks import named_rate
+from .units import node as _node
 
 PyTree = Any
 QKV = ("q", "k", "v")
-
-
-def _node(tree: dict, path: str) -> dict:
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
 
 
 def check_heads(params: PyTree, st: Structure) -> None:

@@ -32,6 +32,18 @@ def tiny(**sections) -> ExperimentConfig:
     return ExperimentConfig.from_dict(raw)
 
 
+def tiny_gpt_lottery(corpus) -> ExperimentConfig:
+    """A tiny byte-level GPT on the UTF-8 file ``corpus``: a dense level and one level of ticket +
+    random_prune at half the attn+mlp weights (the same programs in every test that uses it)."""
+    return tiny(seeds=[0], arms=["ticket", "random_prune"],
+                data={"name": "text", "path": str(corpus), "context": 8, "val_size": None,
+                      "mnist1d_samples": 10000},
+                model={"name": "gpt", "depth": 1, "dim": 16, "heads": 2, "mlp_ratio": 2.0, "widths": [300, 100]},
+                train={"optimizer": "adamw", "lr": 3e-3, "batch_size": 8, "steps": 10, "eval_every": 5,
+                       "clip_norm": 1.0},
+                prune={"levels": 1, "rate": 0.5, "output_rate": None})
+
+
 def toml_text(d: dict) -> str:
     """An experiment file's text for a raw config dict like :data:`TINY`."""
     top = [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny
+from helpers import tiny_gpt_lottery
 
 from lth.config import DataConfig, ModelConfig, TrainConfig
 from lth.data import DataError, load_dataset, split_by_position
@@ -153,13 +153,7 @@ def test_population_equals_alone(trained):
 
 
 def test_lottery_keeps_pruned_attention_and_mlp_weights_exactly_zero(corpus, tmp_path):
-    cfg = tiny(seeds=[0], arms=["ticket", "random_prune"],
-               data={"name": "text", "path": str(corpus), "context": 8, "val_size": None,
-                     "mnist1d_samples": 10000},
-               model={"name": "gpt", "depth": 1, "dim": 16, "heads": 2, "mlp_ratio": 2.0, "widths": [300, 100]},
-               train={"optimizer": "adamw", "lr": 3e-3, "batch_size": 8, "steps": 10, "eval_every": 5,
-                      "clip_norm": 1.0},
-               prune={"levels": 1, "rate": 0.5, "output_rate": None})
+    cfg = tiny_gpt_lottery(corpus)
     load_dataset.cache_clear()
     store = run_lottery(cfg, tmp_path / "runs")
     run = StoredRun.open(store.path)

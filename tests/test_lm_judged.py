@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import tiny
+from helpers import tiny, tiny_gpt_lottery
 
 from lth.data import load_dataset
 from lth.lottery import run_lottery
@@ -21,13 +21,7 @@ def lm_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     corpus = root / "corpus.txt"
     corpus.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 1500)) + "\n", encoding="utf-8")
-    cfg = tiny(seeds=[0], arms=["ticket", "random_prune"],
-               data={"name": "text", "path": str(corpus), "context": 8, "val_size": None,
-                     "mnist1d_samples": 10000},
-               model={"name": "gpt", "depth": 1, "dim": 16, "heads": 2, "mlp_ratio": 2.0, "widths": [300, 100]},
-               train={"optimizer": "adamw", "lr": 3e-3, "batch_size": 8, "steps": 10, "eval_every": 5,
-                      "clip_norm": 1.0},
-               prune={"levels": 1, "rate": 0.5, "output_rate": None})
+    cfg = tiny_gpt_lottery(corpus)
     load_dataset.cache_clear()
     store = run_lottery(cfg, root / "runs")
     return root / "runs", store.path

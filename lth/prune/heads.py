@@ -20,7 +20,7 @@ import numpy as np
 from ..config import PruneConfig
 from ..models import Structure
 from .masks import named_rate
-from .units import node as _node
+from .units import copy_masks, node as _node
 
 PyTree = Any
 QKV = ("q", "k", "v")
@@ -64,7 +64,7 @@ def head_scores(params: PyTree, mask: PyTree, attn: str, heads: int, norm: str) 
 
 def remove_heads(mask: dict, attn: str, heads: int, drop) -> dict:
     """Copy of ``mask`` with heads ``drop`` of ``attn`` removed (q, k, v columns and biases, out rows)."""
-    mask = _copy(mask)
+    mask = copy_masks(mask)
     node = _node(mask, attn)
     d = head_width(mask, attn, heads)
     for h in drop:
@@ -79,7 +79,7 @@ def remove_heads(mask: dict, attn: str, heads: int, drop) -> dict:
 
 def head_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, st: Structure) -> PyTree:
     """Next mask: remove the lowest-norm surviving heads of every declared attention (not excluded)."""
-    new = _copy(mask)
+    new = copy_masks(mask)
     for attn, heads in st.heads:
         parts = attn.split("/")
         if any(p in cfg.exclude or "/".join(parts[:i + 1]) in cfg.exclude for i, p in enumerate(parts)):
@@ -93,9 +93,3 @@ def head_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, st: Structure) ->
         scores = np.where(alive, head_scores(params, new, attn, heads, cfg.structure_norm), np.inf)
         new = remove_heads(new, attn, heads, np.argsort(scores, kind="stable")[:n_drop])
     return new
-
-
-def _copy(tree):
-    if isinstance(tree, dict):
-        return {k: _copy(v) for k, v in tree.items()}
-    return np.array(tree, bool, copy=True)

@@ -50,7 +50,7 @@ def alive_hidden(mask: PyTree, layer: str) -> np.ndarray:
 
 def remove_hidden(mask: dict, layer: str, nxt: str, drop) -> dict:
     """Copy of ``mask`` without hidden units ``drop``: ``layer``'s columns and bias entries, ``nxt``'s rows."""
-    mask = _copy(mask)
+    mask = copy_masks(mask)
     first, second = node(mask, layer), node(mask, nxt)
     drop = np.asarray(drop, int)
     first["kernel"][:, drop] = False
@@ -76,7 +76,7 @@ def mlp_rate(cfg: PruneConfig, layer: str, st: Structure) -> float:
 
 def mlp_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, st: Structure) -> PyTree:
     """Next mask: remove the lowest-norm surviving hidden units of every declared MLP (module docstring)."""
-    new = _copy(mask)
+    new = copy_masks(mask)
     for layer, nxt in st.mlps:
         alive = alive_hidden(new, layer)
         n_drop = int(math.floor(mlp_rate(cfg, layer, st) * alive.sum() + 0.5))
@@ -89,7 +89,8 @@ def mlp_prune(params: PyTree, mask: PyTree, cfg: PruneConfig, st: Structure) -> 
     return new
 
 
-def _copy(tree):
+def copy_masks(tree):
+    """A fresh boolean numpy copy of a (nested dict) mask tree."""
     if isinstance(tree, dict):
-        return {k: _copy(v) for k, v in tree.items()}
+        return {k: copy_masks(v) for k, v in tree.items()}
     return np.array(tree, bool, copy=True)

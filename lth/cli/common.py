@@ -22,9 +22,9 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def error(msg: str) -> int:
+def error(msg: str, code: int = EXIT_USAGE) -> int:
     print(f"lth: error: {msg}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:

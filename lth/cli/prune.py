@@ -87,6 +87,10 @@ def run_compact(args) -> int:
     for k, v in r.items():
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
     print(f"{'speedup':>20}: {r['latency_masked_ms'] / r['latency_compact_ms']:.2f}x")
+    if not r["max_abs_diff"] <= r["tolerance"]:
+        return error(f"the compact network of level {args.level} of {args.run_dir} does not compute the masked "
+                     f"network: max |output difference| {r['max_abs_diff']:.3g} > tolerance {r['tolerance']:.3g} "
+                     "(float rounding stays far below it); do not use this compact network", code=1)
     return 0
 
 

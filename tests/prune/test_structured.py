@@ -107,6 +107,28 @@ def test_neuron_imp_run_and_compact_cli(tmp_path, capsys):
     # 24 -> 12 -> 6 and 16 -> 8 -> 4 units: 40*6+6 + 6*4+4 + 4*10+10
     assert int(out["params_compact".rjust(20)]) == 40 * 6 + 6 + 6 * 4 + 4 + 4 * 10 + 10
 
+    # a compact network that computes something else (one live weight changed) is refused, exit 1
+    import lth.prune.structured as structured
+    real = structured.compact
+
+    def off_by_one_weight(*a, **k):
+        small_model, small_params = real(*a, **k)
+        first = jax.tree.leaves(small_params)[0]
+        leaf_path = jax.tree_util.tree_leaves_with_path(small_params)[0][0]
+        bad = jax.tree_util.tree_map_with_path(
+            lambda p, v: np.asarray(v) + (np.float32(0.5) * (np.arange(v.size) == 0).reshape(v.shape)
+                                          if p == leaf_path else 0), small_params)
+        assert np.asarray(jax.tree.leaves(bad)[0]).ravel()[0] == np.asarray(first).ravel()[0] + np.float32(0.5)
+        return small_model, bad
+
+    structured.compact = off_by_one_weight
+    try:
+        assert main(["compact", str(store.path), "--level", "2", "--batch", "100"]) == 1
+    finally:
+        structured.compact = real
+    err = capsys.readouterr().err
+    assert "does not compute the masked network" in err and "tolerance" in err
+
 
 # ---------------------------------------------------------------------------- residual blocks (layer)
 

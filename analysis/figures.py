@@ -430,19 +430,22 @@ def final_rows_with_params(df: pd.DataFrame, split: str = "test") -> pd.DataFram
 
 
 def sensitivity_curves(table: pd.DataFrame, split: str = "test") -> plt.Figure:
-    """Accuracy when one layer alone is pruned to each density (no retraining), one line per layer."""
+    """Accuracy (a language model: bits per byte) when one layer alone is pruned to each density (no
+    retraining), one line per layer."""
     t = table[table["split"] == split]
+    bpb = "metric" in t and len(t) and t["metric"].iloc[0] == "bits_per_byte"
+    col, scale = ("bits_per_byte", 1) if bpb else ("accuracy", 100)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5, 3.4), constrained_layout=True)
         for i, (layer, g) in enumerate(t.groupby("layer", sort=True)):
             g = g.sort_values("density", ascending=False)
-            ax.plot(g["density"], 100 * g["accuracy"], marker=MARKERS[i % len(MARKERS)],
+            ax.plot(g["density"], scale * g[col], marker=MARKERS[i % len(MARKERS)],
                     linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=3, label=layer)
         if len(t):
-            ax.axhline(100 * t["base_accuracy"].iloc[0], color="grey", linestyle="--", linewidth=1, label="unpruned")
+            ax.axhline(scale * t[f"base_{col}"].iloc[0], color="grey", linestyle="--", linewidth=1, label="unpruned")
         _density_axis(ax, t["density"])
         ax.set_xlabel("weights remaining in the pruned layer (%)")
-        ax.set_ylabel(f"{split} accuracy (%)")
+        ax.set_ylabel(f"{split} bits per byte (lower is better)" if bpb else f"{split} accuracy (%)")
         ax.set_title("layer-wise pruning sensitivity (no retraining)")
         ax.legend(fontsize=7)
     return fig

@@ -180,6 +180,14 @@ def test_lottery_keeps_pruned_attention_and_mlp_weights_exactly_zero(corpus, tmp
     rows = quantize_run(store.path, levels=[1], bits_list=[8], methods=["ptq"])
     assert sorted(rows["arm"]) == ["random_prune", "ticket"] and rows["bits"].eq(8).all()
     assert np.isfinite(rows["accuracy"]).all() and (rows["size_bytes"] > 0).all()
+    # layer sensitivity judges a language model by bits per byte: drop = bits per byte gained
+    from lth.prune.sensitivity import rates_for, sensitivity
+    table = sensitivity(store.path, 1, [0.5, 0.05])
+    assert (table["metric"] == "bits_per_byte").all()
+    np.testing.assert_allclose(table["bits_per_byte"], table["loss"] / math.log(2), rtol=1e-12)
+    np.testing.assert_allclose(table["drop"], table["bits_per_byte"] - table["base_bits_per_byte"], rtol=1e-12)
+    assert (table[table["density"] == 0.05]["drop"] > 0).any()  # pruning a layer to 5% costs bits
+    assert set(rates_for(table, 1e9, 1).values()) == {0.95}  # any loss tolerated: the lowest density
 
 
 def test_tied_embeddings_drop_the_head():

@@ -20,7 +20,8 @@ def add_sensitivity(sub) -> None:
     p.add_argument("--out", default=None, help="folder for the figure (default: the level folder)")
     p.add_argument("--to-rates", type=float, default=None, metavar="TOL",
                    help="print per-layer prune.rates keeping each layer's val accuracy drop <= TOL "
-                        "(a fraction, e.g. 0.01) after the run's prune.levels levels")
+                        "(a fraction, e.g. 0.01; for a language model: val bits per byte gained <= TOL) "
+                        "after the run's prune.levels levels")
 
 
 def run_sensitivity(args) -> int:
@@ -51,7 +52,9 @@ def run_sensitivity(args) -> int:
         plt.close(fig)
 
     table = sensitivity(args.run_dir, args.level, densities, then=figure)
-    test = table[table["split"] == "test"].pivot(index="layer", columns="density", values="accuracy")
+    metric = table["metric"].iloc[0] if len(table) else "accuracy"
+    test = table[table["split"] == "test"].pivot(index="layer", columns="density", values=metric)
+    print(f"test {metric.replace('_', ' ')}{' (lower is better)' if metric == 'bits_per_byte' else ''}:")
     print(test.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"table: {Path(args.run_dir) / f'level_{args.level:03d}' / 'sensitivity.parquet'}; "
           f"figure: {out / 'sensitivity.pdf'}")

@@ -2,7 +2,8 @@
 
 Every (layer, density) variant of the trained ticket is one member of a population evaluated in a
 single vmapped pass. ``rates_for`` turns the table into per-layer IMP rates that keep the accuracy
-drop of each layer under a tolerance (usable as ``prune.rates``).
+drop of each layer under a tolerance (usable as ``prune.rates``). A language model is judged by bits
+per byte instead (column ``metric``): its ``drop`` is the bits per byte gained over the unpruned network.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..models import structure_of
 from .masks import leaf_name, prunable, prune_to_density
 from ..store import atomic_write_bytes, load_tree, parquet_bytes
 from ..stored import StoredRun
-from ..train import apply_mask, chunk_split, make_eval_fn, stack, unstack
+from ..train import apply_mask, chunk_split, is_language_model, lm_metrics, make_eval_fn, stack, unstack
 
 def sensitivity(run_dir: str | Path, level: int, densities: Sequence[float], member: int = 0,
                 then: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
@@ -59,6 +60,7 @@ def _sensitivity(run: StoredRun, level: int, densities: Sequence[float], member:
     pop_params = stack([apply_mask(params, m) for m in variants])
     pop_bs = stack([bs] * len(variants))
     evaluate = make_eval_fn(model)
+    lm = is_language_model(data)
     rows = []
     for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
         if not len(x):
@@ -66,8 +68,13 @@ def _sensitivity(run: StoredRun, level: int, densities: Sequence[float], member:
         loss, acc = evaluate(pop_params, pop_bs, *chunk_split(x, y, cfg.train.eval_batch_size))
         loss, acc = np.asarray(loss), np.asarray(acc)
         for (layer, d), l, a in zip(labels[1:], loss[1:], acc[1:]):
-            rows.append({"level": level, "layer": layer, "density": d, "split": split, "loss": float(l),
-                         "accuracy": float(a), "drop": float(acc[0] - a), "base_accuracy": float(acc[0])})
+            row = {"level": level, "layer": layer, "density": d, "split": split, "loss": float(l),
+                   "accuracy": float(a), "drop": float(acc[0] - a), "base_accuracy": float(acc[0]),
+                   "metric": "accuracy"}
+            if lm:  # judged by bits per byte (lower is better): drop = how many bits per byte it lost
+                bpb, base = lm_metrics(float(l))["bits_per_byte"], lm_metrics(float(loss[0]))["bits_per_byte"]
+                row.update(bits_per_byte=bpb, base_bits_per_byte=base, drop=bpb - base, metric="bits_per_byte")
+            rows.append(row)
     df = pd.DataFrame(rows)
     atomic_write_bytes(store.level_dir(level) / "sensitivity.parquet", parquet_bytes(df))
     return df

@@ -564,6 +564,11 @@ class ExperimentConfig:
                               "random_prune and shuffle permute weights within each layer, which leaves whole-"
                               "block masks unchanged; use arms from 'ticket', 'reinit', 'small_dense'")
         _check_dst_arms(self)
+        if self.prune.schedule == "gradual" and set(self.arms) - {"ticket"}:
+            # AGP prunes the one member it trains, during training; a control would need its own schedule
+            raise ConfigError(f"arms = {list(self.arms)} is not allowed with prune.schedule = 'gradual': AGP "
+                              "prunes the trained network during one run and trains no controls; set "
+                              "arms = ['ticket'], or use prune.schedule = 'imp' or 'oneshot' for controls")
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

@@ -288,8 +288,6 @@ class Lottery:
             if end > self.engine.num_steps:
                 raise ConfigError(f"prune.agp_start_step + agp_updates * agp_frequency = {end} is past the "
                                   f"end of training ({self.engine.num_steps} steps)")
-            if set(cfg.arms) - {"ticket"}:
-                raise ConfigError("prune.schedule = 'gradual' trains no controls: set arms = ['ticket']")
         shapes = jax.eval_shape(lambda k: init_variables(self.model, k, self.data.input_shape)[0], jax.random.key(0))
         self.structure = structure_of(self.model)  # what the model declares: output, frozen, chain, blocks
         check_against_model(cfg, layer_table(shapes, self.structure), self.engine.num_steps,  # before any level trains

@@ -273,7 +273,15 @@ def test_dst_arms_with_structured_granularity_or_agp_are_a_config_error(prune, f
         tiny(arms=["ticket", "set", "rigl"], prune=prune)
     assert fragment in str(e.value) and "\n" not in str(e.value)
     assert "use prune." in str(e.value)  # what is allowed instead
-    tiny(arms=["ticket", "random_prune"], prune=prune)  # the other arms keep those settings
+    # the other arms keep those settings (AGP trains the ticket alone: any control is an error)
+    if prune.get("schedule") == "gradual":
+        tiny(arms=["ticket"], prune={**prune, "levels": 1})
+        for control in ("random_prune", "reinit", "small_dense", "wanda"):
+            with pytest.raises(ConfigError, match=f"arms = \\['ticket', '{control}'\\] is not allowed with "
+                                                  "prune.schedule = 'gradual'.*set arms = \\['ticket'\\]"):
+                tiny(arms=["ticket", control], prune={**prune, "levels": 1})
+    else:
+        tiny(arms=["ticket", "random_prune"], prune=prune)
 
 
 def test_dst_arms_with_structured_granularity_stop_the_cli_before_any_work(tmp_path, capsys):

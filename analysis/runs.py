@@ -347,11 +347,13 @@ EXPERIMENT_KEYS = ("data.name", "data.path", "model.name", "model.widths")
 
 
 def _full_settings(h: dict) -> dict:
-    """Every setting of a run's hparams, defaults filled in (a run's hparams.json may leave them out)."""
-    from lth.config import ConfigError, ExperimentConfig
+    """Every setting of a run's hparams, defaults filled in (a run's hparams.json may leave them out); a
+    field added later whose default changes results reads as its legacy value (how the run was computed)."""
+    from lth.config import ConfigError, ExperimentConfig, legacy_filled
 
     try:
-        return ExperimentConfig.from_dict({k: v for k, v in h.items() if k not in ("run_id", "mask")}).to_dict()
+        return ExperimentConfig.from_dict({k: v for k, v in legacy_filled(h).items()
+                                           if k not in ("run_id", "mask")}).to_dict()
     except (ConfigError, TypeError, ValueError):  # an older or hand-made hparams.json: its own settings
         return h
 

@@ -339,3 +339,21 @@ def test_a_sweep_keeps_its_runs_apart_with_the_swept_key_as_a_column(store_root,
     assert first["final_accuracy_mean"] == pytest.approx(np.mean([acc("ticket", 1, s_, 20) for s_ in SEEDS]))
     captions = [c for c, _ in summary_tables(s)]
     assert len(captions) == 6 and sum("train.lr = 0.2" in c for c in captions) == 3  # one set of tables per run
+
+
+def test_run_table_labels_a_run_stored_before_a_setting_existed_with_its_legacy_value(tmp_path):
+    """A pai run stored before prune.pai_allocation existed was computed with 'ticket' (the legacy value),
+    not today's default 'global': the runs table must say so."""
+    from analysis.runs import run_table
+    from lth.config import stored_run_id
+
+    cfg = ExperimentConfig.from_dict({"name": "old", "arms": ["ticket", "snip"], "prune": {"levels": 1}})
+    h = cfg.to_dict()
+    assert h["prune"]["pai_allocation"] == "global"
+    del h["prune"]["pai_allocation"]  # as an older lth wrote it
+    run = tmp_path / stored_run_id(h)
+    run.mkdir()
+    (run / "hparams.json").write_text(json.dumps(h))
+    table = run_table(tmp_path)
+    assert table["prune.pai_allocation"].tolist() == ["ticket"]
+    assert table["prune.grasp_temperature"].tolist() == [200.0]  # not a grasp run: its default

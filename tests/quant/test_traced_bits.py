@@ -121,3 +121,53 @@ def test_qat_forward_and_gradients_equal_the_constant_bits_model(learned_scale):
         const_b = {**qb, "quant": {k: v for k, v in qb["quant"].items() if not k.startswith("w_gr")}}
         _same(loss_and_grad(FakeQuantModel(model, spec, weights), qp, const_b), loss_and_grad(traced, qp, qb))
     assert len(programs) == 2  # one model (so one compiled QAT program) per scheme, whatever the bits
+
+
+@pytest.mark.parametrize("bits,scheme", [(1, "sym"), (2, "sym"), (8, "sym"), (4, "asym")])
+def test_weight_codes_on_the_host_equal_the_jax_quantizer(bits, scheme):
+    from lth.quant.numerics import quantize
+    from lth.quant.wiring import weight_codes, weight_qparams
+    from lth.quant import QuantSpec
+    spec = QuantSpec(bits, scheme)
+    params = {"dense_0": {"kernel": jnp.asarray(_weights()), "bias": jnp.zeros((11,), jnp.float32)}}
+    qp = weight_qparams(params, spec)["dense_0"]
+    want = np.asarray(jax.jit(lambda x: quantize(x, qp["scale"], qp["zero_point"], bits, scheme))(
+        params["dense_0"]["kernel"])).astype(np.int32)
+    got = weight_codes(params, {"dense_0": qp}, spec)["dense_0"]
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+
+
+def test_a_population_at_another_bit_width_builds_no_program():
+    """PTQ, QAT (and its float control's program) and evaluation of a population at 4 and 2 bits after 8
+    bits: no program compiled or read from the cache (one program per step kind for every width)."""
+    from lth.config import ExperimentConfig
+    from lth.models import MLP
+    from lth.quant import QuantSpec, ptq_population, qat
+    from lth.quant.wiring import Evaluator
+    from helpers import random_params
+    from test_quant import synthetic_data
+
+    model = MLP((24, 16), 4)
+    data = synthetic_data(n=200)
+    tcfg = ExperimentConfig.from_dict({"train": {"batch_size": 50, "lr": 3e-3}}).train
+    params = random_params(model, (12,), density=0.5)
+    masks = jax.tree.map(lambda p: np.asarray(p != 0) if p.ndim == 2 else np.ones(p.shape, bool), params)
+    stack = lambda t: jax.tree.map(lambda a: jnp.stack([jnp.asarray(a)] * 2), t)  # noqa: E731
+    ev = Evaluator(data, 100)
+    calib = data.x_train[:100]
+
+    def run(bits):
+        spec = QuantSpec(bits, "sym", "channel", "minmax", act_bits=8)
+        qts = ptq_population(model, stack(params), stack({}), spec, calib)
+        acc = ev.quantized(model, qts)["test"]
+        frozen, _ = qat(model, data, tcfg, stack(params), stack({}), stack(masks), spec, calib, seeds=[0, 1],
+                        steps=2, lr=1e-3)
+        return qts, acc, ev.quantized(model, frozen)["test"]
+
+    run(8)
+    with counting() as c:
+        qts, _, _ = run(2)
+        run(4)
+    assert c.compiles + c.hits == 0, (c.by_name, c.hits_by_name)
+    codes = qts[0].codes()["dense_0"]
+    assert set(np.unique(codes)) <= {-1, 0, 1}  # it did quantize at 2 bits

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..models import ACTIVATIONS, build_model, param_count, structure_of
+from ..models import ACTIVATIONS, MLP, build_model, param_count, structure_of
 
 
 @lru_cache(maxsize=4096)
@@ -154,9 +154,10 @@ def narrow_init(narrow, full, keys, input_shape: Sequence[int]):
     from ..train import init_population  # (lth.train imports this package)
 
     scheme = getattr(full, "init_scheme", None)
-    if (not jax.config.jax_threefry_partitionable or not isinstance(scheme, str) or scheme not in VARIANCE_SCALING
-            or getattr(narrow, "init_scheme", None) != scheme or not pads_exactly(narrow, full, input_shape)):
-        return None
+    if (not jax.config.jax_threefry_partitionable or not isinstance(full, MLP) or not isinstance(narrow, MLP)
+            or scheme not in VARIANCE_SCALING or narrow.init_scheme != scheme
+            or not pads_exactly(narrow, full, input_shape)):
+        return None  # (a registered model may build its layers otherwise: only lth's MLP is known to draw so)
     noise, stats = init_population(full.clone(init_scheme=_unit_truncated_normal), keys, input_shape)
     if jax.tree.leaves(stats):
         return None

@@ -199,8 +199,10 @@ def scale_width(base: int, width: float) -> int:
 
 # ---------------------------------------------------------------------------- layers
 
-def _dense(features: int, init: str, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=INITS[init](), bias_init=nn.initializers.zeros, name=name)
+def _dense(features: int, init: str | Callable, name: str) -> nn.Dense:
+    # init: a name in INITS, or an initializer (lth.prune.baselines.narrow_init draws unscaled noise with one)
+    kernel_init = INITS[init]() if isinstance(init, str) else init
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
 
 
 def _conv(features: int, init: str, name: str, *, kernel: int = 3, strides: int = 1,

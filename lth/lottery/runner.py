@@ -46,7 +46,7 @@ from .. import __version__
 from ..config import DST_ARMS, ONESHOT_FT_ARMS, ConfigError, ExperimentConfig, check_against_model
 from ..data import load_dataset
 from ..models import build_model, check_output_width, structure_of
-from ..prune.baselines import count_at_width, match_width, pad_params, pads_exactly, unpad_params
+from ..prune.baselines import count_at_width, match_width, narrow_init, pad_params, pads_exactly, unpad_params
 from ..prune.criteria import Signals, magnitude_scores
 from ..prune.dst import MODES, make_mask_update, update_steps
 from ..prune.criteria import scores as criterion_scores
@@ -769,7 +769,9 @@ class Lottery:
         model = build_model(dataclasses.replace(cfg.model, width=width), self.data.num_classes,
                             self.data.input_shape)
         keys = seed_keys(seeds)
-        params, bs = init_population(model, keys, self.data.input_shape)
+        # padded: the narrow init drawn by the full-width model's program (bit-identical; no program per width)
+        drawn = narrow_init(model, self.model, keys, tuple(self.data.input_shape)) if padded else None
+        params, bs = (drawn, {}) if drawn is not None else init_population(model, keys, self.data.input_shape)
         ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
         if padded:  # the full-width model's programs, with the units beyond the narrow widths masked off
             engine = self.engine

@@ -8,6 +8,7 @@ count is as close as possible to the target.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import lru_cache
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..models import ACTIVATIONS, build_model, param_count, structure_of
+from ..models import ACTIVATIONS, MLP, build_model, param_count, structure_of
 
 
 @lru_cache(maxsize=4096)
@@ -110,3 +111,74 @@ def unpad_params(padded, narrow_shapes):
         return x[(slice(None),) * (x.ndim - len(s.shape)) + _block(s.shape)]
 
     return jax.tree.map(cut, padded, narrow_shapes)
+
+
+# ---------------------------------------------------------------------------- the narrow init, without its program
+
+# The variance-scaling truncated-normal inits of lth.models.INITS: name -> (scale, mode) (Glorot & Bengio 2010:
+# Var = 1 / fan_avg; He et al. 2015: Var = 2 / fan_in), drawn as N(0, 1) truncated to (-2, 2) times
+# sqrt(Var) / 0.87962566103423978 (the standard deviation of that truncated normal).
+VARIANCE_SCALING = {"glorot_normal": (1.0, "fan_avg"), "kaiming_normal": (2.0, "fan_in")}
+TRUNCATED_STD = 0.87962566103423978
+
+
+def _unit_truncated_normal(key, shape, dtype=jnp.float32):
+    """The unscaled draw of the inits above: N(0, 1) truncated to (-2, 2)."""
+    return jax.random.truncated_normal(key, -2, 2, shape, dtype)
+
+
+def _stddev(shape, scheme: str) -> np.float32:
+    """The init's standard deviation of a dense kernel ``[fan_in, fan_out]``, in float32 as jax computes it
+    (``sqrt(float32(scale / denominator)) / float32(0.8796...)``; XLA folds those constants exactly)."""
+    scale, mode = VARIANCE_SCALING[scheme]
+    fan_in, fan_out = float(shape[-2]), float(shape[-1])
+    denominator = (fan_in + fan_out) / 2 if mode == "fan_avg" else fan_in
+    return np.sqrt(np.float32(scale / denominator)) / np.float32(TRUNCATED_STD)
+
+
+def narrow_init(narrow, full, keys, input_shape: Sequence[int]):
+    """The params ``[K, ...]`` ``init_population(narrow, keys)`` gives, computed from the full-width
+    model's program: None where this does not apply (then compile the narrow init).
+
+    A padded small-dense member (:func:`pads_exactly`) needs its narrow network's own init, a program of
+    its own at every new width. With jax's partitionable threefry (``jax_threefry_partitionable``, the
+    default) the random bits of an array are a function of each element's flat index, so the truncated
+    normal of a kernel ``[a, b]`` is the first ``a * b`` values of the one of any longer flat array drawn
+    with the same key; a parameter's key depends on its module path only, not on its shape. So the
+    full-width model with unscaled kernels (:func:`_unit_truncated_normal`) gives every width's noise in
+    one program; each narrow kernel is its leading ``a * b`` values times its own standard deviation
+    (:func:`_stddev`, multiplied in float32 on the host: the same IEEE product), biases are zeros.
+    Bit-identical to the narrow program for the inits of :data:`VARIANCE_SCALING`
+    (``tests/prune/test_narrow_init.py``).
+    """
+    from ..train import init_population  # (lth.train imports this package)
+
+    scheme = getattr(full, "init_scheme", None)
+    if (not jax.config.jax_threefry_partitionable or not isinstance(full, MLP) or not isinstance(narrow, MLP)
+            or scheme not in VARIANCE_SCALING or narrow.init_scheme != scheme
+            or not pads_exactly(narrow, full, input_shape)):
+        return None  # (a registered model may build its layers otherwise: only lth's MLP is known to draw so)
+    noise, stats = init_population(full.clone(init_scheme=_unit_truncated_normal), keys, input_shape)
+    if jax.tree.leaves(stats):
+        return None
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda x: narrow.init(jax.random.key(0), x, train=False), x)["params"]
+    noise = jax.device_get(noise)
+
+    def leaf(path, full_leaf, shape):
+        name = getattr(path[-1], "key", None)
+        k, n = full_leaf.shape[0], math.prod(shape.shape)
+        if name == "kernel" and len(shape.shape) == 2:
+            return full_leaf.reshape(k, -1)[:, :n].reshape(k, *shape.shape) * _stddev(shape.shape, scheme)
+        if name == "bias" and not np.any(full_leaf):
+            return np.zeros((k, *shape.shape), full_leaf.dtype)
+        raise _NotNarrowable
+
+    try:
+        return jax.tree_util.tree_map_with_path(leaf, noise, shapes)
+    except _NotNarrowable:
+        return None
+
+
+class _NotNarrowable(Exception):
+    """A parameter narrow_init does not know how to draw (then the narrow program is compiled)."""

@@ -14,6 +14,13 @@ The quantizer (Jacob et al. 2018, Eq. 1: ``r = S (q - Z)``)::
 
 So a pruned weight (exact 0.0) stays exactly 0.0 after quantize -> dequantize, for every bit width,
 scheme and granularity: the mask survives PTQ and QAT without special cases.
+
+**Traced bit widths.** ``bits`` is a Python int, a compile-time constant: a jitted program per bit
+width. Passing ``grid = grid_of(bits, scheme)`` (``{"qmin", "qmax"}`` as float32 arrays) makes the
+integer range a traced value instead, so one program serves every multi-bit width (``bits`` then
+only says binary or not: 1 keeps its own path). The arithmetic is the same IEEE float32 operations
+on the same values, so the results are bit-identical to the constant path
+(``tests/quant/test_traced_bits.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}
@@ -49,6 +57,26 @@ def qrange(bits: int, scheme: str) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+def grid_of(bits: int, scheme: str) -> dict:
+    """The integer range of a multi-bit quantizer as data, the ``grid`` argument of the functions below
+    (one compiled program for every bit width): float32 scalars (host numpy) ``qmin``, ``qmax`` and the
+    reciprocal of the scale's divisor, ``inv_span`` (``1 / qmax`` sym, ``1 / (qmax - qmin)`` asym).
+
+    The reciprocal is there because XLA compiles a division by a constant as a multiplication by its
+    float32 reciprocal (and a division by a traced value otherwise, which differs in the last bit), so
+    the traced path multiplies by the same reciprocal, computed here in float32."""
+    qmin, qmax = qrange(bits, scheme)
+    if bits == 1:
+        raise ValueError("grid_of: binary (bits = 1) has no integer grid; it keeps its own program")
+    span = qmax if scheme == "sym" else qmax - qmin
+    return {"qmin": np.float32(qmin), "qmax": np.float32(qmax), "inv_span": np.float32(1) / np.float32(span)}
+
+
+def _bounds(bits: int, scheme: str, grid: dict | None):
+    """``(qmin, qmax)``: the traced ``grid``'s when given, else the constants of ``bits``."""
+    return qrange(bits, scheme) if grid is None else (grid["qmin"], grid["qmax"])
+
+
 def _check_bits_scheme(bits: int, scheme: str, of: str = "") -> None:
     """ValueError naming the setting (``of = "act_"``: the activations') unless bits and scheme exist."""
     allowed = [b for b in BITS if not of or b > 1]  # no binary activations
@@ -59,32 +87,33 @@ def _check_bits_scheme(bits: int, scheme: str, of: str = "") -> None:
         raise ValueError(f"{of}scheme = {scheme!r} is not supported; allowed: {', '.join(SCHEMES)}")
 
 
-def scale_zero_point(lo, hi, bits: int, scheme: str) -> tuple[jax.Array, jax.Array]:
+def scale_zero_point(lo, hi, bits: int, scheme: str, grid: dict | None = None) -> tuple[jax.Array, jax.Array]:
     """Scale S and (integer-valued, float32) zero point Z for the real range ``[lo, hi]``.
 
     The range is widened to contain 0 first (so Z is in ``[qmin, qmax]`` and real 0 is exactly
     representable). An all-zero range (a fully pruned channel) gets S = 1, Z = 0 (or qmin).
-    Not for 1 bit: the binary scale is not a range (see :func:`calibrate`).
+    Not for 1 bit: the binary scale is not a range (see :func:`calibrate`). ``grid``: the traced range
+    (:func:`grid_of`) instead of ``bits``'.
     """
-    qmin, qmax = qrange(bits, scheme)
+    qmin, qmax = _bounds(bits, scheme, grid)
     lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
     if scheme == "sym":
-        scale = jnp.maximum(-lo, hi) / qmax
+        scale = jnp.maximum(-lo, hi) / qmax if grid is None else jnp.maximum(-lo, hi) * grid["inv_span"]
         zero_point = jnp.zeros_like(scale)
     else:
-        scale = (hi - lo) / (qmax - qmin)
+        scale = (hi - lo) / (qmax - qmin) if grid is None else (hi - lo) * grid["inv_span"]
         safe = jnp.where(scale > 0, scale, 1.0)
         zero_point = jnp.clip(jnp.round(qmin - lo / safe), qmin, qmax)
     scale = jnp.where(scale > 0, scale, 1.0)
     return scale.astype(jnp.float32), zero_point.astype(jnp.float32)
 
 
-def quantize(x, scale, zero_point, bits: int, scheme: str) -> jax.Array:
+def quantize(x, scale, zero_point, bits: int, scheme: str, grid: dict | None = None) -> jax.Array:
     """Integer codes ``clip(round(x / S) + Z, qmin, qmax)`` (binary: ``sign(x)``), as float32."""
     if bits == 1:
         return jnp.sign(x).astype(jnp.float32)
-    qmin, qmax = qrange(bits, scheme)
+    qmin, qmax = _bounds(bits, scheme, grid)
     return jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax)
 
 
@@ -93,24 +122,32 @@ def dequantize(q, scale, zero_point) -> jax.Array:
     return (q - zero_point) * scale
 
 
-def representable_range(scale, zero_point, bits: int, scheme: str) -> tuple[jax.Array, jax.Array]:
+def representable_range(scale, zero_point, bits: int, scheme: str,
+                         grid: dict | None = None) -> tuple[jax.Array, jax.Array]:
     """``[(qmin - Z) S, (qmax - Z) S]``: inside it the quantization error is at most S / 2."""
-    qmin, qmax = qrange(bits, scheme)
+    qmin, qmax = _bounds(bits, scheme, grid)
     return (qmin - zero_point) * scale, (qmax - zero_point) * scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fake_quant(x, scale, zero_point, bits: int, scheme: str) -> jax.Array:
+def fake_quant(x, scale, zero_point, bits: int, scheme: str, grid: dict | None = None) -> jax.Array:
     """``dequantize(quantize(x))`` with a straight-through estimator (Bengio et al. 2013).
 
     The gradient w.r.t. ``x`` is the identity inside :func:`representable_range` and zero outside
-    (clipped values); ``scale`` and ``zero_point`` get no gradient (fixed ranges).
+    (clipped values); ``scale`` and ``zero_point`` get no gradient (fixed ranges). ``grid``: the
+    traced integer range (:func:`grid_of`) instead of ``bits``' constants (not for 1 bit).
     """
+    if grid is None or bits == 1:
+        return _fake_quant(x, scale, zero_point, bits, scheme)
+    return _fake_quant_grid(x, scale, zero_point, grid["qmin"], grid["qmax"])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant(x, scale, zero_point, bits: int, scheme: str) -> jax.Array:
     return dequantize(quantize(x, scale, zero_point, bits, scheme), scale, zero_point)
 
 
 def _fake_quant_fwd(x, scale, zero_point, bits, scheme):
-    return fake_quant(x, scale, zero_point, bits, scheme), (x, scale, zero_point)
+    return _fake_quant(x, scale, zero_point, bits, scheme), (x, scale, zero_point)
 
 
 def _fake_quant_bwd(bits, scheme, res, g):
@@ -120,7 +157,29 @@ def _fake_quant_bwd(bits, scheme, res, g):
     return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(scale), jnp.zeros_like(zero_point)
 
 
-fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+@jax.custom_vjp
+def _fake_quant_grid(x, scale, zero_point, qmin, qmax) -> jax.Array:
+    """:func:`_fake_quant` with the integer range traced: the same operations on the same values."""
+    grid = {"qmin": qmin, "qmax": qmax}
+    return dequantize(quantize(x, scale, zero_point, 2, "", grid), scale, zero_point)
+
+
+def _fake_quant_grid_fwd(x, scale, zero_point, qmin, qmax):
+    return _fake_quant_grid(x, scale, zero_point, qmin, qmax), (x, scale, zero_point, qmin, qmax)
+
+
+def _fake_quant_grid_bwd(res, g):
+    x, scale, zero_point, qmin, qmax = res
+    lo, hi = representable_range(scale, zero_point, 2, "", {"qmin": qmin, "qmax": qmax})
+    inside = (x >= lo) & (x <= hi)
+    return (jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(scale), jnp.zeros_like(zero_point),
+            jnp.zeros_like(qmin), jnp.zeros_like(qmax))
+
+
+_fake_quant_grid.defvjp(_fake_quant_grid_fwd, _fake_quant_grid_bwd)
 
 
 def _round_ste(x):
@@ -132,7 +191,8 @@ def _scale_grad(x, g):
     return jax.lax.stop_gradient(x - x * g) + x * g
 
 
-def lsq_fake_quant(x, log_scale, zero_point, bits: int, scheme: str, grad_scale: float = 1.0) -> jax.Array:
+def lsq_fake_quant(x, log_scale, zero_point, bits: int, scheme: str, grad_scale: float = 1.0,
+                   grid: dict | None = None) -> jax.Array:
     """Fake quantization with a learned step size (LSQ, Esser et al. 2020, Eq. 1-3).
 
     The scale is ``exp(log_scale)`` (trained in the log domain as in TQT, Jain et al. 2019, so an
@@ -143,7 +203,8 @@ def lsq_fake_quant(x, log_scale, zero_point, bits: int, scheme: str, grad_scale:
     beyond the ends, times ``grad_scale`` (the caller passes LSQ's ``1 / sqrt(N Qp)``). Rounding
     first and clipping the code would split the gradient 50/50 wherever the rounded code lands on an
     end (``jnp.clip`` at a tie): a third of the elements at 2 bits. The forward value is the same
-    either way (the ends are integers). ``zero_point`` is a constant (0 stays exactly 0).
+    either way (the ends are integers). ``zero_point`` is a constant (0 stays exactly 0). ``grid``:
+    the traced integer range (:func:`grid_of`; ``grad_scale`` may then be a traced float32 too).
     """
     s = jnp.exp(_scale_grad(log_scale, grad_scale))
     zero_point = jax.lax.stop_gradient(zero_point)
@@ -151,7 +212,7 @@ def lsq_fake_quant(x, log_scale, zero_point, bits: int, scheme: str, grad_scale:
         v = jnp.clip(x / s, -1.0, 1.0)
         q = v + jax.lax.stop_gradient(jnp.sign(x) - v)
         return q * s
-    qmin, qmax = qrange(bits, scheme)
+    qmin, qmax = _bounds(bits, scheme, grid)
     lo, hi = qmin - zero_point, qmax - zero_point  # integer ends of v = x / s
     v = x / s
     inside = (v > lo) & (v < hi)
@@ -170,16 +231,16 @@ def _rows(x, granularity: str):
     return x.reshape(-1, 1)
 
 
-def _range_error(rows, valid, lo, hi, bits, scheme):
+def _range_error(rows, valid, lo, hi, bits, scheme, grid=None):
     """Mean squared quantization error per column for ranges ``[lo, hi]`` (valid entries only)."""
-    scale, zp = scale_zero_point(lo, hi, bits, scheme)
-    err = (fake_quant(rows, scale, zp, bits, scheme) - rows) ** 2
+    scale, zp = scale_zero_point(lo, hi, bits, scheme, grid)
+    err = (fake_quant(rows, scale, zp, bits, scheme, grid) - rows) ** 2
     return jnp.sum(jnp.where(valid, err, 0.0), 0) / jnp.maximum(jnp.sum(valid, 0), 1)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def calibrate(x, valid, bits: int, scheme: str, method: str, granularity: str,
-              percentile: float = 99.99) -> QParams:
+              percentile: float = 99.99, grid: dict | None = None) -> QParams:
     """Quantizer of ``x`` from its ``valid`` entries (pruned zeros are exact whatever the range).
 
     Methods: ``minmax`` (the observed range), ``percentile`` (clip outliers at the
@@ -187,6 +248,7 @@ def calibrate(x, valid, bits: int, scheme: str, method: str, granularity: str,
     ``[a lo, a hi]`` for the least mean squared error, per column). Binary (1 bit) always uses
     ``S = mean |x|`` of the valid entries. Traceable (used inside QAT steps).
     Returns ``{"scale", "zero_point"}`` of shape ``[C]`` (per channel) or ``[]`` (per tensor).
+    ``grid`` (a traced argument): the integer range of :func:`grid_of` instead of ``bits``' constants.
     """
     if method not in CALIBRATIONS:
         raise ValueError(f"calibration = {method!r} is not supported; allowed: {', '.join(CALIBRATIONS)}")
@@ -210,10 +272,10 @@ def calibrate(x, valid, bits: int, scheme: str, method: str, granularity: str,
         lo, hi = jnp.where(count > 0, plo, 0.0), jnp.where(count > 0, phi, 0.0)
     elif method == "mse":
         alphas = jnp.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID)
-        errs = jax.lax.map(lambda a: _range_error(rows, valid, a * lo, a * hi, bits, scheme), alphas)
+        errs = jax.lax.map(lambda a: _range_error(rows, valid, a * lo, a * hi, bits, scheme, grid), alphas)
         best = alphas[jnp.argmin(errs, axis=0)]  # argmin takes the first (smallest clip) on ties
         lo, hi = best * lo, best * hi
-    scale, zp = scale_zero_point(lo, hi, bits, scheme)
+    scale, zp = scale_zero_point(lo, hi, bits, scheme, grid)
     return _squeeze({"scale": scale, "zero_point": zp}, granularity)
 
 

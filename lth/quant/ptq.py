@@ -19,7 +19,7 @@ from ..train import population_program, stack, unstack
 from .numerics import QuantSpec, scale_zero_point
 from .wiring import (act_qparams, base_variables, call_order, collect_inputs, cached, fake_quant_model, get_layer,
                      input_ranges,
-                     layer_outputs, quantize_weights, set_leaf, weight_codes, weight_qparams)
+                     layer_outputs, quantize_weights, set_leaf, traced_bits, weight_codes, weight_qparams)
 
 # ============================================================================ PTQ
 
@@ -130,13 +130,17 @@ def quantized_population(model, qparams: PyTree, batch_stats: PyTree, wq: dict, 
 
 
 def weights_program(spec: QuantSpec, member_batch: int | None):
-    """Compiled ``params [K] -> (weight qparams [K], fake-quantized params [K])``."""
-    def member(p):
-        wq = weight_qparams(p, spec)
-        return wq, quantize_weights(p, wq, spec)
+    """Compiled ``params [K] -> (weight qparams [K], fake-quantized params [K])``: one program for every
+    multi-bit width (the bit width passed as data, :func:`lth.quant.wiring.traced_bits`)."""
+    pspec, grid = traced_bits(spec)
 
-    return cached(("weights", spec, member_batch), None,
-                  lambda: jax.jit(population_program(member, (0,), member_batch)))
+    def member(p, g):
+        wq = weight_qparams(p, pspec, g)
+        return wq, quantize_weights(p, wq, pspec, g)
+
+    run = cached(("weights", pspec, member_batch), None,
+                 lambda: jax.jit(population_program(member, (0, None), member_batch)))
+    return lambda params: run(params, grid)
 
 
 def round_biases(qt: QuantizedTicket) -> QuantizedTicket:

@@ -17,7 +17,7 @@ QParams = dict  # {"scale": array, "zero_point": array}
 from ..train import Engine, member_batch_size, stack, unstack
 from .numerics import QuantSpec
 from .ptq import QuantizedTicket, ptq_population, round_biases, weights_program
-from .wiring import fake_quant_model, quantize_weights, weight_qparams
+from .wiring import fake_quant_model, get_layer, lsq_grad_scale, quantize_weights, traced_bits, weight_qparams
 
 # ============================================================================ QAT
 
@@ -32,11 +32,20 @@ def qat_variables(qt: QuantizedTicket, float_params: PyTree, learned_scale: bool
     """(params, batch_stats) of a QAT :class:`FakeQuantModel` started from float weights.
 
     ``qt`` (the PTQ of the same weights) gives the activation ranges, the weight zero points and,
-    with ``learned_scale``, the initial scales (log domain).
+    with ``learned_scale``, the initial scales (log domain). A multi-bit ``qt.spec`` also puts its
+    weight bit width in as data (``w_grid``, :func:`lth.quant.wiring.traced_bits`, and with
+    ``learned_scale`` LSQ's gradient scales ``w_grad_scale``, float32 computed on the host as the
+    constant path rounds them), for :func:`lth.quant.wiring.fake_quant_model`'s shared program.
     """
     params = {"net": float_params}
     consts = {"acts": qt.act_qparams, "on": jnp.float32(1.0),
               "w_zero_point": {k: v["zero_point"] for k, v in qt.weight_qparams.items()}}
+    grid = traced_bits(qt.spec)[1]
+    if grid is not None:
+        consts["w_grid"] = grid
+        if learned_scale:
+            consts["w_grad_scale"] = {k: np.float32(lsq_grad_scale(np.shape(get_layer(float_params, k)["kernel"]),
+                                                                   qt.spec)) for k in qt.weight_qparams}
     if learned_scale:
         params["lsq"] = {"w": {k: jnp.log(v["scale"]) for k, v in qt.weight_qparams.items()},
                          "a": {k: jnp.log(v["scale"]) for k, v in qt.act_qparams.items()}}
@@ -47,15 +56,16 @@ def freeze_qat(model_params: dict, batch_stats: dict, spec: QuantSpec, learned_s
     """The :class:`QuantizedTicket` a QAT model computes (one member's final variables)."""
     consts = batch_stats["quant"]
     net = model_params["net"]
+    pspec, grid = traced_bits(spec)  # the programs every multi-bit width shares
     if learned_scale:
         wq = {k: {"scale": jnp.exp(model_params["lsq"]["w"][k]), "zero_point": consts["w_zero_point"][k]}
               for k in consts["w_zero_point"]}
         acts = {k: {"scale": jnp.exp(model_params["lsq"]["a"][k]), "zero_point": v["zero_point"]}
                 for k, v in consts["acts"].items()}
     else:
-        wq = weight_qparams(net, spec)
+        wq = weight_qparams(net, pspec, grid)
         acts = consts["acts"]
-    qparams = quantize_weights(net, wq, spec)
+    qparams = quantize_weights(net, wq, pspec, grid)
     return round_biases(QuantizedTicket(spec, qparams, batch_stats["net"], wq, acts, spec.calibration))
 
 

@@ -19,7 +19,7 @@ QParams = dict  # {"scale": array, "zero_point": array}
 
 from ..models import layer_key, layer_kind, path_names
 from ..train import chunk_split, make_eval_fn, population_program, stack
-from .numerics import QuantSpec, calibrate, fake_quant, lsq_fake_quant, qrange, quantize, scale_zero_point
+from .numerics import QuantSpec, calibrate, fake_quant, grid_of, lsq_fake_quant, qrange, scale_zero_point
 
 if TYPE_CHECKING:
     from .ptq import QuantizedTicket
@@ -56,38 +56,57 @@ def set_leaf(tree: dict, key: str, leaf: str, value) -> dict:
     return go(tree, 0)
 
 
+def traced_bits(spec: QuantSpec) -> tuple[QuantSpec, dict | None]:
+    """``(program spec, grid)``: a multi-bit ``spec``'s weight bit width as data (:func:`lth.quant.numerics.grid_of`)
+    and the spec its programs are compiled for (the same but 8 bits), so every multi-bit width runs one
+    compiled program with bit-identical numbers; binary keeps ``(spec, None)`` (its own program)."""
+    if spec.bits == 1:
+        return spec, None
+    return spec.replace(bits=8), grid_of(spec.bits, spec.scheme)
+
+
 @functools.partial(jax.jit, static_argnums=1)
-def weight_qparams(params: PyTree, spec: QuantSpec) -> dict[str, QParams]:
-    """Calibrated quantizer of every kernel (from its non-zero entries)."""
+def weight_qparams(params: PyTree, spec: QuantSpec, grid: dict | None = None) -> dict[str, QParams]:
+    """Calibrated quantizer of every kernel (from its non-zero entries); ``grid``: the weight bit width
+    as data (:func:`traced_bits`), ``spec.bits`` then only says multi-bit."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if is_weight(path, leaf):
             out[layer_key(path)] = calibrate(leaf, leaf != 0, spec.bits, spec.scheme, spec.calibration,
-                                             spec.granularity, spec.percentile)
+                                             spec.granularity, spec.percentile, grid=grid)
     return out
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def quantize_weights(params: PyTree, qparams: dict[str, QParams], spec: QuantSpec) -> PyTree:
-    """Params whose kernels are fake-quantized with ``qparams`` (STE); other leaves unchanged."""
+def quantize_weights(params: PyTree, qparams: dict[str, QParams], spec: QuantSpec,
+                     grid: dict | None = None) -> PyTree:
+    """Params whose kernels are fake-quantized with ``qparams`` (STE); other leaves unchanged. ``grid``:
+    as :func:`weight_qparams`'."""
 
     def f(path, leaf):
         if not is_weight(path, leaf):
             return leaf
         qp = qparams[layer_key(path)]
-        return fake_quant(leaf, qp["scale"], qp["zero_point"], spec.bits, spec.scheme)
+        return fake_quant(leaf, qp["scale"], qp["zero_point"], spec.bits, spec.scheme, grid)
 
     return jax.tree_util.tree_map_with_path(f, params)
 
 
 def weight_codes(params: PyTree, qparams: dict[str, QParams], spec: QuantSpec) -> dict[str, np.ndarray]:
-    """Integer codes (int32 numpy, kernel-shaped) of every kernel."""
+    """Integer codes (int32 numpy, kernel-shaped) of every kernel: :func:`lth.quant.numerics.quantize` in
+    numpy on the host (the same IEEE float32 division, round-half-even and clip; no program per kernel shape)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if is_weight(path, leaf):
             scale, zero_point = expand_groups(qparams[layer_key(path)], leaf.shape)
-            out[layer_key(path)] = np.asarray(quantize(leaf, scale, zero_point, spec.bits,
-                                                       spec.scheme)).astype(np.int32)
+            x = np.asarray(leaf, np.float32)
+            if spec.bits == 1:
+                q = np.sign(x)
+            else:
+                qmin, qmax = qrange(spec.bits, spec.scheme)
+                q = np.clip(np.round(x / np.asarray(scale, np.float32)) + np.asarray(zero_point, np.float32),
+                            qmin, qmax)
+            out[layer_key(path)] = q.astype(np.int32)
     return out
 
 
@@ -158,28 +177,37 @@ class FakeQuantModel:
     ``batch_stats["quant"]["acts"]`` (or learned in ``params["lsq"]["a"]`` with ``"lsq"``) when
     ``spec.act_bits`` is set. See the module docstring for the variables layout. A switch
     ``batch_stats["quant"]["on"]`` (0 or 1, per member) turns quantization off for a member
-    (:func:`quant_gate`): QAT's float control trains in the same program.
+    (:func:`quant_gate`): QAT's float control trains in the same program. With ``batch_stats["quant"]
+    ["w_grid"]`` (:func:`traced_bits`; and ``["w_grad_scale"]``, LSQ's per-kernel gradient scale
+    :func:`lsq_grad_scale`) the weights' bit width is data, not ``spec.bits``: one program for every
+    multi-bit width (:func:`fake_quant_model` builds it so).
     """
 
     base: Any
     spec: QuantSpec
     weights: Literal["static", "fixed", "lsq"] = "static"
+    traced: bool = False  # the weight bit width comes from batch_stats["quant"]["w_grid"]
 
     def net_params(self, params: dict, consts: dict) -> PyTree:
         """The base model's params as the forward pass sees them (kernels quantized)."""
         spec, net = self.spec, params["net"]
+        grid = None
+        if self.traced and self.weights != "static":
+            if "w_grid" not in consts:
+                raise ValueError(f"FakeQuantModel(weights={self.weights!r}, traced=True): batch_stats['quant'] has "
+                                 "no 'w_grid' (the weight bit width as data: lth.quant.qat.qat_variables sets it)")
+            grid = consts["w_grid"]
         if self.weights == "fixed":
-            return quant_gate(consts, quantize_weights(net, jax.lax.stop_gradient(weight_qparams(net, spec)), spec),
-                              net)
+            wq = jax.lax.stop_gradient(weight_qparams(net, spec, grid))
+            return quant_gate(consts, quantize_weights(net, wq, spec, grid), net)
         if self.weights == "lsq":
             def f(path, leaf):
                 if not is_weight(path, leaf):
                     return leaf
                 key = layer_key(path)
-                qmax = max(qrange(spec.bits, spec.scheme)[1], 1)
-                n = leaf.size / (leaf.shape[-1] if spec.granularity == "channel" else 1)
+                gs = lsq_grad_scale(leaf.shape, spec) if grid is None else consts["w_grad_scale"][key]
                 return lsq_fake_quant(leaf, params["lsq"]["w"][key], consts["w_zero_point"][key], spec.bits,
-                                      spec.scheme, 1.0 / math.sqrt(n * qmax))
+                                      spec.scheme, gs, grid)
             return quant_gate(consts, jax.tree_util.tree_map_with_path(f, net), net)
         return net
 
@@ -220,8 +248,25 @@ class FakeQuantModel:
 
 
 def fake_quant_model(model, spec: QuantSpec, weights: str = "static") -> FakeQuantModel:
-    """The (memoized, so compiled functions are reused) :class:`FakeQuantModel` of a base model."""
-    return cached(("fq", spec, weights), model, lambda: FakeQuantModel(model, spec, weights))
+    """The (memoized, so compiled functions are reused) :class:`FakeQuantModel` of a base model.
+
+    Its programs serve every setting that computes the same: a ``"static"`` model (kernels already on
+    their grid) depends only on the activations' ``act_bits`` and ``act_scheme``; a ``"fixed"`` or
+    ``"lsq"`` model of a multi-bit ``spec`` takes the bit width as data (:func:`traced_bits`: its
+    variables carry ``w_grid``, as :func:`lth.quant.qat.qat_variables` makes them)."""
+    if weights == "static":
+        spec = QuantSpec(act_bits=spec.act_bits, act_scheme=spec.act_scheme)
+        return cached(("fq", spec, weights), model, lambda: FakeQuantModel(model, spec, weights))
+    spec, grid = traced_bits(spec)
+    traced = grid is not None
+    return cached(("fq", spec, weights, traced), model, lambda: FakeQuantModel(model, spec, weights, traced))
+
+
+def lsq_grad_scale(shape, spec: QuantSpec) -> float:
+    """LSQ's gradient scale ``1 / sqrt(N Qp)`` of a kernel of ``shape`` (N: the weights per scale)."""
+    qmax = max(qrange(spec.bits, spec.scheme)[1], 1)
+    n = math.prod(shape) / (shape[-1] if spec.granularity == "channel" else 1)
+    return 1.0 / math.sqrt(n * qmax)
 
 
 def base_variables(params, batch_stats) -> dict:

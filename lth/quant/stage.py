@@ -42,11 +42,12 @@ from ..config import (GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, 
                       quant_numerics_version, stale_numerics)
 from ..lottery.arms import reinit_weights
 from ..models import structure_of
+from ..prune.baselines import pad_params, pads_exactly, unpad_params
 from ..prune.masks import density, prunable
 from ..store import (StoreError, atomic_write_bytes, atomic_write_json, failpoint, marked_file_problem,
                      parquet_bytes, read_json)
 from ..stored import QUANT_SETTINGS, Population, StoredRun, stored_quant_settings, write_quant_settings
-from ..train import (init_population, is_language_model, lm_metrics, make_schedule, member_batch_size, stack,
+from ..train import (init_population, init_variables, is_language_model, lm_metrics, make_schedule, member_batch_size, stack,
                      steps_per_epoch, total_steps, unstack)
 from ..trees import kept_count, seed_keys
 from .export import float_size_report, nm_of, size_report, write_export
@@ -55,7 +56,7 @@ from .numerics import QuantSpec
 from .gptq_net import check_gptq_model, gptq_population
 from .ptq import QuantizedTicket, layer_program, ptq_population
 from .qat import float_ft, qat
-from .wiring import Evaluator, fake_quant_predict
+from .wiring import Evaluator, fake_quant_predict, get_layer
 
 QUANT_DIR = "quant"
 
@@ -307,7 +308,11 @@ class QuantStage:
         self.member_batch = member_batch_size(run.cfg.train)
         self.ev = Evaluator(run.data, run.cfg.train.eval_batch_size, self.member_batch)
         self._calib: np.ndarray | None = None
-        self._float: dict = {}  # (level, members) -> float accuracy and size, the same for every setting
+        self._float: dict = {}  # (level, members, shapes) -> float accuracy and size, the same for every setting
+        # small-dense members of settings where it equals the narrow network up to float rounding run padded to
+        # full width (:func:`pads_setting`): every quant level then shares level 0's programs; False: always narrow
+        self.pad_small_dense = True
+        self._pads: dict = {}  # narrow param shapes -> whether they pad exactly into the run's model
 
     @property
     def calib_x(self) -> np.ndarray:
@@ -444,10 +449,11 @@ class QuantStage:
                          ignore_index=True)
 
     def _quantize_batch(self, level: int, pop: Population, setting: Setting) -> pd.DataFrame:
+        narrow, pop = pop, self._padded(pop, setting)
         if setting.method == FLOAT_FT:
-            return self._float_ft_batch(level, pop)
+            return self._float_ft_batch(level, pop, narrow)
         qc, spec, model = self.qc, setting.spec, pop.model
-        float_acc, float_sizes = self._float_reference(level, pop)
+        float_acc, float_sizes = self._float_reference(level, pop, narrow)
         float_val = float_acc.get("val", float_acc["test"])
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
@@ -468,6 +474,8 @@ class QuantStage:
             metrics = self.ev.quantized_metrics(model, qts)
         acc = {name: a for name, (_, a) in metrics.items()}
         lm = self._lm_columns(level, pop, metrics)
+        if pop is not narrow:  # sizes of the narrow network: its kernels and per-channel quantizers
+            qts = [narrow_ticket(qt, narrow) for qt in qts]
         rows = []
         for k, (arm, seed) in enumerate(pop.members):
             sizes = size_report(qts[k], nm_of(self.run.cfg.prune))  # N:M kernels in the nm encoding
@@ -501,16 +509,19 @@ class QuantStage:
             rows["param_count"] = [int(kept_count(unstack(masks, k))) for k in range(len(pop.members))]
         return rows
 
-    def _float_ft_batch(self, level: int, pop: Population) -> pd.DataFrame:
+    def _float_ft_batch(self, level: int, pop: Population, narrow: Population | None = None) -> pd.DataFrame:
         """The float_ft rows of a population: each member fine-tuned in float with QAT's schedule (the
         QAT program of :func:`program_spec` with quantization switched off), evaluated like the float
         network. ``bits = 32``; ``float_accuracy`` is the float network before the fine-tuning."""
         qc = self.qc
-        float_acc, float_sizes = self._float_reference(level, pop)
+        narrow = pop if narrow is None else narrow
+        float_acc, float_sizes = self._float_reference(level, pop, narrow)
         ft, steps, lr = self._qat(level, pop, program_spec(qc), quantize=False)
         metrics = self.ev.metrics(pop.model, ft["params"], ft["batch_stats"])
         acc = {name: a for name, (_, a) in metrics.items()}
         lm = self._lm_columns(level, pop, metrics)
+        if pop is not narrow:  # sizes of the narrow network
+            ft = {"params": unpad_params(ft["params"], _shapes(narrow.params)), "batch_stats": ft["batch_stats"]}
         rows = []
         for k, (arm, seed) in enumerate(pop.members):
             sizes = float_size_report(unstack(ft["params"], k), unstack(ft["batch_stats"], k))
@@ -529,17 +540,19 @@ class QuantStage:
             })
         return pd.DataFrame.from_records(rows)
 
-    def _float_reference(self, level: int, pop: Population) -> tuple[dict, list[int]]:
+    def _float_reference(self, level: int, pop: Population, narrow: Population | None = None) -> tuple[dict, list[int]]:
         """The float members' accuracy (split -> ``[K]``) and size in bytes, computed once per level and
-        population (every setting of the level compares against them)."""
-        key = (level, tuple(pop.members))
+        population (every setting of the level compares against them). ``narrow``: the small-dense members
+        ``pop`` holds padded (:meth:`_padded`), whose sizes are the ones counted."""
+        key = _float_key(level, pop)
         if key not in self._float:
             if len(self._float) > 16:
                 self._float.clear()
             metrics = self.ev.metrics(pop.model, pop.params, pop.batch_stats)
             acc = {name: a for name, (_, a) in metrics.items()}
-            sizes = [int(float_size_report(unstack(pop.params, k), unstack(pop.batch_stats, k))["size_bytes"])
-                     for k in range(len(pop.members))]
+            narrow = pop if narrow is None else narrow
+            sizes = [int(float_size_report(unstack(narrow.params, k), unstack(narrow.batch_stats, k))["size_bytes"])
+                     for k in range(len(narrow.members))]
             self._float[key] = (acc, sizes, {name: loss for name, (loss, _) in metrics.items()})
         return self._float[key][:2]
 
@@ -548,7 +561,7 @@ class QuantStage:
         the mean token loss on test and val, and for a language model its perplexity and bits per byte
         (:func:`lth.train.lm_metrics`) beside the float network's bits per byte; NaN where they do not apply."""
         self._float_reference(level, pop)
-        float_loss = self._float[(level, tuple(pop.members))][2]
+        float_loss = self._float[_float_key(level, pop)][2]
         lm = is_language_model(self.run.data)
         out = []
         for k in range(len(pop.members)):
@@ -562,6 +575,25 @@ class QuantStage:
                             f"float_{prefix}bits_per_byte": f.get("bits_per_byte", np.nan)})
             out.append(row)
         return out
+
+    def _padded(self, pop: Population, setting: Setting) -> Population:
+        """``pop`` itself, or its small-dense members padded to the run's full-width model (units beyond the
+        narrow widths zero and masked off, as :meth:`lth.lottery.runner.Lottery._train_small_dense` trains
+        them) where that gives the narrow network's numbers up to float rounding (:func:`pads_setting`), so
+        every quant level runs level 0's programs instead of compiling its own for a new width."""
+        if not (self.pad_small_dense and pop.members and pop.members[0][0] == "small_dense"
+                and pads_setting(self.qc, setting) and not jax.tree.leaves(pop.batch_stats)):
+            return pop
+        run, shapes = self.run, _shapes(pop.params)
+        key = tuple(s.shape for s in jax.tree.leaves(shapes))
+        if key not in self._pads:
+            self._pads[key] = pads_exactly(pop.model, run.model, tuple(run.data.input_shape))
+        if not self._pads[key]:
+            return pop
+        full = jax.eval_shape(lambda k: init_variables(run.model, k, run.data.input_shape)[0], jax.random.key(0))
+        params, live = pad_params(pop.params, full)
+        masks = jax.tree.map(np.logical_and, pad_params(pop.masks, full)[0], live)
+        return Population(run.model, list(pop.members), params, {}, masks)
 
     def _retry(self, pop: Population, spec: QuantSpec, float_val: np.ndarray):
         """Recompute S and Z another way until the val drop is within tolerance (per member).
@@ -635,6 +667,49 @@ class QuantStage:
             else:
                 members.append(unstack(rewind, seeds.index(seed)))  # by value: rewind is stacked in seeds order
         return stack(members)
+
+
+# ============================================================================ small-dense members padded
+
+def pads_setting(qc: QuantConfig, setting: Setting) -> bool:
+    """Whether ``setting`` gives a small-dense member padded to full width (zero, masked units) the narrow
+    network's numbers up to float rounding. Yes for PTQ, QAT (fixed ranges) and float_ft: weight ranges
+    are calibrated from a kernel's non-zero entries only (a padded channel gets S = 1, Z = 0 and stays
+    exactly 0), and min-max activation ranges are widened to contain 0 anyway, so the padded units' zero
+    activations change no range. Kept narrow: activation ranges by percentile or MSE (they sample the
+    padded zeros), LSQ (its gradient scale ``1 / sqrt(N Qp)`` counts the padded units), CLE, bias
+    correction and retry (not checked), QAT from the rewind point (the narrow init), GPTQ methods."""
+    if setting.method == "ptq":
+        if qc.retry or qc.bias_correction or qc.cle:
+            return False
+    elif setting.method in ("qat", FLOAT_FT):
+        if qc.learned_scale or qc.qat_start != "trained":
+            return False
+    else:
+        return False
+    spec = setting.spec if setting.spec is not None else program_spec(qc)
+    return spec.act_bits is None or (spec.act_calibration or spec.calibration) == "minmax"
+
+
+def narrow_ticket(qt: QuantizedTicket, narrow: Population) -> QuantizedTicket:
+    """A padded small-dense member's quantized network cut back to the narrow one (``narrow``: its
+    population): the leading blocks of its params and the quantizers of its own output channels."""
+    params = unpad_params(qt.params, _shapes(narrow.params))
+    wq = {}
+    for key, qp in qt.weight_qparams.items():
+        c = np.shape(get_layer(params, key)["kernel"])[-1]
+        wq[key] = {n: (np.asarray(v)[..., :c] if np.ndim(v) else v) for n, v in qp.items()}
+    return dataclasses.replace(qt, params=params, weight_qparams=wq)
+
+
+def _shapes(stacked) -> Any:
+    """The shapes of one member of a stacked ``[K, ...]`` tree."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x).dtype), stacked)
+
+
+def _float_key(level: int, pop: Population) -> tuple:
+    """The float reference's cache key: a padded population is another program's numbers."""
+    return level, tuple(pop.members), tuple(np.shape(x) for x in jax.tree.leaves(pop.params))
 
 
 # ============================================================================ entry points

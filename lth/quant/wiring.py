@@ -347,12 +347,8 @@ def input_ranges(model, params, batch_stats, xs: np.ndarray, batch_size: int = 2
     run = cached(("ranges", member_batch), model, build)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
-    n = min(batch_size, len(xs))
     for i in range(0, max(len(xs), 1), batch_size):
-        chunk = np.asarray(xs[i:i + batch_size])
-        if 0 < len(chunk) < n:  # a short last batch repeats its last row: the same min and max, the same program
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), 0)])
-        for k, (a, b) in jax.device_get(run(params, batch_stats, jnp.asarray(chunk))).items():
+        for k, (a, b) in jax.device_get(run(params, batch_stats, jnp.asarray(xs[i:i + batch_size]))).items():
             lo[k] = np.minimum(lo[k], a) if k in lo else np.asarray(a)
             hi[k] = np.maximum(hi[k], b) if k in hi else np.asarray(b)
     return lo, hi

@@ -51,11 +51,14 @@ def test_padded_quant_cells_equal_the_narrow_ones(run_dir):
 
 
 def test_a_setting_that_must_stay_narrow_stays_narrow(run_dir):
-    """Percentile activation ranges sample the padded units' zeros: the narrow path, bit for bit."""
+    """Percentile activation ranges sample the padded units' zeros (and LSQ counts them): the narrow path,
+    bit for bit."""
     kw = dict(calibration=["percentile"], method=["ptq"])
     stage = stage_of(run_dir, True, **kw)
     small = stage.run.small_dense(1)
     assert all(stage._padded(small, s) is small for s in settings_of(stage.qc))
+    lsq = stage_of(run_dir, True, learned_scale=True)  # LSQ's gradient scale would count the padded units
+    assert all(lsq._padded(small, s) is small for s in settings_of(lsq.qc) if s.method == "qat")
     a, b = small_rows(run_dir, False, **kw), small_rows(run_dir, True, **kw)
     assert len(a) == 2
     pd.testing.assert_frame_equal(b.drop(columns="wall_s"), a.drop(columns="wall_s"))

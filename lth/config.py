@@ -426,10 +426,11 @@ class QuantConfig:
                            doc="percentile calibration: clip at the 100-p and p percentiles")
     calib_batches: int = _f(8, check=lambda v: v >= 1, allowed="an integer >= 1",
                             doc="training batches (train.batch_size each) used for calibration")
-    retry: bool = _f(False, doc="try the calibration methods in order until the val accuracy drop is within "
-                                "tolerance; record the one chosen")
+    retry: bool = _f(False, doc="try the calibration methods in order until the val accuracy drop (a language "
+                                "model: the val bits per byte gained) is within tolerance; record the one chosen")
     tolerance: float = _f(0.005, check=_nonneg[0], allowed=_nonneg[1],
-                          doc="allowed val accuracy drop for retry (0.01 = 1 point)")
+                          doc="allowed val accuracy drop for retry (0.01 = 1 point); for a language model, "
+                              "allowed val bits per byte gained")
     bias_correction: bool = _f(False, doc="PTQ: empirical bias correction (Nagel et al. 2019)")
     cle: bool = _f(False, doc="PTQ: cross-layer equalization before quantizing (Nagel et al. 2019)")
     group_size: int | None = _f(None, check=lambda v: v >= 1, allowed="an integer >= 1 (or none: per channel)",

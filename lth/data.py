@@ -111,23 +111,33 @@ class Dataset:
 DATASETS: dict[str, Loader] = registry.DATASETS.entries  # the built-in and registered loaders by name
 DEFAULT_VAL_SIZE: dict[str, int] = {}
 NUM_CLASSES: dict[str, int] = {}
+TEXT_DATA: set[str] = set()  # registered with text=True
 # Most classes a data set may have (the output layer's width): beyond any classification benchmark
 # (ImageNet-21k has 21,841) and a byte or word vocabulary; a stray huge label would otherwise build
 # a model that exhausts memory.
 MAX_CLASSES = 2**20
 
 
-def register(name: str, *, val_size: int = 5000, num_classes: int = 10) -> Callable[[Loader], Loader]:
+def register(name: str, *, val_size: int = 5000, num_classes: int = 10, text: bool = False) -> Callable[[Loader], Loader]:
     """Decorator adding ``loader(cfg) -> (x_train, y_train, x_test, y_test)`` to :data:`DATASETS`.
 
-    ``val_size`` is the default validation hold-out when ``DataConfig.val_size`` is None.
+    ``val_size`` is the default validation hold-out when ``DataConfig.val_size`` is None. ``text``: a
+    byte-level corpus for next-token prediction (a :class:`TokenStream`), judged by bits per byte.
     """
     def deco(fn: Loader) -> Loader:
         registry.DATASETS.register(name, fn)
         DEFAULT_VAL_SIZE[name] = val_size
         NUM_CLASSES[name] = num_classes
+        if text:
+            TEXT_DATA.add(name)
         return fn
     return deco
+
+
+def is_text_data(name: str) -> bool:
+    """Whether the registered data set ``name`` is a text corpus (a language model's data), known from its
+    name alone, before any data is read."""
+    return name in TEXT_DATA
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -629,7 +639,7 @@ def read_text_bytes(path: str | Path) -> tuple[np.ndarray, dict]:
     return np.frombuffer(data, np.uint8), {"files": len(files)}
 
 
-@register("text", num_classes=VOCAB_BYTES)
+@register("text", num_classes=VOCAB_BYTES, text=True)
 def text(cfg: DataConfig) -> TokenStream:
     """The UTF-8 file or folder ``data.path``, bytes as tokens."""
     if not cfg.path:
@@ -654,7 +664,7 @@ def _downloaded_text(name: str, files: tuple[str, ...]) -> list[Path]:
     return [folder / f for f in files]
 
 
-@register("tinystories", num_classes=VOCAB_BYTES)
+@register("tinystories", num_classes=VOCAB_BYTES, text=True)
 def tinystories(cfg: DataConfig) -> TokenStream:
     """TinyStories (Eldan & Li 2023), the authors' validation file (``lth data download tinystories``):
     about 19 MB of simple English stories, split by position (80/10/10)."""
@@ -662,7 +672,7 @@ def tinystories(cfg: DataConfig) -> TokenStream:
     return TokenStream(tokens, info)
 
 
-@register("wikitext2", num_classes=VOCAB_BYTES)
+@register("wikitext2", num_classes=VOCAB_BYTES, text=True)
 def wikitext2(cfg: DataConfig) -> TokenStream:
     """WikiText-2 raw (Merity et al. 2017; ``lth data download wikitext2``) with its own split: the train,
     valid and test files are the train, val and test parts (bytes as tokens, the raw text)."""
@@ -682,7 +692,7 @@ def pystdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-@register("pystdlib", num_classes=VOCAB_BYTES)
+@register("pystdlib", num_classes=VOCAB_BYTES, text=True)
 def pystdlib(cfg: DataConfig) -> TokenStream:
     """The zero-setup text corpus: the running Python's standard-library source (:func:`pystdlib_files`
     concatenated, cut at :data:`PYSTDLIB_BYTES`). Real code, no download, on every machine that runs lth;

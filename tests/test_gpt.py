@@ -180,6 +180,19 @@ def test_lottery_keeps_pruned_attention_and_mlp_weights_exactly_zero(corpus, tmp
     rows = quantize_run(store.path, levels=[1], bits_list=[8], methods=["ptq"])
     assert sorted(rows["arm"]) == ["random_prune", "ticket"] and rows["bits"].eq(8).all()
     assert np.isfinite(rows["accuracy"]).all() and (rows["size_bytes"] > 0).all()
+    # PTQ's retry judges a language model by val bits per byte: with tolerance 0 (no calibration is within
+    # it) each member keeps the calibration of the lowest val bits per byte
+    each = {cal: quantize_run(store.path, levels=[1], bits_list=[4], methods=["ptq"], calibration=(cal,),
+                              arms=("ticket",), write=False) for cal in ("minmax", "mse")}
+    assert each["minmax"]["val_bits_per_byte"].iloc[0] != each["mse"]["val_bits_per_byte"].iloc[0]
+    chosen = quantize_run(store.path, levels=[1], bits_list=[4], methods=["ptq"], calibration=("minmax", "mse"),
+                          retry=True, tolerance=0.0, arms=("ticket",), write=False)
+    best = min(each, key=lambda cal: each[cal]["val_bits_per_byte"].iloc[0])
+    assert chosen["calibration"].iloc[0] == best
+    assert chosen["val_bits_per_byte"].iloc[0] == each[best]["val_bits_per_byte"].iloc[0]
+    from lth.quant.stage import quant_config, settings_of
+    qc = quant_config(bits=[4], method=["ptq"], calibration=["minmax", "mse"], retry=True)
+    assert [s.key() for s in settings_of(qc, lm=True)] != [s.key() for s in settings_of(qc)]  # another cell id
     # layer sensitivity judges a language model by bits per byte: drop = bits per byte gained
     from lth.prune.sensitivity import rates_for, sensitivity
     table = sensitivity(store.path, 1, [0.5, 0.05])

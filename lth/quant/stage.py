@@ -40,6 +40,7 @@ import pandas as pd
 
 from ..config import (GPTQ_METHODS, ConfigError, ExperimentConfig, QuantConfig, check_gptq_settings, check_quant,
                       quant_numerics_version, stale_numerics)
+from ..data import is_text_data
 from ..lottery.arms import reinit_weights
 from ..models import structure_of
 from ..prune.baselines import pad_params, pads_exactly, unpad_params
@@ -119,8 +120,9 @@ class Setting:
         return f"{self.method} {s.bits}-bit {s.scheme_name}/{s.granularity}/{s.calibration}"
 
 
-def settings_of(qc: QuantConfig) -> list[Setting]:
-    """Every setting ``qc`` sweeps (bits x scheme x granularity x calibration x method)."""
+def settings_of(qc: QuantConfig, lm: bool = False) -> list[Setting]:
+    """Every setting ``qc`` sweeps (bits x scheme x granularity x calibration x method). ``lm``: the run
+    is a language model, whose PTQ retry judges val bits per byte (option ``retry_judge``)."""
     out = []
     for bits in qc.bits:
         for scheme in qc.scheme:
@@ -138,6 +140,8 @@ def settings_of(qc: QuantConfig) -> list[Setting]:
                                     "cle": qc.cle, "retry": qc.retry}
                             if qc.retry:
                                 opts.update(retry_calibrations=",".join(qc.calibration), tolerance=qc.tolerance)
+                                if lm:  # (a cell of another id than one chosen by token accuracy)
+                                    opts.update(retry_judge="val_bits_per_byte")
                         else:
                             opts = {"calib_batches": qc.calib_batches, "learned_scale": qc.learned_scale,
                                     "qat_steps": qc.qat_steps, "qat_lr": qc.qat_lr, "qat_start": qc.qat_start}
@@ -248,7 +252,7 @@ def cells(cfg: ExperimentConfig, qc: QuantConfig, levels: Iterable[int] | None =
     run_id = cfg.run_id
     levels = quant_levels(cfg, qc) if levels is None else list(levels)
     return [Cell(level, arm, s, cell_id(run_id, level, arm, s))
-            for level in levels for arm in quant_arms(cfg, qc, level) for s in settings_of(qc)]
+            for level in levels for arm in quant_arms(cfg, qc, level) for s in settings_of(qc, is_text_data(cfg.data.name))]
 
 
 def pending(cfg: ExperimentConfig, run_dir: str | Path, qc: QuantConfig | None = None,
@@ -457,7 +461,13 @@ class QuantStage:
         float_val = float_acc.get("val", float_acc["test"])
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
-            qts, metrics, tried = self._retry(pop, spec, float_val)
+            if dict(setting.options).get("retry_judge") == "val_bits_per_byte":  # a language model
+                if not is_language_model(self.run.data):
+                    raise ConfigError(f"quant setting {setting.label()} judges bits per byte, but data "
+                                      f"{self.run.cfg.data.name!r} is not a text corpus")
+                losses = self._float[_float_key(level, pop)][2]
+                float_val = -lm_bits(losses.get("val", losses["test"]))
+            qts, metrics, tried = self._retry(pop, spec, float_val, dict(setting.options).get("retry_judge"))
         elif setting.method in GPTQ_METHODS:
             joint = setting.method == "sparsegpt_gptq"
             qts, masks = gptq_population(model, pop.params, pop.batch_stats, pop.masks, spec, self.calib_x,
@@ -595,11 +605,13 @@ class QuantStage:
         masks = jax.tree.map(np.logical_and, pad_params(pop.masks, full)[0], live)
         return Population(run.model, list(pop.members), params, {}, masks)
 
-    def _retry(self, pop: Population, spec: QuantSpec, float_val: np.ndarray):
+    def _retry(self, pop: Population, spec: QuantSpec, float_val: np.ndarray, judge: str | None = None):
         """Recompute S and Z another way until the val drop is within tolerance (per member).
 
         Tries ``quant.calibration`` in order; keeps the first within ``quant.tolerance`` of the
-        float val accuracy, else the best val accuracy seen.
+        float val accuracy, else the best val accuracy seen. ``judge = "val_bits_per_byte"`` (a language
+        model): the same on val bits per byte, lower is better (``float_val`` is then minus the float
+        network's val bits per byte, and the tolerance is in bits per byte).
         """
         qc, K = self.qc, len(pop.members)
         best: list = [None] * K
@@ -611,8 +623,12 @@ class QuantStage:
             tried.append(cal)
             qts = ptq_population(pop.model, pop.params, pop.batch_stats, spec.replace(calibration=cal), self.calib_x,
                                  bias_correction=qc.bias_correction, cle=qc.cle, member_batch=self.member_batch)
-            val = self.ev.quantized(pop.model, qts)
-            val = val.get("val", val["test"])
+            if judge == "val_bits_per_byte":
+                losses = {name: loss for name, (loss, _) in self.ev.quantized_metrics(pop.model, qts).items()}
+                val = -lm_bits(losses.get("val", losses["test"]))
+            else:
+                val = self.ev.quantized(pop.model, qts)
+                val = val.get("val", val["test"])
             for k in range(K):
                 if done[k]:
                     continue
@@ -713,6 +729,11 @@ def narrow_ticket(qt: QuantizedTicket, narrow: Population) -> QuantizedTicket:
 def _shapes(stacked) -> Any:
     """The shapes of one member of a stacked ``[K, ...]`` tree."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x).dtype), stacked)
+
+
+def lm_bits(losses) -> np.ndarray:
+    """Bits per byte ``[K]`` of mean next-token losses ``[K]`` (:func:`lth.train.lm_metrics`)."""
+    return np.array([lm_metrics(float(v))["bits_per_byte"] for v in np.asarray(losses)])
 
 
 def _float_key(level: int, pop: Population) -> tuple:

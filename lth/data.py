@@ -135,9 +135,14 @@ def register(name: str, *, val_size: int = 5000, num_classes: int = 10, text: bo
 
 
 def is_text_data(name: str) -> bool:
-    """Whether the registered data set ``name`` is a text corpus (a language model's data), known from its
-    name alone, before any data is read."""
-    return name in TEXT_DATA
+    """Whether the data set ``name`` is a text corpus (a language model's data), known before any data is
+    read: registered with ``text=True``, or a loader of your own with the attribute ``text = True``."""
+    if name in TEXT_DATA:
+        return True
+    try:
+        return bool(getattr(registry.DATASETS.resolve(name), "text", False))
+    except Exception:  # not resolvable here (hashing a stored run whose module is gone): as registered
+        return False
 
 
 # ---------------------------------------------------------------------------- augmentation

@@ -461,10 +461,15 @@ class QuantStage:
         float_val = float_acc.get("val", float_acc["test"])
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
-            if dict(setting.options).get("retry_judge") == "val_bits_per_byte":  # a language model
-                if not is_language_model(self.run.data):
-                    raise ConfigError(f"quant setting {setting.label()} judges bits per byte, but data "
-                                      f"{self.run.cfg.data.name!r} is not a text corpus")
+            judge_bpb = dict(setting.options).get("retry_judge") == "val_bits_per_byte"
+            if judge_bpb and not is_language_model(self.run.data):
+                raise ConfigError(f"data {self.run.cfg.data.name!r} is declared a text corpus (text = True) but "
+                                  "its loader returned no token stream; declare text only for a TokenStream loader")
+            if is_language_model(self.run.data) and not judge_bpb:
+                raise ConfigError(f"data {self.run.cfg.data.name!r} loads as a token stream (a language model) but "
+                                  "is not declared a text corpus: give its loader the attribute text = True "
+                                  "(quant.retry judges a language model by bits per byte)")
+            if judge_bpb:  # a language model
                 losses = self._float[_float_key(level, pop)][2]
                 float_val = -lm_bits(losses.get("val", losses["test"]))
             qts, metrics, tried = self._retry(pop, spec, float_val, dict(setting.options).get("retry_judge"))

@@ -664,6 +664,13 @@ def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
     """ConfigError unless the quant stage ``qc`` fits the run ``cfg`` (its arms and levels)."""
     _check_stage_members(cfg, "quant", qc.arms, qc.levels, cfg.arms, where)
     check_gptq_settings(qc, where)
+    if qc.qat_start == "rewind" and "qat" in qc.method:
+        oneshot = [a for a in (qc.arms or cfg.arms) if a.removesuffix("_ft") in ONESHOT_ARMS]
+        if oneshot:  # they were never trained from a rewind point: the trained dense network, pruned
+            raise ConfigError(f"{where}: quant.qat_start = 'rewind' is not allowed for the one-shot arms {oneshot}: "
+                              "they were not trained from the rewind point (they are the trained dense network, "
+                              "pruned), so QAT would restart them from a point they never had; use "
+                              "quant.qat_start = 'trained', or list the other arms in quant.arms")
 
 
 def check_gptq_settings(qc: QuantConfig, where: str) -> None:

@@ -163,6 +163,14 @@ def test_bad_settings_are_one_line_errors():
         tiny(prune={"oneshot_allocation": "global"})
     with pytest.raises(ConfigError, match=r"prune.oneshot_finetune_steps = 0 is not allowed"):
         tiny(prune={"oneshot_finetune_steps": 0})
+    # QAT from the rewind point: the one-shot arms never had one (before any work, when the file is read)
+    for arms in (["ticket", "wanda"], ["ticket", "sparsegpt_ft"]):
+        with pytest.raises(ConfigError, match=r"quant.qat_start = 'rewind' is not allowed for the one-shot arms "
+                                              rf"\['{arms[1]}'\].*use quant.qat_start = 'trained'") as e:
+            tiny(arms=arms, quant={"method": ["qat"], "qat_start": "rewind"})
+        assert "\n" not in str(e.value)
+        tiny(arms=arms, quant={"method": ["qat"], "qat_start": "trained"})
+        tiny(arms=arms, quant={"method": ["qat"], "qat_start": "rewind", "arms": ["ticket"]})
     # a layer the calibrated methods cannot take is named (before any work, Lottery._check_oneshot)
     model = Embedder()
     shapes = jax.eval_shape(lambda k: model.init(k, np.zeros((1, 3), np.int32))["params"], jax.random.key(0))

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import registry
 from . import transformer as tf
+from .batchnorm import FusedBatchNorm
 from .config import ModelConfig
 
 PyTree = Any
@@ -339,12 +340,22 @@ def _nhwc_conv_bwd(strides, pads, res, dy):
     c = conv_chunk(*x.shape[:3])
     if c >= x.shape[0]:
         return _nhwc_conv_grads(strides, pads, x, w, dy)
-    dxs, dw = [], None
-    for xp, dyp in zip(_pieces(x, c), _pieces(dy, c)):
-        dxp, dwp = _nhwc_conv_grads(strides, pads, xp, w, dyp)
-        dxs.append(dxp)
-        dw = dwp if dw is None else dw + dwp
-    return jnp.concatenate(dxs), dw
+    # The pieces run as a scan (a loop in the program): XLA then reads the loop's inputs from memory
+    # instead of recomputing their elementwise producers (batch norm, residual add, ReLU) inside the
+    # transposes of the weight gradient, and compiles one piece instead of all of them.
+    full = x.shape[0] - x.shape[0] % c
+
+    def piece(dw, xdy):
+        dxp, dwp = _nhwc_conv_grads(strides, pads, xdy[0], w, xdy[1])
+        return dw + dwp, dxp
+
+    dw, dxs = jax.lax.scan(piece, jnp.zeros_like(w), (x[:full].reshape(-1, c, *x.shape[1:]),
+                                                       dy[:full].reshape(-1, c, *dy.shape[1:])))
+    dx = dxs.reshape(full, *x.shape[1:])
+    if full < x.shape[0]:
+        dw, dx_rest = piece(dw, (x[full:], dy[full:]))
+        dx = jnp.concatenate([dx, dx_rest])
+    return dx, dw
 
 
 def _nhwc_conv_grads(strides, pads, x, w, dy):
@@ -374,12 +385,61 @@ def _nhwc_conv_grads(strides, pads, x, w, dy):
 _nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
+def _bn(train: bool, name: str) -> nn.Module:
+    """Batch norm (momentum 0.9, epsilon 1e-5): on the CPU :class:`lth.batchnorm.FusedBatchNorm` (one-pass
+    statistics, hand-written backward; same variables and numbers), elsewhere ``flax.linen.BatchNorm``."""
+    if jax.default_backend() == "cpu":
+        return FusedBatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2 (VALID): on the CPU :func:`max_pool_2x2` (reshape + max, gradient by mask),
+    elsewhere ``flax.linen.max_pool``."""
+    if jax.default_backend() == "cpu" and x.ndim == 4:
+        return max_pool_2x2(x)
     return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """``x [N, H, W, C] -> [N, H // 2, W // 2, C]``, the max of each 2x2 window (a trailing odd row or
+    column is dropped, as VALID pooling does). The same numbers as ``nn.max_pool(x, (2, 2), (2, 2))``,
+    and the same gradient: all of a window's gradient goes to its first maximum in row-major order, as
+    XLA's select-and-scatter does. Written as a reshape and a max (forward) and a compare-and-select
+    (backward) because XLA's CPU select-and-scatter was the slowest part of a Conv-2 step
+    (docs/notes/convspeed2.md)."""
+    return _window_parts(x)[1]
+
+
+def _window_parts(x):
+    n, h, w, c = x.shape
+    xr = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    parts = [xr[:, :, i, :, j] for i in range(2) for j in range(2)]  # row-major window order
+    return parts, functools.reduce(jnp.maximum, parts)
+
+
+def _max_pool_fwd(x):
+    parts, y = _window_parts(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(res, dy):
+    x, y = res
+    parts, _ = _window_parts(x)
+    taken = jnp.zeros(y.shape, bool)
+    grads = []
+    for p in parts:
+        hit = (p == y) & ~taken
+        grads.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
+        taken = taken | hit
+    n, h, w, c = x.shape
+    dx = jnp.stack(grads, 3).reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = dx.reshape(n, h - h % 2, w - w % 2, c)
+    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 # ---------------------------------------------------------------------------- modules

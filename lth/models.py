@@ -287,7 +287,8 @@ def conv_path(backend: str | None = None) -> str:
     limit = cpu_conv_chunk_pixels()
     chunks = (f"batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces)" if limit
               else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
-    return f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}"
+    return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}, gradient "
+            f"pieces as a scan; batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
 
 
 def _pieces(a: jax.Array, c: int) -> list[jax.Array]:

@@ -247,10 +247,12 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
 # Batch chunking of the CPU convolutions. XLA's CPU convolution (Eigen) slows down per example as the
 # batch grows, most of all the weight gradient, which contracts over N x H x W: measured one thread,
 # Conv-2's 64 -> 64 conv at batch 128 ran its weight gradient at 25 GFLOP/s and at 64 GFLOP/s in
-# pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution, its input gradient
-# and its weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
-# at least 1 example, at most CPU_CONV_MAX_PIECES pieces); the weight gradient is the sum of the
-# pieces'. Per example the numbers are those of the whole batch (a convolution of one example does
+# pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution's input gradient
+# and weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
+# at least 1 example, at most CPU_CONV_MAX_PIECES pieces), as a scan over the pieces; the weight
+# gradient is the sum of the pieces'. The forward runs on the whole batch: with jaxlib 0.10's
+# YNNPACK convolutions that was as fast as pieces or faster, and compiles less
+# (docs/notes/convspeed2.md). Per example the numbers are those of the whole batch (a convolution of one example does
 # not read another); the weight gradient differs in float rounding (another summation order).
 # ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
 CPU_CONV_CHUNK_PIXELS = 2048
@@ -285,24 +287,16 @@ def conv_path(backend: str | None = None) -> str:
     if backend != "cpu":
         return f"{backend}: lax.conv_general_dilated (XLA's own kernels and gradients)"
     limit = cpu_conv_chunk_pixels()
-    chunks = (f"batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces)" if limit
-              else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
-    return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}, gradient "
-            f"pieces as a scan; batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
-
-
-def _pieces(a: jax.Array, c: int) -> list[jax.Array]:
-    return [a[i:i + c] for i in range(0, a.shape[0], c)]
+    chunks = (f"gradients on batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces, a "
+              f"scan), forward on the whole batch" if limit else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
+    return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}; batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _nhwc_conv(x, w, strides, pads):
-    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; gradients in the same layout, run on
-    batch pieces of :func:`conv_chunk` examples."""
-    c = conv_chunk(*x.shape[:3])
-    if c >= x.shape[0]:
-        return _nhwc_conv_plain(x, w, strides, pads)
-    return jnp.concatenate([_nhwc_conv_plain(p, w, strides, pads) for p in _pieces(x, c)])
+    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]`` on the whole batch; the gradients in the
+    same layout, run on batch pieces of :func:`conv_chunk` examples (a scan)."""
+    return _nhwc_conv_plain(x, w, strides, pads)
 
 
 def _nhwc_conv_plain(x, w, strides, pads):

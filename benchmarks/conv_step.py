@@ -52,7 +52,8 @@ def lth_step(model_name: str, batch: int):
             if bs:
                 logits, upd = model.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
                 return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
-            return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x, train=True), y).mean(), bs
+            logits = model.apply({"params": p}, x, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), bs
 
         (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
         updates, opt = tx.update(grads, opt, p)
@@ -117,7 +118,7 @@ def torch_step(model_name: str, x, y, threads: int):
     opt = (torch.optim.Adam(model.parameters(), lr=2e-4) if model_name.startswith("conv")
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     xt = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-    yt = torch.from_numpy(np.asarray(y)).long()
+    yt = torch.from_numpy(np.array(y)).long()
 
     def run():
         opt.zero_grad()
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
     print(f"lth {args.model} b{args.batch}: {1 / s:.3f} steps/s ({s:.3f} s per step, {'wall' if args.wall else 'CPU'})")
     if args.torch:
         s = best_seconds(torch_step(args.model, x, y, args.torch_threads), args.steps, args.reps, clock)
-        print(f"torch {args.model} b{args.batch}: {1 / s:.3f} steps/s ({s:.3f} s per step, {args.torch_threads} threads)")
+        print(f"torch {args.model} b{args.batch}: {1 / s:.3f} steps/s ({s:.3f} s per step, "
+              f"{args.torch_threads} threads)")
     if args.profile:
         profile(step, state["carry"])
     return 0

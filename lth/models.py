@@ -252,8 +252,9 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
 # at least 1 example, at most CPU_CONV_MAX_PIECES pieces), as a scan over the pieces; the weight
 # gradient is the sum of the pieces'. The forward runs on the whole batch: with jaxlib 0.10's
 # YNNPACK convolutions that was as fast as pieces or faster, and compiles less
-# (docs/notes/convspeed2.md). Per example the numbers are those of the whole batch (a convolution of one example does
-# not read another); the weight gradient differs in float rounding (another summation order).
+# (docs/notes/convspeed2.md). Per example the numbers are those of the whole batch (a convolution of
+# one example does not read another); the weight gradient differs in float rounding (another
+# summation order).
 # ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
 CPU_CONV_CHUNK_PIXELS = 2048
 CPU_CONV_MAX_PIECES = 4
@@ -289,7 +290,8 @@ def conv_path(backend: str | None = None) -> str:
     limit = cpu_conv_chunk_pixels()
     chunks = (f"gradients on batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces, a "
               f"scan), forward on the whole batch" if limit else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
-    return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}; batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
+    return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}; "
+            f"batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

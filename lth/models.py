@@ -33,6 +33,7 @@ import numpy as np
 
 from . import registry
 from . import transformer as tf
+from .batchnorm import FusedBatchNorm
 from .config import ModelConfig
 
 PyTree = Any
@@ -248,11 +249,14 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
 # Batch chunking of the CPU convolutions. XLA's CPU convolution (Eigen) slows down per example as the
 # batch grows, most of all the weight gradient, which contracts over N x H x W: measured one thread,
 # Conv-2's 64 -> 64 conv at batch 128 ran its weight gradient at 25 GFLOP/s and at 64 GFLOP/s in
-# pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution, its input gradient
-# and its weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
-# at least 1 example, at most CPU_CONV_MAX_PIECES pieces); the weight gradient is the sum of the
-# pieces'. Per example the numbers are those of the whole batch (a convolution of one example does
-# not read another); the weight gradient differs in float rounding (another summation order).
+# pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution's input gradient
+# and weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
+# at least 1 example, at most CPU_CONV_MAX_PIECES pieces), as a scan over the pieces; the weight
+# gradient is the sum of the pieces'. The forward runs on the whole batch: with jaxlib 0.10's
+# YNNPACK convolutions that was as fast as pieces or faster, and compiles less
+# (docs/notes/convspeed2.md). Per example the numbers are those of the whole batch (a convolution of
+# one example does not read another); the weight gradient differs in float rounding (another
+# summation order).
 # ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
 CPU_CONV_CHUNK_PIXELS = 2048
 CPU_CONV_MAX_PIECES = 4
@@ -286,23 +290,17 @@ def conv_path(backend: str | None = None) -> str:
     if backend != "cpu":
         return f"{backend}: lax.conv_general_dilated (XLA's own kernels and gradients)"
     limit = cpu_conv_chunk_pixels()
-    chunks = (f"batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces)" if limit
-              else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
-    return f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}"
-
-
-def _pieces(a: jax.Array, c: int) -> list[jax.Array]:
-    return [a[i:i + c] for i in range(0, a.shape[0], c)]
+    chunks = (f"gradients on batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces, a "
+              f"scan), forward on the whole batch" if limit else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
+    return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}; "
+            f"batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _nhwc_conv(x, w, strides, pads):
-    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; gradients in the same layout, run on
-    batch pieces of :func:`conv_chunk` examples."""
-    c = conv_chunk(*x.shape[:3])
-    if c >= x.shape[0]:
-        return _nhwc_conv_plain(x, w, strides, pads)
-    return jnp.concatenate([_nhwc_conv_plain(p, w, strides, pads) for p in _pieces(x, c)])
+    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]`` on the whole batch; the gradients in the
+    same layout, run on batch pieces of :func:`conv_chunk` examples (a scan)."""
+    return _nhwc_conv_plain(x, w, strides, pads)
 
 
 def _nhwc_conv_plain(x, w, strides, pads):
@@ -341,12 +339,22 @@ def _nhwc_conv_bwd(strides, pads, res, dy):
     c = conv_chunk(*x.shape[:3])
     if c >= x.shape[0]:
         return _nhwc_conv_grads(strides, pads, x, w, dy)
-    dxs, dw = [], None
-    for xp, dyp in zip(_pieces(x, c), _pieces(dy, c)):
-        dxp, dwp = _nhwc_conv_grads(strides, pads, xp, w, dyp)
-        dxs.append(dxp)
-        dw = dwp if dw is None else dw + dwp
-    return jnp.concatenate(dxs), dw
+    # The pieces run as a scan (a loop in the program): XLA then reads the loop's inputs from memory
+    # instead of recomputing their elementwise producers (batch norm, residual add, ReLU) inside the
+    # transposes of the weight gradient, and compiles one piece instead of all of them.
+    full = x.shape[0] - x.shape[0] % c
+
+    def piece(dw, xdy):
+        dxp, dwp = _nhwc_conv_grads(strides, pads, xdy[0], w, xdy[1])
+        return dw + dwp, dxp
+
+    dw, dxs = jax.lax.scan(piece, jnp.zeros_like(w), (x[:full].reshape(-1, c, *x.shape[1:]),
+                                                       dy[:full].reshape(-1, c, *dy.shape[1:])))
+    dx = dxs.reshape(full, *x.shape[1:])
+    if full < x.shape[0]:
+        dw, dx_rest = piece(dw, (x[full:], dy[full:]))
+        dx = jnp.concatenate([dx, dx_rest])
+    return dx, dw
 
 
 def _nhwc_conv_grads(strides, pads, x, w, dy):
@@ -376,12 +384,61 @@ def _nhwc_conv_grads(strides, pads, x, w, dy):
 _nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
+def _bn(train: bool, name: str) -> nn.Module:
+    """Batch norm (momentum 0.9, epsilon 1e-5): on the CPU :class:`lth.batchnorm.FusedBatchNorm` (one-pass
+    statistics, hand-written backward; same variables and numbers), elsewhere ``flax.linen.BatchNorm``."""
+    if jax.default_backend() == "cpu":
+        return FusedBatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2 (VALID): on the CPU :func:`max_pool_2x2` (reshape + max, gradient by mask),
+    elsewhere ``flax.linen.max_pool``."""
+    if jax.default_backend() == "cpu" and x.ndim == 4:
+        return max_pool_2x2(x)
     return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """``x [N, H, W, C] -> [N, H // 2, W // 2, C]``, the max of each 2x2 window (a trailing odd row or
+    column is dropped, as VALID pooling does). The same numbers as ``nn.max_pool(x, (2, 2), (2, 2))``,
+    and the same gradient: all of a window's gradient goes to its first maximum in row-major order, as
+    XLA's select-and-scatter does. Written as a reshape and a max (forward) and a compare-and-select
+    (backward) because XLA's CPU select-and-scatter was the slowest part of a Conv-2 step
+    (docs/notes/convspeed2.md)."""
+    return _window_parts(x)[1]
+
+
+def _window_parts(x):
+    n, h, w, c = x.shape
+    xr = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    parts = [xr[:, :, i, :, j] for i in range(2) for j in range(2)]  # row-major window order
+    return parts, functools.reduce(jnp.maximum, parts)
+
+
+def _max_pool_fwd(x):
+    parts, y = _window_parts(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(res, dy):
+    x, y = res
+    parts, _ = _window_parts(x)
+    taken = jnp.zeros(y.shape, bool)
+    grads = []
+    for p in parts:
+        hit = (p == y) & ~taken
+        grads.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
+        taken = taken | hit
+    n, h, w, c = x.shape
+    dx = jnp.stack(grads, 3).reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = dx.reshape(n, h - h % 2, w - w % 2, c)
+    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 # ---------------------------------------------------------------------------- modules

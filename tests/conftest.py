@@ -1,17 +1,84 @@
 """Test-session settings, applied before any test module imports jax.
 
-The tests train many tiny networks, so their time is mostly XLA compiling: LLVM optimization level 0
-halves it (tests check results, not speed; every comparison inside a test runs under the same
-flags). Subprocesses started by tests (kill-and-resume, concurrent sweeps, Ray workers) inherit it.
+The tests train many tiny networks, so their time is mostly XLA compiling (on a cold compile cache,
+as in CI's fresh clone, three quarters of the suite). Two XLA CPU settings cut it:
+
+- LLVM optimization level 0 halves LLVM's part (tests check results, not speed);
+- XLA:CPU's older loop emitters instead of its MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=
+  false``; jax's default since 2025): the MLIR ones take most of a small program's compile time. The
+  train segment of the tiny MLP of ``helpers.TINY`` compiles in 0.7 s instead of 2.2 s, a tiny
+  lottery with its quant stage in 3.3 s instead of 11.3 s (docs/notes/coldsuite.md). Set only where
+  the installed jaxlib knows the flag: XLA aborts on an unknown one. Some results move in the last
+  bits (exp, tanh, rsqrt are computed by other code), so tests never compare against numbers computed
+  under other flags: every comparison inside a test runs under the same flags.
+
+Subprocesses started by tests (kill-and-resume, concurrent sweeps, Ray workers) inherit them.
 Compiled programs are shared between the test processes through lth's persistent compile cache.
 The tests also keep jax's single CPU device (``LTH_CPU_DEVICES=1``; lth would expose one device per
 core): the population programs then need no SPMD partitioning, which compiles faster. Tests of
 several devices set the device count themselves.
 """
 
+import importlib.util
+import mmap
 import os
+from pathlib import Path
 
-_FLAG = "--xla_backend_optimization_level=0"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+OPT_LEVEL = "--xla_backend_optimization_level=0"
+LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_knows(flag: str) -> bool:
+    """Whether the installed jaxlib's XLA has the flag ``--name=value`` (its name is in jaxlib's shared
+    libraries, read without importing jax, whose XLA reads the flags once)."""
+    name = flag.lstrip("-").split("=")[0].encode()
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for lib in Path(next(iter(spec.submodule_search_locations))).glob("*.so"):
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(name) >= 0:
+                return True
+    return False
+
+
+def _add_xla_flags(*flags: str) -> None:
+    have = os.environ.get("XLA_FLAGS", "")
+    new = [f for f in flags if f.split("=")[0] not in have]
+    if new:
+        os.environ["XLA_FLAGS"] = " ".join([have, *new]).strip()
+
+
+_add_xla_flags(OPT_LEVEL, *([LOOP_EMITTERS] if xla_knows(LOOP_EMITTERS) else []))
 os.environ.setdefault("LTH_CPU_DEVICES", "1")
+
+
+# The test files of the longest cold runs (CPU seconds on a cold compile cache, docs/notes/coldsuite.md),
+# longest first. ``--dist loadfile`` hands whole files to the workers in collection order: starting with
+# the longest and ending with the many short ones keeps both workers busy to the end instead of one
+# finishing a long file alone. Files not listed keep their order, after these.
+SLOW_FILES = (
+    "tests/test_accelerator_path.py",
+    "tests/quant/test_gptq_export.py",
+    "tests/prune/test_criteria.py",
+    "tests/test_vit.py",
+    "tests/test_gpt.py",
+    "tests/quant/test_float_ft.py",
+)
+
+
+def slow_files_first(items: list) -> list:
+    """``items`` (collected tests, by ``nodeid``) with the files of :data:`SLOW_FILES` first, in that
+    order; the order inside a file and of the other files is kept."""
+    rank = {f: i for i, f in enumerate(SLOW_FILES)}
+    return sorted(items, key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def pytest_configure(config):
+    # pytest-xdist >= 3.6 orders loadfile's files by their number of tests unless told not to
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items[:] = slow_files_first(items)

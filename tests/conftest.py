@@ -5,12 +5,14 @@ as in CI's fresh clone, three quarters of the suite). Two XLA CPU settings cut i
 
 - LLVM optimization level 0 halves LLVM's part (tests check results, not speed);
 - XLA:CPU's older loop emitters instead of its MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=
-  false``; jax's default since 2025): the MLIR ones take most of a small program's compile time. The
-  train segment of the tiny MLP of ``helpers.TINY`` compiles in 0.7 s instead of 2.2 s, a tiny
-  lottery with its quant stage in 3.3 s instead of 11.3 s (docs/notes/coldsuite.md). Set only where
-  the installed jaxlib knows the flag: XLA aborts on an unknown one. Some results move in the last
-  bits (exp, tanh, rsqrt are computed by other code), so tests never compare against numbers computed
-  under other flags: every comparison inside a test runs under the same flags.
+  false``; jax's default since 2025), with the LLVM module compiled in one piece
+  (``--xla_cpu_parallel_codegen_split_count=1``): the MLIR emitters take most of a small program's
+  compile time, and the split costs more threads than it saves on two busy cores. The train segment
+  of the tiny MLP of ``helpers.TINY`` compiles in 0.7 s instead of 2.2 s, a tiny lottery with its
+  stability and quant stages in 3 s instead of 11 s (docs/notes/coldsuite.md). Together the two give
+  the same bits as jax's defaults at level 0 on every tiny model measured (MLP, BN conv net, ViT, GPT;
+  the emitters alone do not). Set only where the installed jaxlib knows the flags: XLA aborts on an
+  unknown one.
 
 Subprocesses started by tests (kill-and-resume, concurrent sweeps, Ray workers) inherit them.
 Compiled programs are shared between the test processes through lth's persistent compile cache.
@@ -25,7 +27,7 @@ import os
 from pathlib import Path
 
 OPT_LEVEL = "--xla_backend_optimization_level=0"
-LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+LOOP_EMITTERS = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def xla_knows(flag: str) -> bool:
@@ -49,7 +51,7 @@ def _add_xla_flags(*flags: str) -> None:
         os.environ["XLA_FLAGS"] = " ".join([have, *new]).strip()
 
 
-_add_xla_flags(OPT_LEVEL, *([LOOP_EMITTERS] if xla_knows(LOOP_EMITTERS) else []))
+_add_xla_flags(OPT_LEVEL, *(LOOP_EMITTERS if all(map(xla_knows, LOOP_EMITTERS)) else ()))
 os.environ.setdefault("LTH_CPU_DEVICES", "1")
 
 

@@ -251,10 +251,10 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
 # Conv-2's 64 -> 64 conv at batch 128 ran its weight gradient at 25 GFLOP/s and at 64 GFLOP/s in
 # pieces of 8 examples (docs/notes/convspeed.md). So on the CPU a convolution's input gradient
 # and weight gradient run on pieces of at most CPU_CONV_CHUNK_PIXELS input pixels (N x H x W,
-# at least 1 example, at most CPU_CONV_MAX_PIECES pieces), as a scan over the pieces; the weight
-# gradient is the sum of the pieces'. The forward runs on the whole batch: with jaxlib 0.10's
-# YNNPACK convolutions that was as fast as pieces or faster, and compiles less
-# (docs/notes/convspeed2.md). Per example the numbers are those of the whole batch (a convolution of
+# at least 1 example, at most CPU_CONV_MAX_PIECES pieces), unrolled in the program; the weight
+# gradient is the sum of the pieces'. The forward runs on the same pieces: on one thread a whole-batch
+# forward and a scan over the gradient pieces were as fast, but on 2 threads the unrolled pieces were
+# 12-15% faster (docs/speed.md). Per example the numbers are those of the whole batch (a convolution of
 # one example does not read another); the weight gradient differs in float rounding (another
 # summation order).
 # ``LTH_CPU_CONV_CHUNK_PIXELS=0`` turns it off (one piece); another number sets the limit.
@@ -290,17 +290,20 @@ def conv_path(backend: str | None = None) -> str:
     if backend != "cpu":
         return f"{backend}: lax.conv_general_dilated (XLA's own kernels and gradients)"
     limit = cpu_conv_chunk_pixels()
-    chunks = (f"gradients on batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} pieces, a "
-              f"scan), forward on the whole batch" if limit else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
+    chunks = (f"forward and gradients on batch pieces of <= {limit} input pixels (at most {CPU_CONV_MAX_PIECES} "
+              f"pieces, unrolled)" if limit else "whole batch (LTH_CPU_CONV_CHUNK_PIXELS=0)")
     return (f"cpu: NHWC x HWIO convolutions with NHWC gradients (loop_friendly_conv), {chunks}; "
             f"batch norm FusedBatchNorm; 2x2 max-pool max_pool_2x2 (reshape)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _nhwc_conv(x, w, strides, pads):
-    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]`` on the whole batch; the gradients in the
-    same layout, run on batch pieces of :func:`conv_chunk` examples (a scan)."""
-    return _nhwc_conv_plain(x, w, strides, pads)
+    """``x [N, H, W, C] * w [kh, kw, C, O] -> [N, H', W', O]``; it and its gradients (in the same layout)
+    run on batch pieces of :func:`conv_chunk` examples, unrolled in the program."""
+    c = conv_chunk(*x.shape[:3])
+    if c >= x.shape[0]:
+        return _nhwc_conv_plain(x, w, strides, pads)
+    return jnp.concatenate([_nhwc_conv_plain(x[i:i + c], w, strides, pads) for i in range(0, x.shape[0], c)])
 
 
 def _nhwc_conv_plain(x, w, strides, pads):
@@ -339,22 +342,15 @@ def _nhwc_conv_bwd(strides, pads, res, dy):
     c = conv_chunk(*x.shape[:3])
     if c >= x.shape[0]:
         return _nhwc_conv_grads(strides, pads, x, w, dy)
-    # The pieces run as a scan (a loop in the program): XLA then reads the loop's inputs from memory
-    # instead of recomputing their elementwise producers (batch norm, residual add, ReLU) inside the
-    # transposes of the weight gradient, and compiles one piece instead of all of them.
-    full = x.shape[0] - x.shape[0] % c
-
-    def piece(dw, xdy):
-        dxp, dwp = _nhwc_conv_grads(strides, pads, xdy[0], w, xdy[1])
-        return dw + dwp, dxp
-
-    dw, dxs = jax.lax.scan(piece, jnp.zeros_like(w), (x[:full].reshape(-1, c, *x.shape[1:]),
-                                                       dy[:full].reshape(-1, c, *dy.shape[1:])))
-    dx = dxs.reshape(full, *x.shape[1:])
-    if full < x.shape[0]:
-        dw, dx_rest = piece(dw, (x[full:], dy[full:]))
-        dx = jnp.concatenate([dx, dx_rest])
-    return dx, dw
+    # The pieces are unrolled, not a scan: on 2 threads the unrolled pieces (forward and gradients) ran
+    # Conv-2 b60/b128 and ResNet-20 b128 12-15% faster than a scan over them (independent pieces can
+    # run side by side; a scan runs them one after the other), measured quiet (docs/speed.md).
+    dxs, dw = [], None
+    for i in range(0, x.shape[0], c):
+        dxp, dwp = _nhwc_conv_grads(strides, pads, x[i:i + c], w, dy[i:i + c])
+        dxs.append(dxp)
+        dw = dwp if dw is None else dw + dwp
+    return jnp.concatenate(dxs), dw
 
 
 def _nhwc_conv_grads(strides, pads, x, w, dy):

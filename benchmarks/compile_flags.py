@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 from jax import monitoring  # noqa: E402
 
 import lth.data  # noqa: E402
-from helpers import tiny, tiny_gpt_lottery  # noqa: E402
+from helpers import quadrant_images, tiny, tiny_gpt_lottery  # noqa: E402
 from lth.models import POOL, VGG, register  # noqa: E402
 from lth.pipeline import run_experiment  # noqa: E402
 from lth.store import load_tree  # noqa: E402
@@ -46,20 +46,7 @@ def _on_duration(event, duration, **_):
         COMPILE[1] += 1
 
 
-def blob_images(cfg):
-    """8x8x1 images of 4 classes: a bright quadrant per class plus noise."""
-    rng = np.random.default_rng(0)
-
-    def draw(n):
-        y = rng.integers(0, 4, n)
-        x = rng.normal(0, 0.5, (n, 8, 8, 1)).astype(np.float32)
-        for k in range(4):
-            r, c = divmod(k, 2)
-            x[y == k, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.5
-        return x, y.astype(np.int32)
-
-    (xt, yt), (xs, ys) = draw(160), draw(40)
-    return xt, yt, xs, ys
+blob_images = quadrant_images  # 8x8x1 images of 4 classes, as tests/test_vit.py uses
 
 
 STAGES = {"stability": {"enabled": True, "points": 3, "levels": [1], "bn_batches": 2},

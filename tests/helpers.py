@@ -68,3 +68,20 @@ def random_params(model, input_shape, seed=0, density=1.0):
         return jnp.asarray(w.astype(np.float32))
 
     return jax.tree.map(draw, shapes)
+
+
+def quadrant_images(cfg=None):
+    """8x8x1 images of 4 classes: a bright quadrant per class plus noise (learnable in a few steps); a
+    data loader (``cfg`` unused): (x_train, y_train, x_test, y_test)."""
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        y = rng.integers(0, 4, n)
+        x = rng.normal(0, 0.5, (n, 8, 8, 1)).astype(np.float32)
+        for k in range(4):
+            r, c = divmod(k, 2)
+            x[y == k, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.5
+        return x, y.astype(np.int32)
+
+    (xt, yt), (xs, ys) = draw(160), draw(40)
+    return xt, yt, xs, ys

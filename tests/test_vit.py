@@ -19,25 +19,12 @@ from lth.prune.masks import expected_counts, layer_rates, prunable
 from lth.store import load_tree
 from lth.train import unstack
 
-from helpers import tiny
+from helpers import quadrant_images, tiny
 
 BLOBS = "vit_test_images"
 
 
-def tiny_images(cfg):
-    """8x8x1 images of 4 classes: a bright quadrant per class plus noise (learnable in a few steps)."""
-    rng = np.random.default_rng(0)
-
-    def draw(n):
-        y = rng.integers(0, 4, n)
-        x = rng.normal(0, 0.5, (n, 8, 8, 1)).astype(np.float32)
-        for k in range(4):
-            r, c = divmod(k, 2)
-            x[y == k, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.5
-        return x, y.astype(np.int32)
-
-    (xt, yt), (xs, ys) = draw(160), draw(40)
-    return xt, yt, xs, ys
+tiny_images = quadrant_images  # 8x8x1 images of 4 classes (tests/helpers.py)
 
 
 if BLOBS not in lth.data.DATASETS:

@@ -317,6 +317,7 @@ class QuantStage:
         # full width (:func:`pads_setting`): every quant level then shares level 0's programs; False: always narrow
         self.pad_small_dense = True
         self._pads: dict = {}  # narrow param shapes -> whether they pad exactly into the run's model
+        self._full = None  # the run's full-width param shapes (jax.ShapeDtypeStruct), once a member pads
 
     @property
     def calib_x(self) -> np.ndarray:
@@ -461,7 +462,8 @@ class QuantStage:
         float_val = float_acc.get("val", float_acc["test"])
         tried, steps, lr = [spec.calibration], 0, 0.0
         if setting.method == "ptq" and qc.retry:
-            judge_bpb = dict(setting.options).get("retry_judge") == "val_bits_per_byte"
+            judge = dict(setting.options).get("retry_judge")
+            judge_bpb = judge == "val_bits_per_byte"
             if judge_bpb and not is_language_model(self.run.data):
                 raise ConfigError(f"data {self.run.cfg.data.name!r} is declared a text corpus (text = True) but "
                                   "its loader returned no token stream; declare text only for a TokenStream loader")
@@ -472,7 +474,7 @@ class QuantStage:
             if judge_bpb:  # a language model
                 losses = self._float[_float_key(level, pop)][2]
                 float_val = -lm_bits(losses.get("val", losses["test"]))
-            qts, metrics, tried = self._retry(pop, spec, float_val, dict(setting.options).get("retry_judge"))
+            qts, metrics, tried = self._retry(pop, spec, float_val, judge)
         elif setting.method in GPTQ_METHODS:
             joint = setting.method == "sparsegpt_gptq"
             qts, masks = gptq_population(model, pop.params, pop.batch_stats, pop.masks, spec, self.calib_x,
@@ -605,7 +607,10 @@ class QuantStage:
             self._pads[key] = pads_exactly(pop.model, run.model, tuple(run.data.input_shape))
         if not self._pads[key]:
             return pop
-        full = jax.eval_shape(lambda k: init_variables(run.model, k, run.data.input_shape)[0], jax.random.key(0))
+        if self._full is None:  # the run's full-width param shapes, traced once per stage
+            self._full = jax.eval_shape(lambda k: init_variables(run.model, k, run.data.input_shape)[0],
+                                        jax.random.key(0))
+        full = self._full
         params, live = pad_params(pop.params, full)
         masks = jax.tree.map(np.logical_and, pad_params(pop.masks, full)[0], live)
         return Population(run.model, list(pop.members), params, {}, masks)
@@ -711,10 +716,7 @@ def pads_setting(qc: QuantConfig, setting: Setting) -> bool:
     if setting.method == "ptq":
         if qc.retry or qc.bias_correction or qc.cle:
             return False
-    elif setting.method in ("qat", FLOAT_FT):
-        if qc.learned_scale or qc.qat_start != "trained":
-            return False
-    else:
+    elif qc.learned_scale or qc.qat_start != "trained":  # qat, float_ft
         return False
     spec = setting.spec if setting.spec is not None else program_spec(qc)
     return spec.act_bits is None or (spec.act_calibration or spec.calibration) == "minmax"

@@ -221,6 +221,39 @@ def test_importing_lth_turns_on_the_persistent_compile_cache_unless_off(setting,
     assert out.stdout.strip() == (str(tmp_path) if setting == "DIR" else "None")
 
 
+def test_lths_compile_cache_is_unbounded_for_jax_and_trimmed_by_lth(tmp_path):
+    # jax's own bound lists and reads every entry under a lock on every write: lth bounds it itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["LTH_COMPILE_CACHE"] = str(tmp_path)
+    code = "import lth, jax; print(jax.config.jax_compilation_cache_max_size)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "-1"
+    assert (tmp_path / ".lth-trimmed").exists()  # the import trimmed (and stamped) the folder
+    # a bound the caller chose is jax's to keep: lth does not trim then
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = "1000000"
+    (tmp_path / ".lth-trimmed").unlink()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1000000" and not (tmp_path / ".lth-trimmed").exists()
+
+
+def test_trim_compile_cache_deletes_the_least_recently_used_programs_down_to_the_bound(tmp_path):
+    from lth import trim_compile_cache
+    for i in range(6):  # programs 0..5, used in that order, 100 bytes each; jax's old access stamps beside
+        (tmp_path / f"jit_f-{i}-cache").write_bytes(b"x" * 100)
+        (tmp_path / f"jit_f-{i}-atime").write_bytes(b"t" * 8)
+        os.utime(tmp_path / f"jit_f-{i}-cache", (1000 + i, 1000 + i))
+    (tmp_path / "unrelated.txt").write_bytes(b"y" * 10_000)  # not a program: neither counted nor deleted
+    assert trim_compile_cache(str(tmp_path), max_bytes=350, every_s=0) == 3
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".lth-trimmed", "jit_f-3-atime", "jit_f-3-cache", "jit_f-4-atime", "jit_f-4-cache",
+                    "jit_f-5-atime", "jit_f-5-cache", "unrelated.txt"]
+    # at most one trim per `every_s`: a second call right after does nothing, whatever the bound
+    assert trim_compile_cache(str(tmp_path), max_bytes=0, every_s=600) == 0
+    assert (tmp_path / "jit_f-3-cache").exists()
+    assert trim_compile_cache(str(tmp_path), max_bytes=0, every_s=0) == 3
+    assert trim_compile_cache(str(tmp_path / "missing"), max_bytes=0, every_s=0) == 0
+
+
 @pytest.mark.parametrize("setting, expected", [("", "auto"), ("1", 1), ("3", 3)])
 def test_importing_lth_exposes_one_cpu_device_per_core(setting, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "LTH_CPU_DEVICES")}

@@ -24,6 +24,7 @@ This module knows no pruning: it trains whatever masks it is given.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass, field
@@ -608,6 +609,31 @@ def _placed_or_host(x, sharding):
     return np.asarray(x)
 
 
+PROGRAMS_KEPT = 32  # compiled programs shared between engines of equal settings: the last 32 settings
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def shared_program(key: tuple | None, build: Callable[[], Any]) -> Any:
+    """``build()``, or what it returned for an equal ``key`` before in this process (the last
+    :data:`PROGRAMS_KEPT` keys are kept). A jitted function is traced and lowered once per argument
+    shapes *per function object*: engines of equal settings (every level, arm group and run of a sweep
+    or a test file builds its own) that share the function skip tracing and lowering (about as costly
+    as compiling a tiny program) and the persistent-cache read. ``key`` None or unhashable (a model
+    with array fields): no sharing."""
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    if key is None:
+        return build()
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = build()
+        while len(_PROGRAMS) > PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
+
+
 class Engine:
     """Compiled programs for one (model, optimizer, data set); reused across levels and arms.
 
@@ -617,8 +643,11 @@ class Engine:
     """
 
     def __init__(self, model, data, cfg: TrainConfig, lr_fn: optax.Schedule | None = None,
-                 augment: str | None = None, mask_fn: MaskFn | None = None):
-        """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning). ``augment``
+                 augment: str | None = None, mask_fn: MaskFn | None = None, lr_key: tuple | None = None):
+        """``lr_fn`` replaces the configured schedule (e.g. a constant lr for fine-tuning); ``lr_key``, a
+        hashable value that says what it computes (e.g. ``("constant", lr)``), lets engines of equal
+        settings share their compiled programs (:func:`shared_program`; without it an ``lr_fn`` engine
+        builds its own, as does one with a ``mask_fn``). ``augment``
         (a name of :data:`lth.data.AUGMENTATIONS`) augments the training batches; default the data
         set's own ``augment`` (``data.augment``), else none. Evaluation is never augmented.
         ``mask_fn``: a pure function of the global step that may change the masks inside the compiled
@@ -635,6 +664,7 @@ class Engine:
         self.tx = tx = make_optimizer(cfg)
         self.order = DataOrder(len(data.x_train), cfg.batch_size)
         self.num_steps = total_steps(cfg, len(data.x_train))
+        own_lr = lr_fn is not None
         self.lr_fn = lr_fn = lr_fn if lr_fn is not None else make_schedule(cfg, self.num_steps)
         # text (lth.data.TextDataset): the train byte stream is resident, batches are windows gathered
         # from it by start index; every window has the same length, so the mean over windows of a
@@ -652,9 +682,14 @@ class Engine:
         self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
         make = make_segment_fn if self.segment == "scan" else make_step_fn
         self.mask_fn = mask_fn
-        self._segment = {shared: make(model, tx, lr_fn, shared, mb, aug_fn, window=self.window, mask_fn=mask_fn)
-                         for shared in (True, False)}
-        self._eval = make_eval_fn(model, mb, self.segment)
+        # the programs depend on the model and these settings only (the data are arguments)
+        key = None
+        if mask_fn is None and (lr_key is not None or not own_lr):
+            key = ("segment", model, cfg, self.num_steps, lr_key, mb, self.augment, self.window, self.segment)
+        self._segment = shared_program(key, lambda: {
+            shared: make(model, tx, lr_fn, shared, mb, aug_fn, window=self.window, mask_fn=mask_fn)
+            for shared in (True, False)})
+        self._eval = shared_program(("eval", model, mb, self.segment), lambda: make_eval_fn(model, mb, self.segment))
         self._remask = None
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:

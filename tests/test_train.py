@@ -404,3 +404,35 @@ def test_observed_steps_change_no_numbers():
     for a, b in zip(jax.tree.leaves(plain.state.params), jax.tree.leaves(watched.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert plain.records == watched.records
+
+
+
+def test_engines_of_equal_settings_share_their_programs_and_others_do_not():
+    import optax
+    from lth.train import make_schedule
+    cfg = TrainConfig(batch_size=12, steps=20, eval_every=10, optimizer="adam", lr=1e-2)
+    data, other_data = tiny_data(seed=0), tiny_data(seed=1)  # same shapes, other values
+    a, b = Engine(TinyMLP(), data, cfg), Engine(TinyMLP(), other_data, cfg)
+    assert a._segment is b._segment and a._eval is b._eval  # equal model and settings: traced once
+    half = Engine(TinyMLP(), data, dataclasses.replace(cfg, lr=5e-3))
+    assert half._segment is not a._segment and half._eval is a._eval  # evaluation does not use the lr
+    const = optax.constant_schedule(1e-3)
+    assert Engine(TinyMLP(), data, cfg, lr_fn=const)._segment is not a._segment
+    # an lr_fn is shared only when the caller says what it computes
+    c1 = Engine(TinyMLP(), data, cfg, lr_fn=const, lr_key=("constant", 1e-3))
+    c2 = Engine(TinyMLP(), data, cfg, lr_fn=optax.constant_schedule(1e-3), lr_key=("constant", 1e-3))
+    assert c1._segment is c2._segment and c1._segment is not a._segment
+    assert Engine(TinyMLP(), data, cfg, lr_fn=const)._segment is not c1._segment
+    # the data are arguments, not captured: b (a's programs) trains on its own data exactly as an
+    # engine with programs of its own (the same schedule passed as an lr_fn without a key)
+    own = Engine(TinyMLP(), other_data, cfg, lr_fn=make_schedule(cfg, b.num_steps))
+    assert own._segment is not b._segment
+    results = []
+    for eng in (b, own):
+        state, _ = population(eng, [0, 1])
+        results.append(eng.run(state, [0, 1]))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(results[0].state.params),
+                                                   jax.tree.leaves(results[1].state.params)))
+    state, _ = population(a, [0, 1])
+    trained_on_a = a.run(state, [0, 1])
+    assert not np.array_equal(jax.tree.leaves(trained_on_a.state.params)[0], jax.tree.leaves(results[0].state.params)[0])

@@ -49,7 +49,7 @@ def finetune_engine(model, data, cfg) -> Engine:
     pc = cfg.prune
     lr = pc.oneshot_finetune_lr or final_lr(cfg.train, total_steps(cfg.train, len(data.x_train)))
     train = dataclasses.replace(cfg.train, steps=pc.oneshot_finetune_steps, epochs=None)
-    return Engine(model, data, train, lr_fn=optax.constant_schedule(lr))
+    return Engine(model, data, train, lr_fn=optax.constant_schedule(lr), lr_key=("constant", float(lr)))
 
 
 def evaluate_records(engine: Engine, state) -> list[dict]:

@@ -806,7 +806,8 @@ class Lottery:
             return self._share._finetune()
         if self._finetune_engine is None:
             lr = self.cfg.rewind.finetune_lr or final_lr(self.cfg.train, self.engine.num_steps)
-            self._finetune_engine = Engine(self.model, self.data, self.cfg.train, lr_fn=optax.constant_schedule(lr))
+            self._finetune_engine = Engine(self.model, self.data, self.cfg.train, lr_fn=optax.constant_schedule(lr),
+                                           lr_key=("constant", float(lr)))
         return self._finetune_engine
 
     def _metrics_table(self, level, members, densities, records, wall_s, diverged) -> pd.DataFrame:

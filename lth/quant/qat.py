@@ -120,7 +120,7 @@ def _fine_tune(model, data, train_cfg, params, batch_stats, masks, spec: QuantSp
         lr = float(lr if lr is not None else train_cfg.lr)
         key = (fq.base, fq.spec, fq.weights, data.fingerprint["sha256"], getattr(data, "augment", "none"), cfg, lr)
         if key not in _ENGINES:
-            _ENGINES[key] = Engine(fq, data, cfg, lr_fn=optax.constant_schedule(lr))
+            _ENGINES[key] = Engine(fq, data, cfg, lr_fn=optax.constant_schedule(lr), lr_key=("constant", lr))
             while len(_ENGINES) > 1 and sum(e.x_train.nbytes for e in _ENGINES.values()) > ENGINE_BYTES:
                 _ENGINES.popitem(last=False)
         _ENGINES.move_to_end(key)

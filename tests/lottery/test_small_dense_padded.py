@@ -61,11 +61,14 @@ def test_only_dense_chains_pad():
 
 
 def test_small_dense_levels_build_no_training_programs_of_their_own(tmp_path):
-    """Every Lottery builds its programs anew (compiled, or read from the compile cache): the small-dense
-    members of levels 1 and 2 (two new widths) add no train or eval program to a ticket-only run's."""
+    """With the engines' shared programs dropped before each run (so each builds its programs anew:
+    compiled, or read from the compile cache), the small-dense members of levels 1 and 2 (two new
+    widths) add no train or eval program to a ticket-only run's."""
+    from lth import train
     built = {}
     for arms in (["ticket"], ["ticket", "small_dense"]):
         cfg = tiny(arms=arms, prune={"levels": 2}, train={"steps": 20, "eval_every": 10})
+        train._PROGRAMS.clear()
         with counting() as c:
             run_lottery(cfg, tmp_path / str(len(arms)))
         built[len(arms)] = c.built("jit(sharded)")

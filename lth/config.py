@@ -454,7 +454,8 @@ class QuantConfig:
         allowed="'all', 'last' or a non-empty list of distinct levels >= 0",
         doc="levels whose members are quantized (listed levels past prune.levels are skipped)")
     arms: tuple[Literal["ticket", "reinit", "random_prune", "shuffle", "small_dense", "snip", "grasp", "synflow",
-                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle", "oneshot_magnitude", "wanda", "sparsegpt", "oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft"], ...] | None = _f(
+                   "snip_shuffle", "grasp_shuffle", "synflow_shuffle", "static", "set", "rigl", "oneshot_magnitude",
+                   "wanda", "sparsegpt", "oneshot_magnitude_ft", "wanda_ft", "sparsegpt_ft"], ...] | None = _f(
         None, check=lambda v: len(v) >= 1 and _unique(v), allowed="a non-empty list of distinct arms",
         doc="arms quantized; default every arm of the run (the dense level 0 is the ticket arm's level 0)")
 
@@ -671,6 +672,12 @@ def check_quant(cfg: "ExperimentConfig", qc: QuantConfig, where: str) -> None:
                               "they were not trained from the rewind point (they are the trained dense network, "
                               "pruned), so QAT would restart them from a point they never had; use "
                               "quant.qat_start = 'trained', or list the other arms in quant.arms")
+        moved = [a for a in (qc.arms or cfg.arms) if a in ("set", "rigl")]
+        if moved:  # static keeps its mask from the start: restarting it is how it was trained
+            raise ConfigError(f"{where}: quant.qat_start = 'rewind' is not allowed for the arms {moved}: their masks "
+                              "moved during training (drop and grow), so restarting QAT from the rewind point with "
+                              "the final mask is not how they were trained; use quant.qat_start = 'trained', or "
+                              "list the other arms in quant.arms")
 
 
 def check_gptq_settings(qc: QuantConfig, where: str) -> None:

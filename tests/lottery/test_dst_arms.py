@@ -298,3 +298,17 @@ def test_dst_arms_with_structured_granularity_stop_the_cli_before_any_work(tmp_p
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("lth: error: ") and "prune.granularity = 'filter'" in lines[0]
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_quant_arms_take_the_dst_arms_and_qat_from_the_rewind_point_refuses_moved_masks():
+    cfg = tiny(seeds=[0], arms=["ticket", "static", "rigl"], quant={"arms": ["static", "rigl"]})
+    assert cfg.quant.arms == ("static", "rigl")
+    # QAT restarted at the rewind point with the final mask: how static trained, not how set / rigl did
+    tiny(arms=["ticket", "static"], quant={"method": ["qat"], "qat_start": "rewind"})
+    for arm in ("set", "rigl"):
+        with pytest.raises(ConfigError, match=rf"quant.qat_start = 'rewind' is not allowed for the arms \['{arm}'\]: "
+                                              r"their masks moved.*use quant.qat_start = 'trained'") as e:
+            tiny(arms=["ticket", arm], quant={"method": ["qat"], "qat_start": "rewind"})
+        assert "\n" not in str(e.value)
+        tiny(arms=["ticket", arm], quant={"method": ["qat"], "qat_start": "trained"})
+        tiny(arms=["ticket", arm], quant={"method": ["qat"], "qat_start": "rewind", "arms": ["ticket"]})

@@ -55,36 +55,36 @@ _add_xla_flags(OPT_LEVEL, *(LOOP_EMITTERS if all(map(xla_knows, LOOP_EMITTERS)) 
 os.environ.setdefault("LTH_CPU_DEVICES", "1")
 
 
-# The test files of the longest cold runs (seconds in one process on a cold compile cache, measured
-# with the flags above: docs/notes/coldsuite.md), longest first. ``--dist loadfile`` hands whole files
-# to the workers in collection order: starting with the longest and ending with the many short ones
-# keeps both workers busy to the end instead of one finishing a long file alone. Files not listed keep
-# their order, after these.
+# The test files of the longest cold runs, longest first (wall seconds per file in the README's test
+# command on an empty compile cache, 2 workers, quiet: docs/speed.md, "The cold test suite").
+# ``--dist loadfile`` hands whole files to the workers in collection order: starting with the longest
+# and ending with the many short ones keeps both workers busy to the end instead of one finishing a
+# long file alone. Files not listed keep their order, after these.
 SLOW_FILES = (
-    "tests/test_models.py",
-    "tests/test_augment.py",
-    "tests/test_train.py",
-    "tests/test_speed.py",
-    "tests/prune/test_structured.py",
-    "tests/test_conv_path.py",
-    "tests/test_registry.py",
-    "tests/quant/test_quant.py",
-    "tests/lottery/test_grow.py",
-    "tests/test_sweep.py",
-    "tests/test_pipeline.py",
-    "tests/lottery/test_lottery.py",
-    "tests/prune/test_oneshot.py",
-    "tests/lottery/test_oneshot_arms.py",
-    "tests/quant/test_gptq_stage.py",
-    "tests/test_accelerator_path.py",
     "tests/test_faults.py",
-    "tests/prune/test_pai_criteria.py",
-    "tests/quant/test_float_ft.py",
-    "tests/quant/test_intinfer.py",
-    "tests/test_bench_transformer.py",
-    "tests/quant/test_gptq.py",
-    "tests/test_gpt.py",
+    "tests/test_train.py",
+    "tests/lottery/test_grow.py",
+    "tests/test_augment.py",
+    "tests/test_registry.py",
+    "tests/test_sweep.py",
     "tests/test_cli.py",
+    "tests/test_accelerator_path.py",
+    "tests/test_pipeline.py",
+    "tests/test_models.py",
+    "tests/test_vit.py",
+    "tests/lottery/test_lottery.py",
+    "tests/test_gpt.py",
+    "tests/lottery/test_dst_arms.py",
+    "tests/test_speed.py",
+    "tests/prune/test_oneshot.py",
+    "tests/quant/test_gptq_stage.py",
+    "tests/quant/test_gptq_export.py",
+    "tests/quant/test_quant.py",
+    "tests/lottery/test_stability.py",
+    "tests/lottery/test_oneshot_arms.py",
+    "tests/prune/test_structured.py",
+    "tests/test_analysis.py",
+    "tests/test_experiment.py",
 )
 
 

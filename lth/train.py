@@ -38,6 +38,7 @@ from flax import struct
 
 from .config import MAX_STEPS, TrainConfig
 from .data import AUGMENTATIONS, augment_key
+from .models import cpu_conv_chunk_pixels
 
 PyTree = Any
 DEFAULT_EPOCHS = 10  # training length when neither train.epochs nor train.steps is set
@@ -682,14 +683,17 @@ class Engine:
         self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
         make = make_segment_fn if self.segment == "scan" else make_step_fn
         self.mask_fn = mask_fn
-        # the programs depend on the model and these settings only (the data are arguments)
+        # the programs depend on the model, these settings and what is read when they are traced (the
+        # CPU convolutions' batch pieces, $LTH_CPU_CONV_CHUNK_PIXELS); the data are arguments
+        traced = (jax.default_backend(), cpu_conv_chunk_pixels())
         key = None
         if mask_fn is None and (lr_key is not None or not own_lr):
-            key = ("segment", model, cfg, self.num_steps, lr_key, mb, self.augment, self.window, self.segment)
+            key = ("segment", model, cfg, self.num_steps, lr_key, mb, self.augment, self.window, self.segment, traced)
         self._segment = shared_program(key, lambda: {
             shared: make(model, tx, lr_fn, shared, mb, aug_fn, window=self.window, mask_fn=mask_fn)
             for shared in (True, False)})
-        self._eval = shared_program(("eval", model, mb, self.segment), lambda: make_eval_fn(model, mb, self.segment))
+        self._eval = shared_program(("eval", model, mb, self.segment, traced),
+                                    lambda: make_eval_fn(model, mb, self.segment))
         self._remask = None
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:

@@ -436,3 +436,15 @@ def test_engines_of_equal_settings_share_their_programs_and_others_do_not():
     state, _ = population(a, [0, 1])
     trained_on_a = a.run(state, [0, 1])
     assert not np.array_equal(jax.tree.leaves(trained_on_a.state.params)[0], jax.tree.leaves(results[0].state.params)[0])
+
+
+def test_engines_traced_under_other_conv_pieces_do_not_share(monkeypatch):
+    # $LTH_CPU_CONV_CHUNK_PIXELS is read when a conv program is traced: a program traced under another
+    # value is another program
+    cfg = TrainConfig(batch_size=12, steps=20, eval_every=10, optimizer="adam", lr=1e-2)
+    monkeypatch.setenv("LTH_CPU_CONV_CHUNK_PIXELS", "0")
+    whole = Engine(TinyMLP(), tiny_data(), cfg)
+    monkeypatch.setenv("LTH_CPU_CONV_CHUNK_PIXELS", "64")
+    pieces = Engine(TinyMLP(), tiny_data(), cfg)
+    assert pieces._segment is not whole._segment and pieces._eval is not whole._eval
+    assert Engine(TinyMLP(), tiny_data(), cfg)._segment is pieces._segment

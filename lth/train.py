@@ -610,22 +610,25 @@ def _placed_or_host(x, sharding):
     return np.asarray(x)
 
 
-PROGRAMS_KEPT = 32  # compiled programs shared between engines of equal settings: the last 32 settings
+PROGRAMS_KEPT = 128  # compiled programs shared in a process (engines, quant stages): the last 128 keys
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 
 
 def shared_program(key: tuple | None, build: Callable[[], Any]) -> Any:
     """``build()``, or what it returned for an equal ``key`` before in this process (the last
     :data:`PROGRAMS_KEPT` keys are kept). A jitted function is traced and lowered once per argument
-    shapes *per function object*: engines of equal settings (every level, arm group and run of a sweep
-    or a test file builds its own) that share the function skip tracing and lowering (about as costly
-    as compiling a tiny program) and the persistent-cache read. ``key`` None or unhashable (a model
-    with array fields): no sharing."""
+    shapes *per function object*: engines (every level, arm group and run of a sweep or a test file
+    builds its own) and quant stages of equal settings that share the function skip tracing and
+    lowering (about as costly as compiling a tiny program) and the persistent-cache read. Flax modules
+    compare by value, so a model rebuilt from the same config finds its programs. What tracing reads
+    from outside (the backend, ``$LTH_CPU_CONV_CHUNK_PIXELS``) is part of the key. ``key`` None or
+    unhashable (a model with array fields): no sharing."""
+    if key is None:
+        return build()
+    key = (key, jax.default_backend(), cpu_conv_chunk_pixels())
     try:
         hash(key)
     except TypeError:
-        key = None
-    if key is None:
         return build()
     if key not in _PROGRAMS:
         _PROGRAMS[key] = build()
@@ -633,6 +636,11 @@ def shared_program(key: tuple | None, build: Callable[[], Any]) -> Any:
             _PROGRAMS.popitem(last=False)
     _PROGRAMS.move_to_end(key)
     return _PROGRAMS[key]
+
+
+def eval_program(model, member_batch: int | None = None, segment: str = "scan") -> Callable:
+    """:func:`make_eval_fn` of ``model``, shared in the process (:func:`shared_program`)."""
+    return shared_program(("eval", model, member_batch, segment), lambda: make_eval_fn(model, member_batch, segment))
 
 
 class Engine:
@@ -683,17 +691,14 @@ class Engine:
         self.segment = segment_strategy(cfg, model, np.shape(data.x_train)[1:])
         make = make_segment_fn if self.segment == "scan" else make_step_fn
         self.mask_fn = mask_fn
-        # the programs depend on the model, these settings and what is read when they are traced (the
-        # CPU convolutions' batch pieces, $LTH_CPU_CONV_CHUNK_PIXELS); the data are arguments
-        traced = (jax.default_backend(), cpu_conv_chunk_pixels())
+        # the programs depend on the model and these settings only (the data are arguments)
         key = None
         if mask_fn is None and (lr_key is not None or not own_lr):
-            key = ("segment", model, cfg, self.num_steps, lr_key, mb, self.augment, self.window, self.segment, traced)
+            key = ("segment", model, cfg, self.num_steps, lr_key, mb, self.augment, self.window, self.segment)
         self._segment = shared_program(key, lambda: {
             shared: make(model, tx, lr_fn, shared, mb, aug_fn, window=self.window, mask_fn=mask_fn)
             for shared in (True, False)})
-        self._eval = shared_program(("eval", model, mb, self.segment, traced),
-                                    lambda: make_eval_fn(model, mb, self.segment))
+        self._eval = eval_program(model, mb, self.segment)
         self._remask = None
 
     def init(self, params, batch_stats, masks, rngs, start: int = 0) -> TrainState:

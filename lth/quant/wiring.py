@@ -18,7 +18,7 @@ PyTree = Any
 QParams = dict  # {"scale": array, "zero_point": array}
 
 from ..models import layer_key, layer_kind, path_names
-from ..train import chunk_split, make_eval_fn, population_program, stack
+from ..train import chunk_split, eval_program, population_program, shared_program, stack
 from .numerics import QuantSpec, calibrate, fake_quant, grid_of, lsq_fake_quant, qrange, scale_zero_point
 
 if TYPE_CHECKING:
@@ -278,18 +278,11 @@ def base_variables(params, batch_stats) -> dict:
 
 # ============================================================================ activation calibration
 
-_COMPILED: dict = {}
-
-
 def cached(kind, model, build: Callable[[], Any]) -> Any:
-    """One compiled function per (kind, model); Flax modules compare by value, so a model rebuilt
-    from the same config (another level, another call) reuses the compiled code."""
-    key = (kind, model)
-    if key not in _COMPILED:
-        if len(_COMPILED) > 128:
-            _COMPILED.clear()
-        _COMPILED[key] = build()
-    return _COMPILED[key]
+    """One compiled function per (kind, model) in the process (:func:`lth.train.shared_program`); Flax
+    modules compare by value, so a model rebuilt from the same config (another level, another call)
+    reuses the compiled code."""
+    return shared_program((kind, model), build)
 
 
 def collect_inputs(model, params, batch_stats, xs: np.ndarray, batch_size: int = 256,
@@ -432,7 +425,7 @@ class Evaluator:
         self.sets = {name: chunk_split(x, y, chunk, chunks) for name, x, y in splits}
 
     def _fn(self, model):
-        return cached(("eval", self.member_batch), model, lambda: make_eval_fn(model, self.member_batch))
+        return eval_program(model, self.member_batch)  # the engines' own, where their settings are equal
 
     def accuracy(self, model, params: PyTree, batch_stats: PyTree) -> dict[str, np.ndarray]:
         """split -> accuracy ``[K]`` of the stacked ``[K, ...]`` params/batch_stats."""
